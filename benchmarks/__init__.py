@@ -1,0 +1,1 @@
+"""DGSS-Bench: one harness, one protocol, every DGSS fine-tuning method as a plugin."""

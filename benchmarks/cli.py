@@ -1,0 +1,61 @@
+"""`python -m benchmarks COMMAND`: one entry point, one module per command in benchmarks/commands/.
+
+A command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int` (or
+`add_parser(subparsers)` when it builds its own sub-commands). Errors a user can cause arrive as
+`UserError` and leave as one line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+from benchmarks import commands
+from benchmarks.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="DGSS-Bench: fine-tuning methods of vision foundation models for domain-generalized segmentation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"benchmarks.commands.{info.name}")
+        if hasattr(module, "add_parser"):
+            module.add_parser(subparsers)
+        else:
+            sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+            module.add_arguments(sub)
+            sub.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with usage on malformed arguments
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    handler = getattr(args, "handler", None) or getattr(args, "func", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

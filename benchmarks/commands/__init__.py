@@ -1,0 +1,1 @@
+"""Sub-commands of `python -m benchmarks`, one module each (discovered by benchmarks.cli)."""

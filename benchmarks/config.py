@@ -1,0 +1,265 @@
+"""Experiment configuration: frozen dataclasses, presets as TOML files, `--set key=value` overrides.
+
+The data flow starts here: preset file + overrides → `Experiment` → matrix of runs. Every setting
+of a preset can be overridden, each override is type-checked against the field it names, and the
+resolved experiment is saved with every result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+PRESET_DIR = Path(__file__).parent / "presets"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Setting name → (source dataset, target datasets), the standard DGSS settings.
+SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "G->CBM": ("gtav", ("cityscapes", "bdd100k", "mapillary")),
+    "C->BM": ("cityscapes", ("bdd100k", "mapillary")),
+    "C->ACDC": ("cityscapes", ("acdc",)),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/synthetic"
+    """Data root holding gta/, cityscapes/, bdd100k/, mapillary/ in their real layouts."""
+    synthetic: str = "small"
+    """Size of the synthetic world generated at `root` when it is missing; "" never generates."""
+    crop_size: int = 512
+    scale_base: int = 512
+    """Short edge drawn from int(scale_base·x·0.1), x = 5..20 (the protocol's 256..1024 at 512)."""
+    max_long_edge: int = 2048
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    num_workers: int = 2
+    train_limit: int = 0
+    """Use only the first N source pairs (0 = all)."""
+    eval_limit: int = 0
+    """Score only the first N pairs of each target (0 = all)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "dinov2_vitl14"
+    head: str = "mask2former"
+    img_size: int = 512
+    """Input size the position grid is converted to (patch grid = img_size / patch)."""
+    patch_size: int = 0
+    """Patch size after conversion; 0 = the protocol's (16 for the 14-patch VFMs)."""
+    patch_resample: str = "bicubic"
+    """"bicubic" (the reference's plain resize of the patch kernel) or "timm" (pseudo-inverse)."""
+    weights: tuple[str, ...] = ()
+    """Local weight files as "BACKBONE=PATH"; a backbone not named uses its default (shipped or none)."""
+    head_options: str = "{}"
+    """JSON object of head keyword arguments (e.g. '{"hidden_dim": 64}') for shrunk presets."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iters: int = 40_000
+    batch_size: int = 4
+    grad_accum: int = 1
+    """Micro-batches per optimiser step; the effective batch is batch_size·grad_accum."""
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.05
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    seed: int = 42
+    amp: str = "auto"
+    """"auto": bf16 autocast on CUDA, fp32 on CPU; "bf16", "fp16" or "none" to force."""
+    log_interval: int = 50
+    eval_interval: int = 0
+    """Evaluate the targets every N iterations (0 = only at the end)."""
+    checkpoint_interval: int = 0
+    """Save a resumable checkpoint every N iterations (0 = never)."""
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    crop_size: int = 512
+    stride: int = 341
+    batch_windows: int = 8
+    """Sliding windows of one image run through the model together, this many at a time."""
+    fit_size: tuple[int, int] = (1024, 512)
+    """(long, short) box targets are resized into before inference (Cityscapes, Mapillary)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    methods: str = "all"
+    backbones: tuple[str, ...] = ()
+    """Backbones of the matrix; empty = model.backbone."""
+    seeds: tuple[int, ...] = ()
+    """Seeds of the matrix; empty = train.seed."""
+    settings: tuple[str, ...] = ("G->CBM",)
+    results_dir: str = "results/runs"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    preset: str = "paper"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-method hyperparameter overrides, e.g. {"rein": {"num_tokens": 50}}."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Stable over key order; the matrix fields are excluded so adding a method keeps old runs."""
+        payload = self.to_dict()
+        payload.pop("run")
+        payload.pop("preset")
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else Path.cwd() / path
+
+
+SECTION_TYPES: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig, "run": RunConfig,
+}
+SECTIONS = tuple(SECTION_TYPES)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_experiment(preset: str = "proxy", overrides: list[str] | None = None) -> Experiment:
+    path = Path(preset) if preset.endswith(".toml") else PRESET_DIR / f"{preset}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown preset {preset!r}; valid: {', '.join(available_presets())} or a path to a .toml file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"preset file {path} is not valid TOML: {err}") from None
+    experiment = experiment_from_dict(raw, source=str(path), name=path.stem)
+    for item in overrides or []:
+        experiment = apply_override(experiment, item)
+    return experiment
+
+
+def experiment_from_dict(raw: dict[str, Any], source: str = "config", name: str = "custom") -> Experiment:
+    unknown = sorted(set(raw) - set(SECTIONS) - {"methods", "preset"})
+    if unknown:
+        raise UserError(f"{source}: unknown section {', '.join(unknown)}; valid: {', '.join(SECTIONS)}, methods")
+    sections = {}
+    for section in SECTIONS:
+        cls = _section_type(section)
+        values = raw.get(section, {})
+        sections[section] = cls(**{k: _coerce(cls, k, v, source) for k, v in _checked(cls, values, section, source).items()})
+    methods = raw.get("methods", {})
+    if not isinstance(methods, dict) or not all(isinstance(v, dict) for v in methods.values()):
+        raise UserError(f"{source}: [methods] must hold one table per method, e.g. [methods.rein]")
+    return Experiment(preset=raw.get("preset", name), methods=methods, **sections)
+
+
+def apply_override(experiment: Experiment, item: str) -> Experiment:
+    """`section.key=value` (or `methods.NAME.key=value`), type-checked against the field."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} must look like section.key=value, e.g. train.iters=2000")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if parts[0] == "methods" and len(parts) == 3:
+        methods = {name: dict(hp) for name, hp in experiment.methods.items()}
+        methods.setdefault(parts[1], {})[parts[2]] = _parse_literal(text)
+        return dataclasses.replace(experiment, methods=methods)
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise UserError(f"override {item!r}: key must be section.field with section one of {', '.join(SECTIONS)} (or methods.NAME.field)")
+    section, name = parts
+    cls = _section_type(section)
+    _checked(cls, {name: None}, section, f"override {item!r}")
+    value = _coerce(cls, name, _parse_literal(text), f"override {item!r}")
+    return dataclasses.replace(experiment, **{section: dataclasses.replace(getattr(experiment, section), **{name: value})})
+
+
+def _section_type(section: str) -> type:
+    return SECTION_TYPES[section]
+
+
+def _checked(cls: type, values: Any, section: str, source: str) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: [{section}] must be a table")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise UserError(f"{source}: unknown key {section}.{unknown[0]}; valid keys of [{section}]: {', '.join(sorted(valid))}")
+    return values
+
+
+def _parse_literal(text: str) -> Any:
+    """Values as TOML would read them; a bare word is a string (`model.head=light`)."""
+    text = text.strip()
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    expected = hints[name]
+    try:
+        return _coerce_to(expected, value)
+    except (TypeError, ValueError):
+        shown = str(expected).replace("typing.", "") if typing.get_origin(expected) else expected.__name__
+        raise UserError(f"{source}: {name} must be {shown}, got {value!r}") from None
+
+
+def _coerce_to(expected: Any, value: Any) -> Any:
+    origin = typing.get_origin(expected)
+    if origin is tuple:
+        args = typing.get_args(expected)
+        if isinstance(value, (str, int, float)):
+            value = [_parse_literal(v) for v in value.split(",") if v.strip()] if isinstance(value, str) else [value]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce_to(args[0], v) for v in value)
+        if len(value) != len(args):
+            raise ValueError
+        return tuple(_coerce_to(a, v) for a, v in zip(args, value, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError  # no unions in configs
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise TypeError
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    raise TypeError

@@ -1,0 +1,203 @@
+"""The plugin interface every fine-tuning method implements, and the registry that finds them.
+
+A method changes which backbone parameters train and what is added to the backbone or the head;
+everything else (data, head, optimiser, schedule, evaluation) belongs to the protocol, which calls
+the hooks below and never asks which method it runs. A method is one file in `methods/`:
+
+    @register_method
+    class Rein(Method):
+        name = "rein"
+        paper = "Stronger, Fewer, & Superior (CVPR 2024)"
+        Config = ReinConfig          # a dataclass whose defaults are the paper's
+
+        def attach(self, model): ...
+
+Modules added to the backbone must be registered as submodules of `model.backbone` so that the
+parameter accounting (backbone-side trainable and added parameters, as the papers report them)
+and checkpoints see them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from benchmarks.errors import UserError
+
+if TYPE_CHECKING:
+    from benchmarks.model import SegModel
+
+NO_DECAY_SUFFIXES = ("bias",)
+
+
+@dataclass
+class TrainContext:
+    """What the protocol hands to a method's phase hooks.
+
+    `next_batch()` draws the next source batch from the same stream training uses (so a method that
+    estimates statistics before training consumes batches the way the paper describes) and
+    `loss(batch)` computes the protocol's segmentation loss with the current model.
+    """
+
+    model: SegModel
+    total_iters: int
+    device: torch.device
+    next_batch: Callable[[], dict[str, torch.Tensor]]
+    loss: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    optimizer: torch.optim.Optimizer | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class: full fine-tuning semantics unless a hook is overridden."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    Config: ClassVar[type] = type(None)
+    # A method that wants the backbone frozen in eval mode with features computed without autograd
+    # needs no flag: the model does that whenever no backbone parameter requires gradients.
+
+    def __init__(self, config: Any | None = None, **overrides: Any):
+        if config is None:
+            config = self.Config(**overrides) if dataclasses.is_dataclass(self.Config) else None
+        self.config = config
+
+    # -- building ---------------------------------------------------------------------------------
+    def attach(self, model: SegModel) -> None:
+        """Freeze/unfreeze backbone parameters and insert the method's modules. Default: train all."""
+        model.backbone.requires_grad_(True)
+
+    def param_groups(self, model: SegModel, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser groups over every trainable parameter (backbone, added modules and head).
+
+        The protocol's rule: weight decay except on norms, biases, and the parameters a method or
+        head lists in `no_weight_decay()` (learnable tokens, scales, query and level embeddings).
+        Parameters a method may unfreeze later (phased methods) are included by overriding this.
+        """
+        return split_decay_groups(model.named_parameters(), weight_decay, no_decay_names(model))
+
+    # -- phases -----------------------------------------------------------------------------------
+    def before_training(self, ctx: TrainContext) -> None:
+        """Runs once after the optimiser is built and before the first step."""
+
+    def on_step(self, step: int, ctx: TrainContext) -> None:
+        """Runs before the forward pass of every step (0-based)."""
+
+    def after_optimizer_step(self, step: int, ctx: TrainContext) -> None:
+        """Runs right after every optimiser step (e.g. to restore entries that must not move)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state a resumed run needs beyond module parameters (e.g. selection masks)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+    def diagnostics(self) -> dict[str, Any]:
+        """JSON-serialisable facts saved with the result (e.g. where a selection went)."""
+        return {}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Full names of parameters that modules declare exempt from weight decay.
+
+    A module opts in by defining `no_weight_decay() -> set[str]` with names relative to itself,
+    the convention timm uses, so tokens, scales and embeddings are named where they are defined.
+    """
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        declare = getattr(module, "no_weight_decay", None)
+        if callable(declare):
+            for local in declare():
+                names.add(f"{prefix}.{local}" if prefix else local)
+    return names
+
+
+def split_decay_groups(
+    named_parameters: Iterator[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    extra_no_decay: set[str],
+    include_frozen: bool = False,
+) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in named_parameters:
+        if not (param.requires_grad or include_frozen):
+            continue
+        # 1-D tensors are norm weights and biases (and the Rein scale): the protocol exempts them.
+        if param.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES) or name in extra_no_decay:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+# -- registry -------------------------------------------------------------------------------------
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} must set a `name`")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise TypeError(f"method name {cls.name!r} registered twice ({METHODS[cls.name].__module__}, {cls.__module__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"methods.{info.name}")
+
+
+def available_methods() -> dict[str, type[Method]]:
+    _discover()
+    return dict(sorted(METHODS.items()))
+
+
+def resolve_methods(spec: str) -> list[str]:
+    """`all` → every registered method; `a,b` → those, in that order; unknown names → UserError."""
+    registry = available_methods()
+    if spec.strip() == "all":
+        return list(registry)
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    unknown = [name for name in names if name not in registry]
+    if unknown or not names:
+        raise UserError(
+            f"unknown method {', '.join(map(repr, unknown)) or repr(spec)}; valid: all, {', '.join(registry)}"
+        )
+    return names
+
+
+def build_method(name: str, overrides: dict[str, Any] | None = None) -> Method:
+    cls = available_methods().get(name)
+    if cls is None:
+        raise UserError(f"unknown method {name!r}; valid: {', '.join(available_methods())}")
+    overrides = overrides or {}
+    if dataclasses.is_dataclass(cls.Config):
+        valid = {f.name for f in dataclasses.fields(cls.Config)}
+        bad = sorted(set(overrides) - valid)
+        if bad:
+            raise UserError(
+                f"method {name!r} has no hyperparameter {', '.join(bad)}; valid: {', '.join(sorted(valid)) or 'none'}"
+            )
+    elif overrides:
+        raise UserError(f"method {name!r} takes no hyperparameters")
+    return cls(**overrides)

@@ -1,0 +1,68 @@
+"""The segmentation model every method plugs into: backbone → 4-level pyramid → decode head.
+
+The contract between the parts:
+- a backbone (`benchmarks.backbones.Backbone`) maps images [B,3,H,W] to four feature maps at
+  strides (p/4, p/2, p, 2p) for patch size p, and exposes `blocks`, `num_prefix_tokens`,
+  `embed_dim`, `depth` and `patch_size` for methods that refine or prompt its blocks;
+- a head maps the pyramid to outputs, computes the training loss from them, and turns them into
+  per-class scores at a requested size (`loss`, `semantic_logits`); a head with queries accepts a
+  query provider from a method (Rein links its tokens to Mask2Former's queries).
+
+When no backbone parameter requires gradients the backbone runs in eval mode and without autograd,
+whatever method set that up: the protocol never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class SegModel(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        # Parameters the backbone was built with; anything a method adds under it is "added".
+        self._pretrained_ids = {id(p) for p in backbone.parameters()}
+
+    # -- state --------------------------------------------------------------------------------
+    def backbone_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.backbone.parameters())
+
+    def train(self, mode: bool = True) -> SegModel:
+        super().train(mode)
+        if mode and not self.backbone_trainable():
+            self.backbone.eval()
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Counts as the papers report them: trainable and added are backbone-side (head excluded)."""
+        backbone = list(self.backbone.parameters())
+        return {
+            "backbone_trainable": sum(p.numel() for p in backbone if p.requires_grad),
+            "backbone_added": sum(p.numel() for p in backbone if id(p) not in self._pretrained_ids),
+            "backbone_pretrained": sum(p.numel() for p in backbone if id(p) in self._pretrained_ids),
+            "head_total": sum(p.numel() for p in self.head.parameters()),
+            "head_trainable": sum(p.numel() for p in self.head.parameters() if p.requires_grad),
+        }
+
+    # -- compute ------------------------------------------------------------------------------
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.training and self.backbone_trainable():
+            return self.backbone(images)
+        with torch.no_grad():
+            return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.head(self.features(images))
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training loss; `["loss"]` is what is minimised, other keys are logged parts."""
+        return self.head.loss(self(images), labels)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-class scores [B, K, H, W] at the input size."""
+        return self.head.semantic_logits(self(images), images.shape[-2:])

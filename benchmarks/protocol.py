@@ -1,0 +1,307 @@
+"""The protocol: one training loop and one evaluation for every method.
+
+Training: AdamW over the method's parameter groups, poly schedule by iteration, gradient
+accumulation, bf16 autocast on CUDA (fp32 on CPU), seeded; the method only speaks through its
+hooks (`before_training`, `on_step`, `after_optimizer_step`). Evaluation: sliding windows with
+logits averaged over overlaps, resized to the label's resolution, confusion matrix per target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from benchmarks.config import EvalConfig, Experiment, TrainConfig
+from benchmarks.errors import UserError
+from benchmarks.method import Method, TrainContext
+from benchmarks.metrics import confusion_metric, iou_from_confusion, miou_percent
+from benchmarks.model import SegModel
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; the run is recorded as failed with this reason."""
+
+
+# -- devices and numerics ---------------------------------------------------------------------------
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    choices = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in choices:
+        raise UserError(f"train.amp={amp!r} is not one of auto, none, bf16, fp16")
+    return choices[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def poly_lr_factor(step: int, cfg: TrainConfig) -> float:
+    """mmseg's PolyLR to 0 (eta_min 0), with an optional linear warm-up (0 in the reference)."""
+    if cfg.warmup_iters and step < cfg.warmup_iters:
+        return (step + 1) / cfg.warmup_iters
+    return (1.0 - min(step, cfg.iters) / cfg.iters) ** cfg.poly_power
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    for group in groups:
+        group.setdefault("lr", cfg.lr)
+        group["initial_lr"] = group["lr"]
+    if not any(p.numel() for g in groups for p in g["params"]):
+        raise UserError("the method leaves no trainable parameter; nothing to optimise")
+    # The fused kernel is the fast path on CUDA; it needs every parameter on the GPU.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
+
+
+# -- the training stream ----------------------------------------------------------------------------
+class SourceStream(Sampler[list[tuple[int, int]]]):
+    """Micro-batches of (index, augmentation seed), a pure function of (seed, position).
+
+    Epochs are seeded permutations of the source set; each sample's augmentation draws from its
+    own seed. So the data a run sees depends only on the seed and how many micro-batches it has
+    consumed — which is what makes runs reproducible across worker counts and resumable exactly.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start: int = 0, stop: int | None = None):
+        if num_samples <= 0:
+            raise UserError("the source dataset is empty; check data.root (run `python -m benchmarks data check`)")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.start, self.stop = start, stop
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def batch(self, position: int) -> list[tuple[int, int]]:
+        items = []
+        for slot in range(self.batch_size):
+            sample = position * self.batch_size + slot
+            epoch, offset = divmod(sample, self.num_samples)
+            if epoch != self._perm_epoch:
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+                self._perm_epoch = epoch
+            items.append((int(self._perm[offset]), int(np.random.SeedSequence([self.seed, sample]).generate_state(1)[0])))
+        return items
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        position = self.start
+        while self.stop is None or position < self.stop:
+            yield self.batch(position)
+            position += 1
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) if self.stop is not None else 2**31
+
+
+def source_loader(dataset: Dataset, cfg: TrainConfig, num_workers: int, device: torch.device, start: int) -> DataLoader:
+    stream = SourceStream(len(dataset), cfg.batch_size, cfg.seed, start=start)
+    return DataLoader(
+        dataset,
+        batch_sampler=stream,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+# -- training ---------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides module and optimiser state."""
+
+    step: int = 0
+    batches_consumed: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+@dataclass
+class TrainHooks:
+    """Callbacks from the runner: periodic evaluation and checkpointing, kept out of the loop body."""
+
+    evaluate: Callable[[int], dict[str, float]] | None = None
+    checkpoint: Callable[[TrainState, torch.optim.Optimizer], None] | None = None
+
+
+def train(
+    model: SegModel,
+    method: Method,
+    source: Dataset,
+    exp: Experiment,
+    device: torch.device,
+    state: TrainState | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    hooks: TrainHooks | None = None,
+    progress: bool = True,
+) -> TrainState:
+    cfg = exp.train
+    state = state or TrainState()
+    hooks = hooks or TrainHooks()
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    model.to(device)
+    optimizer = build_optimizer(method.param_groups(model, cfg.weight_decay), cfg, device)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    loader = source_loader(source, cfg, exp.data.num_workers, device, start=state.batches_consumed)
+    batches = iter(loader)
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        state.batches_consumed += 1
+        batch = next(batches)
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(device, amp_dtype):
+            return model.loss(batch["image"], batch["label"])["loss"]
+
+    ctx = TrainContext(model=model, total_iters=cfg.iters, device=device, next_batch=next_batch, loss=loss_of, optimizer=optimizer)
+    model.train()
+    if state.step == 0:
+        method.before_training(ctx)
+        model.train()
+
+    # Loss sums stay on the device between logging steps: no host-device sync inside a step.
+    running_loss = torch.zeros((), device=device)
+    running_count = 0
+    bar = tqdm(total=cfg.iters, initial=state.step, disable=not progress, desc=method.name, unit="it", dynamic_ncols=True)
+    started = time.perf_counter()
+    while state.step < cfg.iters:
+        step = state.step
+        method.on_step(step, ctx)
+        factor = poly_lr_factor(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(cfg.grad_accum):
+            loss = loss_of(next_batch())
+            (loss / cfg.grad_accum).backward()
+            running_loss += loss.detach().float()
+            running_count += 1
+        optimizer.step()
+        method.after_optimizer_step(step, ctx)
+        state.step += 1
+
+        if state.step % cfg.log_interval == 0 or state.step == cfg.iters:
+            mean_loss = (running_loss / max(running_count, 1)).item()
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(f"loss became {mean_loss} by iteration {state.step} (lr {cfg.lr * factor:.3g})")
+            state.history.append({"iter": state.step, "loss": mean_loss, "lr": cfg.lr * factor})
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{cfg.lr * factor:.2e}")
+            running_loss.zero_()
+            running_count = 0
+        bar.update(1)
+        if hooks.evaluate and cfg.eval_interval and state.step % cfg.eval_interval == 0 and state.step < cfg.iters:
+            state.evaluations.append({"iter": state.step, "targets": hooks.evaluate(state.step)})
+            model.train()
+        if hooks.checkpoint and cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0:
+            state.train_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            hooks.checkpoint(state, optimizer)
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    state.train_seconds += time.perf_counter() - started
+    del batches, loader
+    return state
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+def window_origins(length: int, crop: int, stride: int) -> list[int]:
+    """mmseg's slide grid: windows every `stride`, the last one flush with the far edge."""
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    return sorted({max(min(i * stride, length - crop), 0) for i in range(count)})
+
+
+def slide_logits(model: SegModel, image: torch.Tensor, cfg: EvalConfig, num_classes: int) -> torch.Tensor:
+    """Per-class scores [1, K, H, W] for one image, windows run `batch_windows` at a time.
+
+    Windows smaller than the crop (an image narrower than it) are zero-padded to the crop so the
+    backbone always sees its trained grid; their padded scores are cut off before averaging.
+    """
+    _, _, height, width = image.shape
+    crop = cfg.crop_size
+    boxes = [(y, x) for y in window_origins(height, crop, cfg.stride) for x in window_origins(width, crop, cfg.stride)]
+    scores = image.new_zeros((1, num_classes, height, width), dtype=torch.float32)
+    counts = image.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for first in range(0, len(boxes), cfg.batch_windows):
+        chunk = boxes[first : first + cfg.batch_windows]
+        windows = image.new_zeros((len(chunk), 3, crop, crop))
+        for i, (y, x) in enumerate(chunk):
+            patch = image[0, :, y : y + crop, x : x + crop]
+            windows[i, :, : patch.shape[1], : patch.shape[2]] = patch
+        logits = model.predict(windows).float()
+        for i, (y, x) in enumerate(chunk):
+            h, w = min(crop, height - y), min(crop, width - x)
+            scores[:, :, y : y + h, x : x + w] += logits[i : i + 1, :, :h, :w]
+            counts[:, :, y : y + h, x : x + w] += 1
+    return scores / counts
+
+
+@torch.inference_mode()
+def evaluate(
+    model: SegModel,
+    dataset: Dataset,
+    cfg: EvalConfig,
+    device: torch.device,
+    num_classes: int,
+    amp_dtype: torch.dtype | None = None,
+    class_names: tuple[str, ...] | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Score one target: mIoU (percent), per-class IoU (percent or None), images/s."""
+    model.eval()
+    metric = confusion_metric(num_classes).to(device)
+    loader = DataLoader(dataset, batch_size=None, num_workers=0)
+    started = time.perf_counter()
+    count = 0
+    for sample in tqdm(loader, disable=not progress, desc=desc, unit="img", leave=False):
+        image = sample["image"].unsqueeze(0).to(device, non_blocking=True)
+        label = sample["label"].to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            scores = slide_logits(model, image, cfg, num_classes)
+        scores = F.interpolate(scores, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        metric.update(scores.argmax(1)[0], label)
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    iou = iou_from_confusion(metric.compute().cpu())
+    names = class_names or tuple(str(i) for i in range(num_classes))
+    return {
+        "miou": miou_percent(iou),
+        "per_class_iou": {name: (None if math.isnan(v) else float(v) * 100.0) for name, v in zip(names, iou.tolist(), strict=True)},
+        "num_images": count,
+        "images_per_s": count / seconds if seconds > 0 else None,
+    }
