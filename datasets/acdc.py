@@ -1,0 +1,62 @@
+"""ACDC (Sakaridis et al. 2021): adverse conditions (fog, night, rain, snow), a Cityscapes-style target.
+
+Layout: ``acdc/rgb_anon/<cond>/{train,val,test}/<seq>/<stem>_rgb_anon.png`` with
+``acdc/gt/<cond>/<split>/<seq>/<stem>_gt_labelTrainIds.png`` (preferred) or ``_gt_labelIds.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from benchmarks.errors import UserError
+from datasets.base import Adapter, EvalPreparation, Pair
+
+CONDITIONS = ("fog", "night", "rain", "snow")
+IMAGE_SUFFIX = "_rgb_anon"
+TRAIN_IDS_SUFFIX = "_gt_labelTrainIds"
+IDS_SUFFIX = "_gt_labelIds"
+
+
+class ACDC(Adapter):
+    """ACDC pairs of the chosen conditions (default all four); names are '<cond>/<stem>'."""
+
+    name: ClassVar[str] = "acdc"
+    folder: ClassVar[str] = "acdc"
+    splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
+    default_eval_split: ClassVar[str] = "val"
+    eval_preparation = EvalPreparation(
+        resize_to_fit=True, description="resize to fit the eval box like Cityscapes, score on full labels"
+    )
+
+    def __init__(self, root: Path | str, split: str, conditions: Sequence[str] = CONDITIONS) -> None:
+        super().__init__(root, split)
+        unknown = [c for c in conditions if c not in CONDITIONS]
+        if unknown:
+            raise UserError(f"acdc: unknown condition(s) {', '.join(unknown)}; expected some of {', '.join(CONDITIONS)}")
+        self.conditions = tuple(conditions)
+
+    def _find_pairs(self) -> list[Pair]:
+        pairs: list[Pair] = []
+        for cond in self.conditions:
+            image_dir = self._require_dir(
+                self.base / "rgb_anon" / cond / self.split, f"rgb_anon/{cond}",
+                "extract rgb_anon_trainvaltest.zip into acdc/",
+            )
+            label_dir = self._require_dir(
+                self.base / "gt" / cond / self.split, f"gt/{cond}", "extract gt_trainval.zip into acdc/"
+            )
+            images = {}
+            for p in self.scan(image_dir, recursive=True):
+                if p.stem.endswith(IMAGE_SUFFIX):
+                    images[f"{cond}/{p.stem[: -len(IMAGE_SUFFIX)]}"] = p
+            labels: dict[str, tuple[Path, str]] = {}
+            for p in self.scan(label_dir, (".png",), recursive=True):
+                if p.stem.endswith(TRAIN_IDS_SUFFIX):
+                    labels[f"{cond}/{p.stem[: -len(TRAIN_IDS_SUFFIX)]}"] = (p, "train_ids")
+                elif p.stem.endswith(IDS_SUFFIX):
+                    labels.setdefault(f"{cond}/{p.stem[: -len(IDS_SUFFIX)]}", (p, "cityscapes_ids"))
+            pairs += self.match(images, labels, image_dir, label_dir,
+                                "<seq>/<stem>_gt_labelTrainIds.png", "extract gt_trainval.zip into acdc/")
+        return pairs

@@ -1,0 +1,375 @@
+"""Machinery shared by the dataset adapters: pairs, decoding, validation, atomic writes, the torch Dataset.
+
+An adapter knows one dataset family's on-disk layout; everything here is layout-agnostic. Each error a
+user can cause (missing folder, orphan files, wrong label encoding, corrupt file) is raised as a
+one-line `UserError` naming the path, what was expected and how to fix it, because a 40k-iteration
+run should fail at start-up with a sentence, not an hour later with a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from benchmarks.errors import UserError
+from datasets.labels import ENCODINGS
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True, order=True)
+class Pair:
+    """One image and its label file. ``encoding`` names the label's value space (see labels.ENCODINGS)."""
+
+    name: str
+    image: Path
+    label: Path
+    encoding: str = "train_ids"
+
+
+@dataclass(frozen=True)
+class EvalPreparation:
+    """How a target is prepared for evaluation (protocol.md, "Evaluation").
+
+    resize_to_fit: resize the image (keep aspect) to fit the eval box before inference;
+    half_resolution: halve images (bicubic) and labels (nearest) first and score at half resolution;
+    the label is otherwise scored at the resolution it is stored at.
+    """
+
+    resize_to_fit: bool
+    half_resolution: bool = False
+    description: str = ""
+
+
+# --------------------------------------------------------------------------------------------------
+# File helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def rel(path: Path, root: Path | None = None) -> str:
+    """A short path for messages (relative to root where possible)."""
+    if root is not None:
+        try:
+            return str(Path(path).relative_to(root))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file to HxWx3 uint8 RGB; a corrupt/unreadable file is a UserError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file not found; re-extract the dataset archive") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(
+            f"{path}: cannot decode the image ({type(exc).__name__}: {exc}); the file is truncated or "
+            "not an image; re-extract or re-download it (or delete the pair)"
+        ) from None
+
+
+def read_label_raw(path: Path) -> np.ndarray:
+    """Decode a label PNG to its raw HxW uint8 values.
+
+    Palette ('P') PNGs give their palette INDEX (the class id) - never converted to RGB. Colour label
+    files (RGB) are refused: they are the wrong file of the archive (e.g. ``_gtFine_color.png``).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("P", "L"):
+                return np.asarray(im, dtype=np.uint8).copy()
+            if mode in ("I", "I;16", "I;16B", "I;16L"):
+                arr = np.asarray(im)
+                if arr.max(initial=0) > 255:
+                    raise UserError(
+                        f"{path}: 16-bit label holds values above 255; expected a single-channel "
+                        "8-bit class-id PNG; convert the labels with `python -m benchmarks data convert`"
+                    )
+                return arr.astype(np.uint8)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: label file not found; re-extract the dataset archive") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(
+            f"{path}: cannot decode the label ({type(exc).__name__}: {exc}); the file is truncated or "
+            "not a PNG; re-extract or re-download it"
+        ) from None
+    raise UserError(
+        f"{path}: label PNG has mode {mode}, expected a single-channel or palette PNG of class ids "
+        "(an RGB colour label is not usable); use the id/trainId label files of the dataset"
+    )
+
+
+def map_label(raw: np.ndarray, encoding: str, path: Path) -> np.ndarray:
+    """Validate raw label values against their encoding and map them to train ids (one lookup)."""
+    table, valid, description = ENCODINGS[encoding]
+    ok = valid[raw]
+    if not ok.all():
+        bad = np.unique(raw[~ok])
+        shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        raise UserError(
+            f"{path}: label values {{{shown}}} are outside the expected encoding ({description}); "
+            "this is the wrong label file (colour/instance map or another release) - use the "
+            "dataset's id labels or run `python -m benchmarks data convert`"
+        )
+    return table[raw]
+
+
+def atomic_save(image: Image.Image, path: Path, **save_kwargs: Any) -> None:
+    """Write a PIL image atomically (temp file in the same folder, then os.replace).
+
+    Readers (a concurrent training run, a re-run after a crash) never see a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = save_kwargs.pop("format", None) or {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), "PNG")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format=fmt, **save_kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def resize_half(image: np.ndarray | None, label: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Halve an image (bicubic) and/or a label (nearest), rounding sizes as mmcv.imrescale does."""
+    out_img = out_lbl = None
+    if image is not None:
+        h, w = image.shape[:2]
+        size = (max(1, int(w * 0.5 + 0.5)), max(1, int(h * 0.5 + 0.5)))
+        out_img = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+    if label is not None:
+        h, w = label.shape[:2]
+        size = (max(1, int(w * 0.5 + 0.5)), max(1, int(h * 0.5 + 0.5)))
+        out_lbl = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    return out_img, out_lbl
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter base
+# --------------------------------------------------------------------------------------------------
+
+
+class Adapter:
+    """Finds and validates the image/label pairs of one dataset family under a data root.
+
+    Subclasses set ``name``, ``folder`` (the family folder under the data root), ``splits`` and
+    implement ``_find_pairs``. ``root`` is the DATA ROOT holding the family folders.
+    """
+
+    name: ClassVar[str] = ""
+    folder: ClassVar[str] = ""
+    splits: ClassVar[tuple[str, ...]] = ("train", "val")
+    default_eval_split: ClassVar[str] = "val"
+    eval_preparation: EvalPreparation = EvalPreparation(resize_to_fit=False)
+    # GTAV ships a few pairs whose image and label sizes differ; training tolerates it (the label is
+    # resized nearest with a warning), other datasets treat it as an error.
+    tolerate_size_mismatch: ClassVar[bool] = False
+
+    def __init__(self, root: Path | str, split: str) -> None:
+        self.root = Path(root).expanduser()
+        if split not in self.splits:
+            raise UserError(
+                f"{self.name}: unknown split {split!r}; expected one of {', '.join(self.splits)}"
+            )
+        self.split = split
+        self._pairs: list[Pair] | None = None
+
+    # -- layout ------------------------------------------------------------------------------------
+    @property
+    def base(self) -> Path:
+        """The family folder (e.g. DATA_ROOT/cityscapes)."""
+        return self.root / self.folder
+
+    def _require_dir(self, path: Path, what: str, fix: str) -> Path:
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: data root not found; expected a folder holding {self.folder}/; pass "
+                            "--data-root DIR (or write the synthetic world: python -m benchmarks data synth --out DIR)")
+        if not path.is_dir():
+            raise UserError(f"{path}: missing {what} folder for {self.name} split {self.split!r}; {fix}")
+        return path
+
+    def _find_pairs(self) -> list[Pair]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def pairs(self) -> list[Pair]:
+        """All pairs of the split, sorted by name and validated (orphans and empty splits are errors)."""
+        if self._pairs is None:
+            if not self.root.is_dir():
+                raise UserError(
+                    f"{self.root}: data root not found; expected a folder holding {self.folder}/; pass "
+                    "--data-root DIR (or write the synthetic world: python -m benchmarks data synth --out DIR)"
+                )
+            if not self.base.is_dir():
+                raise UserError(
+                    f"{self.base}: {self.name} folder not found under the data root; expected the "
+                    f"layout in docs (protocol.md); link or extract the dataset there"
+                )
+            pairs = sorted(self._find_pairs())
+            if not pairs:
+                raise UserError(f"{self.base}: no {self.name} image/label pairs found for split {self.split!r}; "
+                                "check the layout against protocol.md")
+            self._pairs = pairs
+            log.debug("%s/%s: %d pairs", self.name, self.split, len(pairs))
+        return list(self._pairs)
+
+    @staticmethod
+    def match(
+        images: dict[str, Path],
+        labels: dict[str, tuple[Path, str]],
+        image_dir: Path,
+        label_dir: Path,
+        expected_label: str,
+        fix: str,
+    ) -> list[Pair]:
+        """Pair images and labels by key; any image without label (or the reverse) is an error.
+
+        ``expected_label`` is a pattern like '<stem>_gtFine_labelIds.png' used in the message.
+        """
+        missing = sorted(set(images) - set(labels))
+        if missing:
+            first = images[missing[0]]
+            raise UserError(
+                f"{first}: {len(missing)} image(s) have no label in {label_dir} (expected {expected_label}); "
+                f"{fix}"
+            )
+        orphans = sorted(set(labels) - set(images))
+        if orphans:
+            first = labels[orphans[0]][0]
+            raise UserError(
+                f"{first}: {len(orphans)} label(s) have no image in {image_dir}; restore the images or "
+                "remove the stray labels"
+            )
+        return [Pair(name=k, image=images[k], label=labels[k][0], encoding=labels[k][1]) for k in images]
+
+    @staticmethod
+    def scan(folder: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES, recursive: bool = False) -> list[Path]:
+        """Files with the given suffixes (case-insensitive), skipping hidden/temporary files."""
+        suffixes = tuple(s.lower() for s in suffixes)
+        it = folder.rglob("*") if recursive else folder.iterdir()
+        return [p for p in it if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes]
+
+    # -- loading -----------------------------------------------------------------------------------
+    def load_image(self, pair: Pair) -> np.ndarray:
+        """HxWx3 uint8 RGB."""
+        return read_image(pair.image)
+
+    def load_label(self, pair: Pair) -> np.ndarray:
+        """HxW uint8 train ids (255 = ignore), validated against the pair's encoding."""
+        return map_label(read_label_raw(pair.label), pair.encoding, pair.label)
+
+    def load_pair(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+        """Image and label, checked to have the same size."""
+        image = self.load_image(pair)
+        label = self.load_label(pair)
+        if image.shape[:2] != label.shape:
+            if not self.tolerate_size_mismatch:
+                raise UserError(
+                    f"{pair.label}: label size {label.shape[1]}x{label.shape[0]} differs from image "
+                    f"{pair.image} size {image.shape[1]}x{image.shape[0]}; the pair is mismatched - replace "
+                    "or delete it"
+                )
+            log.warning("%s: label size differs from the image; resizing the label (nearest)", pair.label)
+            label = np.asarray(Image.fromarray(label).resize((image.shape[1], image.shape[0]), Image.NEAREST))
+        return image, label
+
+    def check(self, full: bool = False, sample: int = 8) -> list[str]:
+        """Problems with this split, as messages (empty = fine), without training.
+
+        Every pair's header is read (size, mode); label values are decoded for ``sample`` evenly
+        spaced pairs, or all with ``full``.
+        """
+        problems: list[str] = []
+        pairs = self.pairs()
+        idx = set(range(len(pairs))) if full else set(np.linspace(0, len(pairs) - 1, min(sample, len(pairs))).astype(int).tolist())
+        for i, pair in enumerate(pairs):
+            try:
+                if i in idx:
+                    self.load_pair(pair)
+                else:
+                    with Image.open(pair.image) as a, Image.open(pair.label) as b:
+                        if a.size != b.size and not self.tolerate_size_mismatch and not self._sizes_may_differ():
+                            raise UserError(
+                                f"{pair.label}: label size {b.size[0]}x{b.size[1]} differs from image size "
+                                f"{a.size[0]}x{a.size[1]}; replace or delete the pair"
+                            )
+            except UserError as exc:
+                problems.append(str(exc))
+            except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+                problems.append(f"{pair.image}: cannot read ({exc}); re-extract or re-download the file")
+            if len(problems) >= 20:
+                problems.append("... (stopping after 20 problems)")
+                break
+        return problems
+
+    def _sizes_may_differ(self) -> bool:
+        """True where stored image and label sizes legitimately differ (on-the-fly halving)."""
+        return False
+
+    def __len__(self) -> int:
+        return len(self.pairs())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r})"
+
+
+# --------------------------------------------------------------------------------------------------
+# torch Dataset
+# --------------------------------------------------------------------------------------------------
+
+try:  # torch is a dependency, but keep the label tables importable without it
+    from torch.utils.data import Dataset as _TorchDataset
+except ImportError:  # pragma: no cover
+    _TorchDataset = object  # type: ignore[assignment,misc]
+
+
+class SegmentationDataset(_TorchDataset):  # type: ignore[misc,valid-type]
+    """A torch Dataset over an adapter's pairs with a protocol transform.
+
+    ``dataset[i]`` uses seed ``i``; ``dataset[(i, seed)]`` uses ``np.random.default_rng(seed)``, so
+    the sampler, not worker state, owns the randomness and runs are reproducible and resumable.
+    """
+
+    def __init__(self, adapter: Adapter, transform: Any, limit: int | None = None) -> None:
+        self.adapter = adapter
+        self.transform = transform
+        pairs = adapter.pairs()
+        self.pairs = pairs[:limit] if limit is not None else pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(item, tuple):
+            index, seed = item
+        else:
+            index, seed = item, item
+        index = int(index)
+        pair = self.pairs[index]
+        image, label = self.adapter.load_pair(pair)
+        rng = np.random.default_rng(int(seed))
+        image_t, label_t = self.transform(image, label, rng)
+        return {"image": image_t, "label": label_t, "name": pair.name}

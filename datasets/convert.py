@@ -1,0 +1,124 @@
+"""Conversion commands the DGSS field runs once before training/evaluation.
+
+- GTAV ids → ``NNNNN_labelTrainIds.png``; Cityscapes ``_gtFine_labelIds`` → ``_gtFine_labelTrainIds``;
+- SYNTHIA 16-bit ids → ``NNNNNNN_labelTrainIds.png``;
+- Mapillary → 19 classes at half resolution in ``mapillary/half/{split}/{images,labels}``.
+
+Each is idempotent and safe to interrupt and re-run: outputs already present are skipped and every
+file is written atomically (temp file + os.replace), so a partial run never leaves a torn file.
+The adapters prefer converted files when they exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.errors import UserError
+from datasets.base import Pair, atomic_save, read_image, resize_half
+from datasets.cityscapes import IDS_SUFFIX, TRAIN_IDS_SUFFIX, Cityscapes
+from datasets.gtav import CONVERTED_SUFFIX as GTAV_SUFFIX
+from datasets.gtav import GTAV
+from datasets.mapillary import Mapillary
+from datasets.synthia import CONVERTED_SUFFIX as SYNTHIA_SUFFIX
+from datasets.synthia import SYNTHIA
+
+log = logging.getLogger(__name__)
+
+
+def _convert_pairs(pairs: list[Pair], out_path: Callable[[Pair], Path], load: Callable[[Pair], np.ndarray]) -> dict[str, int]:
+    written = skipped = 0
+    for pair in pairs:
+        out = out_path(pair)
+        if out.exists():
+            skipped += 1
+            continue
+        atomic_save(Image.fromarray(np.ascontiguousarray(load(pair), dtype=np.uint8)), out)
+        written += 1
+    return {"written": written, "skipped": skipped}
+
+
+def gtav_to_train_ids(root: Path | str) -> dict[str, int]:
+    """Write ``gta/labels/NNNNN_labelTrainIds.png`` next to every palette label (ids → train ids)."""
+    adapter = GTAV(root, "train")
+    pairs = [p for p in adapter.pairs() if p.encoding == "cityscapes_ids"]
+    stats = _convert_pairs(pairs, lambda p: p.label.with_name(p.label.stem + GTAV_SUFFIX + ".png"), adapter.load_label)
+    stats["already_converted"] = len(adapter.pairs()) - len(pairs)
+    log.info("gtav: %s", stats)
+    return stats
+
+
+def cityscapes_to_train_ids(root: Path | str) -> dict[str, int]:
+    """Write ``<stem>_gtFine_labelTrainIds.png`` beside every ``_gtFine_labelIds.png`` (all splits found)."""
+    total = {"written": 0, "skipped": 0}
+    base = Path(root) / "cityscapes" / "gtFine"
+    if not base.is_dir():
+        raise UserError(f"{base}: Cityscapes gtFine folder not found; extract gtFine_trainvaltest.zip into cityscapes/")
+    for split in ("train", "val", "test"):
+        if not (base / split).is_dir():
+            continue
+        adapter = Cityscapes(root, split)
+        # every _labelIds file, also where a train-id file already exists (then it is skipped)
+        ids_files = sorted((base / split).rglob(f"*{IDS_SUFFIX}.png"))
+        pairs = [Pair(name=f.stem, image=f, label=f, encoding="cityscapes_ids") for f in ids_files]
+        stats = _convert_pairs(
+            pairs,
+            lambda p: p.label.with_name(p.label.name.replace(IDS_SUFFIX + ".png", TRAIN_IDS_SUFFIX + ".png")),
+            adapter.load_label,
+        )
+        for k in total:
+            total[k] += stats[k]
+    log.info("cityscapes: %s", total)
+    return total
+
+
+def synthia_to_train_ids(root: Path | str) -> dict[str, int]:
+    """Write ``synthia/GT/LABELS/NNNNNNN_labelTrainIds.png`` (8-bit train ids) for every 16-bit label."""
+    adapter = SYNTHIA(root, "train")
+    pairs = [p for p in adapter.pairs() if p.encoding == "synthia_ids"]
+    stats = _convert_pairs(pairs, lambda p: p.label.with_name(p.label.stem + SYNTHIA_SUFFIX + ".png"), adapter.load_label)
+    log.info("synthia: %s", stats)
+    return stats
+
+
+def mapillary_half_resolution(root: Path | str, splits: tuple[str, ...] = ("val", "train")) -> dict[str, int]:
+    """Write ``mapillary/half/{split}/images/<stem>.png`` (bicubic ½) and ``labels/<stem>.png`` (nearest ½,
+    train ids) for every split present. Images are stored as PNG so the halving adds no JPEG loss.
+    """
+    total = {"written": 0, "skipped": 0}
+    found = False
+    for split in splits:
+        adapter = Mapillary(root, split, half_resolution=False)
+        if not (adapter.base / adapter.split_folder).is_dir():
+            continue
+        found = True
+        out_dir = adapter.prepared_dir
+        for pair in adapter.pairs():
+            img_out = out_dir / "images" / f"{pair.name}.png"
+            lbl_out = out_dir / "labels" / f"{pair.name}.png"
+            if img_out.exists() and lbl_out.exists():
+                total["skipped"] += 1
+                continue
+            image, label = resize_half(read_image(pair.image), adapter.load_label(pair))
+            # label first: the adapter pairs by both, and a crash between the two leaves an orphan
+            # label that the next run completes (images are checked for existence above).
+            atomic_save(Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)), lbl_out)
+            atomic_save(Image.fromarray(image), img_out)
+            total["written"] += 1
+    if not found:
+        raise UserError(f"{Path(root) / 'mapillary'}: no Mapillary training/ or validation/ folder found; "
+                        "extract the Vistas v1.2 archive into mapillary/")
+    log.info("mapillary-half: %s", total)
+    return total
+
+
+CONVERTERS: dict[str, Callable[[Path | str], dict[str, int]]] = {
+    "gtav": gtav_to_train_ids,
+    "cityscapes": cityscapes_to_train_ids,
+    "synthia": synthia_to_train_ids,
+    "mapillary-half": mapillary_half_resolution,
+}

@@ -1,0 +1,91 @@
+"""Mapillary Vistas v1.2 (Neuhold et al. 2017): a real target with 66 classes mapped to the 19.
+
+Layout: ``mapillary/{training,validation}/images/<stem>.jpg`` with labels in
+``mapillary/{split}/v1.2/labels/<stem>.png`` (older releases: ``mapillary/{split}/labels/``), palette
+PNGs whose index is the v1.2 class id. The protocol evaluates on images and labels halved first
+(images bicubic, labels nearest); ``half_resolution=True`` does that, reading the prepared folder
+``mapillary/half/{split}/{images,labels}`` (labels already train ids, written by
+``python -m benchmarks data convert mapillary-half``) when present, else halving on the fly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from benchmarks.errors import UserError
+from datasets.base import Adapter, EvalPreparation, Pair, resize_half
+
+SPLIT_FOLDERS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
+
+
+class Mapillary(Adapter):
+    """Mapillary Vistas v1.2 mapped to the 19 Cityscapes train classes."""
+
+    name: ClassVar[str] = "mapillary"
+    folder: ClassVar[str] = "mapillary"
+    splits: ClassVar[tuple[str, ...]] = ("train", "val", "training", "validation")
+    default_eval_split: ClassVar[str] = "val"
+    eval_preparation = EvalPreparation(
+        resize_to_fit=True,
+        half_resolution=True,
+        description="halve images (bicubic) and labels (nearest), fit the eval box, score on halved labels",
+    )
+
+    def __init__(self, root: Path | str, split: str, half_resolution: bool = False) -> None:
+        super().__init__(root, split)
+        self.split_folder = SPLIT_FOLDERS[split]
+        self.half_resolution = half_resolution
+
+    @property
+    def prepared_dir(self) -> Path:
+        """Where `data convert mapillary-half` writes the half-resolution split."""
+        return self.base / "half" / self.split_folder
+
+    @property
+    def uses_prepared(self) -> bool:
+        """True when half resolution is requested and the prepared folder exists."""
+        return self.half_resolution and (self.prepared_dir / "images").is_dir() and (self.prepared_dir / "labels").is_dir()
+
+    def _find_pairs(self) -> list[Pair]:
+        if self.uses_prepared:
+            image_dir, label_dir = self.prepared_dir / "images", self.prepared_dir / "labels"
+            images = {p.stem: p for p in self.scan(image_dir)}
+            labels = {p.stem: (p, "train_ids") for p in self.scan(label_dir, (".png",))}
+            return self.match(
+                images, labels, image_dir, label_dir, "<stem>.png (train ids)",
+                "delete mapillary/half and re-run `python -m benchmarks data convert mapillary-half`",
+            )
+        split_dir = self._require_dir(
+            self.base / self.split_folder, self.split_folder,
+            f"extract the Mapillary Vistas v1.2 archive so that mapillary/{self.split_folder}/ exists",
+        )
+        image_dir = self._require_dir(split_dir / "images", "images", f"expected mapillary/{self.split_folder}/images/<stem>.jpg")
+        label_dir = split_dir / "v1.2" / "labels"
+        if not label_dir.is_dir():
+            label_dir = split_dir / "labels"
+        if not label_dir.is_dir():
+            raise UserError(
+                f"{split_dir / 'v1.2' / 'labels'}: missing Mapillary labels folder (also looked for "
+                f"{split_dir / 'labels'}); extract the v1.2 labels of the Vistas archive"
+            )
+        images = {p.stem: p for p in self.scan(image_dir)}
+        labels = {p.stem: (p, "mapillary_v12") for p in self.scan(label_dir, (".png",))}
+        return self.match(
+            images, labels, image_dir, label_dir, "<stem>.png (palette of v1.2 class ids)",
+            "restore the Mapillary v1.2 labels for those images",
+        )
+
+    def load_image(self, pair: Pair) -> np.ndarray:
+        image = super().load_image(pair)
+        if self.half_resolution and not self.uses_prepared:
+            image, _ = resize_half(image, None)
+        return image
+
+    def load_label(self, pair: Pair) -> np.ndarray:
+        label = super().load_label(pair)
+        if self.half_resolution and not self.uses_prepared:
+            _, label = resize_half(None, label)
+        return label
