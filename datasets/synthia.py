@@ -27,10 +27,15 @@ def read_synthia_label(path: Path) -> np.ndarray:
     if mode in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
         return read_label_raw(path)
     try:
-        import torch
-        from torchvision.io import ImageReadMode, decode_png, read_file
+        import warnings
 
-        data = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+        import torch
+
+        with warnings.catch_warnings():  # torchvision>=0.29 flags its decoders as deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_png, read_file
+
+            data = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
         arr = data[0].to(torch.int32).numpy()  # first channel = class id
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file for the user
         raise UserError(f"{path}: cannot decode the SYNTHIA label ({exc}); re-extract the archive") from None

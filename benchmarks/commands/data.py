@@ -28,6 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the `data` command and its subcommands."""
     parser = subparsers.add_parser("data", help="check, synthesize or convert datasets",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=run)
     sub = parser.add_subparsers(dest="data_command", required=True)
 
     check = sub.add_parser("check", help="validate every dataset found under a data root, without training")
