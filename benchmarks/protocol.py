@@ -232,7 +232,6 @@ def train(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     state.train_seconds += time.perf_counter() - started
-    del batches, loader
     return state
 
 

@@ -1,0 +1,84 @@
+"""`list`: what the harness can run — methods, backbones, heads, datasets, presets."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+NAME = "list"
+HELP = "show the registered methods (paper, defaults, trainable parameters), backbones, heads, datasets and presets"
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", nargs="?", default="all", choices=["all", "methods", "backbones", "heads", "datasets", "presets"])
+    parser.add_argument("--backbone", default="dinov2_vitl14",
+                        help="backbone whose trainable-parameter counts the method list shows (default: dinov2_vitl14 @512)")
+    parser.add_argument("--head", default="mask2former", help="head used for those counts (default: mask2former)")
+    parser.add_argument("--img-size", type=int, default=512)
+
+
+def run(args: argparse.Namespace) -> int:
+    sections = ["methods", "backbones", "heads", "datasets", "presets"] if args.what == "all" else [args.what]
+    for section in sections:
+        print(f"## {section}")
+        print(globals()[f"_{section}"](args))
+        print()
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> str:
+    from tabulate import tabulate
+
+    from benchmarks.config import Experiment, ModelConfig
+    from benchmarks.method import available_methods, build_method
+    from benchmarks.runner import build_model
+
+    exp = Experiment(model=ModelConfig(backbone=args.backbone, head=args.head, img_size=args.img_size))
+    rows = []
+    for name, cls in available_methods().items():
+        method = build_method(name)
+        try:
+            counts = build_model(exp, method, device="meta").parameter_counts()
+            trainable = f"{counts['backbone_trainable']:,}"
+        except Exception as err:  # a count that cannot be computed is shown, not fatal to the listing
+            log.debug("counting %s on %s failed: %s", name, args.backbone, err)
+            trainable = "n/a"
+        defaults = ", ".join(f"{k}={v}" for k, v in method.hyperparameters().items()) or "-"
+        rows.append([name, cls.paper, trainable, defaults])
+    return tabulate(rows, headers=["method", "paper", f"trainable ({args.backbone}@{args.img_size})", "defaults"], maxcolwidths=[None, 40, None, 60])
+
+
+def _backbones(args: argparse.Namespace) -> str:
+    from tabulate import tabulate
+
+    from benchmarks.backbones import BACKBONES
+
+    rows = []
+    for name, spec in BACKBONES.items():
+        fields = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(spec)
+        rows.append([name] + [fields.get(k) for k in ("timm_name", "native_patch", "embed_dim", "depth")])
+    return tabulate(rows, headers=["backbone", "timm model", "native patch", "width", "depth"])
+
+
+def _heads(args: argparse.Namespace) -> str:
+    from benchmarks.heads import HEADS
+
+    return "\n".join(f"{name:12} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}" for name, cls in HEADS.items())
+
+
+def _datasets(args: argparse.Namespace) -> str:
+    from datasets.registry import ADAPTERS
+
+    return "\n".join(f"{name:12} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}" for name, cls in ADAPTERS.items())
+
+
+def _presets(args: argparse.Namespace) -> str:
+    from benchmarks.config import PRESET_DIR, available_presets
+
+    lines = []
+    for name in available_presets():
+        first = (PRESET_DIR / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")
+        lines.append(f"{name:8} {first}")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""`run`: train and score the matrix of methods on the preset's protocol, then print the table."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+
+from benchmarks.config import Experiment, load_experiment
+
+NAME = "run"
+HELP = "train every chosen method on the source and score it on every target; print the leaderboard"
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_experiment_arguments(parser)
+    parser.add_argument("--methods", help="'all' (default: the preset's) or a comma-separated list, e.g. rein,lora")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved protocol, the runs and parameter counts; touch no data")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every command that resolves an experiment shares."""
+    parser.add_argument("--preset", default="proxy", help="smoke, proxy (default), paper, or a .toml file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set train.iters=2000 (repeatable)")
+    parser.add_argument("--data-root", help="folder holding gta/, cityscapes/, bdd100k/, mapillary/ (sets data.root)")
+    parser.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH",
+                        help="local weight file for a backbone, timm or original release format (repeatable)")
+    parser.add_argument("--backbones", help="comma-separated backbones of the matrix (sets run.backbones)")
+    parser.add_argument("--seeds", help="comma-separated seeds of the matrix (sets run.seeds)")
+    parser.add_argument("--results-dir", help="where result files go (sets run.results_dir)")
+
+
+def experiment_from_args(args: argparse.Namespace) -> Experiment:
+    overrides = list(args.overrides)
+    shorthands = {"data_root": "data.root", "backbones": "run.backbones", "seeds": "run.seeds", "results_dir": "run.results_dir"}
+    for attr, key in shorthands.items():
+        value = getattr(args, attr, None)
+        if value:
+            overrides.append(f"{key}={json.dumps(value)}" if attr in ("data_root", "results_dir") else f"{key}={value}")
+    exp = load_experiment(args.preset, overrides)
+    if getattr(args, "weights", None):
+        exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, weights=tuple(exp.model.weights) + tuple(args.weights)))
+    return exp
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks.runner import plan_runs, run_matrix
+
+    exp = experiment_from_args(args)
+    if args.dry_run:
+        print(describe(exp, args.methods))
+        return 0
+    specs = plan_runs(exp, args.methods)
+    log.info("preset %s: %d run(s), results under %s", exp.preset, len(specs), exp.resolve_path(exp.run.results_dir))
+    results = run_matrix(exp, args.methods, progress=not args.no_progress)
+    from benchmarks.reports.tables import leaderboard
+
+    print(leaderboard(results))
+    failed = [r for r in results if r.get("status") != "finished"]
+    return 1 if failed else 0
+
+
+def describe(exp: Experiment, methods: str | None) -> str:
+    """The resolved protocol and, per planned (backbone, method), the parameter counts.
+
+    Models are built on the meta device: counting needs shapes, not memory or weights.
+    """
+    from benchmarks.method import build_method
+    from benchmarks.runner import build_model, experiment_for, plan_runs
+
+    lines = [f"# preset {exp.preset} (config hash {exp.config_hash()})", json.dumps(exp.to_dict(), indent=2), ""]
+    specs = plan_runs(exp, methods)
+    lines.append(f"# {len(specs)} run(s)")
+    header = f"{'setting':8} {'backbone':22} {'method':14} {'seed':>5} {'backbone':>12} {'trainable':>12} {'added':>11} {'head':>11}"
+    lines.append(header)
+    seen: dict[tuple[str, str], dict[str, int]] = {}
+    for spec in specs:
+        key = (spec.backbone, spec.method)
+        if key not in seen:
+            run_exp = experiment_for(exp, spec)
+            run_exp = dataclasses.replace(run_exp, model=dataclasses.replace(run_exp.model, weights=()))
+            model = build_model(run_exp, build_method(spec.method, exp.methods.get(spec.method)), device="meta")
+            seen[key] = model.parameter_counts()
+        c = seen[key]
+        lines.append(
+            f"{spec.setting:8} {spec.backbone:22} {spec.method:14} {spec.seed:>5} {c['backbone_pretrained']:>12,} "
+            f"{c['backbone_trainable']:>12,} {c['backbone_added']:>11,} {c['head_total']:>11,}"
+        )
+    return "\n".join(lines)

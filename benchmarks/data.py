@@ -1,0 +1,81 @@
+"""From the data config to datasets: the source stream with train transforms, the targets as scored.
+
+The adapters in `datasets/` read each dataset's real layout; this module only chooses them by
+setting and applies the protocol's transforms with the preset's sizes. The embedded synthetic
+world is generated on first use when the default data root is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from benchmarks.config import DataConfig, EvalConfig, Experiment
+from benchmarks.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def ensure_data_root(exp: Experiment) -> Path:
+    """The data root; generates the synthetic world there if it is missing and the preset allows it.
+
+    The world is written to a private folder and renamed into place, so an interrupted generation
+    leaves nothing half-written and two runners starting together do not mix their files.
+    """
+    cfg: DataConfig = exp.data
+    root = exp.resolve_path(cfg.root)
+    if root.is_dir():
+        return root
+    if not cfg.synthetic:
+        raise UserError(
+            f"data root {root} does not exist; pass --data-root DIR (the folder holding gta/, cityscapes/, "
+            f"bdd100k/, mapillary/) or generate the synthetic world with `python -m benchmarks data synth --out {root}`"
+        )
+    from datasets.synthetic import generate_world
+
+    log.info("generating the synthetic world (%s) at %s — first run only", cfg.synthetic, root)
+    partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    generate_world(partial, size=cfg.synthetic, workers=max(1, min(os.cpu_count() or 1, 4)))
+    try:
+        partial.rename(root)
+    except OSError:
+        if not root.is_dir():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another runner finished first; its world is identical
+    return root
+
+
+def source_dataset(exp: Experiment, source: str, root: Path) -> Dataset:
+    from datasets.base import SegmentationDataset
+    from datasets.registry import get_adapter
+    from datasets.transforms import TrainTransform
+
+    cfg = exp.data
+    adapter = get_adapter(source)(root, "train")
+    transform = TrainTransform(
+        crop_size=cfg.crop_size,
+        scale_base=cfg.scale_base,
+        max_long_edge=cfg.max_long_edge,
+        cat_max_ratio=cfg.cat_max_ratio,
+        photometric=cfg.photometric,
+    )
+    return SegmentationDataset(adapter, transform, limit=cfg.train_limit or None)
+
+
+def target_dataset(exp: Experiment, target: str, root: Path) -> Dataset:
+    """A target as the protocol scores it: resized for inference, labels at their scoring resolution."""
+    from datasets.base import SegmentationDataset
+    from datasets.registry import get_adapter
+    from datasets.transforms import eval_transform_for
+
+    cls = get_adapter(target)
+    prep = cls.eval_preparation
+    adapter = cls(root, cls.default_eval_split, **({"half_resolution": True} if prep.half_resolution else {}))
+    eval_cfg: EvalConfig = exp.eval
+    transform = eval_transform_for(adapter, tuple(eval_cfg.fit_size))
+    return SegmentationDataset(adapter, transform, limit=exp.data.eval_limit or None)

@@ -1,0 +1,263 @@
+"""The matrix: methods × backbones × seeds × settings, one result file per run.
+
+Each run builds its model from the experiment (backbone ← method → head), trains on the source,
+scores every target and writes one self-describing JSON atomically. A finished run is never run
+again: its file is found by the run's identity (setting, backbone, method, seed, config hash).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.config import PROJECT_ROOT, SETTINGS, Experiment
+from benchmarks.errors import UserError
+from benchmarks.method import Method, build_method, resolve_methods
+from benchmarks.model import SegModel
+from benchmarks.results import SCHEMA_VERSION, read_result, write_result
+
+log = logging.getLogger(__name__)
+NUM_CLASSES = 19
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    setting: str
+    backbone: str
+    method: str
+    seed: int
+
+    def run_id(self, exp: Experiment) -> str:
+        return f"{exp.preset}/{self.setting}/{self.backbone}/{self.method}/seed{self.seed}-{exp.config_hash()}"
+
+    def path(self, exp: Experiment, results_dir: Path) -> Path:
+        setting = self.setting.replace("->", "_to_").replace("+", "_")
+        return results_dir / exp.preset / setting / self.backbone / self.method / f"seed{self.seed}-{exp.config_hash()}.json"
+
+
+def plan_runs(exp: Experiment, methods: str | None = None) -> list[RunSpec]:
+    names = resolve_methods(methods or exp.run.methods)
+    unknown = [s for s in exp.run.settings if s not in SETTINGS]
+    if unknown:
+        raise UserError(f"unknown setting {unknown[0]!r}; valid: {', '.join(SETTINGS)}")
+    backbones = exp.run.backbones or (exp.model.backbone,)
+    seeds = exp.run.seeds or (exp.train.seed,)
+    return [RunSpec(s, b, m, seed) for s in exp.run.settings for b in backbones for seed in seeds for m in names]
+
+
+def experiment_for(exp: Experiment, spec: RunSpec) -> Experiment:
+    """The experiment one run executes: the matrix coordinates written into the config it saves."""
+    return dataclasses.replace(
+        exp,
+        model=dataclasses.replace(exp.model, backbone=spec.backbone),
+        train=dataclasses.replace(exp.train, seed=spec.seed),
+    )
+
+
+# -- model ------------------------------------------------------------------------------------------
+def weights_for(exp: Experiment, backbone: str) -> str | None:
+    for entry in exp.model.weights:
+        name, sep, path = entry.partition("=")
+        if not sep or not path:
+            raise UserError(f"model.weights entry {entry!r} must look like BACKBONE=PATH")
+        if name == backbone:
+            return path
+    return None
+
+
+def build_model(exp: Experiment, method: Method | None = None, device: str | torch.device | None = None) -> SegModel:
+    """Backbone and head from the config, then the method attached (seeded: same head init for all)."""
+    from benchmarks.backbones import build_backbone
+    from benchmarks.heads import build_head
+
+    try:
+        head_options = json.loads(exp.model.head_options)
+    except json.JSONDecodeError as err:
+        raise UserError(f"model.head_options must be a JSON object, e.g. '{{\"hidden_dim\": 64}}': {err}") from None
+    with torch.device(device) if device is not None else _nullcontext():
+        backbone = build_backbone(
+            exp.model.backbone,
+            img_size=exp.model.img_size,
+            weights=weights_for(exp, exp.model.backbone),
+            patch_size=exp.model.patch_size or None,
+            resample=exp.model.patch_resample,
+        )
+        head = build_head(exp.model.head, backbone.embed_dim, NUM_CLASSES, **head_options)
+        model = SegModel(backbone, head)
+        if method is not None:
+            method.attach(model)
+    return model
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- environment ------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("torch", "torchvision", "timm", "transformers", "peft", "torchmetrics", "numpy"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    commit, dirty = _git_state()
+    return {
+        "python": platform.python_version(),
+        **versions,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "hostname": socket.gethostname(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if commit.returncode != 0:
+        return None, None
+    return commit.stdout.strip(), bool(status.stdout.strip())
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- one run ----------------------------------------------------------------------------------------
+def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = True) -> dict[str, Any]:
+    from benchmarks.data import ensure_data_root, source_dataset, target_dataset
+    from benchmarks.protocol import (
+        TrainHooks,
+        TrainingDiverged,
+        autocast_dtype,
+        evaluate,
+        seed_everything,
+        select_device,
+        train,
+    )
+    from datasets.labels import CLASSES
+
+    exp = experiment_for(exp, spec)
+    path = spec.path(exp, results_dir)
+    source, targets = SETTINGS[spec.setting]
+    device = select_device(exp.train.device)
+    method = build_method(spec.method, exp.methods.get(spec.method))
+    result: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "run_id": spec.run_id(exp),
+        "status": "running",
+        "failure": None,
+        "preset": exp.preset,
+        "setting": spec.setting,
+        "source": source,
+        "method": {"name": method.name, "paper": method.paper, "hyperparameters": method.hyperparameters()},
+        "backbone": spec.backbone,
+        "head": exp.model.head,
+        "seed": spec.seed,
+        "experiment": exp.to_dict(),
+        "config_hash": exp.config_hash(),
+        "environment": environment(device),
+        "timings": {"started": _now()},
+    }
+    root = ensure_data_root(exp)
+    source_set = source_dataset(exp, source, root)
+    target_sets = {name: target_dataset(exp, name, root) for name in targets}
+
+    seed_everything(spec.seed)
+    model = build_model(exp, method)
+    result["params"] = model.parameter_counts()
+    amp = autocast_dtype(exp.train.amp, device)
+
+    def score_targets(step: int) -> dict[str, float]:
+        return {name: evaluate(model, ds, exp.eval, device, NUM_CLASSES, amp)["miou"] for name, ds in target_sets.items()}
+
+    try:
+        state = train(model, method, source_set, exp, device, hooks=TrainHooks(evaluate=score_targets), progress=progress)
+        eval_started = time.perf_counter()
+        scores = {
+            name: evaluate(model, ds, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES, progress=progress, desc=name)
+            for name, ds in target_sets.items()
+        }
+        eval_seconds = time.perf_counter() - eval_started
+    except UserError:
+        raise
+    except Exception as err:  # recorded as failed so the rest of the matrix runs and the table says why
+        reason = str(err) if isinstance(err, TrainingDiverged) else f"{type(err).__name__}: {err}"
+        if not isinstance(err, TrainingDiverged):
+            log.error("run %s crashed:\n%s", result["run_id"], traceback.format_exc())
+        result.update(status="failed", failure=reason.splitlines()[0] if reason else type(err).__name__)
+        result["timings"]["finished"] = _now()
+        write_result(path, result)
+        return result
+
+    images_seen = state.step * exp.train.batch_size * exp.train.grad_accum
+    result.update(
+        status="finished",
+        params=model.parameter_counts(),  # after training: phased methods may have changed what trains
+        targets={name: {k: v for k, v in s.items() if k != "images_per_s"} for name, s in scores.items()},
+        average_miou=sum(s["miou"] for s in scores.values()) / len(scores),
+        history=state.history,
+        evaluations=state.evaluations,
+        diagnostics=method.diagnostics(),
+        profile={
+            "train_images_per_s": images_seen / state.train_seconds if state.train_seconds else None,
+            "eval_images_per_s": sum(s["num_images"] for s in scores.values()) / eval_seconds if eval_seconds else None,
+            "peak_memory_mb": _peak_memory_mb(device),
+            "device": str(device),
+            "dtype": str(amp).replace("torch.", "") if amp else "float32",
+        },
+    )
+    result["timings"].update(finished=_now(), train_s=state.train_seconds, eval_s=eval_seconds)
+    write_result(path, result)
+    return result
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_matrix(
+    exp: Experiment, methods: str | None = None, results_dir: Path | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Runs every planned run not already finished; returns all the matrix's results."""
+    results_dir = results_dir or exp.resolve_path(exp.run.results_dir)
+    specs = plan_runs(exp, methods)
+    results = []
+    for number, spec in enumerate(specs, 1):
+        path = spec.path(experiment_for(exp, spec), results_dir)
+        existing = read_result(path) if path.exists() else None
+        if existing and existing["status"] == "finished":
+            log.info("[%d/%d] %s: finished earlier, skipped (%s)", number, len(specs), existing["run_id"], path)
+            results.append(existing)
+            continue
+        log.info("[%d/%d] %s %s %s seed %d", number, len(specs), spec.setting, spec.backbone, spec.method, spec.seed)
+        results.append(execute_run(spec, exp, results_dir, progress=progress))
+    return results
