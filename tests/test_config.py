@@ -1,0 +1,75 @@
+"""Presets, overrides and their errors: the first thing every run resolves."""
+
+import dataclasses
+
+import pytest
+
+from benchmarks.config import apply_override, available_presets, experiment_from_dict, load_experiment
+from benchmarks.errors import UserError
+
+
+def test_presets_exist_and_resolve():
+    assert {"smoke", "proxy", "paper"} <= set(available_presets())
+    paper = load_experiment("paper")
+    # The protocol's values (specs/protocol.md), not just any numbers.
+    assert (paper.model.backbone, paper.model.head, paper.model.img_size, paper.model.patch_size) == ("dinov2_vitl14", "mask2former", 512, 16)
+    assert (paper.train.iters, paper.train.batch_size, paper.train.lr, paper.train.weight_decay) == (40000, 4, 1e-4, 0.05)
+    assert (paper.train.poly_power, paper.train.warmup_iters, paper.train.seed) == (0.9, 0, 42)
+    assert (paper.eval.crop_size, paper.eval.stride, paper.eval.fit_size) == (512, 341, (1024, 512))
+    assert (paper.data.crop_size, paper.data.scale_base, paper.data.max_long_edge, paper.data.cat_max_ratio) == (512, 512, 2048, 0.75)
+
+
+def test_overrides_are_typed():
+    exp = load_experiment("proxy", ["train.iters=7", "train.lr=3e-4", "eval.fit_size=[64, 32]", "run.seeds=1,2",
+                                    "model.head=mask2former", "data.photometric=false", "methods.rein.num_tokens=5"])
+    assert exp.train.iters == 7 and isinstance(exp.train.iters, int)
+    assert exp.train.lr == 3e-4
+    assert exp.eval.fit_size == (64, 32)
+    assert exp.run.seeds == (1, 2)
+    assert exp.model.head == "mask2former"
+    assert exp.data.photometric is False
+    assert exp.methods == {"rein": {"num_tokens": 5}}
+    # an int where a float is expected is accepted as that float
+    assert apply_override(exp, "train.lr=1").train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.iters=abc", "iters must be int"),
+        ("train.iters=1.5", "iters must be int"),
+        ("train.nope=1", "unknown key train.nope"),
+        ("nosection.x=1", "section one of"),
+        ("train.iters", "must look like section.key=value"),
+        ("eval.fit_size=[1,2,3]", "fit_size must be tuple"),
+        ("data.photometric=maybe", "photometric must be bool"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[")):
+        load_experiment("smoke", [override])
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(UserError, match="valid: .*paper.*proxy.*smoke"):
+        load_experiment("nope")
+
+
+def test_unknown_section_in_a_preset_file_is_refused():
+    with pytest.raises(UserError, match="unknown section"):
+        experiment_from_dict({"trian": {"iters": 1}})
+
+
+def test_config_hash_ignores_the_matrix_but_not_the_protocol():
+    exp = load_experiment("smoke")
+    same = dataclasses.replace(exp, run=dataclasses.replace(exp.run, methods="full"))
+    assert same.config_hash() == exp.config_hash()
+    assert apply_override(exp, "train.iters=99").config_hash() != exp.config_hash()
+
+
+def test_experiment_round_trips_through_its_dict():
+    exp = load_experiment("paper", ["methods.lora.rank=4"])
+    raw = exp.to_dict()
+    raw.pop("preset")
+    again = experiment_from_dict(raw, name="paper")
+    assert again == exp

@@ -1,0 +1,37 @@
+"""Result files: atomic writes and tolerant reading."""
+
+import json
+import os
+
+import pytest
+
+from benchmarks.results import SCHEMA_VERSION, atomic_write_text, iter_results, read_result, write_result
+
+
+def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "run.json"
+    target.write_text("old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"  # what the user had is not lost
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary left behind
+
+
+def test_write_then_read_round_trip(tmp_path):
+    result = {"schema": SCHEMA_VERSION, "run_id": "x", "status": "finished", "method": {"name": "full"}}
+    path = tmp_path / "a" / "b.json"
+    write_result(path, result)
+    assert json.loads(path.read_text())["run_id"] == "x"
+    assert read_result(path)["status"] == "finished"
+
+
+def test_foreign_and_broken_files_are_ignored(tmp_path):
+    (tmp_path / "foreign.json").write_text('{"hello": 1}')
+    (tmp_path / "broken.json").write_text('{"schema": 1, ')
+    write_result(tmp_path / "ok.json", {"schema": SCHEMA_VERSION, "run_id": "ok", "status": "finished", "method": {"name": "m"}})
+    assert [r["run_id"] for r in iter_results([tmp_path])] == ["ok"]
