@@ -1,0 +1,416 @@
+"""Vision-foundation-model backbones built by name, with the protocol's feature taps.
+
+Why this shape: every DGSS method in the benchmark refines, prompts or adapts the *blocks* of a
+plain ViT, and the head needs a 4-level pyramid. So a `Backbone` is a thin wrapper over a timm model
+that (1) runs the blocks in a plain Python loop, calling ``self.blocks[i](x)`` so that forward hooks
+and pre-hooks registered by methods fire and see the full token sequence [B, prefix+N, C];
+(2) taps four blocks at the quartiles of depth and turns their patch tokens into maps at strides
+p/4, p/2, p, 2p; (3) loads user weights in timm or the original release layouts and converts them
+the way the reference does (14→16 patch kernel, position grid to img_size/patch).
+
+Backbones are registered as data (`BACKBONES`), like timm's pretrained configs: adding one is a
+new `BackboneSpec`, not new code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks import weights_io
+from benchmarks.errors import UserError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: The protocol's patch size for the 14-patch VFMs (DINOv2, EVA02, CLIP): converted to 16.
+PROTOCOL_PATCH = 16
+RESAMPLE_MODES = ("bicubic", "timm")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone: a timm model name plus the facts the protocol needs.
+
+    `family` selects the forward path and the original-release converter: ``vit`` (timm
+    VisionTransformer: DINOv2, CLIP, proxy), ``eva`` (timm Eva: rope passed to each block) or
+    ``sam`` (timm VisionTransformerSAM: NHWC blocks, no prefix tokens).
+    """
+
+    timm_name: str
+    family: str
+    native_patch: int
+    native_img_size: int
+    embed_dim: int
+    depth: int
+    timm_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: Patch size the protocol uses for this backbone (16 for the 14-patch VFMs); None → native.
+    protocol_patch: int | None = None
+    #: Published/protocol parameter count of the backbone, where one exists (for the paper table).
+    published_params: int | None = None
+    #: Weights used when the caller gives none (only the project's own proxy has any).
+    default_weights: Path | None = None
+    #: Original-release layout understood besides timm's (documentation and error messages).
+    original_format: str = ""
+    note: str = ""
+
+
+def _dinov2(size: str, dim: int, depth: int, reg: bool, published: int | None = None) -> BackboneSpec:
+    name = f"vit_{size}_patch14_{'reg4_' if reg else ''}dinov2"
+    return BackboneSpec(
+        timm_name=name, family="vit", native_patch=14, native_img_size=518, embed_dim=dim, depth=depth,
+        protocol_patch=PROTOCOL_PATCH, published_params=published,
+        original_format="facebookresearch/dinov2 release (dinov2_vit*14[_reg4]_pretrain.pth)",
+    )
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "dinov2_vits14": _dinov2("small", 384, 12, False),
+    "dinov2_vitb14": _dinov2("base", 768, 12, False),
+    # 304.2M: the protocol's "Full" count (backbone at 512/16, no mask token, no final norm).
+    "dinov2_vitl14": _dinov2("large", 1024, 24, False, published=304_200_000),
+    "dinov2_vitg14": _dinov2("giant", 1536, 40, False),
+    "dinov2_vits14_reg": _dinov2("small", 384, 12, True),
+    "dinov2_vitb14_reg": _dinov2("base", 768, 12, True),
+    "dinov2_vitl14_reg": _dinov2("large", 1024, 24, True),
+    "dinov2_vitg14_reg": _dinov2("giant", 1536, 40, True),
+    "eva02_large_patch14": BackboneSpec(
+        timm_name="eva02_large_patch14_224", family="eva", native_patch=14, native_img_size=224,
+        embed_dim=1024, depth=24, protocol_patch=PROTOCOL_PATCH,
+        original_format="BAAI EVA-02 release / OpenCLIP EVA (converted by timm's eva checkpoint_filter_fn)",
+    ),
+    "clip_vitl14": BackboneSpec(
+        timm_name="vit_large_patch14_clip_quickgelu_224", family="vit", native_patch=14, native_img_size=224,
+        embed_dim=1024, depth=24, protocol_patch=PROTOCOL_PATCH,
+        original_format="OpenAI CLIP / OpenCLIP (converted by timm's vision_transformer checkpoint_filter_fn)",
+        note="OpenAI ViT-L/14 uses QuickGELU; pre-norm before the blocks is kept",
+    ),
+    "sam_vith16": BackboneSpec(
+        timm_name="samvit_huge_patch16", family="sam", native_patch=16, native_img_size=1024,
+        embed_dim=1280, depth=32, timm_kwargs={"neck_chans": None},
+        original_format="segment-anything release sam_vit_h_*.pth (image_encoder.*, via timm's sam filter)",
+        note="windowed attention (14) with global blocks 7/15/23/31; the SAM neck is not used",
+    ),
+    "proxy_vit": BackboneSpec(
+        timm_name="vit_tiny_patch16_224", family="vit", native_patch=8, native_img_size=128,
+        embed_dim=192, depth=6,
+        timm_kwargs={"patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0,
+                     "init_values": 1e-5, "class_token": True, "reg_tokens": 0, "qkv_bias": True},
+        default_weights=WEIGHTS_DIR / "proxy_vit.safetensors",
+        note="the project's small pretrained ViT (DINOv2-like LayerScale) for CPU runs",
+    ),
+}
+
+
+def available_backbones() -> dict[str, BackboneSpec]:
+    return dict(sorted(BACKBONES.items()))
+
+
+def get_spec(name: str) -> BackboneSpec:
+    spec = BACKBONES.get(name)
+    if spec is None:
+        raise UserError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
+    return spec
+
+
+def tap_indices(depth: int) -> tuple[int, int, int, int]:
+    """0-based blocks tapped for the pyramid: the quartiles 1/3, 1/2, 2/3, 1 of depth (7,11,15,23 at 24)."""
+    if depth < 4:
+        raise ValueError(f"a backbone needs at least 4 blocks for 4 taps, got depth {depth}")
+    return (round(depth / 3) - 1, depth // 2 - 1, round(2 * depth / 3) - 1, depth - 1)
+
+
+# -- block containers -----------------------------------------------------------------------------------
+class BlockList(nn.ModuleList):
+    """The blocks as an `nn.ModuleList` (what methods index and hook) that can still be called like
+    timm's `nn.Sequential`, so the timm model's own forward keeps working for other users."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - sequential application
+        for block in self:
+            x = block(x)
+        return x
+
+
+def _sam_block_class() -> type[nn.Module]:
+    from timm.models.vision_transformer_sam import Block as SamBlock
+
+    class TokenSequenceSamBlock(SamBlock):
+        """A SAM block that also accepts the token sequence [B, N, C] (grid set by the Backbone).
+
+        SAM blocks work on NHWC grids for windowed attention; methods expect every block to map
+        [B, prefix+N, C] → [B, prefix+N, C]. Swapping the instance's class keeps parameter names,
+        submodules (`attn`, `mlp`) and hooks exactly where methods look for them.
+        """
+
+        grid_hw: tuple[int, int] = (0, 0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.ndim == 4:
+                return super().forward(x)
+            b, n, c = x.shape
+            h, w = self.grid_hw
+            return super().forward(x.reshape(b, h, w, c)).reshape(b, n, c)
+
+    return TokenSequenceSamBlock
+
+
+# -- the backbone -------------------------------------------------------------------------------------
+class Backbone(nn.Module):
+    """A timm ViT with the protocol's 4-level feature taps.
+
+    Attributes methods rely on: ``vit`` (the timm model), ``blocks`` (nn.ModuleList; a block maps
+    [B, prefix+N, C] → same), ``num_prefix_tokens`` (cls + registers, passed through untouched by
+    refinement methods), ``embed_dim``, ``depth``, ``patch_size``, ``tap_indices``.
+    """
+
+    def __init__(self, vit: nn.Module, spec: BackboneSpec, name: str, img_size: int, patch_size: int):
+        super().__init__()
+        self.vit = vit
+        self.spec = spec
+        self.name = name
+        self.family = spec.family
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.embed_dim = int(getattr(vit, "embed_dim", spec.embed_dim))
+        self.depth = len(vit.blocks)
+        self.num_prefix_tokens = 0 if spec.family == "sam" else int(vit.num_prefix_tokens)
+        self.tap_indices = tap_indices(self.depth)
+        self.scales = (4.0, 2.0, 1.0, 0.5)
+        self.strides = tuple(patch_size / s for s in self.scales)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        # A property (not a second registration) so the state dict has one name per tensor.
+        return self.vit.blocks
+
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, Any, tuple[int, int]]:
+        """Patch embedding + position embedding (+ prefix tokens): [B, prefix+N, C], rope, grid."""
+        vit = self.vit
+        x = vit.patch_embed(images)  # NHWC for dynamic-size ViT/Eva and for SAM
+        gh, gw = x.shape[1], x.shape[2]
+        rope = None
+        if self.family == "vit":
+            x = vit._pos_embed(x)
+            x = vit.patch_drop(x)
+            x = vit.norm_pre(x)
+        elif self.family == "eva":
+            x, rope = vit._pos_embed(x)
+            x = vit.norm_pre(x)
+        else:  # sam
+            from timm.layers import resample_abs_pos_embed_nhwc
+
+            if vit.pos_embed is not None:
+                x = x + resample_abs_pos_embed_nhwc(vit.pos_embed, [gh, gw])
+            x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
+            x = x.reshape(x.shape[0], gh * gw, x.shape[-1])
+            for block in self.blocks:
+                block.grid_hw = (gh, gw)
+        return x, rope, (gh, gw)
+
+    def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The tapped blocks' full outputs [B, prefix+N, C] (what the hooks see)."""
+        self._check_size(images)
+        x, rope, _ = self._embed(images)
+        return self._run_blocks(x, rope)
+
+    def _run_blocks(self, x: torch.Tensor, rope: Any) -> list[torch.Tensor]:
+        taps, last = set(self.tap_indices), self.tap_indices[-1]
+        outs = []
+        for i in range(last + 1):
+            x = self.blocks[i](x) if rope is None else self.blocks[i](x, rope=rope)
+            if i in taps:
+                outs.append(x)
+        return outs
+
+    def _check_size(self, images: torch.Tensor) -> None:
+        h, w = images.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise UserError(
+                f"input size {h}x{w} is not divisible by the patch size {self.patch_size} of {self.name}; "
+                "pad or crop the images to a multiple of the patch size"
+            )
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images [B,3,H,W] → 4 maps [B, C, H/s, W/s] at strides p/4, p/2, p, 2p (no final norm)."""
+        self._check_size(images)
+        x, rope, (gh, gw) = self._embed(images)
+        feats = []
+        for tokens, scale in zip(self._run_blocks(x, rope), self.scales):
+            patches = tokens[:, self.num_prefix_tokens:]
+            fmap = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[-1], gh, gw)
+            if scale != 1.0:
+                fmap = F.interpolate(fmap, scale_factor=scale, mode="bilinear", align_corners=False)
+            feats.append(fmap)
+        return feats
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, patch={self.patch_size}, img={self.img_size}, taps={self.tap_indices}"
+
+
+# -- building -------------------------------------------------------------------------------------------
+def _timm_kwargs(spec: BackboneSpec, img_size: int, patch_size: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "drop_path_rate": 0.0}
+    kwargs.update(spec.timm_kwargs)
+    kwargs.update(img_size=img_size, patch_size=patch_size)
+    if spec.family in ("vit", "eva"):
+        kwargs["dynamic_img_size"] = True
+    return kwargs
+
+
+def _create_timm(spec: BackboneSpec, img_size: int, patch_size: int) -> nn.Module:
+    import timm
+
+    vit = timm.create_model(spec.timm_name, **_timm_kwargs(spec, img_size, patch_size))
+    # The protocol feeds tapped block outputs to the head: the final norm, pooling norm, classifier
+    # and SAM's neck are never used, and an unused trainable parameter breaks DDP. Remove them.
+    for attr in ("norm", "fc_norm", "head", "neck"):
+        if isinstance(getattr(vit, attr, None), nn.Module):
+            setattr(vit, attr, nn.Identity())
+    if not isinstance(vit.blocks, nn.ModuleList) or type(vit.blocks) is nn.Sequential:
+        vit.blocks = BlockList(list(vit.blocks))
+    if spec.family == "sam":
+        cls = _sam_block_class()
+        for block in vit.blocks:
+            block.__class__ = cls
+    for module in vit.modules():  # PyTorch's fused scaled_dot_product_attention where timm has it
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    return vit
+
+
+def _ignorable(key: str) -> bool:
+    """Checkpoint entries accepted but not loaded: parts the segmentation backbone does not use."""
+    head = key.split(".")[0]
+    return key == "mask_token" or head in {"norm", "fc_norm", "head", "neck", "head_drop"} or key.endswith(
+        ("freqs_cos", "freqs_sin", "rope.periods")
+    )
+
+
+def _is_target_layout(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> bool:
+    keys = {k for k in sd if not _ignorable(k)}
+    return keys == set(target)
+
+
+def _convert_original(sd: weights_io.StateDict, spec: BackboneSpec, vit: nn.Module, path: Path) -> weights_io.StateDict:
+    """Original-release layouts → timm keys at the release's native shapes."""
+    if spec.timm_name.endswith("dinov2") and weights_io.is_dinov2_original(sd):
+        return weights_io.convert_dinov2_original(sd, model_has_reg_tokens=getattr(vit, "reg_token", None) is not None)
+    if spec.timm_name.endswith("dinov2"):
+        return sd  # already timm-like; names/shapes are checked later
+    # Other families: timm's own converters, run against a model at the release's native patch and
+    # size built on the meta device (no memory), so they only rename; resizing stays ours.
+    if spec.family == "eva":
+        from timm.models.eva import checkpoint_filter_fn
+    elif spec.family == "sam":
+        from timm.models.vision_transformer_sam import checkpoint_filter_fn
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+    with torch.device("meta"):
+        native = _create_timm(spec, spec.native_img_size, spec.native_patch)
+    try:
+        return dict(checkpoint_filter_fn(sd, native))
+    except Exception as exc:  # a layout none of timm's converters knows
+        raise UserError(
+            f"weights file {path}: layout not recognised for {spec.timm_name} ({type(exc).__name__}: {exc}); "
+            f"supported: timm state dicts and {spec.original_format or 'timm format only'}"
+        ) from exc
+
+
+def load_weights(backbone: Backbone, path: str | Path, resample: str = "bicubic") -> None:
+    """Load `path` (timm or original layout) into `backbone`, converting as the protocol says."""
+    if resample not in RESAMPLE_MODES:
+        raise UserError(f"unknown resample mode {resample!r}; valid: {', '.join(RESAMPLE_MODES)}")
+    path = Path(path)
+    vit, spec = backbone.vit, backbone.spec
+    target = vit.state_dict()
+    sd = weights_io.read_state_dict(path)
+    if not _is_target_layout(sd, target):
+        sd = _convert_original(sd, spec, vit, path)
+    num_prefix_in_pos = 0 if getattr(vit, "no_embed_class", False) or spec.family == "sam" else backbone.num_prefix_tokens
+    sd = weights_io.adapt_to_model(sd, target, num_prefix_in_pos=num_prefix_in_pos, resample=resample)
+    sd = weights_io.check_and_cast(sd, target, path, ignorable=_ignorable)
+    vit.load_state_dict(sd, strict=True)
+    log.info("loaded %s weights from %s (patch %d, grid %s, resample=%s)", backbone.name, path,
+             backbone.patch_size, getattr(vit.patch_embed, "grid_size", None), resample)
+
+
+def build_backbone(
+    name: str | BackboneSpec,
+    img_size: int,
+    weights: str | Path | None = None,
+    patch_size: int | None = None,
+    resample: str = "bicubic",
+) -> Backbone:
+    """Build a backbone by registry name (or an explicit spec, e.g. a tiny one in tests).
+
+    `weights`: a checkpoint path (timm or original layout); None → the spec's default weights if
+    the file exists (only `proxy_vit` has one), otherwise random init with a warning; the string
+    ``"random"`` forces random init. `patch_size` None → the protocol's (16 for 14-patch VFMs).
+    `resample`: ``"bicubic"`` (reference) or ``"timm"`` for the patch kernel and position grid.
+    """
+    if isinstance(name, BackboneSpec):
+        spec, label = name, name.timm_name
+    else:
+        spec, label = get_spec(name), name
+    if resample not in RESAMPLE_MODES:
+        raise UserError(f"unknown resample mode {resample!r}; valid: {', '.join(RESAMPLE_MODES)}")
+    patch = int(patch_size or spec.protocol_patch or spec.native_patch)
+    if img_size % patch:
+        raise UserError(f"img_size {img_size} is not divisible by patch size {patch} for backbone {label}")
+    vit = _create_timm(spec, img_size, patch)
+    backbone = Backbone(vit, spec, label, img_size, patch)
+    if weights is None and spec.default_weights is not None and Path(spec.default_weights).is_file():
+        weights = spec.default_weights
+    if weights is None or str(weights) == "random":
+        if weights is None:
+            log.warning("backbone %s: no weights given%s — random initialisation (pass --weights %s=PATH)", label,
+                        f" and {spec.default_weights} is missing" if spec.default_weights else "", label)
+    else:
+        load_weights(backbone, weights, resample)
+    return backbone
+
+
+# -- parameter accounting ---------------------------------------------------------------------------------
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def describe_parameters(
+    backbone_name: str,
+    img_size: int,
+    head_name: str | None = None,
+    num_classes: int = 19,
+    patch_size: int | None = None,
+    **head_kwargs: Any,
+) -> dict[str, Any]:
+    """Parameter counts of backbone (and head) built on the meta device: instant, no memory.
+
+    Used by ``run --preset paper --dry-run`` to show DINOv2-L/16@512 + Mask2Former without weights.
+    """
+    spec = get_spec(backbone_name)
+    with torch.device("meta"):
+        backbone = build_backbone(backbone_name, img_size, weights="random", patch_size=patch_size)
+        info: dict[str, Any] = {
+            "backbone": backbone_name,
+            "img_size": img_size,
+            "patch_size": backbone.patch_size,
+            "grid": img_size // backbone.patch_size,
+            "backbone_params": count_parameters(backbone),
+            "published_backbone_params": spec.published_params,
+            "tap_indices": backbone.tap_indices,
+        }
+        if head_name is not None:
+            from benchmarks.heads import build_head
+
+            head = build_head(head_name, backbone.embed_dim, num_classes, **head_kwargs)
+            info["head"] = head_name
+            info["head_params"] = count_parameters(head)
+            info["total_params"] = info["backbone_params"] + info["head_params"]
+    return info

@@ -1,0 +1,66 @@
+"""A small FPN decode head for fast runs and ablations (the `proxy` and `smoke` presets).
+
+Why an own FPN rather than segmentation_models_pytorch's: smp's decoders expect encoder feature
+lists with an input-resolution stage and fixed channel schedules; over a ViT pyramid whose four
+levels share one width, a lateral 1×1 + top-down sum + 3×3 smoothing + Panoptic-FPN-style merge is
+a dozen lines and keeps the head small (64–128 channels) and fast on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = 255
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    # GroupNorm: independent of batch size (CPU runs use small batches).
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class LightHead(nn.Module):
+    """FPN over the 4 levels; logits at the finest level (stride p/4), cross-entropy with ignore 255."""
+
+    supports_queries = False
+
+    def __init__(self, in_channels: int | list[int], num_classes: int, channels: int = 96, dropout: float = 0.1):
+        super().__init__()
+        ins = [in_channels] * 4 if isinstance(in_channels, int) else list(in_channels)
+        if len(ins) != 4:
+            raise ValueError(f"LightHead expects 4 feature levels, got {len(ins)} channel entries")
+        self.num_classes = num_classes
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in ins)
+        self.smooth = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), _norm(channels), nn.ReLU(inplace=True))
+            for _ in ins
+        )
+        self.fuse = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), _norm(channels), nn.ReLU(inplace=True)
+        )
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        lat = [conv(f) for conv, f in zip(self.lateral, features)]
+        for i in range(len(lat) - 2, -1, -1):  # top-down pathway
+            lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="bilinear", align_corners=False)
+        size = lat[0].shape[-2:]
+        merged = sum(
+            F.interpolate(s(x), size=size, mode="bilinear", align_corners=False) if i else s(x)
+            for i, (s, x) in enumerate(zip(self.smooth, lat))
+        )
+        return self.classifier(self.dropout(self.fuse(merged)))
+
+    def semantic_logits(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(outputs, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        # As mmseg: logits resized to the label size, then CE averaged over non-ignored pixels.
+        logits = self.semantic_logits(outputs, labels.shape[-2:])
+        if (labels != IGNORE_INDEX).any():
+            ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
+        else:  # an all-ignore batch: zero loss that still touches the graph
+            ce = logits.sum() * 0.0
+        return {"loss": ce, "loss_ce": ce.detach()}
