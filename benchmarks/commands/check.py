@@ -1,0 +1,78 @@
+"""`check`: re-run the smoke matrix from scratch and fail on a regression against the baseline.
+
+Runs go to a fresh temporary folder (old results are never re-used, so the check always measures
+the current code) and are compared with results/baselines/smoke.json by
+`benchmarks.regression.compare`: per-target mIoU within the baseline's tolerance (0.5 points by
+default, see benchmarks/regression.py for why), parameter counts exactly. Exit status 0 when
+nothing regressed, 1 on a regression, 2 on a usage error (e.g. no baseline yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+from benchmarks.regression import DEFAULT_BASELINE, DEFAULT_TOLERANCE_MIOU
+
+NAME = "check"
+HELP = "re-run the smoke preset and compare with the stored baseline (exit 1 on a regression)"
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help=f"baseline file (default: {DEFAULT_BASELINE})")
+    parser.add_argument("--update-baseline", action="store_true", help="rewrite the baseline from this run instead of comparing")
+    parser.add_argument("--methods", help="only these methods (comma-separated); default: every registered method")
+    parser.add_argument("--tolerance", type=float,
+                        help=f"mIoU tolerance in points (default: the baseline's, else {DEFAULT_TOLERANCE_MIOU}); "
+                             "stored in the baseline with --update-baseline")
+    parser.add_argument("--preset", default="smoke", help="preset to run (default: smoke)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the preset (repeatable), e.g. --set data.root=/tmp/synthetic")
+    parser.add_argument("--keep-runs", type=Path, metavar="DIR",
+                        help="write the fresh results here (must not hold results yet) instead of a temporary folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks.config import load_experiment
+    from benchmarks.errors import UserError
+    from benchmarks.regression import compare, format_report, load_baseline, make_baseline, write_baseline
+    from benchmarks.results import iter_results
+    from benchmarks.runner import run_matrix
+
+    baseline = None if args.update_baseline and not args.baseline.exists() else load_baseline(args.baseline)
+    exp = load_experiment(args.preset, args.overrides)
+    methods = args.methods or exp.run.methods
+    if args.keep_runs is not None and args.keep_runs.exists() and iter_results([args.keep_runs]):
+        raise UserError(f"--keep-runs {args.keep_runs} already holds results; the check must not re-use runs, pass an empty folder")
+
+    with tempfile.TemporaryDirectory(prefix="dgss-check-") as scratch:
+        results_dir = args.keep_runs or Path(scratch)
+        log.info("check: preset %s, methods %s, fresh results in %s", exp.preset, methods, results_dir)
+        results = run_matrix(exp, methods, results_dir=results_dir, progress=not args.no_progress)
+
+    if args.update_baseline:
+        tolerance = args.tolerance if args.tolerance is not None else float(
+            (baseline or {}).get("tolerance_miou", DEFAULT_TOLERANCE_MIOU))
+        fresh = make_baseline(results, preset=exp.preset, tolerance=tolerance)
+        if args.methods and baseline is not None:
+            # a partial re-run refreshes its own entries and keeps the others
+            fresh["runs"] = {**baseline.get("runs", {}), **fresh["runs"]}
+        write_baseline(args.baseline, fresh)
+        print(f"baseline {args.baseline} written: {len(fresh['runs'])} run(s), tolerance ±{tolerance:g} mIoU")
+        return 0
+
+    assert baseline is not None
+    if args.methods:
+        chosen = {name.strip() for name in args.methods.split(",")} if args.methods != "all" else None
+        if chosen is not None:
+            baseline = {**baseline, "runs": {k: v for k, v in baseline["runs"].items() if k.split("/")[0] in chosen}}
+    if args.tolerance is not None:
+        baseline = {**baseline, "tolerance_miou": args.tolerance}
+    diffs = compare(baseline, results)
+    environment = next((r.get("environment") for r in results if r.get("environment")), {})
+    print(format_report(diffs, baseline, compared=len(results), environment=environment))
+    return 1 if any(d.failing for d in diffs) else 0

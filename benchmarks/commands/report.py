@@ -1,0 +1,28 @@
+"""`report`: one self-contained HTML page (tables and figures inline) readable offline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from benchmarks.commands.table import add_runs_argument, load_runs
+
+NAME = "report"
+HELP = "write a self-contained HTML report (every table and figure inline) from result files"
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_runs_argument(parser)
+    parser.add_argument("--out", type=Path, default=Path("results/report"),
+                        help="folder for index.html and the figures as PNG (default: results/report)")
+    parser.add_argument("--title", default="DGSS-Bench report")
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks.reports.html import write_report
+
+    page = write_report(load_runs(args.runs), args.out, title=args.title)
+    print(page)
+    return 0

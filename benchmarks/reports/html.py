@@ -1,0 +1,133 @@
+"""A self-contained HTML report: every table and figure inline, readable offline from one file.
+
+Figures are embedded as base64 PNG data URIs and the style sheet is inline; the page has no
+scripts, no external links and needs no server (open results/report/index.html in any browser).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.errors import UserError
+from benchmarks.reports.plots import Plot, make_plots, save_plots
+from benchmarks.reports.tables import (
+    Protocol,
+    group_results,
+    load_published,
+    main_tables,
+    per_class_tables,
+    published_tables,
+    render_html,
+    split_runs,
+)
+from benchmarks.results import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.4; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
+h3 { font-size: 1em; margin: 1.4em 0 .4em; }
+table { border-collapse: collapse; margin: .4em 0 1em; font-size: .85em; display: block; overflow-x: auto; }
+th, td { padding: .25em .6em; border-bottom: 1px solid #ddd; white-space: nowrap; }
+thead th { border-top: 2px solid #222; border-bottom: 1px solid #222; text-align: center; }
+tbody tr:last-child td { border-bottom: 2px solid #222; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+ul.notes { font-size: .8em; color: #555; margin-top: 0; }
+figure { margin: 1em 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: .8em; color: #555; }
+.meta { font-size: .8em; color: #555; }
+nav ul { columns: 2; font-size: .9em; }
+"""
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure(plot: Plot) -> str:
+    return (f'<figure><img src="{data_uri(plot.png)}" alt="{html.escape(plot.title, quote=True)}">'
+            f"<figcaption>{html.escape(plot.title)}</figcaption></figure>")
+
+
+def _environment_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The distinct environments the runs came from (package versions, device, commit)."""
+    seen: dict[str, int] = {}
+    for res in results:
+        env = res.get("environment") or {}
+        keys = ("torch", "device_name", "git_commit", "git_dirty")
+        text = ", ".join(f"{k} {env[k]}" for k in keys if k in env)
+        if text:
+            seen[text] = seen.get(text, 0) + 1
+    return [f"{count} run(s): {text}" for text, count in seen.items()]
+
+
+def render_report(results: Iterable[dict[str, Any]], title: str = "DGSS-Bench report",
+                  published_path: Path | None = None, plots: list[Plot] | None = None) -> str:
+    """The whole page as one string: per protocol its main, published-comparison and per-class
+    tables and its figures; runs that did not finish are listed under their table."""
+    results = list(results)
+    plots = make_plots(results) if plots is None else plots
+    try:
+        published = load_published(published_path)
+    except UserError as err:  # a report without the comparison beats no report
+        log.warning("published numbers unavailable: %s", err)
+        published = None
+
+    groups = group_results(results)
+    finished_count = sum(len(split_runs(members)[0]) for members in groups.values())
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="meta">{len(results)} result file(s), {finished_count} finished run(s) in '
+        f"{len(groups)} protocol(s); generated {_dt.datetime.now().isoformat(timespec='seconds')}. "
+        "mIoU in %, params are backbone-side trainable parameters (decode head excluded).</p>",
+    ]
+    env_lines = _environment_lines(results)
+    if env_lines:
+        parts.append('<ul class="meta">' + "".join(f"<li>{html.escape(line)}</li>" for line in env_lines) + "</ul>")
+    if not groups:
+        parts.append("<p>No result files found.</p>")
+    else:
+        parts.append("<nav><ul>" + "".join(
+            f'<li><a href="#{proto.slug}">{html.escape(proto.title)}</a></li>' for proto in groups) + "</ul></nav>")
+    for proto, members in groups.items():
+        parts.append(_protocol_section(proto, members, published, [p for p in plots if p.protocol == proto]))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _protocol_section(proto: Protocol, members: list[dict[str, Any]], published, plots: list[Plot]) -> str:
+    parts = [f'<section id="{proto.slug}"><h2>{html.escape(proto.title)}</h2>']
+    tables = main_tables(members)
+    if published is not None:
+        tables += [t for t in published_tables(members, published) if t.header != ["Note"]]
+    tables += per_class_tables(members)
+    parts.extend(render_html(t) for t in tables)
+    parts.extend(_figure(p) for p in plots)
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def write_report(results: Iterable[dict[str, Any]], out_dir: Path | str = "results/report",
+                 title: str = "DGSS-Bench report", published_path: Path | None = None) -> Path:
+    """Write out_dir/index.html (atomically) and the figures beside it as PNG files."""
+    results = list(results)
+    out_dir = Path(out_dir)
+    plots = make_plots(results)
+    save_plots(plots, out_dir)
+    page = out_dir / "index.html"
+    atomic_write_text(page, render_report(results, title=title, published_path=published_path, plots=plots))
+    log.info("wrote %s from %d result file(s) with %d figure(s)", page, len(results), len(plots))
+    return page

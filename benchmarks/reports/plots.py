@@ -1,0 +1,261 @@
+"""Figures for the report, as PNG bytes, drawn with matplotlib's Agg canvas.
+
+Figures are built on `matplotlib.figure.Figure` directly, never through pyplot, so drawing a report
+touches no global backend state (safe inside a test run or a process that also uses pyplot).
+
+One set of figures per protocol (see `tables.group_results`): average mIoU against backbone-side
+trainable parameters, per-class IoU heatmaps, training loss and target mIoU against iterations
+(when the runs recorded "history"/"evaluations"), and speed/memory per method (from "profile").
+A figure whose data no run recorded is skipped, never drawn empty.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from benchmarks.reports.tables import (
+    Protocol,
+    group_results,
+    method_name,
+    per_class_frame,
+    split_runs,
+    summary_frame,
+    target_label,
+    targets_of,
+)
+
+log = logging.getLogger(__name__)
+
+DPI = 110
+
+
+@dataclass(frozen=True)
+class Plot:
+    name: str
+    """File stem, unique within a report (protocol slug + kind)."""
+    title: str
+    png: bytes
+    protocol: Protocol | None = None
+
+
+def figure_png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _colors(names: Iterable[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    names = list(dict.fromkeys(names))
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+# -- individual figures ------------------------------------------------------------------------------
+def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | None:
+    """Average mIoU (mean, std bars) against backbone-side trainable parameters on a log axis.
+
+    A log axis has no zero, so frozen-backbone methods (0 trainable) sit on a marked floor a decade
+    below the smallest non-zero count.
+    """
+    summary = summary_frame(results)
+    if summary.empty or summary["average"].isna().all():
+        return None
+    params = summary["trainable_params_m"].fillna(0.0).to_numpy(dtype=float)
+    positive = params[params > 0]
+    floor = (positive.min() / 10.0) if positive.size else 1e-3
+    xs = np.where(params > 0, params, floor)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    colors = _colors(summary["method"])
+    for x, (_, row) in zip(xs, summary.iterrows(), strict=False):
+        std = row["average_std"] if not math.isnan(row["average_std"]) else None
+        ax.errorbar([x], [row["average"]], yerr=None if std is None else [[std], [std]], fmt="o",
+                    color=colors[row["method"]], capsize=3, markersize=7)
+        ax.annotate(row["method"], (x, row["average"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.12)
+    if (params <= 0).any():
+        ax.axvline(floor, color="0.7", linestyle=":", linewidth=1)
+        ax.annotate("0 (frozen)", (floor, 0), xycoords=("data", "axes fraction"), xytext=(3, 3),
+                    textcoords="offset points", fontsize=7, color="0.4")
+    ax.set_xlabel("backbone-side trainable parameters (M, log scale)")
+    ax.set_ylabel("average target mIoU (%)")
+    ax.set_title(title or "mIoU vs trainable parameters", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def per_class_heatmap(results: list[dict[str, Any]], title: str = "") -> Figure | None:
+    """Methods × classes IoU, one panel per target, cells annotated with the value."""
+    frame = per_class_frame(results)
+    if frame.empty:
+        return None
+    setting = str(frame["setting"].iloc[0])
+    targets = targets_of(setting, [{"targets": {t: {}}} for t in frame["target"].unique()])
+    ranking = summary_frame(results)["method"].tolist()
+    methods = [m for m in ranking if m in set(frame["method"])]
+    classes = frame.sort_values("class_index").drop_duplicates("class")["class"].tolist()
+    fig = Figure(figsize=(max(7.0, 0.42 * len(classes) + 2.0), (0.32 * len(methods) + 1.0) * len(targets) + 0.6))
+    axes = fig.subplots(len(targets), 1, squeeze=False)[:, 0]
+    image = None
+    for ax, target in zip(axes, targets, strict=False):
+        last = ax is axes[-1]
+        sub = frame[frame["target"] == target].pivot_table(index="method", columns="class", values="iou", dropna=False)
+        grid = sub.reindex(index=methods, columns=classes).to_numpy(dtype=float)
+        image = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        ax.set_yticks(range(len(methods)), labels=methods, fontsize=7)
+        ax.set_xticks(range(len(classes)), labels=classes if last else [], fontsize=7, rotation=60, ha="right")
+        ax.set_title(f"{target_label(target)} ({target})", fontsize=8)
+        for (i, j), value in np.ndenumerate(grid):
+            if not math.isnan(value):
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=5.5,
+                        color="white" if value < 60 else "black")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="IoU (%)", shrink=0.8)
+    fig.suptitle(title or "per-class IoU", fontsize=9)
+    return fig
+
+
+def training_curves(results: list[dict[str, Any]], title: str = "") -> Figure | None:
+    """Loss against iterations and, when evaluated during training, each target's mIoU."""
+    finished = [r for r in results if r.get("history") or r.get("evaluations")]
+    if not finished:
+        return None
+    setting = str(finished[0].get("setting") or "")
+    targets = [t for t in targets_of(setting, finished)
+               if any(t in (e.get("targets") or {}) for r in finished for e in r.get("evaluations") or [])]
+    has_loss = any(any("loss" in h for h in r.get("history") or []) for r in finished)
+    panels = (["loss"] if has_loss else []) + targets
+    if not panels:
+        return None
+    fig = Figure(figsize=(3.6 * len(panels) + 0.8, 3.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colors = _colors(sorted(method_name(r) for r in finished))
+    labelled: set[tuple[int, str]] = set()
+    for res in sorted(finished, key=lambda r: (method_name(r), str(r.get("seed")))):
+        method = method_name(res)
+        for ax_index, panel in enumerate(panels):
+            if panel == "loss":
+                points = [(h["iter"], h["loss"]) for h in res.get("history") or [] if "iter" in h and h.get("loss") is not None]
+            else:
+                points = [(e["iter"], e["targets"][panel]) for e in res.get("evaluations") or []
+                          if "iter" in e and (e.get("targets") or {}).get(panel) is not None]
+            if not points:
+                continue
+            label = method if (ax_index, method) not in labelled else None
+            labelled.add((ax_index, method))
+            xs, ys = zip(*sorted(points), strict=False)
+            axes[ax_index].plot(xs, ys, color=colors[method], label=label, linewidth=1.2,
+                                marker="o" if len(xs) < 12 else None, markersize=3)
+    for ax, panel in zip(axes, panels, strict=False):
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("training loss" if panel == "loss" else f"{target_label(panel)} mIoU (%)")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "training curves", fontsize=9)
+    return fig
+
+
+PROFILE_METRICS = (
+    ("train_images_per_s", "train images/s"),
+    ("eval_images_per_s", "eval images/s"),
+    ("peak_memory_mb", "peak memory (MB)"),
+)
+
+
+def profile_chart(results: list[dict[str, Any]], title: str = "") -> Figure | None:
+    """Bars per method (mean over seeds) for throughput and peak memory, with the device named."""
+    finished = [r for r in results if r.get("profile")]
+    metrics = [(key, label) for key, label in PROFILE_METRICS
+               if any(_number((r.get("profile") or {}).get(key)) is not None for r in finished)]
+    if not metrics:
+        return None
+    methods = sorted({method_name(r) for r in finished})
+    fig = Figure(figsize=(max(6.0, 3.0 * len(metrics)), 0.35 * len(methods) + 1.6))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    colors = _colors(methods)
+    for ax, (key, label) in zip(axes, metrics, strict=False):
+        values = []
+        for method in methods:
+            found = [_number((r.get("profile") or {}).get(key)) for r in finished if method_name(r) == method]
+            found = [v for v in found if v is not None]
+            values.append(sum(found) / len(found) if found else 0.0)
+        ax.barh(range(len(methods)), values, color=[colors[m] for m in methods])
+        ax.set_yticks(range(len(methods)), labels=methods if ax is axes[0] else [""] * len(methods), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(label, fontsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+    devices = sorted({str((r.get("profile") or {}).get("device", "?")) for r in finished})
+    dtypes = sorted({str((r.get("profile") or {}).get("dtype", "?")) for r in finished})
+    fig.suptitle(f"{title or 'speed and memory'} — device {', '.join(devices)}, dtype {', '.join(dtypes)}", fontsize=9)
+    return fig
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+# -- all figures of a set of runs ------------------------------------------------------------------
+FIGURES = (
+    ("miou_vs_params", "Average mIoU vs trainable parameters", miou_vs_params),
+    ("per_class_iou", "Per-class IoU", per_class_heatmap),
+    ("training_curves", "Training loss and target mIoU", training_curves),
+    ("profile", "Speed and memory", profile_chart),
+)
+
+
+def make_plots(results: Iterable[dict[str, Any]]) -> list[Plot]:
+    """Every figure the finished runs have data for, per protocol."""
+    plots = []
+    for proto, members in group_results(results).items():
+        finished, _ = split_runs(members)
+        if not finished:
+            continue
+        for kind, label, draw in FIGURES:
+            title = f"{label} — {proto.title}"
+            fig = draw(finished, title=title)
+            if fig is None:
+                log.debug("no data for %s of %s", kind, proto.title)
+                continue
+            plots.append(Plot(name=f"{proto.slug}_{kind}", title=title, png=figure_png(fig), protocol=proto))
+    return plots
+
+
+def save_plots(plots: Iterable[Plot], out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for plot in plots:
+        path = out_dir / f"{plot.name}.png"
+        _atomic_write_bytes(path, plot.png)
+        paths.append(path)
+    return paths
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Like results.atomic_write_text, for binary files."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
