@@ -1,0 +1,302 @@
+"""Backbones: checkpoint formats and the protocol's conversion, feature taps, hooks, registry.
+
+Everything builds tiny DINOv2/EVA/SAM-like timm models through the same code path as the real
+ones (a `BackboneSpec` with shrunken timm kwargs); the ViT-L count is taken on the meta device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from benchmarks import backbones as bb
+from benchmarks.backbones import BackboneSpec, build_backbone, describe_parameters, tap_indices
+from benchmarks.errors import UserError
+
+DIM = 32
+TINY = dict(embed_dim=DIM, depth=4, num_heads=2)
+# DINOv2-like: patch 14, released at 70 px (5×5 grid) the way ViT-L is released at 518 (37×37).
+TINY_DINO = BackboneSpec("vit_small_patch14_dinov2", "vit", 14, 70, DIM, 4, TINY, protocol_patch=16)
+TINY_DINO_REG = BackboneSpec("vit_small_patch14_reg4_dinov2", "vit", 14, 70, DIM, 4, TINY, protocol_patch=16)
+TINY_EVA = BackboneSpec("eva02_large_patch14_224", "eva", 14, 70, DIM, 4, TINY, protocol_patch=16)
+TINY_SAM = BackboneSpec(
+    "samvit_base_patch16", "sam", 16, 64, DIM, 4,
+    dict(TINY, global_attn_indexes=[1, 3], window_size=2, neck_chans=None),
+)
+
+
+def native(spec: BackboneSpec) -> bb.Backbone:
+    """The model at the release's own patch and size (what a checkpoint file was saved from)."""
+    torch.manual_seed(0)
+    return build_backbone(spec, spec.native_img_size, weights="random", patch_size=spec.native_patch)
+
+
+def dinov2_original_layout(sd: dict[str, torch.Tensor], registers: bool, chunks: int = 2) -> dict[str, torch.Tensor]:
+    """Write a timm DINOv2 state dict the way facebookresearch/dinov2 releases it (independently of
+    the loader): chunked blocks `blocks.<chunk>.<i>.`, mask_token, and with registers the cls
+    position inside pos_embed and `register_tokens`."""
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    per_chunk = depth // chunks
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("blocks."):
+            i = int(key.split(".")[1])
+            key = f"blocks.{i // per_chunk}.{i}." + key.split(".", 2)[2]
+        out[key] = value.clone()
+    out["mask_token"] = torch.zeros(1, DIM)
+    out["norm.weight"], out["norm.bias"] = torch.ones(DIM), torch.zeros(DIM)  # the release has a final norm
+    if registers:
+        cls_pos = torch.randn(1, 1, DIM)
+        out["register_tokens"] = out.pop("reg_token")
+        out["pos_embed"] = torch.cat([cls_pos, out["pos_embed"]], dim=1)
+        out["cls_token"] = out["cls_token"] - cls_pos  # so that cls + cls_pos is the timm cls token
+    return out
+
+
+def bicubic_kernel(w: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(w, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def bicubic_grid(pos: torch.Tensor, old: int, new: int) -> torch.Tensor:
+    grid = pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)
+
+
+# -- checkpoint formats and conversion -------------------------------------------------------------------
+@pytest.mark.parametrize("registers", [False, True])
+def test_dinov2_original_layout_is_converted_like_the_reference(tmp_path: Path, registers: bool) -> None:
+    spec = TINY_DINO_REG if registers else TINY_DINO
+    src = native(spec).vit.state_dict()
+    path = tmp_path / "dinov2_tiny_pretrain.pth"
+    orig = dinov2_original_layout(src, registers)
+    torch.save(orig, path)
+
+    model = build_backbone(spec, 64, weights=path)  # patch 16, grid 4×4
+    got = model.vit.state_dict()
+    assert got["patch_embed.proj.weight"].shape[-1] == 16
+    torch.testing.assert_close(got["patch_embed.proj.weight"], bicubic_kernel(src["patch_embed.proj.weight"], 16))
+    if registers:  # no_embed_class: cls position folded into the cls token, grid only in pos_embed
+        torch.testing.assert_close(got["cls_token"], orig["cls_token"] + orig["pos_embed"][:, :1])
+        torch.testing.assert_close(got["reg_token"], orig["register_tokens"])
+        torch.testing.assert_close(got["pos_embed"], bicubic_grid(orig["pos_embed"][:, 1:], 5, 4))
+    else:
+        torch.testing.assert_close(got["pos_embed"][:, :1], src["pos_embed"][:, :1])  # cls position kept
+        torch.testing.assert_close(got["pos_embed"][:, 1:], bicubic_grid(src["pos_embed"][:, 1:], 5, 4))
+    torch.testing.assert_close(got["blocks.3.mlp.fc2.weight"], src["blocks.3.mlp.fc2.weight"])
+    assert "mask_token" not in dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_original_and_timm_layout_give_the_same_model(tmp_path: Path, registers: bool) -> None:
+    spec = TINY_DINO_REG if registers else TINY_DINO
+    src = native(spec).vit.state_dict()
+    torch.save(dinov2_original_layout(src, registers), tmp_path / "orig.pth")
+    save_file({k: v.contiguous() for k, v in src.items()}, str(tmp_path / "timm.safetensors"))
+    x = torch.randn(2, 3, 70, 70)
+    a = build_backbone(spec, 70, weights=tmp_path / "orig.pth", patch_size=14).eval()
+    b = build_backbone(spec, 70, weights=tmp_path / "timm.safetensors", patch_size=14).eval()
+    for fa, fb in zip(a(x), b(x)):
+        torch.testing.assert_close(fa, fb)
+
+
+def test_swiglu_w12_w3_keys_are_renamed(tmp_path: Path) -> None:
+    spec = dataclasses.replace(TINY_DINO, timm_name="vit_giant_patch14_dinov2")
+    src = native(spec).vit.state_dict()
+    orig = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v for k, v in src.items()}
+    orig["mask_token"] = torch.zeros(1, DIM)
+    torch.save(orig, tmp_path / "g.pth")
+    got = build_backbone(spec, 70, weights=tmp_path / "g.pth", patch_size=14).vit.state_dict()
+    torch.testing.assert_close(got["blocks.1.mlp.fc1.weight"], src["blocks.1.mlp.fc1.weight"])
+
+
+def test_timm_resample_option_uses_timms_patch_resampling(tmp_path: Path) -> None:
+    from timm.layers import resample_patch_embed
+
+    src = native(TINY_DINO).vit.state_dict()
+    torch.save(src, tmp_path / "w.pth")
+    plain = build_backbone(TINY_DINO, 64, weights=tmp_path / "w.pth").vit.patch_embed.proj.weight
+    flexi = build_backbone(TINY_DINO, 64, weights=tmp_path / "w.pth", resample="timm").vit.patch_embed.proj.weight
+    torch.testing.assert_close(flexi, resample_patch_embed(src["patch_embed.proj.weight"], [16, 16]))
+    assert not torch.allclose(plain, flexi)
+
+
+def test_fp16_safetensors_default_weights_load_as_fp32(tmp_path: Path) -> None:
+    proxy = bb.BACKBONES["proxy_vit"]
+    torch.manual_seed(1)
+    src = build_backbone("proxy_vit", 128, weights="random").vit.state_dict()
+    path = tmp_path / "proxy_vit.safetensors"
+    save_file({k: v.half().contiguous() for k, v in src.items()}, str(path))
+    model = build_backbone(dataclasses.replace(proxy, default_weights=path), 128)
+    w = model.vit.blocks[0].attn.qkv.weight
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, src["blocks.0.attn.qkv.weight"].half().float())
+
+
+def test_missing_default_weights_warn_and_init_randomly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spec = dataclasses.replace(bb.BACKBONES["proxy_vit"], default_weights=tmp_path / "absent.safetensors")
+    with caplog.at_level(logging.WARNING, logger="benchmarks.backbones"):
+        model = build_backbone(spec, 64)
+    assert "random initialisation" in caplog.text and "absent.safetensors" in caplog.text
+    assert model.patch_size == 8 and model.num_prefix_tokens == 1
+
+
+@pytest.mark.parametrize("spec", [TINY_EVA, TINY_SAM], ids=["eva", "sam"])
+def test_timm_layout_roundtrip_for_other_families(tmp_path: Path, spec: BackboneSpec) -> None:
+    src = native(spec).vit.state_dict()
+    torch.save(src, tmp_path / "w.pth")
+    size = 32 if spec.family == "sam" else 64  # SAM: 4×4 grid → 2×2; EVA: patch 14→16, grid 5→4
+    model = build_backbone(spec, size, weights=tmp_path / "w.pth")
+    got = model.vit.state_dict()
+    if spec.family == "sam":
+        expected = F.interpolate(src["pos_embed"].permute(0, 3, 1, 2), size=(2, 2), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(got["pos_embed"], expected.permute(0, 2, 3, 1))
+        assert got["blocks.1.attn.rel_pos_h"].shape[0] == 3  # global block: 2·2−1 positions
+    else:
+        torch.testing.assert_close(got["patch_embed.proj.weight"], bicubic_kernel(src["patch_embed.proj.weight"], 16))
+    feats = model(torch.randn(1, 3, size, size))
+    assert [f.shape[-1] for f in feats] == [size // model.patch_size * 4, size // model.patch_size * 2,
+                                            size // model.patch_size, size // model.patch_size // 2]
+
+
+def test_wrong_size_checkpoint_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    wide = dataclasses.replace(TINY_DINO, timm_kwargs=dict(TINY, embed_dim=48))
+    torch.save(native(wide).vit.state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(UserError, match=r"wide\.pth.*shape.*NAME"):
+        build_backbone(TINY_DINO, 64, weights=tmp_path / "wide.pth")
+
+
+def test_unknown_and_missing_keys_are_refused(tmp_path: Path) -> None:
+    sd = native(TINY_DINO).vit.state_dict()
+    torch.save({**sd, "decoder.weight": torch.zeros(3)}, tmp_path / "extra.pth")
+    with pytest.raises(UserError, match=r"extra\.pth: 1 unexpected entries.*decoder\.weight"):
+        build_backbone(TINY_DINO, 64, weights=tmp_path / "extra.pth")
+    del sd["blocks.2.attn.qkv.weight"]
+    torch.save(sd, tmp_path / "short.pth")
+    with pytest.raises(UserError, match=r"short\.pth: 1 entries missing.*blocks\.2\.attn\.qkv\.weight"):
+        build_backbone(TINY_DINO, 64, weights=tmp_path / "short.pth")
+
+
+def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"nope\.pth not found"):
+        build_backbone(TINY_DINO, 64, weights=tmp_path / "nope.pth")
+
+
+class _Payload:
+    """Pickles to a call that creates a marker file: proof of execution if it is ever unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_payload_is_refused_and_not_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+    sd = native(TINY_DINO).vit.state_dict()
+    torch.save({**sd, "evil": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(UserError, match=r"evil\.pth refused: it contains pickled Python objects"):
+        build_backbone(TINY_DINO, 64, weights=tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_garbage_file_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(UserError, match="junk.safetensors"):
+        build_backbone(TINY_DINO, 64, weights=tmp_path / "junk.safetensors")
+
+
+# -- feature taps -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("depth, taps", [(24, (7, 11, 15, 23)), (12, (3, 5, 7, 11)), (40, (12, 19, 26, 39)),
+                                         (6, (1, 2, 3, 5)), (4, (0, 1, 2, 3)), (32, (10, 15, 20, 31))])
+def test_tap_indices_are_the_depth_quartiles(depth: int, taps: tuple[int, ...]) -> None:
+    assert tap_indices(depth) == taps
+
+
+def test_pyramid_shapes_and_strides_for_non_square_input() -> None:
+    model = build_backbone(TINY_DINO_REG, 64, weights="random").eval()
+    feats = model(torch.randn(2, 3, 64, 96))  # other than the build size: pos grid interpolated
+    assert [tuple(f.shape) for f in feats] == [(2, DIM, 16, 24), (2, DIM, 8, 12), (2, DIM, 4, 6), (2, DIM, 2, 3)]
+    assert model.strides == (4.0, 8.0, 16.0, 32.0)
+    with pytest.raises(UserError, match="not divisible by the patch size 16"):
+        model(torch.randn(1, 3, 60, 64))
+
+
+def test_features_are_the_tapped_blocks_patch_tokens_without_prefix() -> None:
+    model = build_backbone(TINY_DINO_REG, 64, weights="random").eval()
+    assert model.num_prefix_tokens == 5  # cls + 4 registers
+    seen: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out))
+    x = torch.randn(1, 3, 64, 64)
+    feats = model(x)
+    assert set(seen) == set(range(4))  # every block ran through self.blocks[i](x)
+    for level, (i, scale) in enumerate(zip(model.tap_indices, (4, 2, 1, 0.5))):
+        grid = seen[i][:, 5:].transpose(1, 2).reshape(1, DIM, 4, 4)
+        expected = grid if scale == 1 else F.interpolate(grid, scale_factor=scale, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(feats[level], expected)
+
+
+def test_a_hook_on_a_block_changes_the_features() -> None:
+    model = build_backbone(TINY_DINO, 64, weights="random").eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = model(x)
+    handle = model.blocks[model.tap_indices[0]].register_forward_hook(lambda m, a, out: out + 1.0)
+    after = model(x)
+    handle.remove()
+    torch.testing.assert_close(after[0], before[0] + 1.0)  # the tapped level sees the refined output
+    assert not torch.allclose(after[3], before[3])  # and later blocks consume it
+    pre = model.blocks[0].register_forward_pre_hook(lambda m, args: (args[0] * 0.0,))
+    assert not torch.allclose(model(x)[3], before[3])
+    pre.remove()
+
+
+def test_eva_and_sam_blocks_take_and_return_token_sequences() -> None:
+    for spec, size in ((TINY_EVA, 64), (TINY_SAM, 64)):
+        model = build_backbone(spec, size, weights="random").eval()
+        shapes = []
+        model.blocks[1].register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+        model(torch.randn(2, 3, size, size))
+        grid = size // model.patch_size
+        assert shapes == [(2, model.num_prefix_tokens + grid * grid, DIM)], spec.family
+
+
+def test_blocks_are_a_module_list_and_attention_is_fused() -> None:
+    model = build_backbone(TINY_DINO, 64, weights="random")
+    assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == model.depth == 4
+    assert all(block.attn.fused_attn for block in model.blocks)
+    # one name per tensor (safetensors refuses shared tensors), no final norm or classifier
+    names = list(model.state_dict())
+    assert len(names) == len(set(names)) and not any(n.startswith(("vit.norm.", "vit.head.")) for n in names)
+
+
+def test_registry_names_and_unknown_name() -> None:
+    names = bb.available_backbones()
+    for n in ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14", "dinov2_vitl14_reg",
+              "eva02_large_patch14", "clip_vitl14", "sam_vith16", "proxy_vit"):
+        assert n in names
+    with pytest.raises(UserError, match="unknown backbone 'vit_xxl'"):
+        build_backbone("vit_xxl", 224)
+
+
+def test_paper_backbone_count_on_meta_device() -> None:
+    info = describe_parameters("dinov2_vitl14", 512)
+    # 24 blocks × 12,598,272 + patch 16 kernel (787,456) + 1+32² positions (1,049,600) + cls (1,024);
+    # no mask token, no final norm: the protocol's 304.2M.
+    assert info["backbone_params"] == 304_196_608
+    assert info["patch_size"] == 16 and info["grid"] == 32 and info["tap_indices"] == (7, 11, 15, 23)
+
+
+def test_proxy_vit_architecture() -> None:
+    model = build_backbone("proxy_vit", 128, weights="random")
+    vit = model.vit
+    assert (model.patch_size, model.embed_dim, model.depth, vit.blocks[0].attn.num_heads) == (8, 192, 6, 3)
+    assert vit.blocks[0].ls1.gamma.shape == (192,) and vit.reg_token is None and vit.blocks[0].attn.qkv.bias is not None
+    assert [tuple(f.shape[-2:]) for f in model(torch.randn(1, 3, 128, 128))] == [(64, 64), (32, 32), (16, 16), (8, 8)]
