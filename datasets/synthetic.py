@@ -1,0 +1,1018 @@
+"""The synthetic world: seeded procedural street scenes with the 19 classes, in four domain styles.
+
+Why: the benchmark must run, and mean something, with nothing downloaded. A clean, saturated "game"
+source (playing GTAV) and three real-looking targets (playing Cityscapes, BDD100K and Mapillary) that
+differ mostly in style (palette, texture, illumination incl. dusk/night, haze, blur, noise, JPEG
+artefacts) and partly in layout and camera (camera height, focal length, horizon, aspect ratio, road
+width, ego-vehicle hood) give a real, measurable domain shift. Each domain is written in its real
+dataset's exact layout and label encoding, so the synthetic data goes through the same adapters and
+label tables as the real data.
+
+How a scene is drawn: a pinhole camera over a ground plane (x = cx + f·X/Z, y = y_h + f·(h_cam − Y)/Z).
+Ground strips (road, lane markings, curbs, sidewalks, terrain) are trapezoids; façades are planes
+along the street; everything else (walls, fences, poles with lights/signs, trees, people, riders,
+cars, trucks, buses, trams, two-wheelers) are boxes and shapes drawn far-to-near (painter's
+algorithm) with PIL into a world-class map, a colour image and a depth map. Style is then applied in
+numpy: per-class texture noise, sky gradient, lighting, haze by depth, night lamps, colour grading,
+blur, sensor noise and JPEG.
+
+Public API beyond the benchmark world:
+- ``render_scene(rng, style, height, width)`` → (image HxWx3 uint8, train-id label HxW uint8, depth HxW
+  float32 metres) - one scene;
+- ``random_style(rng)`` → a broadly varied random `Style` (random palettes, lighting, textures,
+  camera) - used to pretrain the proxy backbone on scenes that are NOT in the four benchmark styles;
+- ``STYLES``: the four domain styles ("gtav", "cityscapes", "bdd100k", "mapillary").
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from datasets.base import atomic_save
+from datasets.labels import (
+    CITYSCAPES_LABELS,
+    CLASSES,
+    IGNORE_INDEX,
+    MAPILLARY_V12_LABELS,
+    NUM_CLASSES,
+    colorize,
+    palette_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------
+# World classes: finer than the 19 so every dataset's label table is exercised.
+# (name, train id, Cityscapes id, Mapillary v1.2 id)
+# --------------------------------------------------------------------------------------------------
+
+WORLD_CLASSES: tuple[tuple[str, int, int, int], ...] = (
+    ("road", 0, 7, 13), ("sidewalk", 1, 8, 15), ("building", 2, 11, 17), ("wall", 3, 12, 6),
+    ("fence", 4, 13, 3), ("pole", 5, 17, 45), ("traffic light", 6, 19, 48), ("traffic sign", 7, 20, 50),
+    ("vegetation", 8, 21, 30), ("terrain", 9, 22, 29), ("sky", 10, 23, 27), ("person", 11, 24, 19),
+    ("rider", 12, 25, 20), ("car", 13, 26, 55), ("truck", 14, 27, 61), ("bus", 15, 28, 54),
+    ("train", 16, 31, 58), ("motorcycle", 17, 32, 57), ("bicycle", 18, 33, 52),
+    # finer classes (ids 19..)
+    ("lane marking", 0, 7, 24), ("crosswalk", 0, 7, 23), ("curb", 1, 8, 2), ("motorcyclist", 12, 25, 21),
+    ("street light", 5, 17, 44), ("utility pole", 5, 17, 47), ("ego vehicle", IGNORE_INDEX, 1, 64),
+    ("guard rail", IGNORE_INDEX, 14, 4), ("rail track", IGNORE_INDEX, 10, 12),
+)
+WC = {name: i for i, (name, *_rest) in enumerate(WORLD_CLASSES)}
+N_WORLD = len(WORLD_CLASSES)
+
+
+def _lut(column: int, default: int) -> np.ndarray:
+    t = np.full(256, default, np.uint8)
+    for i, row in enumerate(WORLD_CLASSES):
+        t[i] = row[column]
+    return t
+
+
+WORLD_TO_TRAIN = _lut(1, IGNORE_INDEX)
+WORLD_TO_CITYSCAPES = _lut(2, 0)
+WORLD_TO_MAPILLARY = _lut(3, 65)
+WORLD_TO_TRAIN[255] = IGNORE_INDEX
+
+# --------------------------------------------------------------------------------------------------
+# Styles
+# --------------------------------------------------------------------------------------------------
+
+RGB = tuple[int, int, int]
+
+# A natural base palette per world class; styles recolour it.
+BASE_PALETTE: dict[str, RGB] = {
+    "road": (88, 86, 90), "sidewalk": (150, 144, 138), "building": (150, 130, 110), "wall": (165, 160, 150),
+    "fence": (120, 105, 85), "pole": (105, 108, 112), "traffic light": (40, 42, 40), "traffic sign": (30, 80, 170),
+    "vegetation": (70, 105, 45), "terrain": (120, 135, 70), "sky": (150, 185, 225), "person": (90, 60, 70),
+    "rider": (140, 50, 40), "car": (120, 120, 130), "truck": (190, 185, 175), "bus": (200, 170, 40),
+    "train": (180, 40, 40), "motorcycle": (40, 40, 45), "bicycle": (60, 90, 140), "lane marking": (225, 225, 215),
+    "crosswalk": (230, 230, 225), "curb": (175, 172, 168), "motorcyclist": (50, 50, 60), "street light": (95, 98, 100),
+    "utility pole": (110, 90, 70), "ego vehicle": (30, 32, 36), "guard rail": (170, 175, 180), "rail track": (90, 80, 70),
+}
+
+
+@dataclass(frozen=True)
+class Style:
+    """Everything that makes one domain look like itself: palette, texture, light, optics, camera, layout.
+
+    Ranges are (low, high) drawn uniformly per scene. Palettes map world-class names to base RGB.
+    """
+
+    name: str
+    palette: dict[str, RGB] = field(default_factory=lambda: dict(BASE_PALETTE))
+    colour_jitter: float = 0.15        # per-object HSV jitter of base colours
+    texture: float = 0.15              # per-class texture noise amplitude multiplier
+    texture_freq: float = 1.0          # texture noise frequency multiplier
+    saturation: float = 1.0            # global colour grading
+    contrast: float = 1.0
+    brightness: float = 1.0
+    gamma: float = 1.0
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    sky_top: RGB = (90, 140, 210)
+    haze: tuple[float, float] = (0.0, 0.0)  # haze density (1/100 m) range
+    haze_colour: RGB = (200, 205, 210)
+    dusk_prob: float = 0.0
+    night_prob: float = 0.0
+    shadow: float = 0.0                # strength of façade/vehicle-side shading
+    blur: tuple[float, float] = (0.0, 0.0)  # gaussian radius, px
+    noise: tuple[float, float] = (0.0, 0.0)  # sensor noise sigma (of 255)
+    jpeg: tuple[int, int] | None = None      # JPEG quality range applied in-image (None: none)
+    vignette: float = 0.0
+    # camera
+    cam_height: tuple[float, float] = (1.4, 1.8)   # metres
+    horizon: tuple[float, float] = (0.42, 0.5)     # fraction of image height
+    focal: tuple[float, float] = (0.75, 0.9)       # fraction of image width
+    cam_offset: tuple[float, float] = (-0.5, 0.5)  # lateral position in the lane, metres
+    ego_hood: float = 0.0                           # probability of a visible ego-vehicle hood
+    # layout
+    road_width: tuple[float, float] = (7.0, 11.0)
+    sidewalk: tuple[float, float] = (2.0, 4.0)
+    building_prob: float = 0.85
+    building_height: tuple[float, float] = (6.0, 20.0)
+    tree_rate: float = 3.0
+    terrain_prob: float = 0.4
+    car_rate: float = 4.0
+    person_rate: float = 3.0
+    big_vehicle_prob: float = 0.45
+    train_prob: float = 0.2
+    two_wheeler_prob: float = 0.45
+    wall_prob: float = 0.5
+    fence_prob: float = 0.5
+    pole_rate: float = 4.0
+    guard_rail_prob: float = 0.1
+
+
+def _mix(c: RGB, other: RGB, a: float) -> RGB:
+    return tuple(int(round((1 - a) * x + a * y)) for x, y in zip(c, other))  # type: ignore[return-value]
+
+
+def _grade_palette(palette: dict[str, RGB], sat: float = 1.0, val: float = 1.0, hue: float = 0.0) -> dict[str, RGB]:
+    out = {}
+    for k, (r, g, b) in palette.items():
+        h, s, v = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
+        r2, g2, b2 = colorsys.hsv_to_rgb((h + hue) % 1.0, min(1.0, s * sat), min(1.0, v * val))
+        out[k] = (int(r2 * 255), int(g2 * 255), int(b2 * 255))
+    return out
+
+
+def _domain_styles() -> dict[str, Style]:
+    # GTAV: clean, saturated "game" look, sharp, high contrast, sunny, no sensor artefacts.
+    game = _grade_palette(BASE_PALETTE, sat=1.6, val=1.1)
+    game.update(road=(70, 68, 74), building=(205, 160, 110), vegetation=(60, 150, 40), terrain=(150, 170, 60),
+                sky=(120, 190, 250), car=(200, 40, 40), sidewalk=(185, 170, 150))
+    gtav = Style(
+        name="gtav", palette=game, colour_jitter=0.25, texture=0.05, texture_freq=0.6, saturation=1.25,
+        contrast=1.15, brightness=1.05, sky_top=(40, 120, 230), haze=(0.0, 0.15), haze_colour=(190, 210, 240),
+        shadow=0.35, cam_height=(1.5, 2.2), horizon=(0.38, 0.48), focal=(0.7, 0.85), road_width=(9.0, 15.0),
+        building_height=(8.0, 30.0), car_rate=4.0, big_vehicle_prob=0.55, train_prob=0.25, guard_rail_prob=0.25,
+        tree_rate=4.0, terrain_prob=0.6,
+    )
+    # Cityscapes: overcast German street, muted greyish palette, dense buildings and parked cars, hood.
+    muted = _grade_palette(BASE_PALETTE, sat=0.55, val=0.95)
+    muted.update(road=(105, 100, 108), building=(140, 128, 118), vegetation=(85, 100, 60), sky=(200, 205, 212),
+                 sidewalk=(140, 128, 130), car=(90, 95, 100))
+    cityscapes = Style(
+        name="cityscapes", palette=muted, colour_jitter=0.12, texture=0.22, texture_freq=1.6, saturation=0.8,
+        contrast=0.9, brightness=0.95, gamma=1.05, tint=(0.98, 1.0, 1.03), sky_top=(175, 185, 200),
+        haze=(0.2, 0.6), haze_colour=(195, 200, 205), shadow=0.1, blur=(0.3, 0.7), noise=(1.5, 3.0),
+        vignette=0.25, cam_height=(1.15, 1.35), horizon=(0.44, 0.52), focal=(1.0, 1.15), cam_offset=(-0.3, 0.3),
+        ego_hood=0.9, road_width=(6.0, 9.0), sidewalk=(2.5, 4.5), building_prob=0.95, building_height=(10.0, 22.0),
+        car_rate=5.0, person_rate=4.5, tree_rate=3.5, terrain_prob=0.35, two_wheeler_prob=0.6, train_prob=0.2,
+        guard_rail_prob=0.05,
+    )
+    # BDD100K: US dash-cam, wide roads, JPEG, blur, much dusk/night, warm sodium-lit colour cast, hood.
+    us = _grade_palette(BASE_PALETTE, sat=0.9, val=0.9, hue=0.02)
+    us.update(road=(95, 92, 88), building=(150, 85, 70), vegetation=(80, 110, 50), sky=(175, 200, 225),
+              sidewalk=(165, 160, 150), car=(160, 160, 165))
+    bdd = Style(
+        name="bdd100k", palette=us, colour_jitter=0.2, texture=0.18, texture_freq=1.2, saturation=0.85,
+        contrast=0.85, brightness=0.9, gamma=1.1, tint=(1.05, 1.0, 0.92), sky_top=(120, 160, 210),
+        haze=(0.2, 0.8), haze_colour=(205, 200, 190), dusk_prob=0.25, night_prob=0.3, shadow=0.15,
+        blur=(0.5, 1.0), noise=(3.0, 6.0), jpeg=(35, 70), vignette=0.35, cam_height=(1.25, 1.5),
+        horizon=(0.40, 0.50), focal=(0.6, 0.72), ego_hood=0.6, road_width=(10.0, 18.0), sidewalk=(1.5, 3.0),
+        building_prob=0.65, building_height=(4.0, 14.0), car_rate=6.0, person_rate=2.0, tree_rate=3.0,
+        terrain_prob=0.6, big_vehicle_prob=0.5, guard_rail_prob=0.2,
+    )
+    # Mapillary: worldwide, varied cameras (phones, heights, aspect ratios), vivid, sharp, mild JPEG.
+    vivid = _grade_palette(BASE_PALETTE, sat=1.15, val=1.0, hue=-0.03)
+    vivid.update(road=(120, 115, 110), building=(215, 200, 175), vegetation=(50, 120, 60), sky=(110, 165, 230),
+                 terrain=(160, 140, 90), sidewalk=(190, 175, 165))
+    mapillary = Style(
+        name="mapillary", palette=vivid, colour_jitter=0.3, texture=0.14, texture_freq=0.9, saturation=1.1,
+        contrast=1.05, brightness=1.05, gamma=0.95, tint=(1.02, 1.0, 0.98), sky_top=(60, 120, 220),
+        haze=(0.0, 0.4), haze_colour=(215, 220, 225), dusk_prob=0.12, shadow=0.25, blur=(0.0, 0.5),
+        noise=(1.0, 3.0), jpeg=(60, 90), vignette=0.15, cam_height=(1.1, 2.6), horizon=(0.36, 0.58),
+        focal=(0.65, 1.0), cam_offset=(-3.0, 3.0), ego_hood=0.1, road_width=(5.0, 14.0), sidewalk=(1.5, 5.0),
+        building_prob=0.75, building_height=(4.0, 25.0), car_rate=3.5, person_rate=4.0, tree_rate=4.0,
+        terrain_prob=0.5, two_wheeler_prob=0.55, train_prob=0.2,
+    )
+    return {s.name: s for s in (gtav, cityscapes, bdd, mapillary)}
+
+
+STYLES: dict[str, Style] = _domain_styles()
+
+
+def random_style(rng: np.random.Generator) -> Style:
+    """A broadly varied random style: random per-class palette, texture, light, optics, camera and layout.
+
+    Meant for pretraining (general features across many looks), deliberately wider than the four
+    benchmark styles so a backbone pretrained on it has seen none of them specifically.
+    """
+    def u(lo: float, hi: float) -> float:
+        return float(rng.uniform(lo, hi))
+
+    palette: dict[str, RGB] = {}
+    hue_shift, sat_scale = u(-0.5, 0.5), u(0.3, 2.0)
+    for k, (r, g, b) in BASE_PALETTE.items():
+        h, s, v = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
+        if rng.random() < 0.35:  # some classes get an entirely random colour
+            h, s, v = rng.random(), u(0.0, 1.0), u(0.2, 1.0)
+        else:
+            h, s, v = (h + hue_shift + u(-0.08, 0.08)) % 1.0, min(1.0, s * sat_scale), min(1.0, v * u(0.6, 1.4))
+        palette[k] = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(h, s, v))  # type: ignore[assignment]
+    low_h = u(1.0, 2.5)
+    horizon_lo = u(0.3, 0.5)
+    return Style(
+        name="random", palette=palette, colour_jitter=u(0.05, 0.4), texture=u(0.0, 0.35), texture_freq=u(0.4, 2.5),
+        saturation=u(0.4, 1.6), contrast=u(0.6, 1.4), brightness=u(0.6, 1.3), gamma=u(0.7, 1.4),
+        tint=(u(0.85, 1.15), u(0.85, 1.15), u(0.85, 1.15)),
+        sky_top=tuple(int(x) for x in rng.integers(0, 256, 3)),  # type: ignore[arg-type]
+        haze=(0.0, u(0.0, 1.2)), haze_colour=tuple(int(x) for x in rng.integers(120, 256, 3)),  # type: ignore[arg-type]
+        dusk_prob=u(0.0, 0.3), night_prob=u(0.0, 0.3), shadow=u(0.0, 0.4), blur=(0.0, u(0.0, 1.5)),
+        noise=(0.0, u(0.0, 8.0)), jpeg=(int(rng.integers(20, 60)), 95) if rng.random() < 0.5 else None,
+        vignette=u(0.0, 0.4), cam_height=(low_h, low_h + u(0.0, 1.5)), horizon=(horizon_lo, horizon_lo + u(0.0, 0.2)),
+        focal=(u(0.55, 0.9), u(0.9, 1.3)), cam_offset=(-u(0, 3), u(0, 3)), ego_hood=u(0.0, 0.5),
+        road_width=(u(4.0, 9.0), u(9.0, 18.0)), sidewalk=(u(1.0, 2.5), u(2.5, 6.0)), building_prob=u(0.3, 1.0),
+        building_height=(u(3.0, 8.0), u(10.0, 35.0)), tree_rate=u(0.5, 6.0), terrain_prob=u(0.1, 0.9),
+        car_rate=u(1.0, 7.0), person_rate=u(0.5, 6.0), big_vehicle_prob=u(0.2, 0.7), train_prob=u(0.05, 0.4),
+        two_wheeler_prob=u(0.2, 0.7), wall_prob=u(0.2, 0.8), fence_prob=u(0.2, 0.8), pole_rate=u(1.0, 6.0),
+        guard_rail_prob=u(0.0, 0.3),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The renderer
+# --------------------------------------------------------------------------------------------------
+
+SKY_DEPTH = 1000.0
+TEXTURE_AMP = {  # relative texture amplitude per world class (x style.texture)
+    "road": 0.6, "sidewalk": 0.8, "building": 1.0, "wall": 0.9, "fence": 0.6, "vegetation": 2.2, "terrain": 1.8,
+    "sky": 0.15, "car": 0.3, "truck": 0.4, "bus": 0.3, "train": 0.3, "person": 0.5, "rider": 0.5, "curb": 0.5,
+    "rail track": 1.0, "guard rail": 0.4,
+}
+
+
+class _Canvas:
+    """Label (world classes), colour, depth and light-emission layers drawn together, with the camera."""
+
+    def __init__(self, h: int, w: int, f: float, horizon: float, cam_h: float, cam_x: float) -> None:
+        self.h, self.w, self.f, self.yh, self.cam_h, self.cam_x = h, w, f, horizon, cam_h, cam_x
+        self.cx = w / 2.0
+        self.label = Image.new("L", (w, h), WC["sky"])
+        self.colour = Image.new("RGB", (w, h), (0, 0, 0))
+        self.depth = Image.new("F", (w, h), SKY_DEPTH)
+        self.emit = Image.new("L", (w, h), 0)
+        self.dl, self.dc, self.dd, self.de = (ImageDraw.Draw(im) for im in (self.label, self.colour, self.depth, self.emit))
+
+    def p(self, x: float, y: float, z: float) -> tuple[float, float]:
+        """Project a world point (X right, Y up, Z forward; metres) to pixel coordinates."""
+        z = max(z, 0.05)
+        return (self.cx + self.f * (x - self.cam_x) / z, self.yh + self.f * (self.cam_h - y) / z)
+
+    def poly(self, pts: list[tuple[float, float]], cls: str, colour: RGB, depth: float) -> None:
+        if len(pts) < 3:
+            return
+        xs, ys = [q[0] for q in pts], [q[1] for q in pts]
+        if max(xs) < -1 or min(xs) > self.w + 1 or max(ys) < -1 or min(ys) > self.h + 1:
+            return
+        pts = [(max(-4 * self.w, min(5 * self.w, x)), max(-4 * self.h, min(5 * self.h, y))) for x, y in pts]
+        self.dl.polygon(pts, fill=WC[cls])
+        self.dc.polygon(pts, fill=colour)
+        self.dd.polygon(pts, fill=float(depth))
+
+    def ellipse(self, box: tuple[float, float, float, float], cls: str, colour: RGB, depth: float) -> None:
+        x0, y0, x1, y1 = box
+        if x1 - x0 < 0.5 or y1 - y0 < 0.5 or x1 < 0 or x0 > self.w or y1 < 0 or y0 > self.h:
+            return
+        self.dl.ellipse(box, fill=WC[cls])
+        self.dc.ellipse(box, fill=colour)
+        self.dd.ellipse(box, fill=float(depth))
+
+    def line(self, pts: list[tuple[float, float]], cls: str, colour: RGB, depth: float, width: float) -> None:
+        wd = max(1, int(round(width)))
+        self.dl.line(pts, fill=WC[cls], width=wd)
+        self.dc.line(pts, fill=colour, width=wd)
+        self.dd.line(pts, fill=float(depth), width=wd)
+
+    def glow(self, box: tuple[float, float, float, float], value: int = 255) -> None:
+        self.de.ellipse(box, fill=value)
+
+    # ground strip between lateral X0..X1 and depth Z0..Z1
+    def ground(self, x0: float, x1: float, z0: float, z1: float, cls: str, colour: RGB) -> None:
+        pts = [self.p(x0, 0, z0), self.p(x1, 0, z0), self.p(x1, 0, z1), self.p(x0, 0, z1)]
+        self.poly(pts, cls, colour, (z0 + z1) / 2)
+
+    def rect(self, x0: float, x1: float, y0: float, y1: float, z: float, cls: str, colour: RGB) -> tuple[float, float, float, float]:
+        """A fronto-parallel rectangle; returns its pixel box."""
+        a, b = self.p(x0, y1, z), self.p(x1, y0, z)
+        self.poly([a, (b[0], a[1]), b, (a[0], b[1])], cls, colour, z)
+        return a[0], a[1], b[0], b[1]
+
+    def side(self, x: float, y0: float, y1: float, z0: float, z1: float, cls: str, colour: RGB, slices: int = 1) -> None:
+        """A vertical plane along the street (constant X), drawn in slices for a depth gradient."""
+        zs = np.linspace(z0, z1, slices + 1)
+        for za, zb in zip(zs[1:][::-1], zs[:-1][::-1]):  # far slice first
+            pts = [self.p(x, y0, za), self.p(x, y1, za), self.p(x, y1, zb), self.p(x, y0, zb)]
+            self.poly(pts, cls, colour, (za + zb) / 2)
+
+    def box(self, x0: float, x1: float, height: float, z0: float, z1: float, cls: str, colour: RGB, shade: float) -> tuple[float, float, float, float]:
+        """A 3D box on the ground: top (if visible), the inner side, then the near face. Returns near face box."""
+        top = _scale(colour, 1.0 + shade * 0.5)
+        sidec = _scale(colour, 1.0 - shade)
+        if height < self.cam_h:
+            self.poly([self.p(x0, height, z0), self.p(x1, height, z0), self.p(x1, height, z1), self.p(x0, height, z1)],
+                      cls, top, (z0 + z1) / 2)
+        if x1 < self.cam_x:
+            self.side(x1, 0, height, z0, z1, cls, sidec)
+        elif x0 > self.cam_x:
+            self.side(x0, 0, height, z0, z1, cls, sidec)
+        return self.rect(x0, x1, 0, height, z0, cls, colour)
+
+
+def _scale(c: RGB, k: float) -> RGB:
+    return tuple(int(max(0, min(255, v * k))) for v in c)  # type: ignore[return-value]
+
+
+def _jitter(rng: np.random.Generator, c: RGB, amount: float) -> RGB:
+    h, s, v = colorsys.rgb_to_hsv(c[0] / 255, c[1] / 255, c[2] / 255)
+    h = (h + rng.normal(0, 0.08 * amount)) % 1.0
+    s = float(np.clip(s * (1 + rng.normal(0, amount)), 0, 1))
+    v = float(np.clip(v * (1 + rng.normal(0, 0.8 * amount)), 0.03, 1))
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+VEHICLE_COLOURS: tuple[RGB, ...] = ((200, 200, 205), (30, 30, 35), (150, 20, 25), (20, 50, 120), (120, 125, 130),
+                                    (230, 230, 230), (60, 90, 60), (180, 150, 60), (90, 20, 80))
+
+
+def _layout(cv: _Canvas, rng: np.random.Generator, st: Style) -> None:
+    """Draw one street scene onto the canvas (ground, façades, street furniture, agents)."""
+    pal = st.palette
+    u = rng.uniform
+    col = lambda name, j=st.colour_jitter: _jitter(rng, pal[name], j)  # noqa: E731
+    road_w = u(*st.road_width)
+    rl, rr = -road_w * u(0.35, 0.65), 0.0
+    rr = rl + road_w
+    sw_l, sw_r = u(*st.sidewalk), u(*st.sidewalk)
+    zfar = 400.0
+    znear = 0.3
+    highway = rng.random() < st.guard_rail_prob
+
+    # --- background: sky is the canvas fill; a far skyline or tree line at the end of the street
+    horizon_y = cv.yh
+    if rng.random() < 0.7:
+        x = -120.0
+        while x < 120.0:
+            bw, bh = u(8, 30), u(5, 45)
+            cls = "building" if rng.random() < 0.7 else "vegetation"
+            cv.rect(x, x + bw, 0, bh, 250.0, cls, _scale(col(cls), 0.9))
+            x += bw + (u(0, 10) if rng.random() < 0.3 else 0)
+    # ground everywhere first (terrain), then the street
+    cv.ground(-400, 400, znear, zfar, "terrain", col("terrain"))
+    del horizon_y
+
+    # --- ground strips
+    cv.ground(rl, rr, znear, zfar, "road", col("road", 0.08))
+    lanes = max(1, int(road_w // 3.3))
+    lane_w = road_w / lanes
+    mark_col = col("lane marking", 0.05)
+    for i in range(1, lanes):
+        x = rl + i * lane_w
+        dashed = rng.random() < 0.7
+        z = u(1, 4)
+        while z < 150:
+            ln = u(2.5, 4.0) if dashed else 150
+            cv.ground(x - 0.08, x + 0.08, z, min(z + ln, 150), "lane marking", mark_col)
+            z += ln + (u(4, 7) if dashed else 0)
+    for x in (rl + 0.25, rr - 0.25):  # edge lines
+        if rng.random() < 0.6:
+            cv.ground(x - 0.07, x + 0.07, znear, 150, "lane marking", mark_col)
+    if rng.random() < 0.35:  # crosswalk
+        z0 = u(6, 30)
+        cw = col("crosswalk", 0.05)
+        x = rl + 0.3
+        while x < rr - 0.5:
+            cv.ground(x, x + 0.5, z0, z0 + 3.5, "crosswalk", cw)
+            x += 1.0
+    tram = rng.random() < st.train_prob
+    if tram:  # rails in the road (rail track is ignored in every encoding)
+        xc = rl + road_w * u(0.3, 0.7)
+        for dx in (-0.75, 0.75):
+            cv.ground(xc + dx - 0.06, xc + dx + 0.06, znear, zfar, "rail track", col("rail track"))
+
+    curb_col = col("curb", 0.05)
+    if not highway:
+        cv.ground(rl - 0.25, rl, znear, zfar, "curb", curb_col)
+        cv.ground(rr, rr + 0.25, znear, zfar, "curb", curb_col)
+        cv.ground(rl - 0.25 - sw_l, rl - 0.25, znear, zfar, "sidewalk", col("sidewalk", 0.08))
+        cv.ground(rr + 0.25, rr + 0.25 + sw_r, znear, zfar, "sidewalk", col("sidewalk", 0.08))
+    out_l, out_r = rl - 0.25 - sw_l, rr + 0.25 + sw_r
+    if highway:
+        out_l, out_r = rl - 1.0, rr + 1.0
+
+    # --- façades along the street (beyond an optional terrain strip)
+    shade = st.shadow
+    for sign, edge in ((-1, out_l), (1, out_r)):
+        setback = u(0.0, 6.0) if rng.random() < st.terrain_prob else 0.0
+        xb = edge + sign * setback
+        z = u(2, 10)
+        slabs = []
+        while z < 160:
+            length = u(8, 35)
+            if rng.random() < st.building_prob and not highway:
+                slabs.append((z, z + length, u(*st.building_height)))
+            elif rng.random() < 0.7:  # a gap with trees behind
+                for _ in range(int(rng.integers(1, 4))):
+                    tz = z + u(0, length)
+                    tx = xb + sign * u(1, 6)
+                    th = u(5, 12)
+                    c = cv.p(tx, th * 0.7, tz)
+                    r = cv.f * u(2.5, 5) / tz
+                    cv.ellipse((c[0] - r, c[1] - r * 1.2, c[0] + r, c[1] + r * 1.2), "vegetation", col("vegetation"), tz)
+            z += length + (u(0, 8) if rng.random() < 0.3 else 0)
+        for z0, z1, hb in reversed(slabs):
+            bc = _scale(col("building"), 1.0 - shade * 0.5)
+            cv.side(xb, 0, hb, z0, z1, "building", bc, slices=3)
+            # window grid (image detail only, label stays building)
+            win = _scale(bc, 0.45) if rng.random() < 0.7 else _scale(bc, 1.4)
+            rows = int(hb // 3.2)
+            nz = int((z1 - z0) // 3.0)
+            if rows and nz and cv.f * 1.0 / z0 > 1.5:
+                for r in range(rows):
+                    y0 = 1.2 + r * 3.2
+                    for k in range(nz):
+                        za = z0 + 0.8 + k * 3.0
+                        lit = rng.random() < 0.3
+                        cv.side(xb - sign * 0.01, y0, y0 + 1.6, za, za + 1.4, "building", win)
+                        if lit:
+                            a, b = cv.p(xb, y0 + 1.6, za), cv.p(xb, y0, za + 1.4)
+                            cv.de.rectangle((min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1])), fill=90)
+            # building front edge facing the street (a face at z0)
+            cv.poly([cv.p(xb, 0, z0), cv.p(xb, hb, z0), cv.p(xb + sign * 8, hb, z0), cv.p(xb + sign * 8, 0, z0)],
+                    "building", _scale(bc, 0.85), z0)
+
+    # --- walls, fences, guard rails along the outer sidewalk edge (in front of façades)
+    for sign, edge in ((-1, out_l), (1, out_r)):
+        if highway:
+            gc = col("guard rail", 0.05)
+            cv.side(edge + 0.6 * -sign, 0.3, 0.8, 2.0, 200, "guard rail", gc, slices=4)
+            continue
+        z = u(3, 15)
+        while z < 90:
+            length = u(5, 25)
+            kind = rng.random()
+            if kind < st.wall_prob * 0.5:
+                cv.side(edge - sign * 0.1, 0, u(0.8, 2.5), z, z + length, "wall", col("wall"), slices=2)
+            elif kind < (st.wall_prob + st.fence_prob) * 0.5:
+                fh = u(0.9, 2.0)
+                fc = col("fence")
+                cv.side(edge - sign * 0.1, 0, fh, z, z + length, "fence", fc, slices=2)
+                bars = _scale(fc, 0.6)
+                for zz in np.arange(z, z + length, 0.6):
+                    a, b = cv.p(edge - sign * 0.1, fh, zz), cv.p(edge - sign * 0.1, 0, zz)
+                    cv.dc.line([a, b], fill=bars, width=1)
+            z += length + u(2, 15)
+
+    # --- objects sorted far → near: (z, draw function)
+    items: list[tuple[float, Any]] = []
+
+    def add(z: float, fn: Any) -> None:
+        items.append((z, fn))
+
+    def n_of(rate: float) -> int:
+        return int(rng.poisson(rate))
+
+    # poles with traffic lights / signs, street lights, utility poles
+    for _ in range(n_of(st.pole_rate) + 1):
+        sign = -1 if rng.random() < 0.5 else 1
+        x = (rl - 0.6) if sign < 0 else (rr + 0.6)
+        z = u(4, 70)
+        kind = rng.choice(["light", "sign", "sign", "street", "utility", "light"])
+
+        def draw_pole(x: float = x, z: float = z, kind: str = kind, sign: int = sign) -> None:
+            ph = u(3.0, 5.0) if kind in ("light", "sign") else u(6.0, 9.0)
+            pc = col("utility pole" if kind == "utility" else "pole", 0.1)
+            cls = {"street": "street light", "utility": "utility pole"}.get(kind, "pole")
+            cv.rect(x - 0.08, x + 0.08, 0, ph, z, cls, pc)
+            if kind == "light":
+                hx = x - sign * u(0, 2.5)  # may hang over the road on an arm
+                if hx != x:
+                    cv.rect(min(x, hx), max(x, hx), ph - 0.15, ph, z, "pole", pc)
+                x0, y0, x1, y1 = cv.rect(hx - 0.18, hx + 0.18, ph - 1.0, ph, z - 0.05, "traffic light", col("traffic light", 0.05))
+                lamp = int(rng.integers(3))
+                lc = [(230, 40, 30), (240, 180, 30), (40, 220, 90)][lamp]
+                r = (x1 - x0) * 0.35
+                cy = y0 + (y1 - y0) * (0.2 + 0.3 * lamp)
+                cv.dc.ellipse((x0 + (x1 - x0) / 2 - r, cy - r, x0 + (x1 - x0) / 2 + r, cy + r), fill=lc)
+                cv.glow((x0 + (x1 - x0) / 2 - r, cy - r, x0 + (x1 - x0) / 2 + r, cy + r), 255)
+            elif kind == "sign":
+                s = u(0.5, 0.9)
+                c = cv.p(x, ph - s / 2, z - 0.05)
+                r = cv.f * s / 2 / z
+                sc = col("traffic sign", 0.25) if rng.random() < 0.7 else _jitter(rng, (200, 30, 30), 0.1)
+                shape = rng.integers(3)
+                if shape == 0:
+                    cv.ellipse((c[0] - r, c[1] - r, c[0] + r, c[1] + r), "traffic sign", sc, z - 0.05)
+                    cv.dc.ellipse((c[0] - r * 0.6, c[1] - r * 0.6, c[0] + r * 0.6, c[1] + r * 0.6), fill=(235, 235, 235))
+                elif shape == 1:
+                    cv.poly([(c[0], c[1] - r), (c[0] + r, c[1] + r * 0.8), (c[0] - r, c[1] + r * 0.8)], "traffic sign", sc, z - 0.05)
+                else:
+                    cv.poly([(c[0] - r, c[1] - r * 0.7), (c[0] + r, c[1] - r * 0.7), (c[0] + r, c[1] + r * 0.7),
+                             (c[0] - r, c[1] + r * 0.7)], "traffic sign", sc, z - 0.05)
+            elif kind == "street":
+                hx = x - sign * 1.5
+                cv.rect(min(x, hx), max(x, hx), ph - 0.12, ph, z, "street light", pc)
+                a, b = cv.p(hx - 0.3, ph, z), cv.p(hx + 0.3, ph - 0.25, z)
+                cv.ellipse((a[0], a[1], b[0], b[1]), "street light", (230, 230, 200), z)
+                cv.glow((a[0] - 2, a[1] - 2, b[0] + 2, b[1] + 2), 255)
+
+        add(z, draw_pole)
+
+    # trees on the sidewalk / verge
+    for _ in range(n_of(st.tree_rate)):
+        sign = -1 if rng.random() < 0.5 else 1
+        x = (out_l + u(0.3, 1.2)) if sign < 0 else (out_r - u(0.3, 1.2))
+        z = u(4, 90)
+
+        def draw_tree(x: float = x, z: float = z) -> None:
+            th = u(2.0, 4.0)
+            cv.rect(x - 0.15, x + 0.15, 0, th, z, "vegetation", _jitter(rng, (90, 70, 50), 0.2))
+            c = cv.p(x, th + u(1.0, 2.5), z)
+            r = cv.f * u(1.2, 3.0) / z
+            vc = col("vegetation")
+            for _k in range(4):
+                dx, dy = rng.normal(0, r * 0.4, 2)
+                cv.ellipse((c[0] + dx - r, c[1] + dy - r * 0.9, c[0] + dx + r, c[1] + dy + r * 0.9), "vegetation",
+                           _jitter(rng, vc, 0.1), z)
+
+        add(z, draw_tree)
+        if rng.random() < 0.4:  # a hedge
+            add(z + 0.5, lambda x=x, z=z, sign=sign: cv.side(x, 0, u(0.6, 1.4), z, z + u(2, 8), "vegetation", col("vegetation")))
+
+    # people on sidewalks (and some crossing)
+    def person_at(x: float, z: float, cls: str = "person", height: float | None = None, base_y: float = 0.0) -> None:
+        hgt = height if height is not None else u(1.5, 1.9)
+        clothes = _jitter(rng, pal[cls] if rng.random() < 0.5 else VEHICLE_COLOURS[int(rng.integers(len(VEHICLE_COLOURS)))], 0.3)
+        legs = _jitter(rng, (40, 45, 60), 0.3)
+        skin = _jitter(rng, (200, 160, 130), 0.2)
+        wd = 0.25 * hgt / 1.7
+        if base_y == 0.0:  # legs
+            cv.rect(x - wd, x - 0.02, 0, hgt * 0.48, z, cls, legs)
+            cv.rect(x + 0.02, x + wd, 0, hgt * 0.48, z, cls, legs)
+        cv.rect(x - wd * 1.1, x + wd * 1.1, base_y + hgt * 0.45, base_y + hgt * 0.85, z, cls, clothes)
+        c = cv.p(x, base_y + hgt * 0.92, z)
+        r = cv.f * 0.11 * hgt / 1.7 / z
+        cv.ellipse((c[0] - r, c[1] - r * 1.2, c[0] + r, c[1] + r * 1.2), cls, skin, z)
+
+    for _ in range(n_of(st.person_rate)):
+        if rng.random() < 0.8 and not highway:
+            sign = -1 if rng.random() < 0.5 else 1
+            x = u(out_l + 0.3, rl - 0.5) if sign < 0 else u(rr + 0.5, out_r - 0.3)
+        else:
+            x = u(rl + 0.5, rr - 0.5)
+        z = u(3.5, 45)
+        add(z, lambda x=x, z=z: person_at(x, z))
+        if rng.random() < 0.25:  # groups
+            add(z + 0.3, lambda x=x, z=z: person_at(x + u(-0.7, 0.7), z + 0.3))
+
+    # vehicles
+    def lane_x() -> float:
+        return rl + lane_w * (int(rng.integers(lanes)) + 0.5) + u(-0.3, 0.3)
+
+    def car(x: float, z: float, kind: str = "car") -> None:
+        dims = {"car": (u(1.7, 1.95), u(1.4, 1.7), u(4.0, 4.8)), "truck": (u(2.3, 2.6), u(2.8, 3.8), u(6, 10)),
+                "bus": (2.55, u(3.0, 3.4), u(11, 13))}[kind]
+        wd, hh, ln = dims
+        base = VEHICLE_COLOURS[int(rng.integers(len(VEHICLE_COLOURS)))] if kind == "car" and rng.random() < 0.6 else pal[kind]
+        c = _jitter(rng, base, st.colour_jitter)
+        x0, y0, x1, y1 = cv.box(x - wd / 2, x + wd / 2, hh, z, z + ln, kind, c, 0.25 + shade)
+        glass = _jitter(rng, (50, 60, 75), 0.1)
+        bw, bh = x1 - x0, y1 - y0
+        if kind == "car":
+            cv.dc.rectangle((x0 + bw * 0.12, y0 + bh * 0.08, x1 - bw * 0.12, y0 + bh * 0.42), fill=glass)
+        elif kind == "bus":
+            cv.dc.rectangle((x0 + bw * 0.08, y0 + bh * 0.1, x1 - bw * 0.08, y0 + bh * 0.45), fill=glass)
+            if x1 < cv.cx or x0 > cv.cx:  # window band along the visible side
+                xs = x + wd / 2 if x < cv.cam_x else x - wd / 2
+                cv.side(xs, hh * 0.55, hh * 0.85, z + 0.5, z + ln - 0.5, "bus", glass)
+        else:
+            cv.dc.rectangle((x0 + bw * 0.1, y0 + bh * 0.05, x1 - bw * 0.1, y0 + bh * 0.25), fill=_scale(c, 0.8))
+        lamp = (220, 30, 30)
+        lw = max(1.0, bw * 0.12)
+        for lx in (x0 + bw * 0.04, x1 - bw * 0.04 - lw):
+            cv.dc.rectangle((lx, y0 + bh * 0.55, lx + lw, y0 + bh * 0.65), fill=lamp)
+            cv.de.rectangle((lx, y0 + bh * 0.55, lx + lw, y0 + bh * 0.65), fill=200)
+        ww = bw * 0.14
+        cv.dc.rectangle((x0, y1 - bh * 0.12, x0 + ww, y1), fill=(15, 15, 15))
+        cv.dc.rectangle((x1 - ww, y1 - bh * 0.12, x1, y1), fill=(15, 15, 15))
+
+    for _ in range(n_of(st.car_rate)):
+        if rng.random() < 0.35 and not highway:  # parked at the kerb
+            x = rl + 1.1 if rng.random() < 0.5 else rr - 1.1
+        else:
+            x = lane_x()
+        z = u(4, 70)
+        add(z, lambda x=x, z=z: car(x, z))
+    if rng.random() < st.big_vehicle_prob:
+        z = u(8, 60)
+        x = lane_x()
+        add(z, lambda x=x, z=z: car(x, z, "truck"))
+    if rng.random() < st.big_vehicle_prob:
+        z = u(8, 60)
+        x = lane_x()
+        add(z, lambda x=x, z=z: car(x, z, "bus"))
+    if tram:
+        z = u(10, 70)
+
+        def draw_tram(z: float = z) -> None:
+            tc = col("train")
+            cv.box(xc - 1.3, xc + 1.3, u(3.2, 3.8), z, z + u(25, 40), "train", tc, 0.25 + shade)
+            cv.rect(xc - 1.0, xc + 1.0, 2.0, 3.0, z - 0.02, "train", _jitter(rng, (50, 60, 75), 0.1))
+            cv.rect(xc - 0.05, xc + 0.05, 3.2, 5.0, z + 1, "train", _scale(tc, 0.5))  # pantograph
+
+        add(z, draw_tram)
+
+    # two-wheelers with riders
+    def two_wheeler(x: float, z: float, motor: bool) -> None:
+        frame_cls = "motorcycle" if motor else "bicycle"
+        fc = _jitter(rng, pal[frame_cls], 0.3)
+        r = (0.33 if motor else 0.34)
+        wheel_w = 0.12 if motor else 0.05
+        # seen from behind: one wheel rectangle plus a frame; from the side-ish: draw two wheels offset
+        for dz in (0.0, 1.3 if motor else 1.1):
+            c = cv.p(x, r, z + dz)
+            pr = cv.f * r / (z + dz)
+            cv.ellipse((c[0] - max(pr * 0.4, 0.6), c[1] - pr, c[0] + max(pr * 0.4, 0.6), c[1] + pr), frame_cls, (20, 20, 20), z + dz)
+        cv.rect(x - (0.35 if motor else 0.2), x + (0.35 if motor else 0.2), 0.35, 0.9 if motor else 0.8, z + 0.6, frame_cls, fc)
+        cv.line([cv.p(x, 0.9, z + 0.6), cv.p(x, 1.05, z + 0.2)], frame_cls, fc, z + 0.3, max(1, cv.f * wheel_w / z))
+        person_at(x, z + 0.5, "motorcyclist" if motor else "rider", height=u(1.6, 1.85), base_y=0.35)
+        # rider's legs along the frame
+        cv.rect(x - 0.15, x + 0.15, 0.3, 0.95, z + 0.45, "motorcyclist" if motor else "rider", _jitter(rng, (40, 45, 60), 0.3))
+
+    n_tw = int(rng.random() < st.two_wheeler_prob) + int(rng.random() < st.two_wheeler_prob * 0.4)
+    for _ in range(n_tw):
+        motor = rng.random() < 0.5
+        x = (rl + u(0.5, 1.2)) if rng.random() < 0.5 else (rr - u(0.5, 1.2))
+        if rng.random() < 0.4:
+            x = lane_x()
+        z = u(4, 35)
+        add(z, lambda x=x, z=z, motor=motor: two_wheeler(x, z, motor))
+    if rng.random() < 0.35 and not highway:  # parked bicycles on the sidewalk
+        x = u(out_l + 0.3, rl - 0.3) if rng.random() < 0.5 else u(rr + 0.3, out_r - 0.3)
+        z = u(4, 25)
+
+        def parked_bike(x: float = x, z: float = z) -> None:
+            bc = col("bicycle", 0.3)
+            for dz in (0.0, 1.0):
+                c, pr = cv.p(x, 0.34, z + dz), cv.f * 0.34 / (z + dz)
+                cv.ellipse((c[0] - max(pr * 0.5, 0.6), c[1] - pr, c[0] + max(pr * 0.5, 0.6), c[1] + pr), "bicycle", bc, z + dz)
+            cv.line([cv.p(x, 0.34, z), cv.p(x, 0.9, z + 0.5), cv.p(x, 0.34, z + 1.0)], "bicycle", bc, z + 0.5, max(1, cv.f * 0.05 / z))
+
+        add(z, parked_bike)
+
+    for _, fn in sorted(items, key=lambda t: -t[0]):
+        fn()
+
+
+def _value_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
+    """Smooth noise in [-1, 1] at a spatial scale of ``cell`` pixels (upsampled random grid)."""
+    gh, gw = max(2, int(h / cell) + 2), max(2, int(w / cell) + 2)
+    grid = rng.uniform(-1, 1, (gh, gw)).astype(np.float32)
+    return np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC), dtype=np.float32)
+
+
+def _render_world(rng: np.random.Generator, style: Style, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image uint8 HxWx3, world-class map uint8 HxW, depth float32 HxW) for one scene."""
+    st = style
+    h, w = height, width
+    cam_h = rng.uniform(*st.cam_height)
+    yh = h * rng.uniform(*st.horizon)
+    f = w * rng.uniform(*st.focal)
+    cv = _Canvas(h, w, f, yh, cam_h, rng.uniform(*st.cam_offset))
+    _layout(cv, rng, st)
+
+    hood = rng.random() < st.ego_hood
+    if hood:  # ego-vehicle hood at the bottom (void in every encoding)
+        top = h * rng.uniform(0.86, 0.93)
+        bulge = h * rng.uniform(0.02, 0.05)
+        pts = [(-1, h + 1), (-1, top + bulge), (w * 0.25, top + bulge * 0.2), (w * 0.5, top), (w * 0.75, top + bulge * 0.2),
+               (w + 1, top + bulge), (w + 1, h + 1)]
+        cv.poly(pts, "ego vehicle", _jitter(rng, st.palette["ego vehicle"], 0.1), 1.0)
+
+    world = np.asarray(cv.label, dtype=np.uint8).copy()
+    img = np.asarray(cv.colour, dtype=np.float32).copy()
+    depth = np.asarray(cv.depth, dtype=np.float32).copy()
+    emit = np.asarray(cv.emit, dtype=np.float32) / 255.0
+
+    # sky gradient (top colour → palette sky at the horizon) with soft clouds
+    sky = world == WC["sky"]
+    rows = np.clip(np.arange(h, dtype=np.float32) / max(yh, 1.0), 0, 1)[:, None, None]
+    sky_img = (1 - rows) * np.asarray(st.sky_top, np.float32) + rows * np.asarray(st.palette["sky"], np.float32)
+    clouds = np.clip(_value_noise(rng, h, w, max(h, w) / rng.uniform(2, 6)), 0, 1)[..., None] * rng.uniform(0, 0.6)
+    sky_img = sky_img * (1 - clouds) + 235.0 * clouds
+    img = np.where(sky[..., None], np.broadcast_to(sky_img, img.shape), img)
+
+    # per-class texture: multiplicative noise, fine + coarse
+    amp_table = np.zeros(256, np.float32)
+    for name, a in TEXTURE_AMP.items():
+        amp_table[WC[name]] = a
+    amp = amp_table[world] * st.texture
+    fine = _value_noise(rng, h, w, max(1.0, 1.5 / st.texture_freq)) * 0.6 + rng.normal(0, 0.4, (h, w)).astype(np.float32)
+    coarse = _value_noise(rng, h, w, 12.0 / st.texture_freq)
+    img *= (1 + amp * (0.6 * fine + 0.4 * coarse))[..., None]
+
+    # lighting: global gradient (sun side), darker under the horizon line far away
+    light = 1.0 + st.shadow * 0.3 * np.linspace(-1, 1, w, dtype=np.float32)[None, :] * (1 if rng.random() < 0.5 else -1)
+    img *= light[..., None]
+
+    # time of day
+    tod = rng.random()
+    night = tod < st.night_prob
+    dusk = not night and tod < st.night_prob + st.dusk_prob
+    haze = rng.uniform(*st.haze) / 100.0
+    if haze > 0:
+        a = 1 - np.exp(-np.minimum(depth, 300.0) * haze)
+        a = np.where(sky, a * 0.3, a)[..., None]
+        img = img * (1 - a) + np.asarray(st.haze_colour, np.float32) * a
+    if dusk:
+        img = img * np.asarray((1.0, 0.78, 0.62), np.float32) * 0.7
+    if night:
+        img = img * np.asarray((0.25, 0.27, 0.38), np.float32)
+        sky_glow = np.where(sky, 25.0, 0.0)[..., None] * np.asarray((0.8, 0.6, 0.9), np.float32)
+        img += sky_glow
+        glow = np.asarray(Image.fromarray((emit * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(max(1.0, w / 150))),
+                          np.float32) / 255.0
+        img += (emit * 220 + glow * 160)[..., None] * np.asarray((1.0, 0.85, 0.6), np.float32)
+        # headlight pool on the road
+        yy = np.arange(h, dtype=np.float32)[:, None]
+        xx = np.arange(w, dtype=np.float32)[None, :]
+        pool = np.exp(-(((xx - w / 2) / (w * 0.25)) ** 2) - ((yy - h) / (h * 0.3)) ** 2)
+        img += (pool * 70)[..., None]
+
+    # colour grading
+    img = img * st.brightness * np.asarray(st.tint, np.float32)
+    grey = img.mean(axis=-1, keepdims=True)
+    img = grey + (img - grey) * st.saturation
+    img = (img - 128.0) * st.contrast + 128.0
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** st.gamma
+    if st.vignette > 0:
+        yy = (np.arange(h, dtype=np.float32)[:, None] - h / 2) / (h / 2)
+        xx = (np.arange(w, dtype=np.float32)[None, :] - w / 2) / (w / 2)
+        img *= (1 - st.vignette * 0.5 * (xx ** 2 + yy ** 2))[..., None]
+    out = np.clip(img, 0, 255).astype(np.uint8)
+
+    # optics and sensor
+    blur = rng.uniform(*st.blur)
+    if blur > 0.05:
+        out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(blur)))
+    sigma = rng.uniform(*st.noise) * (2.0 if night else 1.0)
+    if sigma > 0:
+        out = np.clip(out.astype(np.float32) + rng.normal(0, sigma, out.shape).astype(np.float32), 0, 255).astype(np.uint8)
+    if st.jpeg is not None:
+        buf = io.BytesIO()
+        Image.fromarray(out).save(buf, format="JPEG", quality=int(rng.integers(st.jpeg[0], st.jpeg[1] + 1)))
+        buf.seek(0)
+        out = np.asarray(Image.open(buf).convert("RGB"))
+    depth = np.where(sky, np.float32(SKY_DEPTH), depth).astype(np.float32)
+    return np.ascontiguousarray(out), world, depth
+
+
+def render_scene(rng: np.random.Generator, style: Style, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one random street scene.
+
+    Returns (image HxWx3 uint8 RGB, label HxW uint8 train ids with 255 = ignore, depth HxW float32 in
+    metres, 1000 for sky). Deterministic for the state of ``rng``.
+    """
+    image, world, depth = _render_world(rng, style, height, width)
+    return image, WORLD_TO_TRAIN[world], depth
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark world on disk
+# --------------------------------------------------------------------------------------------------
+
+# Pairs per (domain, split) for each size: small / medium (≈5x).
+SIZES: dict[str, dict[tuple[str, str], int]] = {
+    "small": {("gtav", "train"): 400, ("cityscapes", "train"): 200, ("cityscapes", "val"): 100,
+              ("bdd100k", "val"): 100, ("bdd100k", "train"): 8, ("mapillary", "val"): 100, ("mapillary", "train"): 8},
+    "medium": {("gtav", "train"): 2000, ("cityscapes", "train"): 1000, ("cityscapes", "val"): 500,
+               ("bdd100k", "val"): 500, ("bdd100k", "train"): 40, ("mapillary", "val"): 500, ("mapillary", "train"): 40},
+}
+DOMAIN_INDEX = {"gtav": 0, "cityscapes": 1, "bdd100k": 2, "mapillary": 3}
+SPLIT_INDEX = {"train": 0, "val": 1}
+CS_CITIES = {"train": ("aachen", "bochum", "bremen", "cologne", "hamburg"), "val": ("frankfurt", "lindau", "munster")}
+# 1/8 of typical Mapillary resolutions (mostly 4:3 and wider)
+MAPILLARY_SIZES: tuple[tuple[int, int], ...] = ((408, 306), (500, 281), (400, 300), (384, 288), (480, 270),
+                                                (512, 384), (336, 252), (456, 342), (500, 375), (448, 252))
+_B64 = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
+
+CS_PALETTE = palette_bytes([c for _, _, c in CITYSCAPES_LABELS])
+MV_PALETTE = palette_bytes([c for _, _, c in MAPILLARY_V12_LABELS])
+
+
+def _task_rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
+    """Independent stream per file, so output does not depend on worker count or order."""
+    return np.random.default_rng([seed, DOMAIN_INDEX[domain], SPLIT_INDEX[split], index])
+
+
+def _palette_png(ids: np.ndarray, palette: list[int]) -> Image.Image:
+    ids = np.ascontiguousarray(ids, dtype=np.uint8)
+    im = Image.frombytes("P", (ids.shape[1], ids.shape[0]), ids.tobytes())
+    im.putpalette(palette)
+    return im
+
+
+def _write_sample(out: Path, domain: str, split: str, index: int, seed: int) -> str:
+    """Render and write one pair in the domain's real layout; skips pairs already written."""
+    rng = _task_rng(seed, domain, split, index)
+    style = STYLES[domain]
+    if domain == "gtav":
+        w, h = (240, 132) if rng.random() < 0.95 else (256, 144)
+        stem = f"{index + 1:05d}"
+        img_p, lbl_p = out / "gta/images" / f"{stem}.png", out / "gta/labels" / f"{stem}.png"
+    elif domain == "cityscapes":
+        w, h = 256, 128
+        cities = CS_CITIES[split]
+        city = cities[index % len(cities)]
+        stem = f"{city}_{index // len(cities):06d}_{19 + (index * 7) % 50:06d}"
+        img_p = out / "cityscapes/leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+        lbl_p = out / "cityscapes/gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
+    elif domain == "bdd100k":
+        w, h = 160, 90
+        stem = f"{int(rng.integers(16**8)):08x}-{int(rng.integers(16**8)):08x}"
+        img_p = out / "bdd100k/images/10k" / split / f"{stem}.jpg"
+        # the train split uses the `_train_id.png` naming of some downloads, val the plain one
+        lbl_p = out / "bdd100k/labels/sem_seg/masks" / split / (f"{stem}_train_id.png" if split == "train" else f"{stem}.png")
+    else:
+        w, h = MAPILLARY_SIZES[int(rng.integers(len(MAPILLARY_SIZES)))]
+        if rng.random() < 0.08:  # a few portrait phone shots
+            w, h = h, w
+        stem = "".join(rng.choice(_B64, 22))
+        folder = {"train": "training", "val": "validation"}[split]
+        img_p = out / "mapillary" / folder / "images" / f"{stem}.jpg"
+        lbl_p = out / "mapillary" / folder / "v1.2/labels" / f"{stem}.png"
+    if img_p.exists() and lbl_p.exists():
+        return domain
+    image, world, _depth = _render_world(rng, style, h, w)
+    if domain == "gtav":
+        lbl = _palette_png(WORLD_TO_CITYSCAPES[world], CS_PALETTE)
+    elif domain == "cityscapes":
+        lbl = Image.fromarray(WORLD_TO_CITYSCAPES[world])
+    elif domain == "bdd100k":
+        lbl = Image.fromarray(WORLD_TO_TRAIN[world])
+    else:
+        lbl = _palette_png(WORLD_TO_MAPILLARY[world], MV_PALETTE)
+    # label first, image second: the image is the "done" marker checked above
+    atomic_save(lbl, lbl_p)
+    if img_p.suffix == ".jpg":
+        atomic_save(Image.fromarray(image), img_p, quality=int(rng.integers(75, 95)))
+    else:
+        atomic_save(Image.fromarray(image), img_p)
+    return domain
+
+
+def _write_task(args: tuple[str, str, str, int, int]) -> str:
+    out, domain, split, index, seed = args
+    return _write_sample(Path(out), domain, split, index, seed)
+
+
+def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers: int = 1) -> dict:
+    """Write the four-domain synthetic world under ``out`` in the real datasets' layouts.
+
+    Deterministic for (size, seed), independent of ``workers``; files are written atomically and
+    existing pairs are skipped, so an interrupted generation can simply be re-run.
+    Returns stats: {"pairs": {"domain/split": n}, "seconds": t, "frequencies": {...}, "bytes": n}.
+    """
+    from benchmarks.errors import UserError
+
+    if size not in SIZES:
+        raise UserError(f"unknown synthetic size {size!r}; expected one of: {', '.join(SIZES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tasks = [(str(out), d, s, i, seed) for (d, s), n in SIZES[size].items() for i in range(n)]
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for _ in pool.imap_unordered(_write_task, tasks, chunksize=16):
+                pass
+    else:
+        try:
+            from tqdm import tqdm
+            it = tqdm(tasks, desc=f"synthetic world ({size})", unit="img", leave=False, disable=None)
+        except ImportError:  # pragma: no cover
+            it = tasks
+        for t in it:
+            _write_task(t)
+    seconds = time.perf_counter() - start
+    pairs = {f"{d}/{s}": n for (d, s), n in SIZES[size].items()}
+    nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    freqs = class_frequencies(out)
+    log.info("synthetic world %s (seed %d): %d pairs in %.1f s, %.1f MB", size, seed, len(tasks), seconds, nbytes / 1e6)
+    return {"pairs": pairs, "seconds": seconds, "bytes": nbytes, "frequencies": freqs, "size": size, "seed": seed}
+
+
+# --------------------------------------------------------------------------------------------------
+# Inspection: class frequencies and a preview picture
+# --------------------------------------------------------------------------------------------------
+
+PREVIEW_SPLITS = (("gtav", "train"), ("cityscapes", "val"), ("bdd100k", "val"), ("mapillary", "val"))
+
+
+def _domain_adapters(root: Path) -> list[tuple[str, Any]]:
+    from datasets.registry import ADAPTERS
+
+    out = []
+    for name, split in PREVIEW_SPLITS:
+        if (Path(root) / ADAPTERS[name].folder).is_dir():
+            out.append((name, ADAPTERS[name](root, split)))
+    return out
+
+
+def class_frequencies(root: Path | str) -> dict[str, dict[str, float]]:
+    """Per domain (its evaluated/training split), the % of labelled pixels of each of the 19 classes.
+
+    Read back through the real adapters and label tables, so it also proves the written encodings.
+    Returns {domain: {class name: percent}}; `format_frequencies` prints it as a table.
+    """
+    result: dict[str, dict[str, float]] = {}
+    for name, adapter in _domain_adapters(Path(root)):
+        counts = np.zeros(256, np.int64)
+        for pair in adapter.pairs():
+            counts += np.bincount(adapter.load_label(pair).ravel(), minlength=256)
+        total = counts[:NUM_CLASSES].sum()
+        result[name] = {c: float(100.0 * counts[i] / max(total, 1)) for i, c in enumerate(CLASSES)}
+    return result
+
+
+def format_frequencies(freqs: dict[str, dict[str, float]]) -> str:
+    """A fixed-width text table (classes × domains, % of labelled pixels)."""
+    domains = list(freqs)
+    lines = [f"{'class':<14}" + "".join(f"{d:>12}" for d in domains)]
+    for c in CLASSES:
+        lines.append(f"{c:<14}" + "".join(f"{freqs[d][c]:>12.3f}" for d in domains))
+    lines.append(f"{'classes > 0':<14}" + "".join(f"{sum(v > 0 for v in freqs[d].values()):>12d}" for d in domains))
+    return "\n".join(lines)
+
+
+def save_preview(root: Path | str, out_png: Path | str, per_domain: int = 3, tile_height: int = 96) -> Path:
+    """A PNG grid: one row per domain, each sample's image beside its colourised label."""
+    rows = []
+    for name, adapter in _domain_adapters(Path(root)):
+        pairs = adapter.pairs()
+        pick = [pairs[int(i)] for i in np.linspace(0, len(pairs) - 1, min(per_domain, len(pairs)))]
+        tiles = []
+        for pair in pick:
+            img, lab = adapter.load_pair(pair)
+            tw = max(1, int(round(img.shape[1] * tile_height / img.shape[0])))
+            a = Image.fromarray(img).resize((tw, tile_height), Image.BILINEAR)
+            b = Image.fromarray(colorize(lab)).resize((tw, tile_height), Image.NEAREST)
+            tiles += [a, b]
+        row_w = sum(t.width for t in tiles) + 4 * (len(tiles) - 1) + 100
+        row = Image.new("RGB", (row_w, tile_height), (255, 255, 255))
+        ImageDraw.Draw(row).text((4, tile_height // 2 - 6), name, fill=(0, 0, 0))
+        x = 100
+        for t in tiles:
+            row.paste(t, (x, 0))
+            x += t.width + 4
+        rows.append(row)
+    if not rows:
+        from benchmarks.errors import UserError
+
+        raise UserError(f"{root}: no synthetic domain found; write it with `python -m benchmarks data synth --out {root}`")
+    width = max(r.width for r in rows)
+    grid = Image.new("RGB", (width, sum(r.height for r in rows) + 4 * (len(rows) - 1)), (255, 255, 255))
+    y = 0
+    for r in rows:
+        grid.paste(r, (0, y))
+        y += r.height + 4
+    out_png = Path(out_png)
+    atomic_save(grid, out_png, optimize=True)
+    return out_png
+
+
+__all__ = [
+    "STYLES", "Style", "WORLD_CLASSES", "class_frequencies", "format_frequencies", "generate_world",
+    "random_style", "render_scene", "save_preview",
+]
