@@ -254,6 +254,8 @@ def test_both_estimators_run_through_the_protocol_with_diagnostics(estimator):
     assert info["perturbed_blocks"] == [0, 1, 2, 3]  # the tap blocks of a depth-4 ViT
     assert math.isclose(sum(info["drf_mass_by_block"].values()), 1.0, abs_tol=1e-4)
     assert math.isclose(sum(info["drf_mass_by_kind"].values()), 1.0, abs_tol=1e-4)
+    assert math.isclose(sum(info["fisher_mass_by_block"].values()), 1.0, abs_tol=1e-4)
+    assert math.isclose(sum(info["drf_mass_by_block_and_kind"]["3"].values()), info["drf_mass_by_block"]["3"], abs_tol=1e-5)
     assert set(info["drf_mass_by_block"]) == {"0", "1", "2", "3", "outside"}
     assert sum(info["selected_by_kind"].values()) == info["selected_budget"] == method.budget()
     assert sum(info["selected_by_block"].values()) == method.budget()
