@@ -145,6 +145,7 @@ def atomic_save(image: Image.Image, path: Path, **save_kwargs: Any) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             image.save(fh, format=fmt, **save_kwargs)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; dataset files are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         try:

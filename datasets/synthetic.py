@@ -135,7 +135,7 @@ class Style:
     ego_hood: float = 0.0                           # probability of a visible ego-vehicle hood
     # layout
     road_width: tuple[float, float] = (7.0, 11.0)
-    sidewalk: tuple[float, float] = (2.0, 4.0)
+    sidewalk: tuple[float, float] = (3.0, 6.0)
     building_prob: float = 0.85
     building_height: tuple[float, float] = (6.0, 20.0)
     tree_rate: float = 3.0
@@ -185,7 +185,7 @@ def _domain_styles() -> dict[str, Style]:
         contrast=0.9, brightness=0.95, gamma=1.05, tint=(0.98, 1.0, 1.03), sky_top=(175, 185, 200),
         haze=(0.2, 0.6), haze_colour=(195, 200, 205), shadow=0.1, blur=(0.3, 0.7), noise=(1.5, 3.0),
         vignette=0.25, cam_height=(1.15, 1.35), horizon=(0.44, 0.52), focal=(1.0, 1.15), cam_offset=(-0.3, 0.3),
-        ego_hood=0.9, road_width=(6.0, 9.0), sidewalk=(2.5, 4.5), building_prob=0.95, building_height=(10.0, 22.0),
+        ego_hood=0.9, road_width=(6.0, 9.0), sidewalk=(3.5, 6.0), building_prob=0.95, building_height=(10.0, 22.0),
         car_rate=5.0, person_rate=4.5, tree_rate=3.5, terrain_prob=0.35, two_wheeler_prob=0.6, train_prob=0.2,
         guard_rail_prob=0.05,
     )
@@ -198,7 +198,7 @@ def _domain_styles() -> dict[str, Style]:
         contrast=0.85, brightness=0.9, gamma=1.1, tint=(1.05, 1.0, 0.92), sky_top=(120, 160, 210),
         haze=(0.2, 0.8), haze_colour=(205, 200, 190), dusk_prob=0.25, night_prob=0.3, shadow=0.15,
         blur=(0.5, 1.0), noise=(3.0, 6.0), jpeg=(35, 70), vignette=0.35, cam_height=(1.25, 1.5),
-        horizon=(0.40, 0.50), focal=(0.6, 0.72), ego_hood=0.6, road_width=(10.0, 18.0), sidewalk=(1.5, 3.0),
+        horizon=(0.40, 0.50), focal=(0.6, 0.72), ego_hood=0.6, road_width=(10.0, 18.0), sidewalk=(2.0, 4.0),
         building_prob=0.65, building_height=(4.0, 14.0), car_rate=6.0, person_rate=2.0, tree_rate=3.0,
         terrain_prob=0.6, big_vehicle_prob=0.5, guard_rail_prob=0.2,
     )
@@ -211,7 +211,7 @@ def _domain_styles() -> dict[str, Style]:
         contrast=1.05, brightness=1.05, gamma=0.95, tint=(1.02, 1.0, 0.98), sky_top=(60, 120, 220),
         haze=(0.0, 0.4), haze_colour=(215, 220, 225), dusk_prob=0.12, shadow=0.25, blur=(0.0, 0.5),
         noise=(1.0, 3.0), jpeg=(60, 90), vignette=0.15, cam_height=(1.1, 2.6), horizon=(0.36, 0.58),
-        focal=(0.65, 1.0), cam_offset=(-3.0, 3.0), ego_hood=0.1, road_width=(5.0, 14.0), sidewalk=(1.5, 5.0),
+        focal=(0.65, 1.0), cam_offset=(-3.0, 3.0), ego_hood=0.1, road_width=(5.0, 14.0), sidewalk=(2.5, 6.0),
         building_prob=0.75, building_height=(4.0, 25.0), car_rate=3.5, person_rate=4.0, tree_rate=4.0,
         terrain_prob=0.5, two_wheeler_prob=0.55, train_prob=0.2,
     )
@@ -294,7 +294,9 @@ class _Canvas:
         xs, ys = [q[0] for q in pts], [q[1] for q in pts]
         if max(xs) < -1 or min(xs) > self.w + 1 or max(ys) < -1 or min(ys) > self.h + 1:
             return
-        pts = [(max(-4 * self.w, min(5 * self.w, x)), max(-4 * self.h, min(5 * self.h, y))) for x, y in pts]
+        # clamp only far outside the image (PIL rasterises large coordinates fine; clamping near the
+        # frame would bend the edges of ground strips)
+        pts = [(max(-2e5, min(2e5, x)), max(-2e5, min(2e5, y))) for x, y in pts]
         self.dl.polygon(pts, fill=WC[cls])
         self.dc.polygon(pts, fill=colour)
         self.dd.polygon(pts, fill=float(depth))
@@ -375,7 +377,8 @@ def _layout(cv: _Canvas, rng: np.random.Generator, st: Style) -> None:
     rr = rl + road_w
     sw_l, sw_r = u(*st.sidewalk), u(*st.sidewalk)
     zfar = 400.0
-    znear = 0.3
+    # nearest ground depth in view (bottom image row), with margin
+    znear = max(0.3, 0.5 * cv.f * cv.cam_h / max(cv.h - cv.yh, 1.0))
     highway = rng.random() < st.guard_rail_prob
 
     # --- background: sky is the canvas fill; a far skyline or tree line at the end of the street
@@ -433,7 +436,7 @@ def _layout(cv: _Canvas, rng: np.random.Generator, st: Style) -> None:
     # --- façades along the street (beyond an optional terrain strip)
     shade = st.shadow
     for sign, edge in ((-1, out_l), (1, out_r)):
-        setback = u(0.0, 6.0) if rng.random() < st.terrain_prob else 0.0
+        setback = u(0.5, 4.0) if rng.random() < st.terrain_prob else 0.0
         xb = edge + sign * setback
         z = u(2, 10)
         slabs = []
@@ -811,10 +814,12 @@ def render_scene(rng: np.random.Generator, style: Style, height: int, width: int
 # The benchmark world on disk
 # --------------------------------------------------------------------------------------------------
 
-# Pairs per (domain, split) for each size: small / medium (≈5x).
+# Pairs per (domain, split) for each size: small / medium (≈5x); tiny is for tests and smoke runs.
 SIZES: dict[str, dict[tuple[str, str], int]] = {
     "small": {("gtav", "train"): 400, ("cityscapes", "train"): 200, ("cityscapes", "val"): 100,
               ("bdd100k", "val"): 100, ("bdd100k", "train"): 8, ("mapillary", "val"): 100, ("mapillary", "train"): 8},
+    "tiny": {("gtav", "train"): 6, ("cityscapes", "train"): 4, ("cityscapes", "val"): 3,
+             ("bdd100k", "val"): 3, ("bdd100k", "train"): 2, ("mapillary", "val"): 3, ("mapillary", "train"): 2},
     "medium": {("gtav", "train"): 2000, ("cityscapes", "train"): 1000, ("cityscapes", "val"): 500,
                ("bdd100k", "val"): 500, ("bdd100k", "train"): 40, ("mapillary", "val"): 500, ("mapillary", "train"): 40},
 }

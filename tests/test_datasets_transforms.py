@@ -1,0 +1,91 @@
+"""The protocol transforms: sizes, crop rules, padding, determinism from the rng, eval fitting."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from datasets.transforms import (
+    EvalTransform,
+    TrainTransform,
+    fit_size,
+    hsv_u8_to_rgb,
+    photometric_distortion,
+    rgb_to_hsv_u8,
+    short_edge_size,
+)
+
+
+def sample(h=64, w=128, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    lab = (np.arange(h * w).reshape(h, w) // 97 % 19).astype(np.uint8)
+    return img, lab
+
+
+def test_short_edge_scales_and_cap():
+    t = TrainTransform(crop_size=512, scale_base=512, max_long_edge=2048)
+    assert t.short_edges[0] == 256 and t.short_edges[-1] == 1024 and len(t.short_edges) == 16
+    assert 307 in t.short_edges and 358 in t.short_edges
+    assert short_edge_size(1052, 1914, 1024, 2048) == (1024, 1863)
+    # cap wins and keeps the aspect ratio
+    assert short_edge_size(1000, 4000, 1000, 2048) == (512, 2048)
+
+
+def test_train_transform_shapes_pad_and_determinism():
+    img, lab = sample(32, 64)
+    t = TrainTransform(crop_size=48, scale_base=32, scale_steps=(5,), max_long_edge=1000)  # short edge 16
+    x, y = t(img, lab, np.random.default_rng(0))
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32
+    assert y.shape == (48, 48) and y.dtype == torch.int64
+    assert (y[16:] == 255).all() and (x[:, 16:] == 0).all()  # padded below the 16-row image
+    x2, y2 = t(img, lab, np.random.default_rng(0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = t(img, lab, np.random.default_rng(1))
+    assert not torch.equal(x, x3)
+
+
+def test_cat_max_ratio_avoids_single_class_crops():
+    img = np.zeros((64, 256, 3), np.uint8)
+    lab = np.zeros((64, 256), np.uint8)
+    lab[:, 224:] = 5  # a thin stripe of a second class
+    t = TrainTransform(crop_size=48, scale_base=64, scale_steps=(10,), max_long_edge=1000, flip_prob=0.0, photometric=False)
+    hits = 0
+    for s in range(20):
+        _, y = t(img, lab, np.random.default_rng(s))
+        vals, counts = np.unique(y.numpy(), return_counts=True)
+        hits += len(vals) > 1 and counts.max() / counts.sum() < 0.75
+    assert hits >= 10  # without the re-draw almost no crop would contain two classes
+
+
+def test_flip_and_normalize():
+    img, _ = sample(16, 32)
+    lab = np.broadcast_to((np.arange(32) % 19).astype(np.uint8), (16, 32)).copy()  # columns identifiable
+    t = TrainTransform(crop_size=16, scale_base=16, scale_steps=(10,), max_long_edge=None, cat_max_ratio=1.0,
+                       flip_prob=1.0, photometric=False, mean=(0, 0, 0), std=(1, 1, 1))
+    # short edge 16 = native; a 16x32 image cropped to 16x16 then flipped
+    x, y = t(img, lab, np.random.default_rng(0))
+    x0 = None
+    for off in range(17):
+        if np.array_equal(y.numpy(), lab[:, off:off + 16][:, ::-1]):
+            x0 = off
+    assert x0 is not None
+    np.testing.assert_allclose(x.numpy().transpose(1, 2, 0), img[:, x0:x0 + 16][:, ::-1].astype(np.float32))
+
+
+def test_hsv_roundtrip_and_photometric_bounds():
+    img, _ = sample(32, 32)
+    back = hsv_u8_to_rgb(rgb_to_hsv_u8(img))
+    assert np.abs(back.astype(int) - img.astype(int)).max() <= 6
+    out = photometric_distortion(img, np.random.default_rng(3))
+    assert out.dtype == np.uint8 and out.shape == img.shape
+
+
+def test_eval_transform_fits_box_and_keeps_label():
+    img, lab = sample(100, 400)
+    assert fit_size(1024, 2048, (1024, 512)) == (512, 1024)
+    assert fit_size(720, 1280, (1024, 512)) == (512, 910)
+    x, y = EvalTransform((64, 32))(img, lab)
+    assert x.shape == (3, 16, 64) and y.shape == (100, 400)
+    x, y = EvalTransform(None)(img, lab)
+    assert x.shape == (3, 100, 400)
