@@ -152,7 +152,7 @@ class Style:
 
 
 def _mix(c: RGB, other: RGB, a: float) -> RGB:
-    return tuple(int(round((1 - a) * x + a * y)) for x, y in zip(c, other))  # type: ignore[return-value]
+    return tuple(int(round((1 - a) * x + a * y)) for x, y in zip(c, other, strict=False))  # type: ignore[return-value]
 
 
 def _grade_palette(palette: dict[str, RGB], sat: float = 1.0, val: float = 1.0, hue: float = 0.0) -> dict[str, RGB]:
@@ -332,7 +332,7 @@ class _Canvas:
     def side(self, x: float, y0: float, y1: float, z0: float, z1: float, cls: str, colour: RGB, slices: int = 1) -> None:
         """A vertical plane along the street (constant X), drawn in slices for a depth gradient."""
         zs = np.linspace(z0, z1, slices + 1)
-        for za, zb in zip(zs[1:][::-1], zs[:-1][::-1]):  # far slice first
+        for za, zb in zip(zs[1:][::-1], zs[:-1][::-1], strict=False):  # far slice first
             pts = [self.p(x, y0, za), self.p(x, y1, za), self.p(x, y1, zb), self.p(x, y0, zb)]
             self.poly(pts, cls, colour, (za + zb) / 2)
 

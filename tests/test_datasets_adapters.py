@@ -226,7 +226,7 @@ def test_mapillary_every_class(tmp_path, legacy):
 def test_mapillary_half_resolution_on_the_fly_and_prepared(tmp_path):
     from datasets.convert import mapillary_half_resolution
 
-    raw = build_mapillary(tmp_path)
+    build_mapillary(tmp_path)
     full = get_adapter("mapillary")(tmp_path, "val")
     half = get_adapter("mapillary")(tmp_path, "val", half_resolution=True)
     assert not half.uses_prepared

@@ -156,9 +156,9 @@ def test_cli_check_ok(tmp_path):
     res = run_cli("data", "check", "--root", str(tmp_path))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert any(l.split()[:4] == ["gtav", "train", "2", "ok"] for l in lines), res.stdout
-    assert any(l.split()[:4] == ["mapillary", "val", "2", "ok"] for l in lines), res.stdout
-    assert any(l.split()[:4] == ["bdd100k", "val", "2", "ok"] for l in lines), res.stdout
+    assert any(ln.split()[:4] == ["gtav", "train", "2", "ok"] for ln in lines), res.stdout
+    assert any(ln.split()[:4] == ["mapillary", "val", "2", "ok"] for ln in lines), res.stdout
+    assert any(ln.split()[:4] == ["bdd100k", "val", "2", "ok"] for ln in lines), res.stdout
 
 
 def test_cli_check_missing_root_exit_2(tmp_path):

@@ -44,7 +44,7 @@ def test_every_class_appears_in_each_style(style):
 def test_render_is_deterministic_and_random_styles_vary():
     a = render_scene(np.random.default_rng(7), STYLES["bdd100k"], 45, 80)
     b = render_scene(np.random.default_rng(7), STYLES["bdd100k"], 45, 80)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         np.testing.assert_array_equal(x, y)
     s1, s2 = random_style(np.random.default_rng(1)), random_style(np.random.default_rng(2))
     assert s1.palette != s2.palette and s1 != s2
@@ -106,7 +106,7 @@ def test_world_is_deterministic_and_rerun_safe(world, tmp_path):
 def test_frequencies_and_preview(world, tmp_path):
     root, _ = world
     freqs = class_frequencies(root)
-    for dom, table in freqs.items():
+    for _dom, table in freqs.items():
         assert len(table) == NUM_CLASSES
         assert abs(sum(table.values()) - 100.0) < 1e-6
     text = format_frequencies(freqs)
