@@ -1,0 +1,234 @@
+"""The regression check: `compare` on hand-made results, the baseline file, and the `check` command."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.errors import UserError
+from benchmarks.regression import (
+    compare,
+    format_report,
+    load_baseline,
+    make_baseline,
+    run_key,
+    write_baseline,
+)
+
+PARAMS = {"backbone_trainable": 102_145, "backbone_added": 102_145, "backbone_pretrained": 2_721_216,
+          "head_total": 491_635, "head_trainable": 491_635}
+
+
+def result(method: str = "rein", seed: int = 42, miou: tuple[float, float, float] = (20.0, 15.0, 18.0),
+           params: dict | None = None, status: str = "finished", setting: str = "G->CBM") -> dict:
+    targets = dict(zip(("cityscapes", "bdd100k", "mapillary"), miou, strict=True))
+    return {
+        "schema": 1, "run_id": f"smoke/{setting}/proxy_vit/{method}/seed{seed}", "status": status,
+        "failure": None if status == "finished" else "loss diverged (NaN) at iteration 3",
+        "preset": "smoke", "setting": setting, "method": {"name": method}, "backbone": "proxy_vit",
+        "head": "light", "seed": seed, "params": dict(params or PARAMS),
+        "targets": {t: {"miou": v, "per_class_iou": {}, "num_images": 6} for t, v in targets.items()} if status == "finished" else {},
+        "average_miou": sum(miou) / 3 if status == "finished" else None,
+        "environment": {"python": "3.11", "torch": "2.5.0", "device_name": "x86_64", "hostname": "ci-1"},
+    }
+
+
+@pytest.fixture
+def fresh() -> list[dict]:
+    return [result("rein"), result("freeze", miou=(10.0, 9.0, 8.0), params={**PARAMS, "backbone_trainable": 0, "backbone_added": 0})]
+
+
+@pytest.fixture
+def baseline(fresh) -> dict:
+    return make_baseline(fresh, tolerance=0.5)
+
+
+def test_baseline_format(baseline):
+    assert baseline["preset"] == "smoke" and baseline["tolerance_miou"] == 0.5
+    assert set(baseline["runs"]) == {"rein/proxy_vit/seed42", "freeze/proxy_vit/seed42"}
+    entry = baseline["runs"]["rein/proxy_vit/seed42"]
+    assert entry["targets"] == {"cityscapes": 20.0, "bdd100k": 15.0, "mapillary": 18.0}
+    assert entry["average_miou"] == pytest.approx(53 / 3)
+    assert entry["params"] == PARAMS
+    assert baseline["environment"]["torch"] == "2.5.0" and "hostname" not in baseline["environment"]
+
+
+def test_unchanged_results_pass(baseline, fresh):
+    assert compare(baseline, fresh) == []
+    assert "OK: no regression" in format_report([], baseline, compared=2)
+
+
+def test_move_within_tolerance_passes_beyond_fails(baseline):
+    within = [result("rein", miou=(20.4, 14.6, 18.0)), result("freeze", miou=(10.0, 9.0, 8.0),
+                                                              params={**PARAMS, "backbone_trainable": 0, "backbone_added": 0})]
+    assert compare(baseline, within) == []
+    beyond = copy.deepcopy(within)
+    beyond[0]["targets"]["bdd100k"]["miou"] = 13.9
+    diffs = compare(baseline, beyond)
+    assert [(d.run, d.kind, d.field, d.failing) for d in diffs] == [("rein/proxy_vit/seed42", "miou", "bdd100k", True)]
+    assert "dropped 15.00 → 13.90 (-1.10" in diffs[0].message
+    # a rise is a change of behaviour too: deterministic smoke runs should not move either way
+    beyond[0]["targets"]["bdd100k"]["miou"] = 16.0
+    beyond[0]["average_miou"] = 30.0
+    kinds = {(d.field, d.failing) for d in compare(baseline, beyond)}
+    assert kinds == {("bdd100k", True), ("average", True)}
+    # an explicit tolerance overrides the baseline's
+    assert compare(baseline, beyond, tolerance=20.0) == []
+
+
+def test_any_parameter_count_change_fails(baseline, fresh):
+    changed = copy.deepcopy(fresh)
+    changed[0]["params"]["backbone_trainable"] += 1
+    diffs = compare(baseline, changed)
+    assert len(diffs) == 1 and diffs[0].kind == "params" and diffs[0].failing
+    assert diffs[0].message == "rein/proxy_vit/seed42: backbone_trainable parameters 102,145 → 102,146 (+1)"
+    changed[0]["params"].pop("head_total")
+    assert {d.field for d in compare(baseline, changed)} == {"backbone_trainable", "head_total"}
+
+
+def test_missing_failed_and_new_runs(baseline, fresh):
+    diffs = {d.run: d for d in compare(baseline, [fresh[0]])}
+    assert diffs["freeze/proxy_vit/seed42"].kind == "missing" and diffs["freeze/proxy_vit/seed42"].failing
+
+    failed = [fresh[0], result("freeze", status="failed")]
+    diff = compare(baseline, failed)[0]
+    assert diff.kind == "failed" and diff.failing and "loss diverged" in diff.message
+
+    added = fresh + [result("lora", miou=(21.0, 16.0, 19.0))]
+    diffs = compare(baseline, added)
+    assert [(d.run, d.kind, d.failing) for d in diffs] == [("lora/proxy_vit/seed42", "new", False)]
+    text = format_report(diffs, baseline, compared=3)
+    assert "not in the baseline" in text and "OK: no regression" in text
+
+    lost = copy.deepcopy(fresh)
+    del lost[0]["targets"]["mapillary"]
+    assert [(d.kind, d.field) for d in compare(baseline, lost) if d.kind != "miou"] == [("target_missing", "mapillary")]
+
+
+def test_report_names_every_failure_and_environment_drift(baseline, fresh):
+    changed = copy.deepcopy(fresh)
+    changed[0]["targets"]["cityscapes"]["miou"] = 10.0
+    changed[1]["params"]["head_total"] = 1
+    diffs = compare(baseline, changed)
+    text = format_report(diffs, baseline, compared=2, environment={"torch": "2.6.0", "python": "3.11"})
+    assert "REGRESSION: 2 difference(s)" in text  # cityscapes and head_total (the stored average did not move)
+    assert "rein/proxy_vit/seed42: cityscapes mIoU dropped 20.00 → 10.00" in text
+    assert "freeze/proxy_vit/seed42: head_total parameters 491,635 → 1" in text
+    assert "torch: 2.5.0 → 2.6.0" in text
+    assert "--update-baseline" in text
+
+
+def test_other_settings_get_their_own_key():
+    assert run_key(result()) == "rein/proxy_vit/seed42"
+    assert run_key(result(setting="C->BM")) == "rein/proxy_vit/seed42/C->BM"
+
+
+def test_failed_run_cannot_become_the_baseline(fresh):
+    with pytest.raises(UserError, match="did not finish"):
+        make_baseline(fresh + [result("vpt", status="failed")])
+
+
+def test_baseline_file_round_trip_and_errors(tmp_path, baseline):
+    path = tmp_path / "baselines" / "smoke.json"
+    write_baseline(path, baseline)
+    assert load_baseline(path) == baseline
+    assert [p.name for p in path.parent.iterdir()] == ["smoke.json"]  # no temporary file left behind
+    with pytest.raises(UserError, match="--update-baseline"):
+        load_baseline(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_baseline(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(UserError, match="no \"runs\""):
+        load_baseline(tmp_path / "empty.json")
+
+
+# -- the command, with the runner replaced by hand-made results -----------------------------------
+class FakeRunner:
+    """Stands in for benchmarks.runner.run_matrix: records where it was asked to write."""
+
+    def __init__(self, results: list[dict]):
+        self.results = results
+        self.calls: list[tuple[str | None, Path]] = []
+
+    def __call__(self, exp, methods=None, results_dir=None, progress=True):
+        self.calls.append((methods, Path(results_dir)))
+        return copy.deepcopy(self.results)
+
+
+def _check(argv: list[str]) -> int:
+    from benchmarks.cli import main
+
+    return main(["check", "--no-progress", *argv])
+
+
+def test_check_command_update_pass_and_fail(tmp_path, monkeypatch, fresh, capsys):
+    import benchmarks.runner
+
+    baseline_path = tmp_path / "smoke.json"
+    runner = FakeRunner(fresh)
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
+
+    assert _check(["--baseline", str(baseline_path)]) == 2
+    assert "--update-baseline" in capsys.readouterr().err
+    assert runner.calls == []  # no baseline: nothing was run
+
+    assert _check(["--baseline", str(baseline_path), "--update-baseline", "--tolerance", "0.25"]) == 0
+    stored = json.loads(baseline_path.read_text())
+    assert stored["tolerance_miou"] == 0.25 and len(stored["runs"]) == 2
+
+    assert _check(["--baseline", str(baseline_path)]) == 0
+    assert "OK: no regression" in capsys.readouterr().out
+    # every check writes into a fresh folder, never one holding earlier runs
+    scratch = [call[1] for call in runner.calls]
+    assert len(set(scratch)) == len(scratch) and not any(p.exists() for p in scratch)
+
+    runner.results[0]["targets"]["cityscapes"]["miou"] += 0.3  # beyond the stored 0.25
+    assert _check(["--baseline", str(baseline_path)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "cityscapes mIoU rose" in out
+
+    runner.results[0]["targets"]["cityscapes"]["miou"] -= 0.3
+    runner.results[1]["params"]["backbone_trainable"] = 5
+    assert _check(["--baseline", str(baseline_path)]) == 1
+    assert "backbone_trainable parameters 0 → 5" in capsys.readouterr().out
+
+
+def test_check_subset_of_methods_compares_and_updates_only_those(tmp_path, monkeypatch, fresh, capsys):
+    import benchmarks.runner
+
+    baseline_path = tmp_path / "smoke.json"
+    write_baseline(baseline_path, make_baseline(fresh))
+    runner = FakeRunner([fresh[0]])
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
+    assert _check(["--baseline", str(baseline_path), "--methods", "rein"]) == 0
+    assert runner.calls[-1][0] == "rein"
+    runner.results[0]["targets"]["bdd100k"]["miou"] = 1.0
+    assert _check(["--baseline", str(baseline_path), "--methods", "rein", "--update-baseline"]) == 0
+    stored = json.loads(baseline_path.read_text())["runs"]
+    assert stored["rein/proxy_vit/seed42"]["targets"]["bdd100k"] == 1.0
+    assert "freeze/proxy_vit/seed42" in stored  # untouched entries kept
+
+
+@pytest.mark.slow
+def test_check_end_to_end_on_the_smoke_preset(tmp_path, capsys):
+    """Real runs of two methods through the CLI: store a baseline, pass on a re-run, fail on a
+    tampered baseline. The copy of the baseline lives in tmp_path; the repository's is untouched."""
+    baseline_path = tmp_path / "smoke.json"
+    common = ["--baseline", str(baseline_path), "--methods", "freeze,lora"]
+    assert _check([*common, "--update-baseline"]) == 0
+    stored = json.loads(baseline_path.read_text())
+    assert set(stored["runs"]) == {"freeze/proxy_vit/seed42", "lora/proxy_vit/seed42"}
+    capsys.readouterr()
+    assert _check(common) == 0, capsys.readouterr().out
+    stored["runs"]["lora/proxy_vit/seed42"]["targets"]["cityscapes"] += 5.0
+    stored["runs"]["freeze/proxy_vit/seed42"]["params"]["backbone_trainable"] = 1
+    write_baseline(baseline_path, stored)
+    capsys.readouterr()
+    assert _check(common) == 1
+    out = capsys.readouterr().out
+    assert "lora/proxy_vit/seed42: cityscapes mIoU dropped" in out
+    assert "freeze/proxy_vit/seed42: backbone_trainable parameters 1 → 0" in out

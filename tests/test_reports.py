@@ -1,0 +1,379 @@
+"""Tables, plots and the HTML report against hand-made result files with known numbers."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmarks.errors import UserError
+from benchmarks.reports import plots as plots_module
+from benchmarks.reports.html import render_report, write_report
+from benchmarks.reports.tables import (
+    PUBLISHED_CSV,
+    build_tables,
+    comparison_frame,
+    leaderboard,
+    load_published,
+    main_tables,
+    per_class_frame,
+    per_class_tables,
+    published_tables,
+    render_latex,
+    render_markdown,
+    summary_frame,
+)
+from benchmarks.results import iter_results, write_result
+
+CLASSES = ("road", "sidewalk", "car")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_result(method: str, seed: int, miou: dict[str, float], *, backbone: str = "proxy_vit",
+                preset: str = "proxy", head: str = "light", setting: str = "G->CBM", params: int = 1_000_000,
+                status: str = "finished", failure: str | None = None, per_class: dict[str, dict] | None = None,
+                experiment: dict | None = None, curves: bool = False) -> dict:
+    targets = {}
+    for target, value in miou.items():
+        ious = (per_class or {}).get(target) or {cls: value for cls in CLASSES}
+        targets[target] = {"miou": value, "per_class_iou": ious, "num_images": 4}
+    result = {
+        "schema": 1,
+        "run_id": f"{preset}/{setting}/{backbone}/{method}/seed{seed}",
+        "status": status, "failure": failure, "preset": preset, "setting": setting, "source": "gtav",
+        "method": {"name": method, "paper": "", "hyperparameters": {}},
+        "backbone": backbone, "head": head, "seed": seed,
+        "experiment": experiment or {"preset": preset, "train": {"iters": 300, "seed": seed}, "model": {"backbone": backbone}},
+        "params": {"backbone_trainable": params, "backbone_added": 0, "backbone_pretrained": 5_000_000,
+                   "head_total": 10_000, "head_trainable": 10_000},
+        "targets": targets if status == "finished" else {},
+        "average_miou": sum(miou.values()) / len(miou) if status == "finished" and miou else None,
+        "environment": {"torch": "2.x", "device_name": "cpu", "git_commit": "abc", "git_dirty": False},
+        "timings": {"started": "2025-01-01T00:00:00", "finished": "2025-01-01T00:01:00"},
+    }
+    if curves:
+        result["history"] = [{"iter": i, "loss": 2.0 / (i + 1), "lr": 1e-4} for i in (0, 10, 20)]
+        result["evaluations"] = [{"iter": i, "targets": {t: v * i / 20 for t, v in miou.items()}} for i in (10, 20)]
+        result["profile"] = {"train_images_per_s": 10.0, "eval_images_per_s": 30.0, "peak_memory_mb": 400.0,
+                             "device": "cpu", "dtype": "float32"}
+    return result
+
+
+CBM = ("cityscapes", "bdd100k", "mapillary")
+
+
+def cbm(c: float, b: float, m: float) -> dict[str, float]:
+    return dict(zip(CBM, (c, b, m), strict=True))
+
+
+@pytest.fixture
+def runs() -> list[dict]:
+    return [
+        make_result("rein", 1, cbm(40.0, 30.0, 20.0), params=2_990_081),
+        make_result("rein", 2, cbm(44.0, 34.0, 26.0), params=2_990_081),
+        make_result("full", 1, cbm(50.0, 20.0, 30.0), params=304_200_000),
+        make_result("freeze", 1, cbm(30.0, 25.0, 22.0), params=0),
+        make_result("vpt", 1, {}, status="failed", failure="loss diverged (NaN) at iteration 12"),
+    ]
+
+
+# -- numbers ---------------------------------------------------------------------------------------
+def test_summary_mean_and_sample_std_over_seeds(runs):
+    summary = summary_frame(runs).set_index("method")
+    rein = summary.loc["rein"]
+    assert rein["seeds"] == 2
+    assert rein["cityscapes"] == pytest.approx(42.0)
+    assert rein["cityscapes_std"] == pytest.approx(math.sqrt(8.0))  # sample std of 40, 44
+    assert rein["mapillary_std"] == pytest.approx(math.sqrt(18.0))
+    assert rein["average"] == pytest.approx((30.0 + (34 + 44 + 26) / 3) / 2)
+    assert rein["trainable_params_m"] == pytest.approx(2.990081)
+    assert math.isnan(summary.loc["full", "cityscapes_std"])  # one seed: no spread
+    assert "vpt" not in summary.index  # failed runs are not in the numbers
+    # ranked by average, best first
+    assert list(summary.index) == ["full", "rein", "freeze"]  # 33.3, 32.3, 25.7
+
+
+def test_markdown_table_bold_best_per_column_and_failed_listed(runs):
+    text = leaderboard(runs)
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    cells = {name: [c.strip() for c in line.strip("|").split("|")] for name, line in lines.items()}
+    header = cells["Method"]
+    assert header[:6] == ["Method", "Params (M)", "Citys.", "BDD", "Map.", "Avg."]
+    # rein (two seeds) is best on BDD; full is best on Cityscapes, Mapillary and the average
+    assert cells["rein"][2] == "42.0 ± 2.8"
+    assert cells["rein"][3] == "**32.0 ± 2.8**"
+    assert cells["rein"][4] == "23.0 ± 4.2"
+    assert cells["full"][2] == "**50.0**"
+    assert cells["full"][3] == "20.0"
+    assert cells["full"][4] == "**30.0**"
+    assert cells["full"][5] == "**33.3**"
+    assert cells["rein"][5] == "32.3 ± 3.3"  # averages 30.0 and 34.7
+    assert cells["rein"][6] == "2" and cells["full"][6] == "1"  # the seeds column
+    assert cells["full"][1] == "304.2"
+    assert cells["freeze"][1] == "0"
+    assert cells["rein"][1] == "2.99"
+    averages = {name: cells[name][5] for name in ("rein", "full", "freeze")}
+    assert sum(v.startswith("**") for v in averages.values()) == 1
+    assert list(cells)[1:] == ["full", "rein", "freeze"]  # ranked by average
+    assert "failed: vpt seed 1 — loss diverged (NaN) at iteration 12" in text
+
+
+def test_ties_are_all_bold_at_display_precision():
+    runs = [make_result("a", 1, cbm(50.01, 10, 10)), make_result("b", 1, cbm(49.99, 10, 10))]
+    table = main_tables(runs)[0]
+    assert [row[2].bold for row in table.rows] == [True, True]
+
+
+def test_stale_failure_of_a_rerun_is_not_listed():
+    failed = make_result("rein", 1, {}, status="failed", failure="out of memory")
+    failed["timings"]["finished"] = "2024-12-31T00:00:00"
+    text = leaderboard([failed, make_result("rein", 1, cbm(40, 30, 20))])
+    assert "out of memory" not in text
+    assert "| rein |" in text
+
+
+def test_protocols_never_mix_in_one_table():
+    base = {"preset": "proxy", "train": {"iters": 300}, "model": {"backbone": "proxy_vit"}}
+    longer = copy.deepcopy(base)
+    longer["train"]["iters"] = 2000
+    runs = [
+        make_result("rein", 1, cbm(40, 30, 20), experiment=base),
+        make_result("rein", 1, cbm(60, 50, 40), experiment=longer),
+        make_result("rein", 1, cbm(10, 10, 10), preset="smoke"),
+        make_result("rein", 1, cbm(10, 10, 10), head="mask2former"),
+        make_result("rein", 1, cbm(10, 10, 10), backbone="dinov2_vitl14"),
+    ]
+    tables = main_tables(runs)
+    assert len(tables) == 5
+    assert all(len(t.rows) == 1 for t in tables)
+    # the two proxy/light/proxy_vit configurations are told apart by their config fingerprint
+    fingerprinted = [t.title for t in tables if "config" in t.title]
+    assert len(fingerprinted) == 2 and fingerprinted[0] != fingerprinted[1]
+
+
+def test_seed_and_paths_do_not_split_a_protocol():
+    experiments = [{"train": {"iters": 300, "seed": s}, "data": {"root": f"/mnt/{s}"}, "run": {"results_dir": str(s)}}
+                   for s in (1, 2)]
+    runs = [make_result("rein", s, cbm(40 + s, 30, 20), experiment=e) for s, e in zip((1, 2), experiments, strict=True)]
+    tables = main_tables(runs)
+    assert len(tables) == 1 and "config" not in tables[0].title
+    assert tables[0].rows[0][2].plain() == "41.5 ± 0.7"
+
+
+def test_setting_filter_and_other_settings_have_their_own_targets():
+    runs = [make_result("rein", 1, cbm(40, 30, 20)),
+            make_result("rein", 1, {"bdd100k": 50.0, "mapillary": 60.0}, setting="C->BM")]
+    text = leaderboard(runs, setting="C->BM")
+    assert "C->BM" in text and "G->CBM" not in text
+    assert "Citys." not in text and "**" not in text  # a single row has nothing to be best against
+    assert "55.0" in text
+    assert leaderboard(runs, setting="C->ACDC") == "No results for setting C->ACDC.\n"
+
+
+def test_latex_is_booktabs_and_escaped(runs):
+    text = leaderboard(runs, fmt="latex")
+    assert r"\toprule" in text and r"\midrule" in text and r"\bottomrule" in text
+    assert r"\begin{tabular}{lrrrrrr}" in text
+    assert r"\textbf{50.0}" in text
+    assert r"42.0 $\pm$ 2.8" in text
+    assert text.startswith("% G->CBM · proxy_vit")  # the title is a comment, free to hold any character
+    body = text.split(r"\begin{tabular}")[1].split(r"\end{tabular}")[0]
+    assert "±" not in body and "_" not in body
+
+
+def test_csv_is_the_numbers_at_full_precision(runs, tmp_path):
+    frame = pd.read_csv(pd.io.common.StringIO(leaderboard(runs, fmt="csv")))
+    rein = frame.set_index("method").loc["rein"]
+    assert rein["cityscapes"] == pytest.approx(42.0)
+    assert rein["cityscapes_std"] == pytest.approx(math.sqrt(8.0))
+    assert set(frame["method"]) == {"rein", "full", "freeze"}
+
+
+def test_per_class_table_means_and_best(runs):
+    runs = [
+        make_result("a", 1, cbm(10, 10, 10), per_class={"cityscapes": {"road": 90.0, "sidewalk": None, "car": 20.0}}),
+        make_result("a", 2, cbm(10, 10, 10), per_class={"cityscapes": {"road": 80.0, "sidewalk": None, "car": 40.0}}),
+        make_result("b", 1, cbm(12, 10, 10), per_class={"cityscapes": {"road": 70.0, "sidewalk": 5.0, "car": 50.0}}),
+    ]
+    frame = per_class_frame(runs).set_index(["method", "target", "class"])
+    assert frame.loc[("a", "cityscapes", "road"), "iou"] == pytest.approx(85.0)
+    assert math.isnan(frame.loc[("a", "cityscapes", "sidewalk"), "iou"])
+    table = next(t for t in per_class_tables(runs) if t.title.endswith("on cityscapes"))
+    assert table.header == ["Method", "road", "sidewalk", "car", "mIoU"]
+    rows = {row[0].plain(): row for row in table.rows}
+    assert rows["a"][1].plain() == "85.0" and rows["a"][1].bold
+    assert rows["a"][2].plain() == "—"
+    assert rows["b"][3].plain() == "50.0" and rows["b"][3].bold
+    assert rows["a"][4].plain() == "57.5"  # mean of the classes present: (85 + 30) / 2
+    assert len(per_class_tables(runs)) == 3  # one per target
+
+
+# -- published numbers ----------------------------------------------------------------------------
+def test_published_csv_keeps_sources_and_verification():
+    published = load_published()
+    assert {"source", "verified", "trainable_params_m", "cityscapes", "bdd100k", "mapillary", "average"} <= set(published.columns)
+    rein = published[(published["method"] == "rein") & (published["backbone"] == "dinov2_vitl14")
+                     & (published["setting"] == "G->CBM")].iloc[0]
+    assert rein["average"] == pytest.approx(64.3)
+    assert "Rein" in rein["source"]
+    assert published["source"].notna().all() and published["verified"].notna().all()
+
+
+def test_published_side_by_side_with_differences():
+    runs = [make_result("rein", s, cbm(c, 60.4, 66.1), backbone="dinov2_vitl14", params=2_990_081, preset="paper",
+                        head="mask2former") for s, c in ((1, 65.0), (2, 66.0))]
+    runs.append(make_result("mystery", 1, cbm(1, 2, 3), backbone="dinov2_vitl14", preset="paper", head="mask2former"))
+    comparison = comparison_frame(summary_frame(runs), load_published()).set_index("method")
+    assert list(comparison.index) == ["rein"]  # no published row, no comparison
+    row = comparison.loc["rein"]
+    assert row["cityscapes_published"] == pytest.approx(66.4)
+    assert row["cityscapes_harness"] == pytest.approx(65.5)
+    assert row["cityscapes_delta"] == pytest.approx(-0.9)
+    assert row["bdd100k_delta"] == pytest.approx(0.0)
+    assert row["average_delta"] == pytest.approx((65.5 + 60.4 + 66.1) / 3 - 64.3)
+    assert row["params_m_delta"] == pytest.approx(2.990081 - 2.99)
+    text = render_markdown(published_tables(runs)[0])
+    assert "| rein | 2.99 | 2.99 | +0.00 | 66.4 | 65.5 | -0.9 |" in text
+    assert "Rein (CVPR 2024) Table 3" in text
+
+
+def test_published_missing_values_show_a_dash():
+    runs = [make_result("fishertune", 1, cbm(60, 60, 60), backbone="dinov2_vitl14", params=15_210_000)]
+    table = published_tables(runs)[0]
+    row = [c.plain() for c in table.rows[0]]
+    assert row[4:7] == ["—", "60.0", "—"]  # the paper gives no per-target numbers
+    assert row[-5:-2] == ["66.5", "60.0", "-6.5"]
+
+
+def test_published_for_unmatched_backbone_says_so(runs):
+    text = build_tables(runs, published=True)
+    assert "No published numbers" in text and "proxy_vit" in text
+
+
+def test_bad_inputs_are_user_errors(tmp_path, runs):
+    with pytest.raises(UserError, match="not found"):
+        load_published(tmp_path / "nope.csv")
+    (tmp_path / "bad.csv").write_text("method,average\nrein,1\n")
+    with pytest.raises(UserError, match="lacks the column"):
+        load_published(tmp_path / "bad.csv")
+    with pytest.raises(UserError, match="unknown table format"):
+        build_tables(runs, fmt="docx")
+
+
+# -- plots and the HTML report ---------------------------------------------------------------------
+def test_plots_are_pngs_and_skip_missing_data(runs):
+    with_curves = [make_result("rein", 1, cbm(40, 30, 20), curves=True), make_result("freeze", 1, cbm(30, 20, 10), params=0)]
+    names = [p.name.rsplit("_light_", 1)[1] for p in plots_module.make_plots(with_curves)]
+    assert names == ["miou_vs_params", "per_class_iou", "training_curves", "profile"]
+    without = plots_module.make_plots(runs)
+    assert [p.name.rsplit("_light_", 1)[1] for p in without] == ["miou_vs_params", "per_class_iou"]
+    assert all(p.png.startswith(PNG_MAGIC) for p in without)
+
+
+class _PageParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.tables = 0
+        self.headings: list[str] = []
+        self.external: list[str] = []
+        self._in_h3 = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag == "table":
+            self.tables += 1
+        if tag in ("script", "link", "iframe") or (tag != "a" and attrs.get("src", "data:").split(":")[0] not in ("data",)):
+            self.external.append(tag)
+        if tag == "a" and not attrs.get("href", "").startswith("#"):
+            self.external.append(attrs.get("href", ""))
+        self._in_h3 = tag == "h3"
+
+    def handle_data(self, data):
+        if self._in_h3:
+            self.headings.append(data)
+
+    def handle_endtag(self, tag):
+        self._in_h3 = False
+
+
+def test_report_html_is_self_contained_with_every_table_and_image(tmp_path):
+    runs = [
+        make_result("rein", 1, cbm(65, 60, 66), backbone="dinov2_vitl14", params=2_990_081, curves=True),
+        make_result("freeze", 1, cbm(60, 55, 60), backbone="dinov2_vitl14", params=0, curves=True),
+        make_result("rein", 1, cbm(40, 30, 20), curves=True),
+        make_result("vpt", 1, {}, status="failed", failure="diverged"),
+    ]
+    for index, result in enumerate(runs):
+        write_result(tmp_path / "runs" / f"{index}.json", result)
+    loaded = iter_results([tmp_path / "runs"])
+    page = write_report(loaded, tmp_path / "report")
+    text = page.read_text(encoding="utf-8")
+    parser = _PageParser()
+    parser.feed(text)
+    # per protocol: main + per-class (3 targets); dinov2_vitl14 also has the published comparison
+    assert parser.tables == (1 + 3) + (1 + 1 + 3)
+    assert sum("published vs harness" in h for h in parser.headings) == 1
+    assert len(parser.images) == 2 * 4  # two protocols × four figures
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+    assert parser.external == []
+    assert "diverged" in text
+    assert len(list((tmp_path / "report").glob("*.png"))) == 8
+
+
+def test_report_of_nothing_is_a_page_not_a_crash():
+    assert "No result files found." in render_report([])
+
+
+# -- commands --------------------------------------------------------------------------------------
+def _cli(argv: list[str]) -> int:
+    from benchmarks.cli import main
+
+    return main(argv)
+
+
+def test_table_command_formats_and_errors(tmp_path, runs, capsys):
+    for index, result in enumerate(runs):
+        write_result(tmp_path / f"{index}.json", result)
+    (tmp_path / "foreign.json").write_text(json.dumps({"not": "a result"}))
+    assert _cli(["table", "--runs", str(tmp_path), "--format", "latex"]) == 0
+    assert r"\toprule" in capsys.readouterr().out
+    assert _cli(["table", "--runs", str(tmp_path), "--per-class", "--format", "csv", "--output", str(tmp_path / "pc.csv")]) == 0
+    frame = pd.read_csv(tmp_path / "pc.csv")
+    assert len(frame) == 3 * 3 * 3  # methods × targets × classes
+    capsys.readouterr()
+    assert _cli(["table", "--runs", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _cli(["table", "--runs", str(empty)]) == 2
+    assert "no result files" in capsys.readouterr().err
+
+
+def test_report_command_writes_index(tmp_path, runs, capsys):
+    for index, result in enumerate(runs):
+        write_result(tmp_path / "runs" / f"{index}.json", result)
+    assert _cli(["report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    assert Path(capsys.readouterr().out.strip()) == tmp_path / "out" / "index.html"
+    assert (tmp_path / "out" / "index.html").stat().st_size > 1000
+
+
+def test_latex_renderer_escapes_specials():
+    from benchmarks.reports.tables import Table, text_cell
+
+    out = render_latex(Table("a_b & c", ["x%", "y"], [[text_cell("m_1 #2"), text_cell("$5")]]))
+    assert r"m\_1 \#2 & \$5 \\" in out and r"x\% & y \\" in out
+
+
+def test_published_csv_is_the_shipped_file():
+    assert PUBLISHED_CSV.is_file() and PUBLISHED_CSV.parent.name == "results"
