@@ -93,11 +93,23 @@ class SourceStream(Sampler[list[tuple[int, int]]]):
     consumed — which is what makes runs reproducible across worker counts and resumable exactly.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, start: int = 0, stop: int | None = None):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        stop: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if num_samples <= 0:
             raise UserError("the source dataset is empty; check data.root (run `python -m benchmarks data check`)")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.start, self.stop = start, stop
+        # Data-parallel view: rank r's local position p is the single-process position p·W + r, so
+        # one step of W ranks reads exactly what one process reads in W accumulated micro-batches.
+        self.rank, self.world_size = rank, world_size
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def batch(self, position: int) -> list[tuple[int, int]]:
@@ -114,15 +126,17 @@ class SourceStream(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         position = self.start
         while self.stop is None or position < self.stop:
-            yield self.batch(position)
+            yield self.batch(position * self.world_size + self.rank)
             position += 1
 
     def __len__(self) -> int:
         return (self.stop - self.start) if self.stop is not None else 2**31
 
 
-def source_loader(dataset: Dataset, cfg: TrainConfig, num_workers: int, device: torch.device, start: int) -> DataLoader:
-    stream = SourceStream(len(dataset), cfg.batch_size, cfg.seed, start=start)
+def source_loader(
+    dataset: Dataset, cfg: TrainConfig, num_workers: int, device: torch.device, start: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    stream = SourceStream(len(dataset), cfg.batch_size, cfg.seed, start=start, rank=rank, world_size=world_size)
     return DataLoader(
         dataset,
         batch_sampler=stream,
@@ -173,7 +187,11 @@ def train(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 
-    loader = source_loader(source, cfg, exp.data.num_workers, device, start=state.batches_consumed)
+    from benchmarks import distributed
+
+    world = distributed.current()
+    loader = source_loader(source, cfg, exp.data.num_workers, device, start=state.batches_consumed,
+                           rank=world.rank, world_size=world.world_size)
     batches = iter(loader)
 
     def next_batch() -> dict[str, torch.Tensor]:
@@ -181,9 +199,16 @@ def train(
         batch = next(batches)
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def probe_sample() -> dict[str, torch.Tensor]:
+        sample = source[(0, 0)]
+        return {k: v[None].to(device) for k, v in sample.items() if k in ("image", "label")}
+
+    # In a process group this goes through DDP (gradient sync); alone it is model.loss.
+    forward_loss = distributed.loss_function(model, device, probe_sample)
+
     def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast(device, amp_dtype):
-            return model.loss(batch["image"], batch["label"])["loss"]
+            return forward_loss(batch["image"], batch["label"])["loss"]
 
     ctx = TrainContext(model=model, total_iters=cfg.iters, device=device, next_batch=next_batch, loss=loss_of, optimizer=optimizer)
     model.train()
@@ -203,9 +228,10 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
-        for _ in range(cfg.grad_accum):
-            loss = loss_of(next_batch())
-            (loss / cfg.grad_accum).backward()
+        for micro in range(cfg.grad_accum):
+            with distributed.accumulation_context(forward_loss, last=micro == cfg.grad_accum - 1):
+                loss = loss_of(next_batch())
+                (loss / cfg.grad_accum).backward()
             running_loss += loss.detach().float()
             running_count += 1
         optimizer.step()
@@ -213,7 +239,7 @@ def train(
         state.step += 1
 
         if state.step % cfg.log_interval == 0 or state.step == cfg.iters:
-            mean_loss = (running_loss / max(running_count, 1)).item()
+            mean_loss = distributed.all_reduce_mean_(running_loss / max(running_count, 1)).item()
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(f"loss became {mean_loss} by iteration {state.step} (lr {cfg.lr * factor:.3g})")
             state.history.append({"iter": state.step, "loss": mean_loss, "lr": cfg.lr * factor})

@@ -149,6 +149,7 @@ def _now() -> str:
 
 # -- one run ----------------------------------------------------------------------------------------
 def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = True) -> dict[str, Any]:
+    from benchmarks import checkpoint, distributed
     from benchmarks.data import ensure_data_root, source_dataset, target_dataset
     from benchmarks.protocol import (
         TrainHooks,
@@ -164,7 +165,8 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     exp = experiment_for(exp, spec)
     path = spec.path(exp, results_dir)
     source, targets = SETTINGS[spec.setting]
-    device = select_device(exp.train.device)
+    world = distributed.current()
+    device = distributed.device_for(world, select_device(exp.train.device))
     method = build_method(spec.method, exp.methods.get(spec.method))
     result: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
@@ -180,28 +182,60 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         "seed": spec.seed,
         "experiment": exp.to_dict(),
         "config_hash": exp.config_hash(),
+        # The learning rate is not scaled with the world size (the reference recipe is single-GPU).
+        "batch": {
+            "per_device": exp.train.batch_size,
+            "world_size": world.world_size,
+            "grad_accum": exp.train.grad_accum,
+            "effective": exp.train.batch_size * world.world_size * exp.train.grad_accum,
+            "lr": exp.train.lr,
+            "lr_scaled_with_batch": False,
+        },
         "environment": environment(device),
         "timings": {"started": _now()},
     }
     root = ensure_data_root(exp)
     source_set = source_dataset(exp, source, root)
     target_sets = {name: target_dataset(exp, name, root) for name in targets}
+    if world.is_distributed:  # each rank scores its own strided shard; the confusion matrix is summed
+        from torch.utils.data import Subset
+
+        target_sets = {name: Subset(ds, distributed.shard_indices(len(ds), world)) for name, ds in target_sets.items()}
 
     seed_everything(spec.seed)
     model = build_model(exp, method)
     result["params"] = model.parameter_counts()
     amp = autocast_dtype(exp.train.amp, device)
+    # After the build (which draws from the RNG): a resumed run continues the saved RNG streams.
+    resumed = checkpoint.find_checkpoint(path, exp.config_hash(), world.world_size)
+    state, optimizer_state = checkpoint.restore(resumed, model, method, world.rank) if resumed else (None, None)
+    if resumed:
+        result["resumed_from_iter"] = state.step
 
     def score_targets(step: int) -> dict[str, float]:
         return {name: evaluate(model, ds, exp.eval, device, NUM_CLASSES, amp)["miou"] for name, ds in target_sets.items()}
 
+    def save_checkpoint(train_state, optimizer) -> None:
+        rng_states = distributed.gather_objects(checkpoint.rng_state())
+        if world.is_main:
+            checkpoint.save_checkpoint(
+                path, model=model, optimizer=optimizer, train_state=train_state, method_state=method.state_dict(),
+                config_hash=exp.config_hash(), world_size=world.world_size, rng_states=rng_states,
+            )
+        distributed.barrier()
+
+    hooks = TrainHooks(evaluate=score_targets, checkpoint=save_checkpoint)
     try:
-        state = train(model, method, source_set, exp, device, hooks=TrainHooks(evaluate=score_targets), progress=progress)
+        state = train(model, method, source_set, exp, device, state=state, optimizer_state=optimizer_state,
+                      hooks=hooks, progress=progress and world.is_main)
         eval_started = time.perf_counter()
         scores = {
-            name: evaluate(model, ds, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES, progress=progress, desc=name)
+            name: evaluate(model, ds, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES,
+                           progress=progress and world.is_main, desc=name)
             for name, ds in target_sets.items()
         }
+        for s in scores.values():
+            s["num_images"] = int(distributed.all_reduce_sum(s["num_images"], device))
         eval_seconds = time.perf_counter() - eval_started
     except UserError:
         raise
@@ -211,10 +245,11 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
             log.error("run %s crashed:\n%s", result["run_id"], traceback.format_exc())
         result.update(status="failed", failure=reason.splitlines()[0] if reason else type(err).__name__)
         result["timings"]["finished"] = _now()
-        write_result(path, result)
+        if world.is_main:  # the last good checkpoint is kept: a re-run resumes from it
+            write_result(path, result)
         return result
 
-    images_seen = state.step * exp.train.batch_size * exp.train.grad_accum
+    images_seen = state.step * exp.train.batch_size * exp.train.grad_accum * world.world_size
     result.update(
         status="finished",
         params=model.parameter_counts(),  # after training: phased methods may have changed what trains
@@ -232,7 +267,10 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         },
     )
     result["timings"].update(finished=_now(), train_s=state.train_seconds, eval_s=eval_seconds)
-    write_result(path, result)
+    if world.is_main:
+        write_result(path, result)
+        checkpoint.remove_checkpoint(path)  # the result holds everything worth keeping
+    distributed.barrier()
     return result
 
 
@@ -244,20 +282,81 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = True) -> dict[str, Any] | None:
+    """One run under its lock: the earlier result if finished, None if another live runner holds it.
+
+    Under torchrun rank 0 decides and every rank follows, so all ranks run or skip together.
+    """
+    from benchmarks import distributed
+    from benchmarks.launchers import RunLock
+
+    world = distributed.current()
+    path = spec.path(experiment_for(exp, spec), results_dir)
+    lock = RunLock(path)
+    decision = "run"
+    if world.is_main:
+        existing = read_result(path) if path.exists() else None
+        if existing and existing["status"] == "finished":
+            decision = "finished"
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not lock.acquire():
+                decision = "locked"
+            else:
+                # Another runner may have finished it between our check and our lock.
+                existing = read_result(path) if path.exists() else None
+                if existing and existing["status"] == "finished":
+                    lock.release()
+                    decision = "finished"
+    decision = distributed.broadcast_object(decision)
+    if decision == "finished":
+        log.info("%s: finished earlier, skipped (%s)", spec.run_id(experiment_for(exp, spec)), path)
+        return read_result(path)
+    if decision == "locked":
+        log.warning("%s: locked by %s (%s), skipped", spec.run_id(experiment_for(exp, spec)), lock.describe_owner(), lock.path)
+        return None
+    try:
+        return execute_run(spec, exp, results_dir, progress=progress)
+    except UserError:
+        if world.is_main:
+            lock.release()
+            _prune_empty_dirs(path.parent, results_dir)
+        raise
+    finally:
+        lock.release()
+
+
+def _prune_empty_dirs(folder: Path, stop: Path) -> None:
+    """Remove the folders a refused run created, up to (and including) an empty results dir."""
+    folder, stop = folder.resolve(), stop.resolve()
+    while folder == stop or stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == stop:
+            return
+        folder = folder.parent
+
+
 def run_matrix(
     exp: Experiment, methods: str | None = None, results_dir: Path | None = None, progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Runs every planned run not already finished; returns all the matrix's results."""
+    """Runs every planned run not already finished; returns all the matrix's results.
+
+    Runs another live runner holds are skipped and listed at the end (their results come from it).
+    """
     results_dir = results_dir or exp.resolve_path(exp.run.results_dir)
     specs = plan_runs(exp, methods)
     results = []
+    skipped = []
     for number, spec in enumerate(specs, 1):
-        path = spec.path(experiment_for(exp, spec), results_dir)
-        existing = read_result(path) if path.exists() else None
-        if existing and existing["status"] == "finished":
-            log.info("[%d/%d] %s: finished earlier, skipped (%s)", number, len(specs), existing["run_id"], path)
-            results.append(existing)
-            continue
         log.info("[%d/%d] %s %s %s seed %d", number, len(specs), spec.setting, spec.backbone, spec.method, spec.seed)
-        results.append(execute_run(spec, exp, results_dir, progress=progress))
+        result = run_one(spec, exp, results_dir, progress=progress)
+        if result is None:
+            skipped.append(spec.run_id(experiment_for(exp, spec)))
+        else:
+            results.append(result)
+    if skipped:
+        log.warning("%d run(s) skipped, held by other runners: %s", len(skipped), ", ".join(skipped))
     return results
