@@ -433,6 +433,7 @@ class FisherTune(Method):
                     cfg.variational_lr, cfg.variational_init_std,
                 )
                 offset, gamma = 1.0 / cfg.prior_variance, cfg.gamma
+            _average_across_processes(stats)
             # Tensor by tensor, freeing the statistics as they are used: peak memory stays near two
             # copies of the backbone (the DR-FIM scores plus the concatenation inside the ranking).
             scores, drf_sums, fisher_sums = [], [], []
@@ -580,6 +581,21 @@ def _masker(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _decayed_parameter_ids(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups if group.get("weight_decay", 0.0) for p in group["params"]}
+
+
+def _average_across_processes(stats: dict[str, list[torch.Tensor]]) -> None:
+    """Under data parallelism every rank estimated from its own batches: average the statistics so
+    all ranks rank the same values and hold the same masks (masks differing across ranks would let
+    the all-reduced gradients move entries some ranks keep frozen)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    for tensors in stats.values():
+        for tensor in tensors:
+            torch.distributed.all_reduce(tensor)
+            tensor.div_(world)
 
 
 def _synchronize(device: torch.device | None) -> None:
