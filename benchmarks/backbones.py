@@ -242,7 +242,7 @@ class Backbone(nn.Module):
         self._check_size(images)
         x, rope, (gh, gw) = self._embed(images)
         feats = []
-        for tokens, scale in zip(self._run_blocks(x, rope), self.scales):
+        for tokens, scale in zip(self._run_blocks(x, rope), self.scales, strict=True):
             patches = tokens[:, self.num_prefix_tokens:]
             fmap = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[-1], gh, gw)
             if scale != 1.0:

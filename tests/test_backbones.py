@@ -102,7 +102,7 @@ def test_original_and_timm_layout_give_the_same_model(tmp_path: Path, registers:
     x = torch.randn(2, 3, 70, 70)
     a = build_backbone(spec, 70, weights=tmp_path / "orig.pth", patch_size=14).eval()
     b = build_backbone(spec, 70, weights=tmp_path / "timm.safetensors", patch_size=14).eval()
-    for fa, fb in zip(a(x), b(x)):
+    for fa, fb in zip(a(x), b(x), strict=True):
         torch.testing.assert_close(fa, fb)
 
 
@@ -238,7 +238,7 @@ def test_features_are_the_tapped_blocks_patch_tokens_without_prefix() -> None:
     x = torch.randn(1, 3, 64, 64)
     feats = model(x)
     assert set(seen) == set(range(4))  # every block ran through self.blocks[i](x)
-    for level, (i, scale) in enumerate(zip(model.tap_indices, (4, 2, 1, 0.5))):
+    for level, (i, scale) in enumerate(zip(model.tap_indices, (4, 2, 1, 0.5), strict=True)):
         grid = seen[i][:, 5:].transpose(1, 2).reshape(1, DIM, 4, 4)
         expected = grid if scale == 1 else F.interpolate(grid, scale_factor=scale, mode="bilinear", align_corners=False)
         torch.testing.assert_close(feats[level], expected)
@@ -262,7 +262,7 @@ def test_eva_and_sam_blocks_take_and_return_token_sequences() -> None:
     for spec, size in ((TINY_EVA, 64), (TINY_SAM, 64)):
         model = build_backbone(spec, size, weights="random").eval()
         shapes = []
-        model.blocks[1].register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+        model.blocks[1].register_forward_hook(lambda m, a, out, shapes=shapes: shapes.append(tuple(out.shape)))
         model(torch.randn(2, 3, size, size))
         grid = size // model.patch_size
         assert shapes == [(2, model.num_prefix_tokens + grid * grid, DIM)], spec.family

@@ -43,13 +43,13 @@ class LightHead(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        lat = [conv(f) for conv, f in zip(self.lateral, features)]
+        lat = [conv(f) for conv, f in zip(self.lateral, features, strict=True)]
         for i in range(len(lat) - 2, -1, -1):  # top-down pathway
             lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="bilinear", align_corners=False)
         size = lat[0].shape[-2:]
         merged = sum(
             F.interpolate(s(x), size=size, mode="bilinear", align_corners=False) if i else s(x)
-            for i, (s, x) in enumerate(zip(self.smooth, lat))
+            for i, (s, x) in enumerate(zip(self.smooth, lat, strict=True))
         )
         return self.classifier(self.dropout(self.fuse(merged)))
 

@@ -303,7 +303,7 @@ class Mask2FormerHead(nn.Module):
         class_logits = [self.class_predictor(h.transpose(0, 1)) for h in out.intermediate_hidden_states]
         mask_logits = list(out.masks_queries_logits)
         aux = [
-            {"class_queries_logits": c, "masks_queries_logits": m} for c, m in zip(class_logits[:-1], mask_logits[:-1])
+            {"class_queries_logits": c, "masks_queries_logits": m} for c, m in zip(class_logits[:-1], mask_logits[:-1], strict=True)
         ]
         return {"pred_logits": class_logits[-1], "pred_masks": mask_logits[-1], "aux_outputs": aux}
 

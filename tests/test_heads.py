@@ -1,0 +1,215 @@
+"""Heads: the light FPN and the transformers-built Mask2Former (targets, loss, inference, queries)."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.errors import UserError
+from benchmarks.heads import HEADS, build_head
+from benchmarks.heads.mask2former import Mask2FormerHead, SemanticMask2FormerLoss, linear_sum_assignment
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_M2F = dict(hidden_dim=32, num_queries=8, num_heads=4, encoder_layers=1, encoder_ffn_dim=64,
+                decoder_layers=2, decoder_ffn_dim=64, num_points=256)
+
+
+def pyramid(batch: int = 2, channels: int = 16, size: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, channels, size // 2**i, size // 2**i, generator=g) for i in range(4)]
+
+
+def test_transformers_mask2former_imports_with_the_repo_on_the_path() -> None:
+    # The repo's top-level `datasets/` shadows Hugging Face datasets; importing the Mask2Former parts,
+    # timm and peft must still work from the repository root.
+    code = ("import datasets, peft, timm; "
+            "from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder, Mask2FormerLoss; "
+            "import benchmarks.heads; print(datasets.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert str(REPO / "datasets") in out.stdout
+
+
+# -- Hungarian solver ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(4, 4), (3, 6), (6, 3), (1, 5), (5, 1)])
+def test_assignment_is_optimal_against_brute_force(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    for _ in range(5):
+        cost = rng.normal(size=shape)
+        rows, cols = linear_sum_assignment(torch.from_numpy(cost).float())
+        n, m = shape
+        k = min(n, m)
+        best = min(
+            sum(cost[r, c] for r, c in zip(rs, cs, strict=True))
+            for rs in itertools.combinations(range(n), k)
+            for cs in itertools.permutations(range(m), k)
+        )
+        assert len(rows) == k and list(rows) == sorted(rows) and len(set(cols)) == k
+        assert cost[rows, cols].sum() == pytest.approx(best, abs=1e-5)
+
+
+def test_assignment_survives_huge_costs() -> None:
+    big = float(torch.finfo(torch.float32).max)
+    cost = np.array([[big, 1.0], [2.0, big], [big, big]])
+    rows, cols = linear_sum_assignment(cost)
+    assert sorted(zip(rows.tolist(), cols.tolist(), strict=True)) == [(0, 1), (1, 0)]
+
+
+def test_loss_sets_exactly_the_attributes_of_transformers_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.models.mask2former import modeling_mask2former as m2f
+
+    monkeypatch.setattr(m2f, "requires_backends", lambda *a, **k: None)  # build the original without scipy
+    head = Mask2FormerHead(16, 5, **TINY_M2F)
+    original = m2f.Mask2FormerLoss(head.config, head.weight_dict)
+    ours = head.criterion
+    assert isinstance(ours, SemanticMask2FormerLoss)
+    public = lambda obj: {k for k in vars(obj) if not k.startswith("_")}  # noqa: E731
+    assert public(ours) == public(original)
+    assert set(dict(ours.named_buffers())) == set(dict(original.named_buffers()))
+    torch.testing.assert_close(ours.empty_weight, original.empty_weight)
+    values = lambda obj: {k: getattr(obj, k) for k in public(obj) if not isinstance(getattr(obj, k), torch.nn.Module)}  # noqa: E731
+    assert values(ours) == values(original) and values(ours.matcher) == values(original.matcher)
+
+
+# -- Mask2Former ------------------------------------------------------------------------------------------
+def test_protocol_settings_by_default() -> None:
+    with torch.device("meta"):
+        head = build_head("mask2former", 1024, 19)
+    cfg = head.config
+    assert len(head.pixel_decoder.encoder.layers) == 6 and len(head.transformer.decoder.layers) == 9
+    attn = head.pixel_decoder.encoder.layers[0].self_attn
+    assert (attn.d_model, attn.n_heads, attn.n_levels, attn.n_points) == (256, 8, 3, 4)
+    assert head.pixel_decoder.encoder.layers[0].fc1.out_features == 1024
+    assert head.transformer.decoder.layers[0].fc1.out_features == 2048
+    assert head.transformer.queries_embedder.num_embeddings == 100
+    assert (cfg.dropout, cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.no_object_weight) == (0.0, 2.0, 5.0, 5.0, 0.1)
+    assert (head.criterion.num_points, head.criterion.oversample_ratio, head.criterion.importance_sample_ratio) == (12544, 3.0, 0.75)
+    m = head.criterion.matcher
+    assert (m.cost_class, m.cost_mask, m.cost_dice, m.num_points) == (2.0, 5.0, 5.0, 12544)
+    assert isinstance(head.pixel_decoder.input_projections[0][1], torch.nn.GroupNorm)
+    assert head.pixel_decoder.input_projections[0][1].num_groups == 32
+    assert sum(p.numel() for p in head.parameters()) == 20_565_204  # DINOv2-L width (1024) in, 19 classes
+
+
+def test_outputs_and_deep_supervision() -> None:
+    head = Mask2FormerHead(16, 5, **TINY_M2F)
+    out = head(pyramid())
+    assert out["pred_logits"].shape == (2, 8, 6)  # K + no-object
+    assert out["pred_masks"].shape == (2, 8, 16, 16)  # stride p/4, the finest level
+    assert len(out["aux_outputs"]) == 2  # initial prediction + every decoder layer but the last
+    labels = torch.randint(0, 5, (2, 64, 64))
+    parts = head.loss(out, labels)
+    assert set(parts) == {"loss", "loss_cls", "loss_mask", "loss_dice"}
+    torch.testing.assert_close(parts["loss"].detach(), parts["loss_cls"] + parts["loss_mask"] + parts["loss_dice"])
+    head.deep_supervision = False
+    assert head.loss(out, labels)["loss"] < parts["loss"]  # 1 supervised prediction instead of 3
+
+
+def test_semantic_targets_one_mask_per_present_class_without_ignore() -> None:
+    head = Mask2FormerHead(16, 5, **TINY_M2F)
+    labels = torch.tensor([[[0, 0, 3], [255, 3, 3]], [[255, 255, 255], [255, 255, 255]]])
+    classes, masks = head.semantic_targets(labels)
+    assert classes[0].tolist() == [0, 3] and classes[1].numel() == 0
+    assert masks[0].tolist() == [[[1, 1, 0], [0, 0, 0]], [[0, 0, 1], [0, 1, 1]]]
+    assert masks[1].shape == (0, 2, 3)
+
+
+def test_loss_decreases_over_a_short_fit() -> None:
+    torch.manual_seed(0)
+    head = Mask2FormerHead(16, 4, **TINY_M2F)
+    feats = pyramid(batch=3, size=16, seed=1)
+    # labels are a function of the features (sign of two channels) so there is something to learn
+    base = torch.nn.functional.interpolate(feats[0][:, :2], size=(32, 32), mode="nearest")
+    labels = (base[:, 0] > 0).long() * 2 + (base[:, 1] > 0).long()
+    labels[:, :2] = 255
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = head.loss(head(feats), labels)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses  # observed ≈0.75
+
+
+def test_semantic_inference_matches_a_hand_computation() -> None:
+    head = Mask2FormerHead(16, 2, **TINY_M2F)
+    logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 1.0, 3.0]]])  # B=1, Q=2, K=2 + no-object
+    masks = torch.tensor([[[[0.0, 2.0]], [[-1.0, 1.0]]]])  # [1, 2, 1, 2]
+    got = head.semantic_logits({"pred_logits": logits, "pred_masks": masks}, (1, 2))
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    expected = np.zeros((2, 2))
+    for q in range(2):
+        p = np.exp(logits[0, q].numpy()) / np.exp(logits[0, q].numpy()).sum()
+        for k in range(2):
+            for x in range(2):
+                expected[k, x] += p[k] * sig(masks[0, q, 0, x].item())
+    np.testing.assert_allclose(got[0, :, 0].numpy(), expected, rtol=1e-6)
+    up = head.semantic_logits({"pred_logits": logits, "pred_masks": masks}, (4, 8))
+    assert up.shape == (1, 2, 4, 8)
+
+
+def test_query_provider_replaces_the_learned_queries() -> None:
+    torch.manual_seed(0)
+    head = Mask2FormerHead(16, 3, **TINY_M2F).eval()
+    feats = pyramid()
+    before = head(feats)["pred_logits"]
+    pos, content = torch.randn(5, 32), torch.randn(5, 32, requires_grad=True)
+    head.set_query_provider(lambda: (pos, content))
+    out = head(feats)
+    assert out["pred_logits"].shape == (2, 5, 4) and out["pred_masks"].shape[1] == 5  # Q follows the provider
+    assert not head.transformer.queries_features.weight.requires_grad
+    head.loss(out, torch.randint(0, 3, (2, 16, 16)))["loss"].backward()
+    assert content.grad is not None and content.grad.abs().sum() > 0  # gradients reach the provider
+    head.set_query_provider(lambda: (pos * 2, content))
+    assert not torch.allclose(head(feats)["pred_logits"], out["pred_logits"])  # positions matter
+    head.set_query_provider(None)
+    torch.testing.assert_close(head(feats)["pred_logits"], before)
+    assert head.transformer.queries_features.weight.requires_grad
+    head.set_query_provider(lambda: (torch.randn(5, 31), torch.randn(5, 31)))
+    with pytest.raises(ValueError, match=r"\[Q, 32\]"):
+        head(feats)
+
+
+def test_no_weight_decay_names_exist() -> None:
+    head = Mask2FormerHead(16, 3, **TINY_M2F)
+    names = dict(head.named_parameters())
+    assert head.no_weight_decay() <= set(names)
+    assert {"transformer.level_embed.weight", "pixel_decoder.level_embed"} <= head.no_weight_decay()
+
+
+def test_level_embedding_and_deformable_offsets_are_initialised() -> None:
+    head = Mask2FormerHead(16, 3, **TINY_M2F)
+    assert torch.isfinite(head.pixel_decoder.level_embed).all()
+    attn = head.pixel_decoder.encoder.layers[0].self_attn
+    assert attn.sampling_offsets.weight.abs().sum() == 0 and attn.sampling_offsets.bias.abs().max() == 4.0
+
+
+# -- light head and the registry ---------------------------------------------------------------------------
+def test_light_head_shapes_and_ignore() -> None:
+    head = build_head("light", 16, 7, channels=32)
+    out = head(pyramid())
+    assert out.shape == (2, 7, 16, 16) and head.semantic_logits(out, (64, 64)).shape == (2, 7, 64, 64)
+    labels = torch.randint(0, 7, (2, 64, 64))
+    full = head.loss(out, labels)["loss"]
+    labels_ignored = labels.clone()
+    labels_ignored[:, :32] = 255
+    assert head.loss(out, labels_ignored)["loss"] != full
+    zero = head.loss(out, torch.full((2, 64, 64), 255))["loss"]
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_registry_and_argument_errors() -> None:
+    assert set(HEADS) == {"light", "mask2former"}
+    assert HEADS["mask2former"].supports_queries and not HEADS["light"].supports_queries
+    with pytest.raises(UserError, match="unknown head 'upernet'"):
+        build_head("upernet", 16, 3)
+    with pytest.raises(UserError, match="has no setting hidden"):
+        build_head("light", 16, 3, hidden=3)
