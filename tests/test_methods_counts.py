@@ -1,0 +1,69 @@
+"""Backbone-side trainable parameters on DINOv2-L/16 @512 (meta device: shapes only) match the specs.
+
+Numbers from specs/protocol.md "Trainable parameters" and specs/methods.md; the peft variants'
+counts are the ones documented in methods/lora.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.backbones import build_backbone
+from benchmarks.heads import build_head
+from benchmarks.method import build_method
+from benchmarks.model import SegModel
+
+REIN_L = 38_400 + 393_216 + 1 + 2_099_200 + 262_400 + 196_864
+EXPECTED_DINOV2_L = {
+    "lora": 786_432,
+    "vpt": 3_686_400,
+    "adaptformer": 3_171_840,
+    "rein": 2_990_081,
+    "set": 2_990_081 + 2_457_600 + 2_099_200,
+    "set_released": 2_990_081 + 2_457_600 + 2_099_200,
+    "dora": 786_432 + 24 * 3 * 1024,  # + one magnitude per qkv output channel
+    "loha": 2 * 786_432,  # two rank-8 pairs
+    "lokr": 55_296,
+    "vera": 24 * (256 + 3 * 1024),  # lambda_d (r) + lambda_b (out)
+    "ia3": 24 * 3 * 1024,
+    "oft": 380_928,
+}
+
+
+def meta_model(method: str, backbone: str = "dinov2_vitl14", head: str = "mask2former") -> SegModel:
+    with torch.device("meta"):
+        bb = build_backbone(backbone, 512, weights="random")
+        model = SegModel(bb, build_head(head, bb.embed_dim, 19))
+        build_method(method).attach(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def frozen_counts() -> dict[str, int]:
+    return meta_model("freeze").parameter_counts()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_DINOV2_L))
+def test_dinov2_l_trainable_counts(name, frozen_counts):
+    counts = meta_model(name).parameter_counts()
+    assert counts["backbone_trainable"] == EXPECTED_DINOV2_L[name]
+    assert counts["backbone_added"] == EXPECTED_DINOV2_L[name]
+    assert counts["backbone_pretrained"] == frozen_counts["backbone_pretrained"]
+    head_extra = counts["head_total"] - frozen_counts["head_total"]
+    assert head_extra == (65_792 if name in ("rein", "set", "set_released") else 0)
+
+
+def test_rein_sums_as_the_paper():
+    assert REIN_L == 2_990_081
+    assert EXPECTED_DINOV2_L["set"] == 7_546_881  # "≈ 7.55M"
+
+
+def test_rein_without_queries_drops_transform_and_merge():
+    assert meta_model("rein", head="light").parameter_counts()["backbone_trainable"] == 2_990_081 - 262_400 - 196_864
+
+
+@pytest.mark.parametrize(("backbone", "expected"), [("dinov2_vits14", 684_033), ("dinov2_vitb14", 1_741_569), ("sam_vith16", 4_510_721)])
+def test_rein_scales_by_formula(backbone, expected):
+    # the paper's ViT-S 0.68M and ViT-B 1.74M: m and r stay, widths follow C, one token set per block
+    assert meta_model("rein", backbone).parameter_counts()["backbone_trainable"] == expected
