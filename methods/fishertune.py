@@ -447,7 +447,8 @@ class FisherTune(Method):
                 del clean, perturbed
                 scores.append(normalise_per_tensor(score, cfg.normalise))
                 del score
-            self._order = rank_entries(scores, self.budget())
+            # On the host: each step reads a short slice of it to grow the masks.
+            self._order = rank_entries(scores, self.budget()).cpu()
             del scores
             _synchronize(ctx.device)
             seconds = time.perf_counter() - started
