@@ -162,6 +162,8 @@ class JobRequest:
     config_hash: str
     spec: Any  # runner.RunSpec
     results_dir: str
+    cwd: str
+    """Relative paths in the overrides (data root) resolve as they did where the matrix was submitted."""
 
 
 def resolve_for_job(request: JobRequest) -> Experiment:
@@ -201,6 +203,7 @@ def run_job(request: JobRequest) -> dict[str, Any] | None:
     from benchmarks.runner import run_one
 
     _export_submitit_rank()
+    os.chdir(request.cwd)
     exp = resolve_for_job(request)
     distributed.init_distributed(exp.train.device)
     try:
@@ -268,7 +271,8 @@ def submit_matrix(
     folder = Path(options.folder).expanduser() if options.folder else results_dir / ".submitit"
     executor = _executor(options, folder)
     requests = [
-        JobRequest(preset, tuple(overrides), tuple(weights), exp.config_hash(), spec, str(results_dir)) for spec in pending
+        JobRequest(preset, tuple(overrides), tuple(weights), exp.config_hash(), spec, str(results_dir), os.getcwd())
+        for spec in pending
     ]
     with executor.batch():
         jobs = [executor.submit(run_job, request) for request in requests]
@@ -279,3 +283,17 @@ def submit_matrix(
         for job in jobs:
             job.result()
     return jobs
+
+
+def collect_results(exp: Experiment, methods: str | None) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The matrix's result files as they stand: (results found, specs without one)."""
+    from benchmarks.results import read_result
+    from benchmarks.runner import experiment_for, plan_runs
+
+    results_dir = exp.resolve_path(exp.run.results_dir)
+    found, missing = [], []
+    for spec in plan_runs(exp, methods):
+        path = spec.path(experiment_for(exp, spec), results_dir)
+        result = read_result(path) if path.exists() else None
+        (found.append(result) if result else missing.append(spec))
+    return found, missing

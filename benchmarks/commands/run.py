@@ -19,6 +19,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", help="'all' (default: the preset's) or a comma-separated list, e.g. rein,lora")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved protocol, the runs and parameter counts; touch no data")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    add_launcher_arguments(parser)
+
+
+def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("launching (docs/scaling.md)")
+    group.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                       help="local: run here, one run after another (under torchrun: data-parallel); "
+                            "slurm: submit one job per unfinished run through submitit")
+    group.add_argument("--slurm-partition", default="", help="slurm partition")
+    group.add_argument("--slurm-account", default="", help="slurm account")
+    group.add_argument("--slurm-constraint", default="", help="slurm constraint, e.g. a GPU type")
+    group.add_argument("--slurm-time", type=int, default=24 * 60, metavar="MINUTES", help="time limit per job (default 1440)")
+    group.add_argument("--slurm-nodes", type=int, default=1, help="nodes per job (default 1)")
+    group.add_argument("--slurm-gpus-per-node", type=int, default=1, help="GPUs per node, one task each (default 1)")
+    group.add_argument("--slurm-cpus-per-task", type=int, default=8, help="CPU cores per task (default 8)")
+    group.add_argument("--slurm-mem-gb", type=int, default=0, help="memory per node in GB (default: the partition's)")
+    group.add_argument("--slurm-array-parallelism", type=int, default=32, help="jobs running at once (default 32)")
+    group.add_argument("--slurm-folder", default="", help="job scripts and logs (default <results dir>/.submitit)")
+    group.add_argument("--slurm-cluster", default="", choices=("", "slurm", "local", "debug"),
+                       help=argparse.SUPPRESS)  # submitit's local executor, for tests
+    group.add_argument("--slurm-wait", action="store_true", help="wait for the jobs and print the leaderboard")
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,13 +56,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def experiment_from_args(args: argparse.Namespace) -> Experiment:
-    overrides = list(args.overrides)
-    shorthands = {"data_root": "data.root", "backbones": "run.backbones", "seeds": "run.seeds", "results_dir": "run.results_dir"}
-    for attr, key in shorthands.items():
-        value = getattr(args, attr, None)
-        if value:
-            overrides.append(f"{key}={json.dumps(value)}" if attr in ("data_root", "results_dir") else f"{key}={value}")
-    exp = load_experiment(args.preset, overrides)
+    exp = load_experiment(args.preset, job_overrides(args))
     if getattr(args, "weights", None):
         exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, weights=tuple(exp.model.weights) + tuple(args.weights)))
     return exp
@@ -56,12 +71,56 @@ def run(args: argparse.Namespace) -> int:
         return 0
     specs = plan_runs(exp, args.methods)
     log.info("preset %s: %d run(s), results under %s", exp.preset, len(specs), exp.resolve_path(exp.run.results_dir))
-    results = run_matrix(exp, args.methods, progress=not args.no_progress)
+    if getattr(args, "launcher", "local") == "slurm":
+        return submit(exp, args)
+    from benchmarks import distributed
+
+    world = distributed.init_distributed(exp.train.device)
+    try:
+        results = run_matrix(exp, args.methods, progress=not args.no_progress)
+    finally:
+        distributed.shutdown()
+    if not world.is_main:
+        return 0
     from benchmarks.reports.tables import leaderboard
 
     print(leaderboard(results))
     failed = [r for r in results if r.get("status") != "finished"]
     return 1 if failed else 0
+
+
+def submit(exp: Experiment, args: argparse.Namespace) -> int:
+    from benchmarks.launchers import SlurmOptions, submit_matrix
+
+    options = SlurmOptions(
+        partition=args.slurm_partition, time_minutes=args.slurm_time, nodes=args.slurm_nodes,
+        gpus_per_node=args.slurm_gpus_per_node, cpus_per_task=args.slurm_cpus_per_task, mem_gb=args.slurm_mem_gb,
+        account=args.slurm_account, constraint=args.slurm_constraint, array_parallelism=args.slurm_array_parallelism,
+        folder=args.slurm_folder, cluster=args.slurm_cluster,
+    )
+    overrides = job_overrides(args)
+    jobs = submit_matrix(exp, args.preset, overrides, list(args.weights), args.methods, options, wait=args.slurm_wait)
+    for job in jobs:
+        print(job.job_id)
+    if not args.slurm_wait:
+        return 0
+    from benchmarks.launchers import collect_results
+    from benchmarks.reports.tables import leaderboard
+
+    results, missing = collect_results(exp, args.methods)
+    print(leaderboard(results))
+    return 1 if missing or any(r.get("status") != "finished" for r in results) else 0
+
+
+def job_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides a job re-resolves the experiment from: --set plus the shorthands, as given."""
+    overrides = list(args.overrides)
+    shorthands = {"data_root": "data.root", "backbones": "run.backbones", "seeds": "run.seeds", "results_dir": "run.results_dir"}
+    for attr, key in shorthands.items():
+        value = getattr(args, attr, None)
+        if value:
+            overrides.append(f"{key}={json.dumps(value)}" if attr in ("data_root", "results_dir") else f"{key}={value}")
+    return overrides
 
 
 def describe(exp: Experiment, methods: str | None) -> str:
