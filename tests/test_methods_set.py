@@ -1,0 +1,114 @@
+"""SET: spectral decomposition, both branches, recomposition, and the released variant's batch coupling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from methods.rein import TokenRefinement
+from methods.set_tokens import (
+    amplitude_and_phase,
+    batch_channel_spectrum,
+    inverse_batch_channel_spectrum,
+    inverse_spatial_spectrum,
+    recompose,
+    spatial_spectrum,
+)
+from tests.test_methods_common import images, tiny_model
+
+
+def test_spatial_recomposition_of_unrefined_parts_returns_the_input():
+    f = torch.randn(2, 12, 5, dtype=torch.float64)  # [B, N=3x4, C]
+    amplitude, phase = amplitude_and_phase(spatial_spectrum(f, (3, 4)))
+    torch.testing.assert_close(inverse_spatial_spectrum(recompose(amplitude, phase), (3, 4)), f)
+    # the transform is over the grid per image and channel: compare with numpy's per-image FFT
+    grid = f[1].T.reshape(5, 3, 4)
+    torch.testing.assert_close(spatial_spectrum(f, (3, 4))[1], torch.fft.fft2(grid).flatten(1).T)
+
+
+def test_released_round_trip_is_scaled_by_sqrt_batch_times_channels():
+    # fft2 'backward' then irfft2 'ortho' over (B, C): the released code's pair gives sqrt(B·C)·f
+    f = torch.randn(3, 7, 6, dtype=torch.float64)
+    amplitude, phase = amplitude_and_phase(batch_channel_spectrum(f))
+    out = inverse_batch_channel_spectrum(recompose(amplitude, phase))
+    torch.testing.assert_close(out, f * math.sqrt(3 * 6))
+    # the transform is over (batch, channel) for each token
+    torch.testing.assert_close(batch_channel_spectrum(f)[:, 2], torch.fft.fft2(f[:, 2]))
+
+
+def test_tiny_magnitudes_keep_gradients_finite():
+    spectrum = torch.zeros(2, 3, dtype=torch.complex64, requires_grad=True)
+    amplitude, phase = amplitude_and_phase(spectrum * 1.0)
+    (amplitude.sum() + phase.sum()).backward()
+    assert torch.isfinite(spectrum.grad).all()
+    assert torch.all(amplitude == 1e-5) and torch.all(phase == 0)
+
+
+def test_amplitude_logits_are_standardised_over_tokens():
+    torch.manual_seed(0)
+    refine = TokenRefinement(8, standardize_logits=True)
+    f, tokens = torch.randn(2, 5, 8), torch.randn(6, 8)
+    logits = f @ tokens.T
+    standard = (logits - logits.mean(-1, keepdim=True)) / torch.sqrt(logits.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    weights = torch.softmax(standard / math.sqrt(8), dim=-1)[..., 1:]
+    expected = refine.delta(weights @ refine.token2feat(tokens[1:]) + f)
+    torch.testing.assert_close(refine(f, tokens), expected)
+
+
+def _identity_refinements(adapter):
+    """token2feat = 0 and delta = identity: each branch returns its input (out_A = A, out_P = P)."""
+    for refine in (adapter.refinement, adapter.amplitude_refinement):
+        refine.token2feat.weight.zero_()
+        refine.token2feat.bias.zero_()
+        refine.delta.weight.copy_(torch.eye(refine.dim))
+        refine.delta.bias.zero_()
+
+
+@pytest.mark.parametrize(("name", "factor"), [("set", 1.0), ("set_released", None)])
+def test_unrefined_branches_recompose_the_features(name, factor):
+    model = tiny_model(name).eval()
+    adapter = model.backbone.set_tokens
+    f = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        _identity_refinements(adapter)
+        adapter.grid = (4, 4)
+        delta = adapter.feature_delta(0, f)
+    C = 32
+    factor = factor if factor is not None else math.sqrt(2 * C)  # sqrt(B·C) from the released FFT pair, B=2
+    torch.testing.assert_close(delta, f * factor / math.sqrt(2 * C), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "coupled"), [("set", False), ("set_released", True)])
+def test_only_the_released_variant_couples_images_in_a_batch(name, coupled):
+    model = tiny_model(name).eval()
+    with torch.no_grad():
+        model.backbone.set_tokens.scale.fill_(1.0)
+        a, b, c = images(1, seed=1), images(1, seed=2), images(1, seed=3)
+        first_with_b = model.backbone(torch.cat([a, b]))[-1][0]
+        first_with_c = model.backbone(torch.cat([a, c]))[-1][0]
+        alone = model.backbone(a)[-1][0]
+    changed = (first_with_b - first_with_c).abs().max().item()
+    if coupled:
+        assert changed > 1e-3
+    else:
+        assert changed < 1e-5
+        torch.testing.assert_close(first_with_b, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_both_branches_and_the_queries_use_their_own_parameters():
+    model = tiny_model("set", head="mask2former")
+    adapter = model.backbone.set_tokens
+    assert adapter.amplitude_tokens.tokens.shape == (4, 100, 32)  # full rank
+    bound = math.sqrt(6.0 / (3 * 8**2 + 32))
+    assert adapter.amplitude_tokens.tokens.abs().max() <= bound
+    model.train()
+    outputs = model(images(1))  # the head's outputs suffice to reach every parameter (no matching loss)
+    (outputs["pred_logits"].square().mean() + outputs["pred_masks"].square().mean()).backward()
+    for p in (adapter.tokens.A, adapter.tokens.B, adapter.amplitude_tokens.tokens, adapter.scale,
+              adapter.refinement.delta.weight, adapter.amplitude_refinement.delta.weight,
+              adapter.transform.weight, adapter.merge.weight):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    pos, _ = model.head._query_provider()
+    assert pos.shape == (100, 32)  # queries from the phase tokens only (m of them)
