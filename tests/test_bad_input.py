@@ -1,0 +1,179 @@
+"""Bad input to `python -m benchmarks run`: one clear line on stderr, exit code 2, nothing written.
+
+Each case runs twice: through `benchmarks.cli.main` in this process (fast, by default) and as a
+real `python -m benchmarks` subprocess (the exit code and stderr the user sees; marked slow, as
+eleven interpreters importing torch take minutes on two shared cores). The subprocesses are
+started together and awaited together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER_NAME = "pickle-payload-ran"
+
+
+class _Payload:
+    """Unpickling this would create the marker file: proof that code in the file was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _write_malicious(path: Path, marker: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        pickle.dump({"format": 1, "model": _Payload(marker)}, handle, protocol=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from datasets.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("world") / "synthetic"
+    generate_world(root, size="tiny")
+    return root
+
+
+def _case_dirs(base: Path, name: str) -> tuple[Path, Path]:
+    case = base / name
+    case.mkdir(parents=True)
+    return case, case / "results"
+
+
+@pytest.fixture(scope="module", params=["inprocess", pytest.param("subprocess", marks=pytest.mark.slow)])
+def outcomes(request, world, tmp_path_factory):
+    """Runs every bad-input case; returns {case: (returncode, stderr, results_dir, case_dir)}."""
+    from safetensors.torch import save_file
+
+    from benchmarks.config import load_experiment
+    from benchmarks.runner import RunSpec, experiment_for
+
+    base = tmp_path_factory.mktemp("bad")
+    smoke = ["--preset", "smoke", "--methods", "full", "--data-root", str(world), "--no-progress", "--set", "train.iters=2"]
+    cases: dict[str, list[str]] = {}
+    dirs: dict[str, tuple[Path, Path]] = {}
+
+    def add(name: str, args: list[str]) -> Path:
+        case, results = _case_dirs(base, name)
+        dirs[name] = (case, results)
+        cases[name] = [*args, "--results-dir", str(results)]
+        return case
+
+    add("unknown_method", [*smoke[:2], "--methods", "no_such_method", *smoke[4:]])
+    add("unknown_backbone", [*smoke, "--backbones", "no_such_vit"])
+    add("unknown_preset", ["--preset", "no_such_preset", "--methods", "full"])
+    add("override_without_equals", [*smoke, "--set", "train.iters"])
+    add("override_unknown_key", [*smoke, "--set", "train.no_such_key=1"])
+    add("override_wrong_type", [*smoke, "--set", "train.iters=many"])
+    case = add("missing_weights", [*smoke])
+    cases["missing_weights"] += ["--weights", f"proxy_vit={case / 'absent.safetensors'}"]
+    case = add("mismatched_weights", [*smoke])
+    save_file({"not.a.vit.weight": torch.zeros(3, 3)}, str(case / "other.safetensors"))
+    cases["mismatched_weights"] += ["--weights", f"proxy_vit={case / 'other.safetensors'}"]
+    case = add("pickled_weights", [*smoke])
+    _write_malicious(case / "weights.pt", case / MARKER_NAME)
+    cases["pickled_weights"] += ["--weights", f"proxy_vit={case / 'weights.pt'}"]
+    case = add("invalid_dataset", [*smoke[:4], "--data-root", "DATA", *smoke[6:]])
+    (case / "data" / "gta" / "images").mkdir(parents=True)  # a layout without labels or pairs
+    cases["invalid_dataset"][cases["invalid_dataset"].index("DATA")] = str(case / "data")
+    case = add("pickled_checkpoint", [*smoke])
+    results = dirs["pickled_checkpoint"][1]
+    exp = load_experiment("smoke", [f"data.root={str(world)!r}", "train.iters=2"])
+    spec = RunSpec("G->CBM", "proxy_vit", "full", 42)
+    result_path = spec.path(experiment_for(exp, spec), results)
+    from benchmarks.checkpoint import checkpoint_file
+
+    _write_malicious(checkpoint_file(result_path), case / MARKER_NAME)
+
+    if request.param == "inprocess":
+        return {name: (*_run_in_process(args, dirs[name][0]), dirs[name][1], dirs[name][0]) for name, args in cases.items()}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "benchmarks", "run", *args], cwd=dirs[name][0], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name, args in cases.items()
+    }
+    out = {}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=600)
+        out[name] = (proc.returncode, stderr, dirs[name][1], dirs[name][0])
+    return out
+
+
+def _run_in_process(args: list[str], cwd: Path) -> tuple[int, str]:
+    from benchmarks.cli import main
+
+    stderr = io.StringIO()
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(stderr):
+            try:
+                code = main(["run", *args])
+            except SystemExit as exit_:  # argparse's own usage errors
+                code = int(exit_.code or 0)
+    finally:
+        os.chdir(previous)
+    return code, stderr.getvalue()
+
+
+EXPECTED = {
+    "unknown_method": "unknown method 'no_such_method'",
+    "unknown_backbone": "no_such_vit",
+    "unknown_preset": "unknown preset 'no_such_preset'",
+    "override_without_equals": "must look like section.key=value",
+    "override_unknown_key": "unknown key train.no_such_key",
+    "override_wrong_type": "iters must be int",
+    "missing_weights": "not found",
+    "mismatched_weights": "unexpected entries",
+    "pickled_weights": "refused",
+    "invalid_dataset": "gta",
+    "pickled_checkpoint": "refused",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(outcomes, case):
+    returncode, stderr, results_dir, _ = outcomes[case]
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert len(error_lines) == 1, stderr[-2000:]
+    assert EXPECTED[case] in error_lines[0], error_lines[0]
+    if case == "pickled_checkpoint":  # the refused file itself stays for the user to inspect
+        written = [p for p in results_dir.rglob("*") if p.is_file() and p.name != "last.pt"]
+        assert written == []
+        assert not list(results_dir.rglob("*.json")) and not list(results_dir.rglob("*.lock"))
+    else:
+        assert not results_dir.exists() or not any(results_dir.iterdir()), sorted(results_dir.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["pickled_weights", "pickled_checkpoint"])
+def test_pickle_payload_is_refused_without_running(outcomes, case):
+    _, _, _, case_dir = outcomes[case]
+    assert not (case_dir / MARKER_NAME).exists()
+
+
+def test_payload_would_run_if_unpickled_unsafely(tmp_path):
+    """Guards the two tests above: the payload is live, so its marker's absence means something."""
+    path, marker = tmp_path / "p.pt", tmp_path / MARKER_NAME
+    _write_malicious(path, marker)
+    with open(path, "rb") as handle:
+        pickle.load(handle)
+    assert marker.exists()
