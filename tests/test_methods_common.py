@@ -23,7 +23,7 @@ TINY_VIT = BackboneSpec(
 )
 TINY_EVA = BackboneSpec(
     timm_name="eva02_tiny_patch14_224", family="eva", native_patch=8, native_img_size=32, embed_dim=32, depth=4,
-    timm_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 2},
+    timm_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 2, "qkv_fused": False},  # as eva02_large
 )
 IMG = 32
 PEFT_METHODS = ("lora", "dora", "loha", "lokr", "vera", "ia3", "oft")
