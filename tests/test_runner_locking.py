@@ -1,0 +1,151 @@
+"""Two runners on one results folder never execute the same run; stale locks are taken over."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.launchers import RunLock, lock_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # reaped: no process has this pid now (reuse within the test is negligible)
+
+
+def _write_lock(result: Path, pid: int, host: str) -> None:
+    result.parent.mkdir(parents=True, exist_ok=True)
+    lock_path(result).write_text(json.dumps({"pid": pid, "host": host, "since": 0}))
+
+
+def test_lock_is_exclusive_and_released(tmp_path):
+    result = tmp_path / "run.json"
+    first, second = RunLock(result), RunLock(result)
+    assert first.acquire()
+    owner = json.loads(lock_path(result).read_text())
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    # Same pid, but the lock is held and that pid is alive: a second claimant must back off.
+    assert not second.acquire()
+    first.release()
+    assert not lock_path(result).exists()
+    assert second.acquire()
+    second.release()
+
+
+def test_stale_lock_of_dead_process_is_taken_over(tmp_path):
+    result = tmp_path / "run.json"
+    _write_lock(result, _dead_pid(), socket.gethostname())
+    lock = RunLock(result)
+    assert lock.acquire()
+    assert json.loads(lock_path(result).read_text())["pid"] == os.getpid()
+    assert not list(tmp_path.glob("*.stale-*"))
+    lock.release()
+
+
+def test_lock_of_other_host_is_never_taken_over(tmp_path):
+    result = tmp_path / "run.json"
+    _write_lock(result, _dead_pid(), "some-other-node")
+    lock = RunLock(result)
+    assert not lock.acquire()
+    assert "some-other-node" in lock.describe_owner()
+
+
+def test_release_leaves_a_lock_that_is_not_ours(tmp_path):
+    result = tmp_path / "run.json"
+    lock = RunLock(result)
+    assert lock.acquire()
+    _write_lock(result, 1, "some-other-node")  # e.g. an operator replaced it by hand
+    lock.release()
+    assert lock_path(result).exists()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from datasets.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("world") / "synthetic"
+    generate_world(root, size="tiny")
+    return root
+
+
+def _experiment(world: Path, results: Path):
+    from benchmarks.config import load_experiment
+
+    return load_experiment("smoke", [f"data.root={str(world)!r}", f"run.results_dir={str(results)!r}", "train.iters=1",
+                                     "data.eval_limit=1"])
+
+
+def test_run_held_by_live_runner_is_skipped_and_reported(world, tmp_path, caplog):
+    from benchmarks.runner import RunSpec, experiment_for, run_matrix
+
+    exp = _experiment(world, tmp_path / "results")
+    held = RunSpec("G->CBM", "proxy_vit", "full", 42)
+    held_path = held.path(experiment_for(exp, held), tmp_path / "results")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        _write_lock(held_path, sleeper.pid, socket.gethostname())
+        with caplog.at_level(logging.INFO, logger="benchmarks"):
+            results = run_matrix(exp, "full,freeze", progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert [r["method"]["name"] for r in results] == ["freeze"]
+    assert not held_path.exists()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("locked by pid" in m and f"pid {sleeper.pid}" in m for m in messages), messages
+    assert any("1 run(s) skipped" in m for m in messages), messages
+    # The lock was the other runner's: still there; ours (freeze) was released.
+    assert lock_path(held_path).exists()
+    assert not list((tmp_path / "results").rglob("freeze/*.lock"))
+
+
+@pytest.mark.slow
+def test_two_runner_processes_share_a_results_folder(world, tmp_path):
+    """Two `python -m benchmarks run` on the same matrix: each run is executed by exactly one."""
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "benchmarks", "run", "--preset", "smoke", "--methods", "full,freeze,lora",
+               "--data-root", str(world), "--results-dir", str(results), "--no-progress",
+               "--set", "train.iters=2", "--set", "data.eval_limit=1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runners = [subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    logs = [runner.communicate(timeout=900)[1] for runner in runners]
+    assert [r.returncode for r in runners] == [0, 0], logs
+    files = sorted(results.rglob("*.json"))
+    assert len(files) == 3
+    assert not list(results.rglob("*.lock")) and not list(results.rglob("*.ckpt"))
+    for method in ("full", "freeze", "lora"):
+        # A runner that did not execute a run says so: it found it locked or finished.
+        executed = [log for log in logs if not _skipped(log, method)]
+        assert len(executed) == 1, (method, logs)
+
+
+def _skipped(log: str, method: str) -> bool:
+    marker = f"/{method}/seed"
+    return any(marker in line and ("locked by" in line or "finished earlier" in line) for line in log.splitlines())
+
+
+def test_lock_creation_is_atomic_under_contention(tmp_path):
+    """Many processes racing for one lock: exactly one wins."""
+    result = tmp_path / "run.json"
+    script = (
+        "import sys, time; from pathlib import Path; from benchmarks.launchers import RunLock\n"
+        f"time.sleep(max(0.0, {time.time() + 3.0!r} - time.time()))\n"
+        f"lock = RunLock(Path({str(result)!r}))\n"
+        "print(int(lock.acquire())); sys.stdout.flush(); time.sleep(2)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    wins = [int(p.communicate(timeout=60)[0].strip()) for p in procs]
+    assert sum(wins) == 1, wins
