@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer_sam import Block as _SamBlock
 from torch import nn
 
 from benchmarks import weights_io
@@ -138,27 +139,23 @@ class BlockList(nn.ModuleList):
         return x
 
 
-def _sam_block_class() -> type[nn.Module]:
-    from timm.models.vision_transformer_sam import Block as SamBlock
+class TokenSequenceSamBlock(_SamBlock):
+    """A SAM block that also accepts the token sequence [B, N, C] (grid set by the Backbone).
 
-    class TokenSequenceSamBlock(SamBlock):
-        """A SAM block that also accepts the token sequence [B, N, C] (grid set by the Backbone).
+    SAM blocks work on NHWC grids for windowed attention; methods expect every block to map
+    [B, prefix+N, C] → [B, prefix+N, C]. Swapping the instance's class keeps parameter names,
+    submodules (`attn`, `mlp`) and hooks exactly where methods look for them; a 4-D input still
+    takes SAM's own path, so timm's forward keeps working.
+    """
 
-        SAM blocks work on NHWC grids for windowed attention; methods expect every block to map
-        [B, prefix+N, C] → [B, prefix+N, C]. Swapping the instance's class keeps parameter names,
-        submodules (`attn`, `mlp`) and hooks exactly where methods look for them.
-        """
+    grid_hw: tuple[int, int] = (0, 0)
 
-        grid_hw: tuple[int, int] = (0, 0)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.ndim == 4:
-                return super().forward(x)
-            b, n, c = x.shape
-            h, w = self.grid_hw
-            return super().forward(x.reshape(b, h, w, c)).reshape(b, n, c)
-
-    return TokenSequenceSamBlock
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            return super().forward(x)
+        b, n, c = x.shape
+        h, w = self.grid_hw
+        return super().forward(x.reshape(b, h, w, c)).reshape(b, n, c)
 
 
 # -- the backbone -------------------------------------------------------------------------------------
@@ -276,9 +273,8 @@ def _create_timm(spec: BackboneSpec, img_size: int, patch_size: int) -> nn.Modul
     if not isinstance(vit.blocks, nn.ModuleList) or type(vit.blocks) is nn.Sequential:
         vit.blocks = BlockList(list(vit.blocks))
     if spec.family == "sam":
-        cls = _sam_block_class()
         for block in vit.blocks:
-            block.__class__ = cls
+            block.__class__ = TokenSequenceSamBlock
     for module in vit.modules():  # PyTorch's fused scaled_dot_product_attention where timm has it
         if hasattr(module, "fused_attn"):
             module.fused_attn = True

@@ -25,7 +25,7 @@ class LightHead(nn.Module):
 
     supports_queries = False
 
-    def __init__(self, in_channels: int | list[int], num_classes: int, channels: int = 96, dropout: float = 0.1):
+    def __init__(self, in_channels: int | list[int], num_classes: int, channels: int = 64, dropout: float = 0.1):
         super().__init__()
         ins = [in_channels] * 4 if isinstance(in_channels, int) else list(in_channels)
         if len(ins) != 4:
