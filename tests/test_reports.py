@@ -329,6 +329,7 @@ def test_report_html_is_self_contained_with_every_table_and_image(tmp_path):
     assert parser.external == []
     assert "diverged" in text
     assert len(list((tmp_path / "report").glob("*.png"))) == 8
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in (tmp_path / "report").iterdir())  # shareable, not 0600
 
 
 def test_report_of_nothing_is_a_page_not_a_crash():

@@ -39,6 +39,8 @@ from benchmarks.reports.tables import (
 log = logging.getLogger(__name__)
 
 DPI = 110
+READABLE = 0o644
+"""Report files are meant to be shared; mkstemp alone would leave them private (0600)."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, READABLE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
