@@ -60,6 +60,40 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def checkpoint_blocks(backbone: torch.nn.Module) -> int:
+    """Gradient checkpointing of the backbone blocks: activations recomputed in the backward pass.
+
+    Each block's own `forward` is wrapped, not the module call, so the hooks methods register on a
+    block (VPT's prompt insertion, Rein's refinement, FisherTune's perturbation) fire exactly once per
+    forward, outside the recomputed region; hooks on a block's submodules (AdaptFormer's on `mlp`)
+    run again during recomputation, which is harmless for the pure functions they are.
+    Returns the number of blocks wrapped (already wrapped blocks are left alone).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = 0
+    for block in backbone.blocks:
+        if "_plain_forward" in block.__dict__:
+            continue
+        plain = block.forward
+
+        def forward(*args: Any, _plain: Callable[..., Any] = plain, _block: torch.nn.Module = block, **kwargs: Any) -> Any:
+            if _block.training and torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        block.__dict__["_plain_forward"] = plain
+        block.forward = forward
+        wrapped += 1
+    return wrapped
+
+
+def compile_model(model: SegModel) -> None:
+    """torch.compile backbone and head in place (parameter names and hooks stay where they were)."""
+    model.backbone.compile()
+    model.head.compile()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -144,6 +178,9 @@ def source_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        # Its own generator: creating the iterator draws a base seed, which must not move the global
+        # RNG (a resumed run creates it at another point of the RNG stream than the original did).
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 
@@ -183,6 +220,10 @@ def train(
     hooks = hooks or TrainHooks()
     amp_dtype = autocast_dtype(cfg.amp, device)
     model.to(device)
+    if cfg.grad_checkpointing:
+        checkpoint_blocks(model.backbone)
+    if cfg.compile:
+        compile_model(model)
     optimizer = build_optimizer(method.param_groups(model, cfg.weight_decay), cfg, device)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)

@@ -1,0 +1,198 @@
+"""Checkpoints: what they hold, that writes are atomic, and that a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import checkpoint
+from benchmarks.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from datasets.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("world") / "synthetic"
+    generate_world(root, size="tiny")
+    return root
+
+
+def _experiment(world: Path, *extra: str):
+    from benchmarks.config import load_experiment
+
+    return load_experiment("smoke", [f"data.root={str(world)!r}", "train.iters=4", "train.checkpoint_interval=2",
+                                     "train.log_interval=1", "data.eval_limit=1", *extra])
+
+
+def _model(method_name: str, world: Path):
+    from benchmarks.method import build_method
+    from benchmarks.runner import build_model
+
+    method = build_method(method_name)
+    return build_model(_experiment(world), method), method
+
+
+# -- what a checkpoint holds ---------------------------------------------------------------------------
+def test_trainable_state_leaves_out_the_frozen_backbone(world):
+    model, _ = _model("freeze", world)
+    state = checkpoint.trainable_state(model)
+    assert not any(name.startswith("backbone.") for name in state if name in dict(model.named_parameters()))
+    assert {n for n, _ in model.head.named_parameters()} <= {n.removeprefix("head.") for n in state}
+
+
+def test_trainable_state_keeps_added_modules(world):
+    model, _ = _model("lora", world)
+    state = checkpoint.trainable_state(model)
+    added = [n for n, p in model.backbone.named_parameters() if id(p) not in model._pretrained_ids]
+    assert added and all(f"backbone.{n}" in state for n in added)
+    frozen = [n for n, p in model.backbone.named_parameters() if id(p) in model._pretrained_ids and not p.requires_grad]
+    assert frozen and not any(f"backbone.{n}" in state for n in frozen)
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    saved = checkpoint.rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    checkpoint.atomic_torch_save({"rng": saved}, tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)["rng"]
+    random.random(), np.random.rand(), torch.rand(())
+    checkpoint.set_rng_state(loaded)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+
+
+def test_a_killed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.atomic_torch_save({"value": torch.tensor(1)}, path)
+
+    def dies_halfway(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # as a signal would, in the middle of the write
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_torch_save({"value": torch.tensor(2)}, path)
+    assert torch.load(path, weights_only=True)["value"].item() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_stale_temporaries_are_cleared_and_mismatches_refused(tmp_path):
+    result = tmp_path / "seed42-abc.json"
+    folder = checkpoint.checkpoint_dir(result)
+    folder.mkdir()
+    (folder / ".last.pt.123.tmp").write_bytes(b"killed mid-write")
+    assert checkpoint.find_checkpoint(result, "abc", 1) is None
+    assert not list(folder.iterdir())
+    checkpoint.atomic_torch_save({"format": checkpoint.FORMAT_VERSION, "config_hash": "abc", "world_size": 2},
+                                 checkpoint.checkpoint_file(result))
+    with pytest.raises(UserError, match="2 process"):
+        checkpoint.find_checkpoint(result, "abc", 1)
+    with pytest.raises(UserError, match="belongs to config"):
+        checkpoint.find_checkpoint(result, "other", 2)
+
+
+# -- resuming ---------------------------------------------------------------------------------------------
+def _comparable(result: dict) -> dict:
+    return {
+        "history": result["history"],
+        "targets": result["targets"],
+        "params": result["params"],
+        "batch": result["batch"],
+    }
+
+
+def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch):
+    """Interrupted right after its first checkpoint, re-run: the result equals an uninterrupted run."""
+    from benchmarks.runner import RunSpec, execute_run, experiment_for
+
+    exp = _experiment(world)
+    spec = RunSpec("G->CBM", "proxy_vit", "full", 42)
+    reference = execute_run(spec, exp, tmp_path / "reference", progress=False)
+    assert reference["status"] == "finished"
+
+    real_save = checkpoint.save_checkpoint
+    saved_at = []
+
+    def save_then_die(result_path, **kwargs):
+        real_save(result_path, **kwargs)
+        saved_at.append(kwargs["train_state"].step)
+        raise KeyboardInterrupt  # not an Exception: the runner must not record it as a failure
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    results = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(spec, exp, results, progress=False)
+    path = spec.path(experiment_for(exp, spec), results)
+    assert saved_at == [2] and not path.exists() and checkpoint.checkpoint_file(path).is_file()
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    resumed = execute_run(spec, exp, results, progress=False)
+    assert resumed["resumed_from_iter"] == 2
+    assert _comparable(resumed) == _comparable(reference)
+    assert not checkpoint.checkpoint_dir(path).exists()  # deleted once the run finished
+
+
+def test_diverged_run_is_failed_and_keeps_its_last_good_checkpoint(world, tmp_path):
+    from benchmarks.runner import RunSpec, execute_run, experiment_for
+    from benchmarks.results import read_result
+
+    exp = _experiment(world, "train.lr=1e30", "train.iters=4", "train.checkpoint_interval=1", "train.log_interval=2")
+    spec = RunSpec("G->CBM", "proxy_vit", "full", 42)
+    result = execute_run(spec, exp, tmp_path, progress=False)
+    path = spec.path(experiment_for(exp, spec), tmp_path)
+    assert result["status"] == "failed" and "loss became" in result["failure"]
+    assert read_result(path)["status"] == "failed"
+    saved = checkpoint.read_checkpoint(checkpoint.checkpoint_file(path))
+    # The check runs at logging intervals: the kept checkpoint predates the first non-finite mean.
+    history = saved["train_state"]["history"]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert saved["train_state"]["step"] < int(result["failure"].split("iteration ")[1].split()[0])
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(world, tmp_path):
+    """A real `python -m benchmarks run` killed with SIGKILL mid-training, then the same command again."""
+    iters = 8
+    args = ["--preset", "smoke", "--methods", "full", "--data-root", str(world), "--no-progress",
+            "--set", f"train.iters={iters}", "--set", "train.checkpoint_interval=2", "--set", "data.eval_limit=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def command(results: Path) -> list[str]:
+        return [sys.executable, "-m", "benchmarks", "run", *args, "--results-dir", str(results)]
+
+    reference = subprocess.Popen(command(tmp_path / "reference"), cwd=tmp_path, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim_dir = tmp_path / "victim"
+    victim = subprocess.Popen(command(victim_dir), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not list(victim_dir.rglob("last.pt")) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))  # somewhere in the steps after the first checkpoint
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed; raise train.iters"
+    assert not list(victim_dir.rglob("*.json"))  # no half-written (or any) result
+    saved = checkpoint.read_checkpoint(next(victim_dir.rglob("last.pt")))  # a complete checkpoint
+    assert saved["train_state"]["step"] in range(2, iters, 2)
+
+    resumed = subprocess.run(command(victim_dir), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    (ref_file,) = (tmp_path / "reference").rglob("*.json")
+    (res_file,) = victim_dir.rglob("*.json")
+    ref, res = json.loads(ref_file.read_text()), json.loads(res_file.read_text())
+    assert res["resumed_from_iter"] == saved["train_state"]["step"]
+    assert _comparable(res) == _comparable(ref)
+    assert not list(victim_dir.rglob("*.ckpt")) and not list(victim_dir.rglob("*.lock"))
