@@ -245,7 +245,6 @@ class DistributedLoss:
                 LossModule(self.model),
                 device_ids=device_ids,
                 find_unused_parameters=self.find_unused_parameters,
-                broadcast_buffers=True,
             )
             self._signature = signature
         return self._wrapped

@@ -1,0 +1,142 @@
+"""Data-parallel training: the rank's view of the stream, the DDP loss wrapper, and a 2-process gloo run
+whose result equals the single-process run with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from benchmarks import distributed
+from benchmarks.errors import UserError
+from benchmarks.protocol import SourceStream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_detect_env():
+    assert distributed.detect_env({}) == distributed.SINGLE
+    assert distributed.detect_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == distributed.DistEnv(3, 4, 1)
+    with pytest.raises(UserError, match="LOCAL_RANK"):
+        distributed.detect_env({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(UserError, match="outside"):
+        distributed.detect_env({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_read_exactly_the_single_process_stream(world_size):
+    """One global step of W ranks = W consecutive micro-batches of the single process, from any start."""
+    single = SourceStream(7, 2, seed=5)
+    steps, start = 4, 3
+    ranks = [iter(SourceStream(7, 2, seed=5, start=start, rank=r, world_size=world_size)) for r in range(world_size)]
+    for step in range(start, start + steps):
+        for r in range(world_size):
+            assert next(ranks[r]) == single.batch(step * world_size + r)
+
+
+def test_evaluation_shards_cover_every_sample_once():
+    shards = [distributed.shard_indices(10, distributed.DistEnv(r, 3, r)) for r in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(10))
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.unused = nn.Linear(4, 3)
+
+    def loss(self, images, labels):
+        return {"loss": nn.functional.cross_entropy(self.used(images), labels)}
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_loss_wrapper_syncs_through_forward_and_finds_unused_parameters(group_of_one):
+    torch.manual_seed(0)
+    model = _Toy()
+    images, labels = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    probe = lambda: {"image": images[:1], "label": labels[:1]}  # noqa: E731
+    wrapped = distributed.DistributedLoss(model, torch.device("cpu"), probe)
+    rng_before = torch.get_rng_state()
+    wrapped(images, labels)["loss"].backward()
+    assert wrapped.find_unused_parameters  # `unused` trains but never reaches the loss
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the probe left the RNG where it was
+    ddp_grad = model.used.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    model.loss(images, labels)["loss"].backward()
+    assert torch.allclose(ddp_grad, model.used.weight.grad)  # the probe's gradient was not left behind
+
+    model.unused.requires_grad_(False)  # a phased method changes what trains: rebuilt, no longer needed
+    model.zero_grad(set_to_none=True)
+    wrapped(images, labels)["loss"].backward()
+    assert not wrapped.find_unused_parameters
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from datasets.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("world") / "synthetic"
+    generate_world(root, size="tiny")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, tmp_path):
+    """torchrun, 2 CPU processes × batch 1 vs one process × batch 1 × grad_accum 2 (global batch 2).
+
+    Same samples, same augmentation, DDP's gradient mean = the accumulated mean, so the losses and
+    scores agree to floating-point reduction order: losses within 1e-5 relative, every IoU within
+    1e-3 points. Head dropout is off because its masks come from each process's RNG (two ranks draw
+    the same mask, one process two different ones); everything else is as in the smoke preset.
+    """
+    common = ["--preset", "smoke", "--methods", "full", "--data-root", str(world), "--no-progress",
+              "--set", "train.iters=3", "--set", "train.batch_size=1", "--set", "train.log_interval=1",
+              "--set", "data.eval_limit=3", "--set", """model.head_options='{"dropout": 0.0}'"""]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         "-m", "benchmarks", "run", *common, "--results-dir", str(tmp_path / "ddp")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    single = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", *common, "--set", "train.grad_accum=2",
+         "--results-dir", str(tmp_path / "single")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    ddp_log = ddp.communicate(timeout=900)[0]
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert ddp.returncode == 0, ddp_log[-3000:]
+    (ddp_file,) = (tmp_path / "ddp").rglob("*.json")  # rank 0 alone wrote
+    (single_file,) = (tmp_path / "single").rglob("*.json")
+    a, b = json.loads(ddp_file.read_text()), json.loads(single_file.read_text())
+    assert a["batch"]["world_size"] == 2 and a["batch"]["effective"] == b["batch"]["effective"] == 2
+    assert [h["iter"] for h in a["history"]] == [h["iter"] for h in b["history"]] == [1, 2, 3]
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert a["history"][0]["loss"] != a["history"][-1]["loss"]  # it trained
+    for target, scores in b["targets"].items():
+        assert a["targets"][target]["num_images"] == scores["num_images"] == 3  # each image scored once
+        assert a["targets"][target]["miou"] == pytest.approx(scores["miou"], abs=1e-3)
+        for name, iou in scores["per_class_iou"].items():
+            other = a["targets"][target]["per_class_iou"][name]
+            assert (iou is None and other is None) or other == pytest.approx(iou, abs=1e-3)
