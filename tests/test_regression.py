@@ -191,6 +191,9 @@ def test_check_command_update_pass_and_fail(tmp_path, monkeypatch, fresh, capsys
     out = capsys.readouterr().out
     assert "REGRESSION" in out and "cityscapes mIoU rose" in out
 
+    assert _check(["--baseline", str(baseline_path), "--preset", "proxy"]) == 2
+    assert "was made with preset 'smoke'" in capsys.readouterr().err
+
     runner.results[0]["targets"]["cityscapes"]["miou"] -= 0.3
     runner.results[1]["params"]["backbone_trainable"] = 5
     assert _check(["--baseline", str(baseline_path)]) == 1

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     baseline = None if args.update_baseline and not args.baseline.exists() else load_baseline(args.baseline)
     exp = load_experiment(args.preset, args.overrides)
     methods = args.methods or exp.run.methods
+    if baseline is not None and not args.update_baseline and baseline.get("preset", exp.preset) != exp.preset:
+        raise UserError(f"baseline {args.baseline} was made with preset {baseline.get('preset')!r}, this check runs "
+                        f"{exp.preset!r}; pass that preset's --baseline or create one with --update-baseline")
     if args.keep_runs is not None and args.keep_runs.exists() and iter_results([args.keep_runs]):
         raise UserError(f"--keep-runs {args.keep_runs} already holds results; the check must not re-use runs, pass an empty folder")
 
