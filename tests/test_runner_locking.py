@@ -149,3 +149,28 @@ def test_lock_creation_is_atomic_under_contention(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
     wins = [int(p.communicate(timeout=60)[0].strip()) for p in procs]
     assert sum(wins) == 1, wins
+
+
+@pytest.mark.slow
+def test_slurm_launcher_through_submitit_local_executor(world, tmp_path):
+    """`--launcher slurm` with submitit's local executor: one job per unfinished run, same results path."""
+    pytest.importorskip("submitit")
+    from benchmarks.config import load_experiment
+    from benchmarks.results import read_result
+    from benchmarks.runner import RunSpec, experiment_for
+
+    results = tmp_path / "results"
+    overrides = ["--set", "train.iters=1", "--set", "data.eval_limit=1"]
+    command = [sys.executable, "-m", "benchmarks", "run", "--preset", "smoke", "--methods", "freeze",
+               "--data-root", str(world), "--results-dir", str(results), "--no-progress", *overrides,
+               "--launcher", "slurm", "--slurm-cluster", "local", "--slurm-wait"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    exp = load_experiment("smoke", [f"data.root={str(world)!r}", "train.iters=1", "data.eval_limit=1"])
+    spec = RunSpec("G->CBM", "proxy_vit", "freeze", 42)
+    result = read_result(spec.path(experiment_for(exp, spec), results))
+    assert result is not None and result["status"] == "finished"
+    # Submitting the same matrix again submits nothing: the run is finished.
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "not submitted" in again.stderr, again.stderr[-3000:]
