@@ -144,8 +144,8 @@ def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch
 
 
 def test_diverged_run_is_failed_and_keeps_its_last_good_checkpoint(world, tmp_path):
-    from benchmarks.runner import RunSpec, execute_run, experiment_for
     from benchmarks.results import read_result
+    from benchmarks.runner import RunSpec, execute_run, experiment_for
 
     exp = _experiment(world, "train.lr=1e30", "train.iters=4", "train.checkpoint_interval=1", "train.log_interval=2")
     spec = RunSpec("G->CBM", "proxy_vit", "full", 42)
