@@ -89,6 +89,10 @@ class TrainConfig:
     checkpoint_interval: int = 0
     """Save a resumable checkpoint every N iterations (0 = never)."""
     device: str = "auto"
+    grad_checkpointing: bool = False
+    """Recompute backbone block activations in the backward pass (less memory, ~1/3 more compute)."""
+    compile: bool = False
+    """torch.compile the backbone and head (off by default: see docs/performance.md for measurements)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,90 @@
+"""`profile`: per method, training and inference images/s, peak memory, FLOPs, MFU and parameters.
+
+Random weights and synthetic batches at the preset's sizes: needs no data and no weight files.
+Each method runs in a fresh process (clean peak memory; one method running out of memory is one
+row with status "oom"). `--flops-only` counts FLOPs and parameters on fake tensors without timing,
+which takes seconds per method even at paper scale on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+from pathlib import Path
+
+NAME = "profile"
+HELP = "measure training/inference throughput, peak memory, FLOPs and MFU of every method (random weights, synthetic data)"
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", default="all", help="'all' (default) or a comma-separated list, e.g. rein,lora")
+    parser.add_argument("--preset", default="proxy", help="smoke, proxy (default), paper, or a .toml file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set train.batch_size=2 (repeatable)")
+    parser.add_argument("--out", default="results/profiles", help="folder for <preset>-<device>-<date>.{json,md,png}")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: the preset's train.device)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed training steps before timing (default 3)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed training steps (default 10)")
+    parser.add_argument("--eval-repeats", type=int, default=5, help="timed sliding-window inferences (default 5)")
+    parser.add_argument("--flops-only", action="store_true", help="FLOPs and parameter counts only (fake tensors, no timing)")
+    parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    parser.add_argument("--in-process", action="store_true",
+                        help="profile all methods in this process (faster start; peak memory then carries over between methods)")
+    parser.add_argument("--note", default="", help="a line recorded with the table (e.g. 'CPU shared with other jobs')")
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks.config import load_experiment
+    from benchmarks.errors import UserError
+    from benchmarks.method import resolve_methods
+    from benchmarks.profiling import (
+        ProfileSettings,
+        environment_summary,
+        flops_table,
+        format_table,
+        output_stem,
+        profile_methods,
+        write_profiles,
+    )
+    from benchmarks.protocol import select_device
+
+    exp = load_experiment(args.preset, args.overrides)
+    names = resolve_methods(args.methods)
+    if min(args.warmup, args.repeats, args.eval_repeats) < 0 or args.repeats == 0 or args.eval_repeats == 0:
+        raise UserError("--repeats and --eval-repeats must be at least 1 and --warmup at least 0")
+    out = Path(args.out)
+    today = dt.date.today()
+    meta = {"date": today.isoformat(), "methods": ", ".join(names)}
+    if args.note:
+        meta["note"] = args.note
+
+    if args.flops_only:
+        rows = flops_table(exp, names)
+        meta.update(environment_summary(None))
+        meta["counted"] = "FLOPs per image: 2 per multiply-add over matmuls, convolutions and attention"
+        stem = output_stem(exp.preset, "flops", today)
+    else:
+        device = select_device(args.device or exp.train.device)
+        settings = ProfileSettings(warmup=args.warmup, repeats=args.repeats, eval_repeats=args.eval_repeats,
+                                   count_flops=not args.no_flops)
+        meta.update(environment_summary(device))
+        meta["timing"] = (f"{settings.warmup} warm-up + {settings.repeats} timed training steps (protocol.train), "
+                          f"{settings.eval_warmup} + {settings.eval_repeats} sliding-window inferences; median ± IQR/2")
+        meta["isolation"] = "one process per method" if not args.in_process else "all methods in one process"
+        rows = profile_methods(exp, names, str(device), settings, isolate=not args.in_process,
+                               on_result=lambda row: log.info("%s: %s", row["method"], _brief(row)))
+        stem = output_stem(exp.preset, meta.get("device_name") if device.type == "cuda" else "cpu", today)
+    print(format_table(rows))
+    paths = write_profiles(rows, exp, out, stem, meta)
+    for path in paths:
+        log.info("wrote %s", path)
+    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+def _brief(row: dict) -> str:
+    if row.get("status") != "ok":
+        return f"{row.get('status')} ({row.get('error')})"
+    return (f"train {row.get('train_images_per_s') or 0:.2f} img/s, eval {row.get('eval_images_per_s') or 0:.2f} img/s, "
+            f"peak {row.get('peak_memory_mb') or 0:.0f} MB")

@@ -1,0 +1,725 @@
+"""Cost profiles of methods: training and inference throughput, peak memory, FLOPs, MFU.
+
+Every method is measured the same way, on the preset's model and sizes with random weights and
+synthetic batches (no data, no weight files):
+
+- training images/s: the protocol's own step (`benchmarks.protocol.train`: loss, backward, AdamW,
+  the method's hooks, the poly schedule), started at `start_fraction` of the schedule so a phased
+  method is timed in its main phase; per-step times come from a stamp taken (after a device
+  synchronisation) when each step begins, so warm-up steps are dropped and the median and
+  inter-quartile range of the rest are reported;
+- inference images/s: `benchmarks.protocol.slide_logits` on one image of the target's evaluation
+  size (`eval.fit_size`), windows batched as evaluated;
+- peak memory: on CUDA the allocator's max allocated and reserved bytes over the training steps;
+  on CPU the process's peak resident set size (Linux VmHWM, reset before the phase; the `profile`
+  command runs each method in a fresh process so earlier methods leave nothing behind);
+- FLOPs per image (`torch.utils.flop_counter`, 2 FLOPs per multiply-add, matmuls/convs/attention):
+  forward of one crop, a training step (forward + backward through what trains) and evaluation of
+  one image (windows × forward). Counted on fake tensors (shapes only, no memory, seconds even for
+  DINOv2-L + Mask2Former) with a surrogate loss touching every output; where a method's code
+  needs real values, on real CPU tensors with the head's loss;
+- MFU on GPUs: training FLOPs/s over the device's dense bf16 peak (`PEAK_BF16_TFLOPS`).
+
+`profile_method(exp, method, device)` returns the dict a result stores under "profile".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from benchmarks.config import Experiment, experiment_from_dict
+from benchmarks.errors import UserError
+from benchmarks.method import build_method
+
+log = logging.getLogger(__name__)
+NUM_CLASSES = 19
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets, matched
+# against the lower-cased device name in order (the first pattern whose words all occur wins).
+PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("gh200",), 989.0),
+    (("h200",), 989.0),
+    (("h100", "pcie"), 756.0),
+    (("h100", "nvl"), 835.0),
+    (("h100",), 989.0),  # SXM ("H100 80GB HBM3")
+    (("h800", "pcie"), 756.0),
+    (("h800",), 989.0),
+    (("b200",), 2250.0),
+    (("b100",), 1750.0),
+    (("a100",), 312.0),
+    (("a800",), 312.0),
+    (("l40s",), 362.0),
+    (("l40",), 181.0),
+    (("l4",), 121.0),
+    (("a10g",), 70.0),  # AWS A10G (lower clocks than the A10)
+    (("a10",), 125.0),
+    (("a6000",), 155.0),
+    (("mi300x",), 1307.0),
+    (("mi250x",), 383.0),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak in FLOP/s for a device name, or None when the table does not know it."""
+    name = device_name.lower()
+    for words, tflops in PEAK_BF16_TFLOPS:
+        if all(re.search(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])", name) for w in words):
+            return tflops * 1e12
+    return None
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    warmup: int = 3
+    """Training steps run before timing (allocator, autotuning, lazy init, a phase's one-off work)."""
+    repeats: int = 10
+    """Timed training steps."""
+    eval_warmup: int = 1
+    eval_repeats: int = 5
+    start_fraction: float = 0.5
+    """Where in the schedule timing starts (phased methods are timed in their main phase)."""
+    count_flops: bool = True
+
+
+# -- summaries ----------------------------------------------------------------------------------------
+def summarize(samples: list[float]) -> dict[str, Any]:
+    """Median and inter-quartile range (the spread that ignores a stray slow repeat)."""
+    if not samples:
+        return {"median": None, "q1": None, "q3": None, "iqr": None, "n": 0}
+    if len(samples) == 1:
+        q1 = q3 = samples[0]
+    else:
+        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return {"median": statistics.median(samples), "q1": q1, "q3": q3, "iqr": q3 - q1, "n": len(samples)}
+
+
+# -- memory -------------------------------------------------------------------------------------------
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else None
+
+
+def current_rss_mb() -> float | None:
+    return _proc_status_mb("VmRSS")
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak: the allocator's on CUDA, the process's high-water RSS mark on Linux."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory(device: torch.device | str) -> dict[str, Any]:
+    """Peak since the last `reset_peak_memory`: {"peak_memory_mb", "peak_memory_reserved_mb", "memory_kind"}."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return {
+            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_memory_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+            "memory_kind": "cuda max allocated (reserved beside it)",
+        }
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return {"peak_memory_mb": hwm, "peak_memory_reserved_mb": None, "memory_kind": "process peak RSS (VmHWM)"}
+    # Without /proc the lifetime maximum is all there is (KiB on Linux, bytes on macOS).
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 2**20 if sys.platform == "darwin" else 2**10
+    return {"peak_memory_mb": maxrss / scale, "peak_memory_reserved_mb": None, "memory_kind": "process lifetime max RSS"}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+# -- synthetic inputs ---------------------------------------------------------------------------------
+class SyntheticSource(Dataset):
+    """A few rendered street scenes at the crop size, served for any (index, seed) the stream asks.
+
+    Rendered once (the synthetic world's generator, so labels have real structure for the
+    Mask2Former matcher) and returned as tensors: the profile times the step, not data loading.
+    """
+
+    def __init__(self, crop_size: int, count: int, seed: int = 0):
+        from datasets.synthetic import STYLES, render_scene
+        from datasets.transforms import MEAN, STD, label_tensor, to_tensor
+
+        rng = np.random.default_rng(seed)
+        self.samples = []
+        for _ in range(max(count, 1)):
+            image, label, _ = render_scene(rng, STYLES["gtav"], crop_size, crop_size)
+            self.samples.append({"image": to_tensor(image, MEAN, STD), "label": label_tensor(label)})
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index = item[0] if isinstance(item, tuple) else item
+        return self.samples[index % len(self.samples)]
+
+
+def without_weight_files(exp: Experiment) -> Experiment:
+    return dataclasses.replace(exp, model=dataclasses.replace(exp.model, weights=()))
+
+
+# -- FLOPs --------------------------------------------------------------------------------------------
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: totals only.
+
+    The tracker attaches autograd hooks to module inputs and rejects tensors that require grad but
+    have no grad_fn (views of parameters taken under no_grad, as frozen backbones and some method
+    hooks produce); the totals do not need it.
+    """
+
+    parents = ("Global",)
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
+def _floating_leaves(value: Any) -> Iterator[torch.Tensor]:
+    if torch.is_tensor(value):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _floating_leaves(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _floating_leaves(item)
+
+
+def surrogate_loss(outputs: Any) -> torch.Tensor:
+    """A scalar that depends on every output the head returns (deep-supervision outputs included).
+
+    Its backward runs the same matmuls as the head's loss backward; the loss's own work (matching,
+    point sampling, cross-entropy) has no matmul or convolution worth counting.
+    """
+    terms = [t.float().mean() for t in _floating_leaves(outputs) if t.requires_grad]
+    if not terms:
+        raise RuntimeError("the model's outputs do not require gradients; nothing trains")
+    return torch.stack(terms).sum()
+
+
+def window_count(height: int, width: int, crop: int, stride: int) -> int:
+    from benchmarks.protocol import window_origins
+
+    return len(window_origins(height, crop, stride)) * len(window_origins(width, crop, stride))
+
+
+def eval_image_size(exp: Experiment) -> tuple[int, int]:
+    """(H, W) of a target image as evaluated: the fit box (long, short) of Cityscapes/Mapillary."""
+    long_edge, short_edge = exp.eval.fit_size
+    return int(short_edge), int(long_edge)
+
+
+def _count_model_flops(model: torch.nn.Module, exp: Experiment, batch_size: int, real_loss: bool) -> tuple[int, int]:
+    """(forward FLOPs of one crop, training-step FLOPs of `batch_size` crops) on the model's device."""
+    device = next(model.parameters()).device
+    crop = exp.data.crop_size
+    model.eval()
+    with flop_counter() as counter:
+        model(torch.randn(1, 3, exp.eval.crop_size, exp.eval.crop_size, device=device))
+    forward = counter.get_total_flops()
+    model.train()
+    images = torch.randn(batch_size, 3, crop, crop, device=device)
+    with flop_counter() as counter:
+        if real_loss:
+            labels = torch.randint(0, NUM_CLASSES, (batch_size, crop, crop), device=device)
+            loss = model.loss(images, labels)["loss"]
+        else:
+            # Eval mode with autograd on: the graph records exactly what trains (nothing through a
+            # frozen backbone), and no training-only branch asks fake tensors for a value
+            # (transformers' Mask2Former inf check, peft's module-dropout draw); dropout and those
+            # branches count no FLOPs.
+            model.eval()
+            with torch.enable_grad():
+                loss = surrogate_loss(model.head(model.backbone(images)))
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return forward, counter.get_total_flops()
+
+
+def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> dict[str, Any]:
+    """FLOPs per image: forward of one crop, training step, evaluation of one target image.
+
+    Fake tensors first (the model built on the meta device, materialised as fake CPU tensors:
+    shapes only); a method whose code needs values falls back to real CPU tensors (batch 1, the
+    head's real loss), slow at paper scale, so `allow_real=False` records the reason instead.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.runner import build_model
+
+    exp = without_weight_files(exp)
+    batch = exp.train.batch_size
+    how = "fake tensors, surrogate loss"
+    try:
+        model = build_model(exp, build_method(method_name, exp.methods.get(method_name)), device="meta")
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
+            forward, train = _count_model_flops(model, exp, batch, real_loss=False)
+    except Exception as err:  # noqa: BLE001 - data-dependent code in a method or head
+        if not allow_real:
+            return {"flops_forward_per_image": None, "flops_train_step_per_image": None, "flops_eval_per_image": None,
+                    "flops_counted_with": f"not counted: {type(err).__name__} on fake tensors"}
+        log.info("%s: FLOPs on fake tensors failed (%s: %s); counting on real CPU tensors", method_name,
+                 type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        torch.manual_seed(0)
+        model = build_model(exp, build_method(method_name, exp.methods.get(method_name)), device="cpu")
+        batch = 1
+        how = "real CPU tensors, head loss, batch 1"
+        forward, train = _count_model_flops(model, exp, batch, real_loss=True)
+    height, width = eval_image_size(exp)
+    windows = window_count(height, width, exp.eval.crop_size, exp.eval.stride)
+    return {
+        "flops_forward_per_image": forward,
+        "flops_train_step_per_image": train / batch,
+        "flops_eval_per_image": forward * windows,
+        "flops_counted_with": how,
+    }
+
+
+# -- timing -------------------------------------------------------------------------------------------
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _EnoughSteps(Exception):
+    """Raised from the step hook once the timed steps are done: ends `protocol.train` early."""
+
+
+def time_training_steps(model, method, exp: Experiment, device: torch.device, warmup: int, repeats: int,
+                        start_fraction: float = 0.5) -> list[float]:
+    """Seconds per step of the protocol's training loop, warm-up steps dropped.
+
+    Runs `benchmarks.protocol.train` itself (the real step path, hooks and schedule included) on
+    in-memory batches, resumed at `start_fraction` of the schedule. The method's `on_step` is
+    wrapped to stamp the time at each step's start (after a device synchronisation, so the stamp
+    closes the previous step's device work) and to stop the loop after the timed steps.
+    """
+    from benchmarks.protocol import TrainState, train
+
+    exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, num_workers=0))
+    source = SyntheticSource(exp.data.crop_size, count=exp.train.batch_size)
+    stamps: list[float] = []
+    needed = warmup + repeats + 1
+    original = method.on_step
+
+    def stamped_on_step(step: int, ctx: Any) -> None:
+        _synchronize(device)
+        stamps.append(time.perf_counter())
+        if len(stamps) >= needed:
+            raise _EnoughSteps
+        original(step, ctx)
+
+    start = min(int(exp.train.iters * start_fraction), max(exp.train.iters - needed, 0))
+    if exp.train.iters - start < needed:  # a short schedule: stretch it, the step is the same
+        exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, iters=start + needed))
+    method.on_step = stamped_on_step
+    try:
+        train(model, method, source, exp, device, state=TrainState(step=start), progress=False)
+    except _EnoughSteps:
+        pass
+    finally:
+        del method.on_step
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return steps[warmup:]
+
+
+def time_inference(model, exp: Experiment, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per target image of the protocol's sliding-window inference."""
+    from benchmarks.protocol import autocast, autocast_dtype, slide_logits
+
+    amp = autocast_dtype(exp.train.amp, device)
+    height, width = eval_image_size(exp)
+    image = torch.randn(1, 3, height, width, device=device)
+    model.eval()
+    seconds = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            _synchronize(device)
+            started = time.perf_counter()
+            with autocast(device, amp):
+                slide_logits(model, image, exp.eval, NUM_CLASSES)
+            _synchronize(device)
+            if i >= warmup:
+                seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+# -- one method ---------------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def profile_method(exp: Experiment, method_name: str, device: torch.device | str = "auto",
+                   settings: ProfileSettings | None = None) -> dict[str, Any]:
+    """The cost profile of one method on `exp`'s model and sizes (random weights, synthetic data).
+
+    Returns the keys results store under "profile" (train_images_per_s, eval_images_per_s,
+    peak_memory_mb, flops_forward_per_image, flops_train_step_per_image, mfu, device, dtype) and
+    the details behind them. Out-of-memory is reported as status "oom", not raised.
+    """
+    from benchmarks.protocol import autocast_dtype, seed_everything, select_device
+    from benchmarks.runner import build_model
+
+    settings = settings or ProfileSettings()
+    device = select_device(str(device)) if not isinstance(device, torch.device) else device
+    exp = without_weight_files(exp)
+    amp = autocast_dtype(exp.train.amp, device)
+    images_per_step = exp.train.batch_size * exp.train.grad_accum
+    profile: dict[str, Any] = {
+        "method": method_name,
+        "status": "ok",
+        "error": None,
+        "device": str(device),
+        "device_name": device_name(device),
+        "dtype": str(amp).replace("torch.", "") if amp else "float32",
+        "backbone": exp.model.backbone,
+        "head": exp.model.head,
+        "batch_size": images_per_step,
+        "crop_size": exp.data.crop_size,
+        "eval_image_size": list(eval_image_size(exp)),
+        "windows_per_image": window_count(*eval_image_size(exp), exp.eval.crop_size, exp.eval.stride),
+        "cpu_threads": torch.get_num_threads(),
+        "baseline_memory_mb": current_rss_mb() if device.type == "cpu" else 0.0,
+    }
+    method = build_method(method_name, exp.methods.get(method_name))
+    try:
+        seed_everything(exp.train.seed)
+        model = build_model(exp, method)
+        counts = model.parameter_counts()
+        profile["params"] = counts
+        profile["trainable_parameters"] = counts["backbone_trainable"]
+        profile["added_parameters"] = counts["backbone_added"]
+
+        reset_peak_memory(device)
+        steps = time_training_steps(model, method, exp, device, settings.warmup, settings.repeats, settings.start_fraction)
+        train_memory = peak_memory(device)
+        step = summarize(steps)
+        profile["train_step_s"] = step
+        profile["train_images_per_s"] = images_per_step / step["median"] if step["median"] else None
+        profile.update(train_memory)
+
+        model.zero_grad(set_to_none=True)
+        reset_peak_memory(device)
+        per_image = summarize(time_inference(model, exp, device, settings.eval_warmup, settings.eval_repeats))
+        profile["eval_image_s"] = per_image
+        profile["eval_images_per_s"] = 1.0 / per_image["median"] if per_image["median"] else None
+        profile["eval_peak_memory_mb"] = peak_memory(device)["peak_memory_mb"]
+    except Exception as err:  # noqa: BLE001 - one method's failure is recorded, the others still run
+        profile["status"] = "oom" if is_out_of_memory(err) else "failed"
+        profile["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+        log.error("%s: profile %s (%s)", method_name, profile["status"], profile["error"])
+        if profile["status"] == "failed":
+            log.debug("traceback", exc_info=True)
+    finally:
+        model = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for key in ("train_images_per_s", "eval_images_per_s", "peak_memory_mb"):
+        profile.setdefault(key, None)
+    if settings.count_flops:
+        try:
+            profile.update(count_flops(exp, method_name))
+        except Exception as err:  # noqa: BLE001
+            log.warning("%s: FLOPs not counted (%s: %s)", method_name, type(err).__name__, err)
+    profile["mfu"] = model_flops_utilisation(profile)
+    return profile
+
+
+def model_flops_utilisation(profile: dict[str, Any]) -> float | None:
+    """Training FLOPs per second over the device's dense bf16 peak (GPUs in the table only)."""
+    if not str(profile.get("device", "")).startswith("cuda"):
+        return None
+    peak = peak_bf16_flops(profile.get("device_name", ""))
+    flops, speed = profile.get("flops_train_step_per_image"), profile.get("train_images_per_s")
+    if not (peak and flops and speed):
+        return None
+    return flops * speed / peak
+
+
+# -- many methods, each in a fresh process -------------------------------------------------------------
+def profile_in_subprocess(exp: Experiment, method_name: str, device: str, settings: ProfileSettings,
+                          timeout_s: float | None = None) -> dict[str, Any]:
+    """`profile_method` in a fresh interpreter: clean peak memory, and a killed process is one row."""
+    payload = json.dumps({"experiment": exp.to_dict(), "method": method_name, "device": device,
+                          "settings": dataclasses.asdict(settings)})
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.profiling"], input=payload, capture_output=True,
+                              text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"method": method_name, "status": "failed", "error": f"timed out after {timeout_s:.0f} s"}
+    if proc.returncode == 0:
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if lines:
+            return json.loads(lines[-1])
+    killed = proc.returncode in (-9, 137)
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"method": method_name, "status": "oom" if killed else "failed",
+            "error": "killed (SIGKILL), likely by the out-of-memory killer" if killed else tail[:300]}
+
+
+def profile_methods(exp: Experiment, methods: Iterable[str], device: str = "auto", settings: ProfileSettings | None = None,
+                    isolate: bool = True, on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    settings = settings or ProfileSettings()
+    rows = []
+    for name in methods:
+        log.info("profiling %s (%s, %s)", name, exp.preset, device)
+        row = profile_in_subprocess(exp, name, device, settings) if isolate else profile_method(exp, name, device, settings)
+        rows.append(row)
+        if on_result:
+            on_result(row)
+    return rows
+
+
+def flops_table(exp: Experiment, methods: Iterable[str]) -> list[dict[str, Any]]:
+    """FLOPs and parameter counts only (no timing): paper scale on any machine in seconds per method."""
+    from benchmarks.runner import build_model
+
+    exp = without_weight_files(exp)
+    rows = []
+    for name in methods:
+        counts = build_model(exp, build_method(name, exp.methods.get(name)), device="meta").parameter_counts()
+        row: dict[str, Any] = {"method": name, "status": "ok", "backbone": exp.model.backbone, "head": exp.model.head,
+                               "crop_size": exp.data.crop_size, "batch_size": exp.train.batch_size, "params": counts,
+                               "trainable_parameters": counts["backbone_trainable"], "added_parameters": counts["backbone_added"],
+                               "eval_image_size": list(eval_image_size(exp)),
+                               "windows_per_image": window_count(*eval_image_size(exp), exp.eval.crop_size, exp.eval.stride)}
+        try:
+            row.update(count_flops(exp, name, allow_real=False))
+        except Exception as err:  # noqa: BLE001
+            row.update(status="failed", error=f"{type(err).__name__}: {err}"[:300])
+        rows.append(row)
+    return rows
+
+
+# -- output -------------------------------------------------------------------------------------------
+def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value / scale:,.{digits}f}"
+
+
+def _spread(summary: dict[str, Any] | None, scale: float = 1.0) -> str:
+    if not summary or summary.get("median") is None:
+        return "-"
+    return f"{summary['median'] * scale:.3g} ± {summary['iqr'] * scale / 2:.2g}"
+
+
+def format_table(rows: list[dict[str, Any]], fmt: str = "github") -> str:
+    """One row per method: speed (median, ± half the IQR), memory, FLOPs, MFU, parameters."""
+    from tabulate import tabulate
+
+    timed = any("train_images_per_s" in r for r in rows)  # flops_table rows have no timing columns
+    table = []
+    for r in rows:
+        status = r.get("status", "ok")
+        line = [r["method"]]
+        if timed:
+            line += [
+                _fmt(r.get("train_images_per_s"), digits=2),
+                _spread(r.get("train_step_s"), 1000.0),
+                _fmt(r.get("eval_images_per_s"), digits=2),
+                _spread(r.get("eval_image_s"), 1000.0),
+                _fmt(r.get("peak_memory_mb"), digits=0),
+                _fmt(r.get("mfu"), 0.01, 1) if r.get("mfu") is not None else "-",
+            ]
+        line += [
+            _fmt(r.get("flops_forward_per_image"), 1e9),
+            _fmt(r.get("flops_train_step_per_image"), 1e9),
+            _fmt(r.get("flops_eval_per_image"), 1e9),
+            _fmt(r.get("trainable_parameters"), 1e6, 3),
+            _fmt(r.get("added_parameters"), 1e6, 3),
+            _status(r),
+        ]
+        table.append(line)
+    headers = ["method"]
+    if timed:
+        headers += ["train img/s", "step ms (±IQR/2)", "eval img/s", "eval ms/img (±IQR/2)", "peak MB", "MFU %"]
+    headers += ["fwd GFLOP/img", "train GFLOP/img", "eval GFLOP/img", "trainable M", "added M", "status"]
+    return tabulate(table, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+def _status(row: dict[str, Any]) -> str:
+    status = row.get("status", "ok")
+    if status != "ok":
+        return f"{status}: {row.get('error') or ''}"[:80]
+    counted = str(row.get("flops_counted_with", ""))
+    return f"ok (FLOPs {counted})" if counted.startswith("not counted") else "ok"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def output_stem(preset: str, device_label: str, when: dt.date | None = None) -> str:
+    return f"{preset}-{_slug(device_label)}-{(when or dt.date.today()).isoformat()}"
+
+
+def environment_summary(device: torch.device | None) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("torch", "timm", "transformers", "peft"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    info: dict[str, Any] = {"python": platform.python_version(), **versions, "machine": platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device is not None:
+        info["device"] = str(device)
+        info["device_name"] = device_name(device)
+        info["peak_bf16_tflops"] = (peak_bf16_flops(info["device_name"]) or 0) / 1e12 or None
+    with contextlib.suppress(OSError):
+        info["load_average"] = list(os.getloadavg())
+    return info
+
+
+def write_profiles(rows: list[dict[str, Any]], exp: Experiment, out_dir: Path, stem: str, meta: dict[str, Any]) -> list[Path]:
+    """JSON (rows + metadata), markdown table and, for timed rows, speed and memory plots."""
+    from benchmarks.results import atomic_write_text
+
+    out_dir = Path(out_dir)
+    payload = {"preset": exp.preset, "experiment": exp.to_dict(), "meta": meta, "methods": rows}
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    atomic_write_text(paths[0], json.dumps(payload, indent=2, default=str) + "\n")
+    lines = [f"# Cost profile: preset `{exp.preset}`", ""]
+    lines += [f"- {key}: {value}" for key, value in meta.items()]
+    lines += ["", format_table(rows), ""]
+    atomic_write_text(paths[1], "\n".join(lines))
+    if any(r.get("train_images_per_s") for r in rows):
+        paths += write_plots(rows, out_dir, stem, title=f"{exp.preset} · {meta.get('device_name', '')}")
+    return paths
+
+
+def _rate_quartiles(row: dict[str, Any], spread_key: str, images: float) -> tuple[float, float] | None:
+    """(low, high) of a rate images/seconds from the seconds' quartiles (q3 is the slow end)."""
+    summary = row.get(spread_key) or {}
+    if not summary.get("q1") or not summary.get("q3"):
+        return None
+    return images / summary["q3"], images / summary["q1"]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str, title: str) -> list[Path]:
+    """`<stem>-speed.png` (train and eval images/s, IQR bars) and `<stem>-memory.png` (peak MB)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [r["method"] for r in rows]
+    panels = {
+        "speed": [("train images/s", "train_images_per_s", "train_step_s", "batch_size"),
+                  ("eval images/s", "eval_images_per_s", "eval_image_s", None)],
+        "memory": [("peak memory (MB)", "peak_memory_mb", None, None)],
+    }
+    written = []
+    for kind, specs in panels.items():
+        fig = Figure(figsize=(max(6.0, 0.5 * len(names) * len(specs)), 3.8), layout="constrained")
+        FigureCanvasAgg(fig)
+        for i, (label, key, spread_key, images_key) in enumerate(specs):
+            ax = fig.add_subplot(1, len(specs), i + 1)
+            values = np.array([r.get(key) or 0.0 for r in rows], dtype=float)
+            errors = None
+            if spread_key:
+                low_high = [_rate_quartiles(r, spread_key, float(r.get(images_key) or 1) if images_key else 1.0) for r in rows]
+                errors = np.array([[v - lh[0] if lh else 0.0 for v, lh in zip(values, low_high)],
+                                   [lh[1] - v if lh else 0.0 for v, lh in zip(values, low_high)]]).clip(min=0.0)
+            colours = ["tab:blue" if r.get("status", "ok") == "ok" else "tab:red" for r in rows]
+            ax.bar(range(len(names)), values, yerr=errors, color=colours, capsize=3)
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+            ax.set_ylabel(label)
+            ax.grid(axis="y", alpha=0.3)
+        fig.suptitle(f"{title} (median; bars: inter-quartile range)" if kind == "speed" else title, fontsize=9)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        path = Path(out_dir) / f"{stem}-{kind}.png"
+        _atomic_write_bytes(path, buffer.getvalue())
+        written.append(path)
+    return written
+
+
+def _worker() -> int:
+    """`python -m benchmarks.profiling` reads one job as JSON on stdin, prints the profile as JSON."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    job = json.loads(sys.stdin.read())
+    exp = experiment_from_dict(job["experiment"], source="profile job", name=job["experiment"].get("preset", "custom"))
+    settings = ProfileSettings(**job["settings"])
+    row = profile_method(exp, job["method"], job["device"], settings)
+    print(json.dumps(row, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(_worker())
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

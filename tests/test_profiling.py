@@ -1,0 +1,276 @@
+"""Profiles measure what they claim, and the protocol's fast paths are really taken.
+
+Speed itself is never asserted here (the benchmarks in tests/benchmarks and the `profile` command
+measure it); these tests check counts, code paths and bookkeeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import profiling
+from benchmarks.config import load_experiment
+from benchmarks.method import available_methods, build_method
+from benchmarks.protocol import checkpoint_blocks, slide_logits
+from benchmarks.runner import build_model
+
+SMOKE = ["model.weights=[]"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on shared cores
+    yield
+    torch.set_num_threads(previous)
+
+
+def smoke(*overrides: str):
+    return load_experiment("smoke", [*SMOKE, *overrides])
+
+
+def smoke_model(method_name: str, exp=None, seed: int = 0):
+    exp = exp or smoke()
+    torch.manual_seed(seed)
+    method = build_method(method_name)
+    return build_model(exp, method), method
+
+
+def batch(exp, size: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    crop = exp.data.crop_size
+    return torch.randn(size, 3, crop, crop, generator=gen), torch.randint(0, 19, (size, crop, crop), generator=gen)
+
+
+# -- device table, summaries, MFU --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312),
+     ("NVIDIA L4", 121), ("NVIDIA L40S", 362), ("NVIDIA A10G", 70), ("NVIDIA GeForce GTX 1080", None)],
+)
+def test_peak_flops_table_matches_device_names(name, tflops):
+    peak = profiling.peak_bf16_flops(name)
+    assert (peak / 1e12 if peak else None) == tflops
+
+
+def test_summary_is_median_and_interquartile_range():
+    summary = profiling.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert summary["median"] == 3.0
+    assert summary["q1"] == 2.0 and summary["q3"] == 4.0 and summary["iqr"] == 2.0 and summary["n"] == 5
+
+
+def test_mfu_is_training_flops_rate_over_device_peak():
+    row = {"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "flops_train_step_per_image": 2.5e12,
+           "train_images_per_s": 40.0}
+    assert profiling.model_flops_utilisation(row) == pytest.approx(2.5e12 * 40 / 989e12)
+    assert profiling.model_flops_utilisation({**row, "device": "cpu"}) is None
+    assert profiling.model_flops_utilisation({**row, "device_name": "Unknown GPU"}) is None
+
+
+# -- FLOPs ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method_name", ["full", "freeze", "rein"])
+def test_fake_tensor_flops_equal_real_tensor_flops(method_name):
+    exp = smoke()
+    fake = profiling.count_flops(exp, method_name)
+    assert fake["flops_counted_with"].startswith("fake")
+    model, _ = smoke_model(method_name, exp)
+    forward, train = profiling._count_model_flops(model, exp, exp.train.batch_size, real_loss=True)
+    assert fake["flops_forward_per_image"] == forward
+    # The light head's loss (cross-entropy) has no matmul: the surrogate's backward is the same.
+    assert fake["flops_train_step_per_image"] == train / exp.train.batch_size
+
+
+def test_training_flops_follow_what_trains():
+    exp = smoke()
+    full, freeze = profiling.count_flops(exp, "full"), profiling.count_flops(exp, "freeze")
+    assert full["flops_forward_per_image"] == freeze["flops_forward_per_image"]
+    # Frozen: forward of everything, backward of the head only; full: ~3x forward.
+    assert freeze["flops_train_step_per_image"] < full["flops_train_step_per_image"]
+    assert full["flops_train_step_per_image"] == pytest.approx(3 * full["flops_forward_per_image"], rel=0.1)
+    windows = profiling.window_count(*profiling.eval_image_size(exp), exp.eval.crop_size, exp.eval.stride)
+    assert windows > 1
+    assert full["flops_eval_per_image"] == windows * full["flops_forward_per_image"]
+
+
+def test_flop_counter_accepts_parameter_views_taken_without_grad():
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    with profiling.flop_counter() as counter:
+        with torch.no_grad():
+            view = weight.unsqueeze(0).expand(2, -1, -1)
+        torch.bmm(view, view)
+    assert counter.get_total_flops() == 2 * 2 * 4 * 4 * 4
+
+
+# -- the protocol's fast paths ---------------------------------------------------------------------------
+def _saved_in_backbone(model, images, labels) -> int:
+    saved = [0]
+    inside = [False]
+    model.backbone.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    model.backbone.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+
+    def pack(tensor):
+        if inside[0]:
+            saved[0] += 1
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(images, labels)["loss"].backward()
+    return saved[0]
+
+
+def test_frozen_backbone_saves_no_activations():
+    exp = smoke()
+    images, labels = batch(exp)
+    frozen, _ = smoke_model("freeze", exp)
+    trained, _ = smoke_model("full", exp)
+    assert _saved_in_backbone(frozen, images, labels) == 0
+    assert _saved_in_backbone(trained, images, labels) > 0  # the probe does see saved activations
+
+
+@pytest.mark.parametrize("method_name", sorted(available_methods()))
+def test_every_block_runs_fused_attention(method_name, monkeypatch):
+    model, _ = smoke_model(method_name)
+    calls = [0]
+    original = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert calls[0] >= model.backbone.tap_indices[-1] + 1
+
+
+# -- gradient checkpointing keeps methods' hooks exact ----------------------------------------------------
+@pytest.mark.parametrize("method_name", ["full", "vpt", "rein", "adaptformer", "lora"])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(method_name):
+    if method_name not in available_methods():
+        pytest.skip(f"{method_name} not registered")
+    exp = smoke()
+    images, labels = batch(exp)
+    results = []
+    for checkpointed in (False, True):
+        model, _ = smoke_model(method_name, exp, seed=3)
+        if checkpointed:
+            assert checkpoint_blocks(model.backbone) == len(model.backbone.blocks)
+            assert checkpoint_blocks(model.backbone) == 0  # idempotent
+        fired = [0]
+        model.backbone.blocks[0].register_forward_hook(lambda *_: fired.__setitem__(0, fired[0] + 1))
+        model.train()
+        loss = model.loss(images, labels)["loss"]
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, fired[0]))
+    (loss_a, grads_a, fired_a), (loss_b, grads_b, fired_b) = results
+    assert fired_a == fired_b == 1  # a block hook fires once per forward, not again when recomputed
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and any("backbone" in n for n in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_grad_checkpointing_option_saves_fewer_backbone_activations():
+    exp = smoke()
+    images, labels = batch(exp)
+    plain, _ = smoke_model("full", exp)
+    wrapped, _ = smoke_model("full", exp)
+    checkpoint_blocks(wrapped.backbone)
+    assert _saved_in_backbone(wrapped, images, labels) < _saved_in_backbone(plain, images, labels)
+
+
+def test_batched_windows_give_the_same_scores_as_one_at_a_time():
+    exp = smoke()
+    model, _ = smoke_model("freeze", exp)
+    model.eval()
+    image = torch.randn(1, 3, 64, 150)
+    with torch.inference_mode():
+        one = slide_logits(model, image, dataclasses.replace(exp.eval, batch_windows=1), 19)
+        many = slide_logits(model, image, dataclasses.replace(exp.eval, batch_windows=8), 19)
+    torch.testing.assert_close(one, many, rtol=1e-4, atol=1e-5)
+
+
+# -- profile_method ------------------------------------------------------------------------------------
+SCHEMA_KEYS = ("train_images_per_s", "eval_images_per_s", "peak_memory_mb", "flops_forward_per_image",
+               "flops_train_step_per_image", "mfu", "device", "dtype")
+
+
+def test_profile_method_times_the_protocol_step_and_fills_the_schema(monkeypatch):
+    import benchmarks.protocol as protocol
+
+    steps = [0]
+    original_step = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        steps[0] += 1
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    trained = []
+    original_train = protocol.train
+    monkeypatch.setattr(protocol, "train", lambda *a, **k: trained.append(1) or original_train(*a, **k))
+    settings = profiling.ProfileSettings(warmup=1, repeats=3, eval_warmup=0, eval_repeats=2)
+    row = profiling.profile_method(smoke(), "rein", "cpu", settings)
+    assert row["status"] == "ok", row["error"]
+    assert trained == [1] and steps[0] == settings.warmup + settings.repeats
+    for key in SCHEMA_KEYS:
+        assert key in row
+    assert row["train_step_s"]["n"] == 3 and row["eval_image_s"]["n"] == 2
+    assert row["train_images_per_s"] == pytest.approx(row["batch_size"] / row["train_step_s"]["median"])
+    assert row["eval_images_per_s"] > 0 and row["peak_memory_mb"] > 0
+    assert row["mfu"] is None and row["dtype"] == "float32"
+    assert row["trainable_parameters"] > 0 and row["added_parameters"] > 0  # Rein's tokens
+    json.dumps(row)
+
+
+def test_out_of_memory_is_a_row_not_a_crash(monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr("benchmarks.runner.build_model", no_memory)
+    row = profiling.profile_method(smoke(), "full", "cpu", profiling.ProfileSettings(count_flops=False))
+    assert row["status"] == "oom" and "out of memory" in row["error"]
+    assert row["train_images_per_s"] is None
+
+
+def test_peak_memory_sees_an_allocation_after_reset():
+    profiling.reset_peak_memory("cpu")
+    before = profiling.peak_memory("cpu")["peak_memory_mb"]
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    after = profiling.peak_memory("cpu")["peak_memory_mb"]
+    del block
+    assert after - before > 48
+
+
+def test_flops_only_command_writes_table_and_json(tmp_path, capsys):
+    from benchmarks.cli import main
+
+    code = main(["profile", "--preset", "smoke", "--set", "model.weights=[]", "--methods", "full,freeze",
+                 "--flops-only", "--out", str(tmp_path)])
+    assert code == 0
+    assert "freeze" in capsys.readouterr().out
+    [json_path] = tmp_path.glob("smoke-flops-*.json")
+    rows = json.loads(json_path.read_text())["methods"]
+    assert [r["method"] for r in rows] == ["full", "freeze"]
+    assert rows[1]["trainable_parameters"] == 0 and rows[0]["trainable_parameters"] > 0
+    assert (tmp_path / json_path.name.replace(".json", ".md")).is_file()
+
+
+def test_write_profiles_draws_speed_and_memory_plots(tmp_path):
+    row = {"method": "full", "status": "ok", "batch_size": 2, "train_images_per_s": 4.0, "eval_images_per_s": 2.0,
+           "peak_memory_mb": 900.0, "train_step_s": profiling.summarize([0.4, 0.5, 0.6]),
+           "eval_image_s": profiling.summarize([0.5, 0.5]), "flops_forward_per_image": 1e9}
+    paths = profiling.write_profiles([row, {"method": "rein", "status": "oom", "error": "x", "train_images_per_s": None}],
+                                     smoke(), tmp_path, "smoke-cpu-test", {"device_name": "cpu"})
+    names = sorted(p.name for p in paths)
+    assert names == ["smoke-cpu-test-memory.png", "smoke-cpu-test-speed.png", "smoke-cpu-test.json", "smoke-cpu-test.md"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert "oom" in (tmp_path / "smoke-cpu-test.md").read_text()
