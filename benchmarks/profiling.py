@@ -476,6 +476,22 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
     return profile
 
 
+def run_profile_extras(exp: Experiment, method_name: str, profile: dict[str, Any]) -> dict[str, Any]:
+    """What a finished run adds to its measured profile: FLOPs per image (fake tensors) and MFU.
+
+    Never fails a run: a count that cannot be made is recorded as such.
+    """
+    extras: dict[str, Any] = {}
+    try:
+        extras.update(count_flops(exp, method_name, allow_real=False))
+    except Exception as err:  # noqa: BLE001
+        extras["flops_counted_with"] = f"not counted: {type(err).__name__}"
+    device = torch.device(profile.get("device", "cpu"))
+    extras["device_name"] = device_name(device)
+    extras["mfu"] = model_flops_utilisation({**profile, **extras})
+    return extras
+
+
 def model_flops_utilisation(profile: dict[str, Any]) -> float | None:
     """Training FLOPs per second over the device's dense bf16 peak (GPUs in the table only)."""
     if not str(profile.get("device", "")).startswith("cuda"):

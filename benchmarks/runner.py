@@ -202,6 +202,9 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
 
         target_sets = {name: Subset(ds, distributed.shard_indices(len(ds), world)) for name, ds in target_sets.items()}
 
+    from benchmarks.profiling import reset_peak_memory
+
+    reset_peak_memory(device)  # this run's peak, not an earlier run's in the same process
     seed_everything(spec.seed)
     model = build_model(exp, method)
     result["params"] = model.parameter_counts()
@@ -266,6 +269,9 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
             "dtype": str(amp).replace("torch.", "") if amp else "float32",
         },
     )
+    from benchmarks.profiling import run_profile_extras
+
+    result["profile"].update(run_profile_extras(exp, spec.method, result["profile"]))
     result["timings"].update(finished=_now(), train_s=state.train_seconds, eval_s=eval_seconds)
     if world.is_main:
         write_result(path, result)
@@ -275,11 +281,9 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
 
 
 def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    from benchmarks.profiling import peak_memory
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_memory(device)["peak_memory_mb"]
 
 
 def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = True) -> dict[str, Any] | None:
