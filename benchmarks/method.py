@@ -34,7 +34,7 @@ from benchmarks.errors import UserError
 if TYPE_CHECKING:
     from benchmarks.model import SegModel
 
-NO_DECAY_SUFFIXES = ("bias",)
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 @dataclass
@@ -104,22 +104,37 @@ class Method:
         """JSON-serialisable facts saved with the result (e.g. where a selection went)."""
         return {}
 
+    def parameter_counts(self, model: SegModel) -> dict[str, int]:
+        """The counts reported for this method (backbone-side, head excluded, as the papers do).
+
+        A method that trains only some entries of the tensors requiring gradients (FisherTune's
+        element-wise masks) reports what actually trains.
+        """
+        return model.parameter_counts()
+
     def hyperparameters(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Full names of parameters that modules declare exempt from weight decay.
+    """Full names of the parameters the protocol trains without weight decay.
 
-    A module opts in by defining `no_weight_decay() -> set[str]` with names relative to itself,
-    the convention timm uses, so tokens, scales and embeddings are named where they are defined.
+    The reference exempts norms, learnable tokens, the Rein scale, and the query and level
+    embeddings; biases and LayerScale are decayed. Norms are found by type and by the name
+    substring the reference's optimiser constructor matches; the rest are declared by the module
+    that defines them through `no_weight_decay() -> set[str]` (names relative to itself, timm's
+    convention). The pretrained timm model's own declaration (its cls token and position
+    embedding) is not the protocol's, so it is not consulted.
     """
+    backbone_vit = getattr(getattr(model, "backbone", None), "vit", None)
     names: set[str] = set()
     for prefix, module in model.named_modules():
+        dotted = f"{prefix}." if prefix else ""
+        if isinstance(module, NORM_TYPES):
+            names.update(dotted + local for local, _ in module.named_parameters(recurse=False))
         declare = getattr(module, "no_weight_decay", None)
-        if callable(declare):
-            for local in declare():
-                names.add(f"{prefix}.{local}" if prefix else local)
+        if callable(declare) and module is not backbone_vit:
+            names.update(dotted + local for local in declare())
     return names
 
 
@@ -133,8 +148,7 @@ def split_decay_groups(
     for name, param in named_parameters:
         if not (param.requires_grad or include_frozen):
             continue
-        # 1-D tensors are norm weights and biases (and the Rein scale): the protocol exempts them.
-        if param.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES) or name in extra_no_decay:
+        if "norm" in name or name in extra_no_decay:
             no_decay.append(param)
         else:
             decay.append(param)

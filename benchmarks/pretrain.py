@@ -50,7 +50,10 @@ class PretrainConfig:
     """Distinct generated scenes in the pool (each seen under new crops and flips every epoch)."""
     scene_height: int = 128
     scene_width: int = 224
-    crop_size: int = 128
+    crop_size: int = 64
+    """Training resolution; crops of `source_crop` pixels are resized to it (objects at 1/2–1× the
+    benchmark's pixel scale: small inputs keep pretraining affordable on a CPU)."""
+    source_crop: tuple[int, int] = (64, 128)
     steps: int = 3000
     batch_size: int = 48
     lr: float = 1.5e-3
@@ -121,7 +124,7 @@ class PretrainHeads(nn.Module):
 def _batch(pool, rng: np.random.Generator, cfg: PretrainConfig):
     images, geometry, depth = pool
     idx = rng.integers(0, len(images), cfg.batch_size)
-    crop = cfg.crop_size
+    crop = int(rng.integers(cfg.source_crop[0], cfg.source_crop[1] + 1))
     top = rng.integers(0, images.shape[1] - crop + 1, cfg.batch_size)
     left = rng.integers(0, images.shape[2] - crop + 1, cfg.batch_size)
     flip = rng.random(cfg.batch_size) < 0.5
@@ -137,7 +140,14 @@ def _batch(pool, rng: np.random.Generator, cfg: PretrainConfig):
     mean = torch.tensor((123.675, 116.28, 103.53)).view(1, 3, 1, 1)
     std = torch.tensor((58.395, 57.12, 57.375)).view(1, 3, 1, 1)
     image = (torch.from_numpy(np.stack(ims).copy()).permute(0, 3, 1, 2).float() - mean) / std
-    return image, torch.from_numpy(np.stack(geos).copy()).long(), torch.from_numpy(np.stack(deps).astype(np.float32))
+    geometry = torch.from_numpy(np.stack(geos).copy()).unsqueeze(1).float()
+    depth = torch.from_numpy(np.stack(deps).astype(np.float32)).unsqueeze(1)
+    if crop != cfg.crop_size:
+        size = (cfg.crop_size, cfg.crop_size)
+        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+        geometry = F.interpolate(geometry, size=size, mode="nearest")
+        depth = F.interpolate(depth, size=size, mode="nearest")
+    return image, geometry[:, 0].long(), depth[:, 0]
 
 
 def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
@@ -150,7 +160,9 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     render_seconds = time.perf_counter() - started
     log.info("rendered %d scenes in %.0f s", cfg.scenes, render_seconds)
 
-    backbone = build_backbone("proxy_vit", img_size=cfg.crop_size, weights="random").to(device)
+    # Built at the benchmark's input size so the position grid is the one fine-tuning uses; the
+    # smaller pretraining inputs see it interpolated.
+    backbone = build_backbone("proxy_vit", img_size=BACKBONES["proxy_vit"].native_img_size, weights="random").to(device)
     vit = backbone.vit
     patch = backbone.patch_size
     heads = PretrainHeads(backbone.embed_dim, patch).to(device)

@@ -207,7 +207,7 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     reset_peak_memory(device)  # this run's peak, not an earlier run's in the same process
     seed_everything(spec.seed)
     model = build_model(exp, method)
-    result["params"] = model.parameter_counts()
+    result["params"] = method.parameter_counts(model)
     amp = autocast_dtype(exp.train.amp, device)
     # After the build (which draws from the RNG): a resumed run continues the saved RNG streams.
     resumed = checkpoint.find_checkpoint(path, exp.config_hash(), world.world_size)
@@ -255,7 +255,7 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     images_seen = state.step * exp.train.batch_size * exp.train.grad_accum * world.world_size
     result.update(
         status="finished",
-        params=model.parameter_counts(),  # after training: phased methods may have changed what trains
+        params=method.parameter_counts(model),  # after training: phased methods may have changed what trains
         targets={name: {k: v for k, v in s.items() if k != "images_per_s"} for name, s in scores.items()},
         average_miou=sum(s["miou"] for s in scores.values()) / len(scores),
         history=state.history,

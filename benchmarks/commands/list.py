@@ -40,7 +40,7 @@ def _methods(args: argparse.Namespace) -> str:
     for name, cls in available_methods().items():
         method = build_method(name)
         try:
-            counts = build_model(exp, method, device="meta").parameter_counts()
+            counts = method.parameter_counts(build_model(exp, method, device="meta"))
             trainable = f"{counts['backbone_trainable']:,}"
         except Exception as err:  # a count that cannot be computed is shown, not fatal to the listing
             log.debug("counting %s on %s failed: %s", name, args.backbone, err)

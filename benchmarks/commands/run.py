@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from benchmarks.reports.tables import leaderboard
 
-    print(leaderboard(results))
+    print(leaderboard(results, setting=None))
     failed = [r for r in results if r.get("status") != "finished"]
     return 1 if failed else 0
 
@@ -108,7 +108,7 @@ def submit(exp: Experiment, args: argparse.Namespace) -> int:
     from benchmarks.reports.tables import leaderboard
 
     results, missing = collect_results(exp, args.methods)
-    print(leaderboard(results))
+    print(leaderboard(results, setting=None))
     return 1 if missing or any(r.get("status") != "finished" for r in results) else 0
 
 
@@ -142,8 +142,8 @@ def describe(exp: Experiment, methods: str | None) -> str:
         if key not in seen:
             run_exp = experiment_for(exp, spec)
             run_exp = dataclasses.replace(run_exp, model=dataclasses.replace(run_exp.model, weights=()))
-            model = build_model(run_exp, build_method(spec.method, exp.methods.get(spec.method)), device="meta")
-            seen[key] = model.parameter_counts()
+            method = build_method(spec.method, exp.methods.get(spec.method))
+            seen[key] = method.parameter_counts(build_model(run_exp, method, device="meta"))
         c = seen[key]
         lines.append(
             f"{spec.setting:8} {spec.backbone:22} {spec.method:14} {spec.seed:>5} {c['backbone_pretrained']:>12,} "

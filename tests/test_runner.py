@@ -1,0 +1,97 @@
+"""The product path end to end: matrix → model → train → evaluate → result file → table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import runner
+from benchmarks.config import PROJECT_ROOT, apply_override
+from benchmarks.method import available_methods
+from benchmarks.results import SCHEMA_VERSION, iter_results
+from datasets.labels import CLASSES
+
+
+@pytest.mark.parametrize("method", sorted(available_methods()))
+def test_smoke_run_of_each_method_writes_a_valid_result(method, smoke_experiment):
+    (result,) = runner.run_matrix(smoke_experiment, method, progress=False)
+    assert result["status"] == "finished", result.get("failure")
+    assert result["schema"] == SCHEMA_VERSION and result["method"]["name"] == method
+    assert set(result["targets"]) == {"cityscapes", "bdd100k", "mapillary"}
+    for target in result["targets"].values():
+        assert 0.0 <= target["miou"] <= 100.0
+        assert set(target["per_class_iou"]) == set(CLASSES)
+        assert target["num_images"] == 3
+    expected_mean = sum(t["miou"] for t in result["targets"].values()) / 3
+    assert result["average_miou"] == pytest.approx(expected_mean)
+    assert result["experiment"]["train"]["iters"] == smoke_experiment.train.iters
+    assert len(result["history"]) >= 1 and all(h["loss"] == h["loss"] for h in result["history"])  # finite
+    on_disk = json.loads(open(result_path(smoke_experiment, method)).read())
+    assert on_disk["run_id"] == result["run_id"]
+
+
+def result_path(exp, method):
+    spec = runner.plan_runs(exp, method)[0]
+    return spec.path(runner.experiment_for(exp, spec), exp.resolve_path(exp.run.results_dir))
+
+
+def test_freeze_trains_only_the_head_and_full_everything(smoke_experiment):
+    results = {r["method"]["name"]: r for r in runner.run_matrix(smoke_experiment, "freeze,full", progress=False)}
+    assert results["freeze"]["params"]["backbone_trainable"] == 0
+    assert results["full"]["params"]["backbone_trainable"] == results["full"]["params"]["backbone_pretrained"] > 0
+
+
+def test_finished_runs_are_skipped(smoke_experiment, monkeypatch):
+    first = runner.run_matrix(smoke_experiment, "freeze", progress=False)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished run was executed again")
+
+    monkeypatch.setattr(runner, "execute_run", must_not_run)
+    again = runner.run_matrix(smoke_experiment, "freeze", progress=False)
+    assert again[0]["run_id"] == first[0]["run_id"] and again[0]["average_miou"] == first[0]["average_miou"]
+    # a changed protocol is a different run, not a skip
+    changed = apply_override(smoke_experiment, "train.iters=3")
+    with pytest.raises(AssertionError, match="executed again"):
+        runner.run_matrix(changed, "freeze", progress=False)
+
+
+def test_same_seed_same_numbers(smoke_experiment, tmp_path):
+    first = runner.run_matrix(smoke_experiment, "full", progress=False)[0]
+    other_dir = apply_override(smoke_experiment, f'run.results_dir="{tmp_path / "again"}"')
+    second = runner.run_matrix(other_dir, "full", progress=False)[0]
+    assert first["targets"] == second["targets"]
+    assert first["history"] == second["history"]
+
+
+def test_matrix_expands_methods_backbones_seeds(smoke_experiment):
+    exp = apply_override(smoke_experiment, "run.seeds=1,2")
+    specs = runner.plan_runs(exp, "freeze,full")
+    assert [(s.method, s.seed) for s in specs] == [("freeze", 1), ("full", 1), ("freeze", 2), ("full", 2)]
+    assert len({s.path(runner.experiment_for(exp, s), PROJECT_ROOT) for s in specs}) == 4
+
+
+def test_cli_run_prints_the_leaderboard(tiny_world, tmp_path):
+    runs = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--preset", "smoke", "--methods", "freeze,full", "--no-progress",
+         "--data-root", str(tiny_world), "--results-dir", str(runs)],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "freeze" in proc.stdout and "full" in proc.stdout and "cityscapes" in proc.stdout.lower()
+    assert len(iter_results([runs])) == 2
+
+
+def test_cli_unknown_method_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--preset", "smoke", "--methods", "nope", "--results-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown method 'nope'; valid: all,")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
