@@ -368,7 +368,7 @@ def time_training_steps(model, method, exp: Experiment, device: torch.device, wa
         pass
     finally:
         del method.on_step
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return steps[warmup:]
 
 
@@ -571,7 +571,11 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
 def _spread(summary: dict[str, Any] | None, scale: float = 1.0) -> str:
     if not summary or summary.get("median") is None:
         return "-"
-    return f"{summary['median'] * scale:.3g} ± {summary['iqr'] * scale / 2:.2g}"
+    return f"{_compact(summary['median'] * scale)} ± {_compact(summary['iqr'] * scale / 2)}"
+
+
+def _compact(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
 
 
 def format_table(rows: list[dict[str, Any]], fmt: str = "github") -> str:
@@ -581,7 +585,6 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "github") -> str:
     timed = any("train_images_per_s" in r for r in rows)  # flops_table rows have no timing columns
     table = []
     for r in rows:
-        status = r.get("status", "ok")
         line = [r["method"]]
         if timed:
             line += [
@@ -706,8 +709,8 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str, title: str
             errors = None
             if spread_key:
                 low_high = [_rate_quartiles(r, spread_key, float(r.get(images_key) or 1) if images_key else 1.0) for r in rows]
-                errors = np.array([[v - lh[0] if lh else 0.0 for v, lh in zip(values, low_high)],
-                                   [lh[1] - v if lh else 0.0 for v, lh in zip(values, low_high)]]).clip(min=0.0)
+                errors = np.array([[v - lh[0] if lh else 0.0 for v, lh in zip(values, low_high, strict=True)],
+                                   [lh[1] - v if lh else 0.0 for v, lh in zip(values, low_high, strict=True)]]).clip(min=0.0)
             colours = ["tab:blue" if r.get("status", "ok") == "ok" else "tab:red" for r in rows]
             ax.bar(range(len(names)), values, yerr=errors, color=colours, capsize=3)
             ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)

@@ -164,7 +164,11 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(method_name):
             assert checkpoint_blocks(model.backbone) == len(model.backbone.blocks)
             assert checkpoint_blocks(model.backbone) == 0  # idempotent
         fired = [0]
-        model.backbone.blocks[0].register_forward_hook(lambda *_: fired.__setitem__(0, fired[0] + 1))
+
+        def count(*_, fired=fired):
+            fired[0] += 1
+
+        model.backbone.blocks[0].register_forward_hook(count)
         model.train()
         loss = model.loss(images, labels)["loss"]
         loss.backward()
