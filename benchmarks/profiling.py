@@ -521,10 +521,13 @@ def profile_in_subprocess(exp: Experiment, method_name: str, device: str, settin
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if lines:
             return json.loads(lines[-1])
-    killed = proc.returncode in (-9, 137)
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"method": method_name, "status": "oom" if killed else "failed",
-            "error": "killed (SIGKILL), likely by the out-of-memory killer" if killed else tail[:300]}
+    if proc.returncode in (-9, 137):
+        return {"method": method_name, "status": "oom", "error": "killed (SIGKILL), likely by the out-of-memory killer"}
+    if proc.returncode < 0:
+        return {"method": method_name, "status": "failed", "error": f"terminated by signal {-proc.returncode}"}
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if "Error" in line or line.startswith("error:")]
+    return {"method": method_name, "status": "failed", "error": (errors or lines or ["no output"])[-1][:300]}
 
 
 def profile_methods(exp: Experiment, methods: Iterable[str], device: str = "auto", settings: ProfileSettings | None = None,

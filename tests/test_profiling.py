@@ -278,3 +278,25 @@ def test_write_profiles_draws_speed_and_memory_plots(tmp_path):
     assert names == ["smoke-cpu-test-memory.png", "smoke-cpu-test-speed.png", "smoke-cpu-test.json", "smoke-cpu-test.md"]
     assert all(p.stat().st_size > 0 for p in paths)
     assert "oom" in (tmp_path / "smoke-cpu-test.md").read_text()
+
+
+@pytest.mark.parametrize(("returncode", "status"), [(-9, "oom"), (-15, "failed"), (1, "failed")])
+def test_subprocess_deaths_become_rows(monkeypatch, returncode, status):
+    import subprocess
+
+    def dead(*args, **kwargs):
+        return subprocess.CompletedProcess(args, returncode, stdout="", stderr="WARNING x\nRuntimeError: boom\n")
+
+    monkeypatch.setattr(subprocess, "run", dead)
+    row = profiling.profile_in_subprocess(smoke(), "full", "cpu", profiling.ProfileSettings())
+    assert row["method"] == "full" and row["status"] == status
+    if returncode == 1:
+        assert row["error"] == "RuntimeError: boom"
+
+
+@pytest.mark.slow
+def test_profile_in_a_fresh_process_reports_its_own_peak():
+    settings = profiling.ProfileSettings(warmup=1, repeats=2, eval_warmup=0, eval_repeats=1, count_flops=False)
+    row = profiling.profile_in_subprocess(smoke(), "freeze", "cpu", settings, timeout_s=600)
+    assert row["status"] == "ok", row.get("error")
+    assert row["peak_memory_mb"] > row["baseline_memory_mb"] > 0
