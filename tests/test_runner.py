@@ -82,7 +82,7 @@ def test_cli_run_prints_the_leaderboard(tiny_world, tmp_path):
         capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "freeze" in proc.stdout and "full" in proc.stdout and "cityscapes" in proc.stdout.lower()
+    assert "freeze" in proc.stdout and "full" in proc.stdout and "Citys." in proc.stdout
     assert len(iter_results([runs])) == 2
 
 
