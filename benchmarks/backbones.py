@@ -362,6 +362,8 @@ def build_backbone(
         raise UserError(f"img_size {img_size} is not divisible by patch size {patch} for backbone {label}")
     vit = _create_timm(spec, img_size, patch)
     backbone = Backbone(vit, spec, label, img_size, patch)
+    if next(vit.parameters()).is_meta:
+        return backbone  # built for shapes only (counting, FLOPs on fake tensors): nothing to load
     if weights is None and spec.default_weights is not None and Path(spec.default_weights).is_file():
         weights = spec.default_weights
     if weights is None or str(weights) == "random":
