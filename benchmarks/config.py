@@ -51,6 +51,9 @@ class DataConfig:
     """Use only the first N source pairs (0 = all)."""
     eval_limit: int = 0
     """Score only the first N pairs of each target (0 = all)."""
+    source_holdout: int = 0
+    """Hold the last N source pairs out of training and score them as an in-domain reference, so the
+    table shows the source→target gap (0 = the protocol: train on every source pair, no source score)."""
 
 
 @dataclass(frozen=True)

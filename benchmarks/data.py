@@ -50,13 +50,28 @@ def ensure_data_root(exp: Experiment) -> Path:
     return root
 
 
-def source_dataset(exp: Experiment, source: str, root: Path) -> Dataset:
-    from datasets.base import SegmentationDataset
+def _source_split(exp: Experiment, source: str, root: Path):
+    """The source adapter and the slices of its sorted pairs used for training and held out."""
     from datasets.registry import get_adapter
+
+    adapter = get_adapter(source)(root, "train")
+    holdout = exp.data.source_holdout
+    total = len(adapter.pairs())
+    if holdout < 0 or holdout >= total:
+        raise UserError(
+            f"data.source_holdout={holdout} but {source} has {total} pairs at {root}; "
+            f"choose 0 (train on all, the protocol) up to {total - 1}"
+        )
+    return adapter, slice(0, total - holdout), slice(total - holdout, total)
+
+
+def source_dataset(exp: Experiment, source: str, root: Path) -> Dataset:
+    """The source as the protocol trains on it (minus any held-out pairs), with the train transform."""
+    from datasets.base import SegmentationDataset
     from datasets.transforms import TrainTransform
 
     cfg = exp.data
-    adapter = get_adapter(source)(root, "train")
+    adapter, train_pairs, _ = _source_split(exp, source, root)
     transform = TrainTransform(
         crop_size=cfg.crop_size,
         scale_base=cfg.scale_base,
@@ -64,7 +79,19 @@ def source_dataset(exp: Experiment, source: str, root: Path) -> Dataset:
         cat_max_ratio=cfg.cat_max_ratio,
         photometric=cfg.photometric,
     )
-    return SegmentationDataset(adapter, transform, limit=cfg.train_limit or None)
+    return SegmentationDataset(adapter, transform, limit=cfg.train_limit or None, pairs=train_pairs)
+
+
+def source_heldout_dataset(exp: Experiment, source: str, root: Path) -> Dataset | None:
+    """The held-out source pairs scored like a target (None when the preset holds none out)."""
+    from datasets.base import SegmentationDataset
+    from datasets.transforms import eval_transform_for
+
+    if not exp.data.source_holdout:
+        return None
+    adapter, _, heldout_pairs = _source_split(exp, source, root)
+    transform = eval_transform_for(adapter, tuple(exp.eval.fit_size))
+    return SegmentationDataset(adapter, transform, pairs=heldout_pairs)
 
 
 def target_dataset(exp: Experiment, target: str, root: Path) -> Dataset:

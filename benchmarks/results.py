@@ -17,10 +17,15 @@ Schema (version 1), the only thing reports and regression checks read:
       "targets": {"cityscapes": {"miou": float, "per_class_iou": {"road": float | null, ...},
                                  "num_images": int}, ...},
       "average_miou": float,                 # unweighted mean over targets, percent
+      "source_heldout": null | {"miou": float, "per_class_iou": {...}, "num_images": int},
+                                             # held-out source pairs (data.source_holdout > 0); not averaged
       "history": [{"iter": int, "loss": float, "lr": float, ...}, ...],
       "evaluations": [{"iter": int, "targets": {"cityscapes": float, ...}}],   # during training
       "profile": {"train_images_per_s": float, "eval_images_per_s": float, "peak_memory_mb": float,
-                  "device": str, "dtype": str, ...},
+                  "device": str, "dtype": str, "device_name": str,
+                  "flops_forward_per_image": float | null, "flops_train_step_per_image": float | null,
+                  "flops_eval_per_image": float | null, "flops_counted_with": str,
+                  "mfu": float | null},         # mfu only where the device's peak is known (CUDA)
       "diagnostics": {...},                  # the method's own (e.g. FisherTune's selection)
       "environment": {"python": str, "torch": str, ..., "device_name": str, "git_commit": str,
                       "git_dirty": bool, "hostname": str},

@@ -150,7 +150,7 @@ def _now() -> str:
 # -- one run ----------------------------------------------------------------------------------------
 def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = True) -> dict[str, Any]:
     from benchmarks import checkpoint, distributed
-    from benchmarks.data import ensure_data_root, source_dataset, target_dataset
+    from benchmarks.data import ensure_data_root, source_dataset, source_heldout_dataset, target_dataset
     from benchmarks.protocol import (
         TrainHooks,
         TrainingDiverged,
@@ -197,10 +197,13 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     root = ensure_data_root(exp)
     source_set = source_dataset(exp, source, root)
     target_sets = {name: target_dataset(exp, name, root) for name in targets}
+    heldout_set = source_heldout_dataset(exp, source, root)
     if world.is_distributed:  # each rank scores its own strided shard; the confusion matrix is summed
         from torch.utils.data import Subset
 
         target_sets = {name: Subset(ds, distributed.shard_indices(len(ds), world)) for name, ds in target_sets.items()}
+        if heldout_set is not None:
+            heldout_set = Subset(heldout_set, distributed.shard_indices(len(heldout_set), world))
 
     from benchmarks.profiling import reset_peak_memory
 
@@ -240,6 +243,12 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         for s in scores.values():
             s["num_images"] = int(distributed.all_reduce_sum(s["num_images"], device))
         eval_seconds = time.perf_counter() - eval_started
+        source_score = None
+        if heldout_set is not None:  # outside eval_seconds: the profile's eval throughput is the targets'
+            source_score = evaluate(model, heldout_set, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES,
+                                    progress=progress and world.is_main, desc=f"{source} (held out)")
+            source_score["num_images"] = int(distributed.all_reduce_sum(source_score["num_images"], device))
+            source_score.pop("images_per_s", None)
     except UserError:
         raise
     except Exception as err:  # recorded as failed so the rest of the matrix runs and the table says why
@@ -258,6 +267,7 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         params=method.parameter_counts(model),  # after training: phased methods may have changed what trains
         targets={name: {k: v for k, v in s.items() if k != "images_per_s"} for name, s in scores.items()},
         average_miou=sum(s["miou"] for s in scores.values()) / len(scores),
+        source_heldout=source_score,
         history=state.history,
         evaluations=state.evaluations,
         diagnostics=method.diagnostics(),

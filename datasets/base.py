@@ -354,11 +354,13 @@ class SegmentationDataset(_TorchDataset):  # type: ignore[misc,valid-type]
     the sampler, not worker state, owns the randomness and runs are reproducible and resumable.
     """
 
-    def __init__(self, adapter: Adapter, transform: Any, limit: int | None = None) -> None:
+    def __init__(self, adapter: Adapter, transform: Any, limit: int | None = None,
+                 pairs: slice = slice(None)) -> None:
+        """``pairs`` selects from the adapter's sorted pairs; ``limit`` then keeps the first N of those."""
         self.adapter = adapter
         self.transform = transform
-        pairs = adapter.pairs()
-        self.pairs = pairs[:limit] if limit is not None else pairs
+        selected = adapter.pairs()[pairs]
+        self.pairs = selected[:limit] if limit is not None else selected
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -95,3 +95,37 @@ def test_cli_unknown_method_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().startswith("error: unknown method 'nope'; valid: all,")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_held_out_source_pairs_are_scored_apart_and_never_trained_on(smoke_experiment, tiny_world):
+    from benchmarks.data import source_dataset, source_heldout_dataset
+    from benchmarks.reports.tables import leaderboard
+
+    exp = apply_override(smoke_experiment, "data.source_holdout=2")
+    trained = [pair.name for pair in source_dataset(exp, "gtav", tiny_world).pairs]
+    held_out = [pair.name for pair in source_heldout_dataset(exp, "gtav", tiny_world).pairs]
+    everything = [pair.name for pair in source_dataset(smoke_experiment, "gtav", tiny_world).pairs]
+    assert held_out == everything[-2:] and trained == everything[:-2]
+    assert source_heldout_dataset(smoke_experiment, "gtav", tiny_world) is None  # the protocol's default
+
+    (result,) = runner.run_matrix(exp, "freeze", progress=False)
+    source = result["source_heldout"]
+    assert source["num_images"] == 2 and 0.0 <= source["miou"] <= 100.0
+    assert set(source["per_class_iou"]) == set(CLASSES)
+    assert result["average_miou"] == pytest.approx(sum(t["miou"] for t in result["targets"].values()) / 3)
+    table = leaderboard([result])
+    assert "| GTAV (src.) | Citys. |" in table and "2 held-out source images" in table
+
+
+def test_holding_out_every_source_pair_is_refused(tmp_path, tiny_world):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--preset", "smoke", "--methods", "freeze", "--no-progress",
+         "--data-root", str(tiny_world), "--results-dir", str(tmp_path / "r"), "--set", "data.source_holdout=6"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: data.source_holdout=6 but gtav has 6 pairs at {tiny_world}; "
+                      "choose 0 (train on all, the protocol) up to 5"]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()

@@ -164,6 +164,11 @@ def targets_of(setting: str, results: Iterable[dict[str, Any]]) -> list[str]:
     return [t for t in ordered if t in present] + extra
 
 
+def has_source_score(results: Iterable[dict[str, Any]]) -> bool:
+    """Whether any run scored held-out source pairs (presets with data.source_holdout > 0)."""
+    return any(res.get("source_heldout") for res in results)
+
+
 def _average(result: dict[str, Any]) -> float | None:
     if result.get("average_miou") is not None:
         return float(result["average_miou"])
@@ -185,7 +190,8 @@ def summary_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per (protocol, method) over its finished seeds, ranked by average mIoU.
 
     Columns: preset, setting, backbone, head, config, method, seeds, trainable_params_m, then
-    `<target>` and `<target>_std` for each target and `average`, `average_std`.
+    `source`, `source_std` (held-out source pairs, when scored), `<target>` and `<target>_std` for
+    each target and `average`, `average_std`.
     """
     rows = []
     for proto, members in group_results(results).items():
@@ -203,6 +209,9 @@ def summary_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "seeds": len(runs),
                 "trainable_params_m": (sum(params) / len(params) / 1e6) if params else math.nan,
             }
+            if has_source_score(finished):
+                values = [(r.get("source_heldout") or {}).get("miou") for r in runs]
+                row["source"], row["source_std"] = _mean_std([v for v in values if v is not None])
             for target in targets:
                 values = [((r.get("targets") or {}).get(target) or {}).get("miou") for r in runs]
                 row[target], row[f"{target}_std"] = _mean_std([v for v in values if v is not None])
@@ -428,6 +437,11 @@ def target_label(target: str) -> str:
     return TARGET_LABELS.get(target, target)
 
 
+def source_label(setting: str) -> str:
+    source = SETTINGS.get(setting, ("source", ()))[0]
+    return {"gtav": "GTAV", "synthia": "SYNTHIA"}.get(source, target_label(source))
+
+
 def _unfinished_notes(unfinished: list[dict[str, Any]]) -> list[str]:
     notes = []
     for res in sorted(unfinished, key=lambda r: (method_name(r), str(r.get("seed")))):
@@ -449,23 +463,31 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
         summary = summary_frame(finished)
         targets = targets_of(proto.setting, finished)
         several_seeds = not summary.empty and bool((summary["seeds"] > 1).any())
-        header = ["Method", "Params (M)"] + [target_label(t) for t in targets] + ["Avg."]
+        # The held-out source score sits before the targets, like the papers' "source" column, and
+        # stays out of the average and the bolding: it measures the gap, not generalisation.
+        source = ["source"] if "source" in summary.columns else []
+        header = (["Method", "Params (M)"] + [f"{source_label(proto.setting)} (src.)" for _ in source]
+                  + [target_label(t) for t in targets] + ["Avg."])
         if several_seeds:
             header.append("Seeds")
         rows = []
         for _, row in summary.iterrows():
             cells = [text_cell(row["method"]), text_cell(format_params_m(row["trainable_params_m"]))]
-            for metric in targets + ["average"]:
+            for metric in source + targets + ["average"]:
                 cells.append(Cell(_nan_to_none(row[metric]), _nan_to_none(row[f"{metric}_std"])))
             if several_seeds:
                 cells.append(text_cell(int(row["seeds"])))
             rows.append(cells)
         notes = []
+        if source:
+            counts = {(r.get("source_heldout") or {}).get("num_images") for r in finished} - {None}
+            notes.append(f"{source_label(proto.setting)} (src.): {'/'.join(map(str, sorted(counts)))} held-out "
+                         "source images, not trained on and not in the average.")
         if several_seeds:
             notes.append("Mean ± sample standard deviation over seeds.")
         notes.extend(_unfinished_notes(unfinished))
         table = Table(title=f"{proto.title}: mIoU (%)", header=header, rows=rows, notes=notes)
-        mark_best(table, range(2, 2 + len(targets) + 1))
+        mark_best(table, range(2 + len(source), 2 + len(source) + len(targets) + 1))
         tables.append(table)
     return tables
 
