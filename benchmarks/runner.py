@@ -7,6 +7,7 @@ again: its file is found by the run's identity (setting, backbone, method, seed,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -86,7 +87,7 @@ def build_model(exp: Experiment, method: Method | None = None, device: str | tor
         head_options = json.loads(exp.model.head_options)
     except json.JSONDecodeError as err:
         raise UserError(f"model.head_options must be a JSON object, e.g. '{{\"hidden_dim\": 64}}': {err}") from None
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         backbone = build_backbone(
             exp.model.backbone,
             img_size=exp.model.img_size,
@@ -99,14 +100,6 @@ def build_model(exp: Experiment, method: Method | None = None, device: str | tor
         if method is not None:
             method.attach(model)
     return model
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- environment ------------------------------------------------------------------------------------

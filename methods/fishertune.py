@@ -347,7 +347,8 @@ class FisherTune(Method):
         named = [(n, p) for n, p in model.backbone.named_parameters() if not matrices_only or p.ndim >= 2]
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
-        sizes = torch.tensor([0] + [p.numel() for p in self._params], dtype=torch.long)
+        # On the host whatever device the model is built on (a meta build still counts its entries).
+        sizes = torch.tensor([0] + [p.numel() for p in self._params], dtype=torch.long, device="cpu")
         self._offsets = sizes.cumsum(0)
 
     def param_groups(self, model: SegModel, weight_decay: float) -> list[dict[str, Any]]:

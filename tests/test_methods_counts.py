@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from benchmarks.backbones import build_backbone
+from benchmarks.config import Experiment, ModelConfig
 from benchmarks.heads import build_head
-from benchmarks.method import build_method
+from benchmarks.method import available_methods, build_method
 from benchmarks.model import SegModel
+from benchmarks.runner import build_model
 
 REIN_L = 38_400 + 393_216 + 1 + 2_099_200 + 262_400 + 196_864
 EXPECTED_DINOV2_L = {
@@ -67,3 +69,17 @@ def test_rein_without_queries_drops_transform_and_merge():
 def test_rein_scales_by_formula(backbone, expected):
     # the paper's ViT-S 0.68M and ViT-B 1.74M: m and r stay, widths follow C, one token set per block
     assert meta_model("rein", backbone).parameter_counts()["backbone_trainable"] == expected
+
+
+# The baselines and FisherTune's reported budget (5 % of the backbone's entries) beside the adapters.
+REPORTED_DINOV2_L = {**EXPECTED_DINOV2_L, "full": 304_196_608, "freeze": 0, "fishertune": 15_209_830}
+
+
+@pytest.mark.parametrize("name", sorted(available_methods()))
+def test_the_reported_count_of_every_method_through_the_cli_meta_build(name):
+    """What `list methods` and `run --dry-run` print: the method attached inside a meta-device build."""
+    exp = Experiment(model=ModelConfig(backbone="dinov2_vitl14", head="mask2former", img_size=512))
+    method = build_method(name)
+    counts = method.parameter_counts(build_model(exp, method, device="meta"))
+    assert counts["backbone_trainable"] == REPORTED_DINOV2_L[name]
+    assert counts["backbone_pretrained"] == 304_196_608
