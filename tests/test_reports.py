@@ -166,6 +166,22 @@ def test_seed_and_paths_do_not_split_a_protocol():
     assert tables[0].rows[0][2].plain() == "41.5 ± 0.7"
 
 
+def test_weights_split_a_protocol_by_file_not_by_folder():
+    """Random initialisation and another checkpoint are other protocols; the same file elsewhere is not."""
+    def experiment(weights):
+        return {"train": {"iters": 300}, "model": {"backbone": "proxy_vit", "weights": weights}}
+
+    shipped = make_result("full", 42, cbm(40, 30, 20), experiment=experiment([]))
+    random_init = make_result("full", 42, cbm(10, 10, 10), experiment=experiment(["proxy_vit=random"]))
+    here = make_result("full", 1, cbm(40, 30, 20), experiment=experiment(["proxy_vit=/ckpt/a/vit.safetensors"]))
+    there = make_result("full", 2, cbm(42, 30, 20), experiment=experiment(["proxy_vit=/mnt/b/vit.safetensors"]))
+    tables = main_tables([shipped, random_init, here, there])
+    assert len(tables) == 3
+    assert sorted(len(t.rows) for t in tables) == [1, 1, 1]
+    seeds = [t for t in tables if "±" in t.rows[0][2].plain()]
+    assert len(seeds) == 1 and seeds[0].rows[0][2].plain() == "41.0 ± 1.4"  # the two folders: one row
+
+
 def test_setting_filter_and_other_settings_have_their_own_targets():
     runs = [make_result("rein", 1, cbm(40, 30, 20)),
             make_result("rein", 1, {"bdd100k": 50.0, "mapillary": 60.0}, setting="C->BM")]

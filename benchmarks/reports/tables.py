@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pandas as pd
@@ -51,7 +51,6 @@ NON_PROTOCOL_KEYS = (
     ("train", "eval_interval"),
     ("train", "checkpoint_interval"),
     ("model", "backbone"),
-    ("model", "weights"),
     ("data", "root"),
     ("data", "num_workers"),
     ("eval", "batch_windows"),
@@ -89,6 +88,11 @@ def protocol_fingerprint(experiment: dict[str, Any] | None) -> str:
     if not experiment:
         return ""
     payload = json.loads(json.dumps(experiment, default=str))
+    model = payload.get("model")
+    if isinstance(model, dict) and model.get("weights"):
+        # Which checkpoint, not where it lies: the same file in another folder (or on another machine)
+        # is the same protocol; random initialisation or another file is not.
+        model["weights"] = sorted(_weights_identity(str(entry)) for entry in model["weights"])
     for path in NON_PROTOCOL_KEYS:
         node = payload
         for key in path[:-1]:
@@ -96,6 +100,12 @@ def protocol_fingerprint(experiment: dict[str, Any] | None) -> str:
         if isinstance(node, dict):
             node.pop(path[-1], None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _weights_identity(entry: str) -> str:
+    """"BACKBONE=/any/folder/file.pth" → "BACKBONE=file.pth"; "BACKBONE=random" stays."""
+    name, _, path = entry.partition("=")
+    return f"{name}={PurePath(path).name or path}"
 
 
 def protocol_of(result: dict[str, Any]) -> Protocol:
