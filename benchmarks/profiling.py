@@ -436,7 +436,7 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
     try:
         seed_everything(exp.train.seed)
         model = build_model(exp, method)
-        counts = model.parameter_counts()
+        counts = method.parameter_counts(model)  # the method's report, as in a run's result
         profile["params"] = counts
         profile["trainable_parameters"] = counts["backbone_trainable"]
         profile["added_parameters"] = counts["backbone_added"]
@@ -550,7 +550,8 @@ def flops_table(exp: Experiment, methods: Iterable[str]) -> list[dict[str, Any]]
     exp = without_weight_files(exp)
     rows = []
     for name in methods:
-        counts = build_model(exp, build_method(name, exp.methods.get(name)), device="meta").parameter_counts()
+        method = build_method(name, exp.methods.get(name))
+        counts = method.parameter_counts(build_model(exp, method, device="meta"))
         row: dict[str, Any] = {"method": name, "status": "ok", "backbone": exp.model.backbone, "head": exp.model.head,
                                "crop_size": exp.data.crop_size, "batch_size": exp.train.batch_size, "params": counts,
                                "trainable_parameters": counts["backbone_trainable"], "added_parameters": counts["backbone_added"],

@@ -257,14 +257,16 @@ def test_peak_memory_sees_an_allocation_after_reset():
 def test_flops_only_command_writes_table_and_json(tmp_path, capsys):
     from benchmarks.cli import main
 
-    code = main(["profile", "--preset", "smoke", "--set", "model.weights=[]", "--methods", "full,freeze",
+    code = main(["profile", "--preset", "smoke", "--set", "model.weights=[]", "--methods", "full,freeze,fishertune",
                  "--flops-only", "--out", str(tmp_path)])
     assert code == 0
     assert "freeze" in capsys.readouterr().out
     [json_path] = tmp_path.glob("smoke-flops-*.json")
     rows = json.loads(json_path.read_text())["methods"]
-    assert [r["method"] for r in rows] == ["full", "freeze"]
+    assert [r["method"] for r in rows] == ["full", "freeze", "fishertune"]
     assert rows[1]["trainable_parameters"] == 0 and rows[0]["trainable_parameters"] > 0
+    # the method's own report, as in a run's result: FisherTune's δ_max budget of the backbone's entries
+    assert rows[2]["trainable_parameters"] == round(0.05 * rows[0]["trainable_parameters"])
     assert (tmp_path / json_path.name.replace(".json", ".md")).is_file()
 
 
