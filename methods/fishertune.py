@@ -450,6 +450,7 @@ class FisherTune(Method):
                 del score
             # On the host: each step reads a short slice of it to grow the masks.
             self._order = rank_entries(scores, self.budget()).cpu()
+            _require_same_across_processes(self._order, ctx.device)
             del scores
             _synchronize(ctx.device)
             seconds = time.perf_counter() - started
@@ -598,6 +599,22 @@ def _average_across_processes(stats: dict[str, list[torch.Tensor]]) -> None:
         for tensor in tensors:
             torch.distributed.all_reduce(tensor)
             tensor.div_(world)
+
+
+def _require_same_across_processes(order: torch.Tensor, device: torch.device) -> None:
+    """Every rank must hold the same ranking (the averaged statistics make it so); a rank that
+    ranked differently would train entries the others keep frozen, so that stops the run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    positions = torch.arange(1, order.numel() + 1, dtype=torch.float64)
+    digest = torch.stack([order.double().sum(), (order.double() * positions).sum()]).to(device)
+    low, high = digest.clone(), digest.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError("fishertune: the ranks ranked different entries after averaging the DR-FIM statistics")
 
 
 def _synchronize(device: torch.device | None) -> None:

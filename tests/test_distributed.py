@@ -100,26 +100,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, tmp_path):
-    """torchrun, 2 CPU processes × batch 1 vs one process × batch 1 × grad_accum 2 (global batch 2).
-
-    Same samples, same augmentation, DDP's gradient mean = the accumulated mean, so the losses and
-    scores agree to floating-point reduction order: losses within 1e-5 relative, every IoU within
-    1e-3 points. Head dropout is off because its masks come from each process's RNG (two ranks draw
-    the same mask, one process two different ones); everything else is as in the smoke preset.
-    """
-    common = ["--preset", "smoke", "--methods", "full", "--data-root", str(world), "--no-progress",
+def _ddp_and_single(world: Path, tmp_path: Path, method: str, ddp_sets: list[str], single_sets: list[str]) -> tuple[dict, dict]:
+    """The result of `method` under torchrun (2 gloo processes × batch 1) and alone (batch 1 × grad_accum 2)."""
+    common = ["--preset", "smoke", "--methods", method, "--data-root", str(world), "--no-progress",
               "--set", "train.iters=3", "--set", "train.batch_size=1", "--set", "train.log_interval=1",
               "--set", "data.eval_limit=3", "--set", """model.head_options='{"dropout": 0.0}'"""]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    sets = lambda pairs: [arg for pair in pairs for arg in ("--set", pair)]  # noqa: E731
     ddp = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-         "-m", "benchmarks", "run", *common, "--results-dir", str(tmp_path / "ddp")],
+         "-m", "benchmarks", "run", *common, *sets(ddp_sets), "--results-dir", str(tmp_path / "ddp")],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     single = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "run", *common, "--set", "train.grad_accum=2",
+        [sys.executable, "-m", "benchmarks", "run", *common, "--set", "train.grad_accum=2", *sets(single_sets),
          "--results-dir", str(tmp_path / "single")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
@@ -128,7 +122,10 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, 
     assert ddp.returncode == 0, ddp_log[-3000:]
     (ddp_file,) = (tmp_path / "ddp").rglob("*.json")  # rank 0 alone wrote
     (single_file,) = (tmp_path / "single").rglob("*.json")
-    a, b = json.loads(ddp_file.read_text()), json.loads(single_file.read_text())
+    return json.loads(ddp_file.read_text()), json.loads(single_file.read_text())
+
+
+def _assert_same_training_and_scores(a: dict, b: dict) -> None:
     assert a["batch"]["world_size"] == 2 and a["batch"]["effective"] == b["batch"]["effective"] == 2
     assert [h["iter"] for h in a["history"]] == [h["iter"] for h in b["history"]] == [1, 2, 3]
     for x, y in zip(a["history"], b["history"], strict=True):
@@ -140,3 +137,36 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, 
         for name, iou in scores["per_class_iou"].items():
             other = a["targets"][target]["per_class_iou"][name]
             assert (iou is None and other is None) or other == pytest.approx(iou, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, tmp_path):
+    """torchrun, 2 CPU processes × batch 1 vs one process × batch 1 × grad_accum 2 (global batch 2).
+
+    Same samples, same augmentation, DDP's gradient mean = the accumulated mean, so the losses and
+    scores agree to floating-point reduction order: losses within 1e-5 relative, every IoU within
+    1e-3 points. Head dropout is off because its masks come from each process's RNG (two ranks draw
+    the same mask, one process two different ones); everything else is as in the smoke preset.
+    """
+    _assert_same_training_and_scores(*_ddp_and_single(world, tmp_path, "full", [], []))
+
+
+@pytest.mark.slow
+def test_fishertune_phases_under_ddp_train_like_one_process(world, tmp_path):
+    """FisherTune under DDP: head-only warm-up (1 step), DR-FIM estimation through the DDP-wrapped
+    loss, then selective tuning; each rank estimates from its own batch and the statistics are
+    averaged, so the ranks hold one selection (the method checks this and stops the run otherwise).
+
+    The selection itself is not compared with the single process's: the domain term
+    |F − F′|/(min + ε) amplifies last-bit differences (all-reduced vs accumulated head gradients in
+    the warm-up) and the perturbation's noise comes from each process's RNG, so the two rank
+    entries near the budget's edge differently. Training and scores still agree, as for `full`.
+    """
+    phases = ["methods.fishertune.warmup_fraction=0.34"]
+    a, b = _ddp_and_single(world, tmp_path, "fishertune", [*phases, "methods.fishertune.estimation_batches=1"],
+                           [*phases, "methods.fishertune.estimation_batches=2"])
+    _assert_same_training_and_scores(a, b)
+    assert a["diagnostics"]["warmup_iters"] == b["diagnostics"]["warmup_iters"] == 1
+    assert a["diagnostics"]["estimation_batches"] == 1 and b["diagnostics"]["estimation_batches"] == 2
+    assert a["diagnostics"]["selected_budget"] == b["diagnostics"]["selected_budget"] > 0
+    assert a["diagnostics"]["selected_at_last_step"] == b["diagnostics"]["selected_at_last_step"]
