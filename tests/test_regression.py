@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,3 +239,33 @@ def test_check_end_to_end_on_the_smoke_preset(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lora/proxy_vit/seed42: cityscapes mIoU dropped" in out
     assert "freeze/proxy_vit/seed42: backbone_trainable parameters 1 → 0" in out
+
+
+@pytest.mark.slow
+def test_check_fails_when_a_method_changes_in_a_copy_of_the_project(tmp_path):
+    """The shipped baseline against the shipped code, then against a copy whose LoRA rank went 8 → 4.
+
+    Both runs are real `python -m benchmarks check --methods lora` processes in a copy of the project
+    (it generates its own synthetic world); the repository's files are never touched.
+    """
+    root = Path(__file__).resolve().parent.parent
+    copy_root = tmp_path / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("benchmarks", "methods", "datasets", "results/baselines"):
+        shutil.copytree(root / folder, copy_root / folder, ignore=ignore)
+    env = {**os.environ, "PYTHONPATH": str(copy_root)}
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "benchmarks", "check", "--methods", "lora", "--no-progress"],
+                              cwd=copy_root, env=env, capture_output=True, text=True, timeout=900)
+
+    unchanged = check()
+    assert unchanged.returncode == 0, unchanged.stdout + unchanged.stderr[-2000:]
+
+    lora = copy_root / "methods" / "lora.py"
+    source = lora.read_text()
+    assert source.count("    rank: int = 8  # DGSS reference") == 1
+    lora.write_text(source.replace("    rank: int = 8  # DGSS reference", "    rank: int = 4  # DGSS reference"))
+    changed = check()
+    assert changed.returncode == 1, changed.stdout + changed.stderr[-2000:]
+    assert "lora/proxy_vit/seed42: backbone_trainable parameters 36,864 → 18,432" in changed.stdout
