@@ -125,9 +125,18 @@ def test_markdown_table_bold_best_per_column_and_failed_listed(runs):
 
 
 def test_ties_are_all_bold_at_display_precision():
-    runs = [make_result("a", 1, cbm(50.01, 10, 10)), make_result("b", 1, cbm(49.99, 10, 10))]
+    runs = [make_result("a", 1, cbm(50.01, 10, 10)), make_result("b", 1, cbm(49.99, 10, 10)),
+            make_result("c", 1, cbm(40.0, 10, 10))]
     table = main_tables(runs)[0]
-    assert [row[2].bold for row in table.rows] == [True, True]
+    assert [row[2].bold for row in table.rows] == [True, True, False]
+
+
+def test_a_column_where_every_method_ties_has_no_best():
+    """A class every method misses (0.0 everywhere) or the same figure in every row is left plain."""
+    runs = [make_result("a", 1, cbm(50.0, 10, 0)), make_result("b", 1, cbm(40.0, 10, 0))]
+    table = main_tables(runs)[0]
+    assert [row[2].bold for row in table.rows] == [True, False]
+    assert not any(row[3].bold or row[4].bold for row in table.rows)
 
 
 def test_stale_failure_of_a_rerun_is_not_listed():

@@ -351,10 +351,11 @@ def text_cell(text: Any) -> Cell:
 
 
 def mark_best(table: Table, columns: Iterable[int]) -> None:
-    """Bold the highest value of each given column; equal values at display precision tie."""
+    """Bold the highest value of each given column; equal values at display precision tie. A column
+    whose values all tie (a class every method misses, say) has no best and stays plain."""
     for col in columns:
         values = [row[col].rounded for row in table.rows if row[col].rounded is not None]
-        if len(values) < 2:
+        if len(set(values)) < 2:
             continue
         best = max(values)
         for row in table.rows:
