@@ -164,6 +164,8 @@ def test_protocols_never_mix_in_one_table():
     # the two proxy/light/proxy_vit configurations are told apart by their config fingerprint
     fingerprinted = [t.title for t in tables if "config" in t.title]
     assert len(fingerprinted) == 2 and fingerprinted[0] != fingerprinted[1]
+    # ... and named by the setting in which they differ
+    assert sorted(title.split(" · ")[4].split(" (config")[0] for title in fingerprinted) == ["train.iters=2000", "train.iters=300"]
 
 
 def test_seed_and_paths_do_not_split_a_protocol():
@@ -189,6 +191,7 @@ def test_weights_split_a_protocol_by_file_not_by_folder():
     assert sorted(len(t.rows) for t in tables) == [1, 1, 1]
     seeds = [t for t in tables if "±" in t.rows[0][2].plain()]
     assert len(seeds) == 1 and seeds[0].rows[0][2].plain() == "41.0 ± 1.4"  # the two folders: one row
+    assert "model.weights=[proxy_vit=random]" in " ".join(t.title for t in tables)
 
 
 def test_setting_filter_and_other_settings_have_their_own_targets():

@@ -16,6 +16,7 @@ behind the tables (full precision, mean and std in separate columns, one row per
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import html
 import json
@@ -67,6 +68,8 @@ class Protocol:
     backbone: str
     head: str
     fingerprint: str = ""
+    #: What sets this configuration apart from the others of its base, e.g. "model.weights=[proxy_vit=random]".
+    variant: str = field(default="", compare=False)
 
     @property
     def base(self) -> tuple[str, str, str, str]:
@@ -75,7 +78,9 @@ class Protocol:
     @property
     def title(self) -> str:
         text = f"{self.setting} · {self.backbone} · {self.head} head · preset {self.preset}"
-        return f"{text} · config {self.fingerprint}" if self.fingerprint else text
+        if not self.fingerprint:
+            return text
+        return f"{text} · {self.variant} (config {self.fingerprint})" if self.variant else f"{text} · config {self.fingerprint}"
 
     @property
     def slug(self) -> str:
@@ -87,6 +92,12 @@ def protocol_fingerprint(experiment: dict[str, Any] | None) -> str:
     """Short hash of the experiment without the settings in NON_PROTOCOL_KEYS ("" when unknown)."""
     if not experiment:
         return ""
+    return hashlib.sha256(json.dumps(protocol_settings(experiment), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def protocol_settings(experiment: dict[str, Any]) -> dict[str, Any]:
+    """The experiment as the fingerprint sees it: settings that cannot change the numbers removed,
+    checkpoints named by file."""
     payload = json.loads(json.dumps(experiment, default=str))
     model = payload.get("model")
     if isinstance(model, dict) and model.get("weights"):
@@ -99,7 +110,37 @@ def protocol_fingerprint(experiment: dict[str, Any] | None) -> str:
             node = node.get(key, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(path[-1], None)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+    return payload
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _variant_labels(experiments: dict[str, dict[str, Any]], most: int = 3) -> dict[str, str]:
+    """fingerprint → "key=value, ..." over the settings in which these configurations differ."""
+    flat = {fp: _flatten(protocol_settings(exp)) for fp, exp in experiments.items()}
+    keys = sorted({k for f in flat.values() for k in f})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
+
+    def show(value: Any) -> str:
+        if value is None:
+            return "unset"
+        if isinstance(value, list):
+            return "[" + ", ".join(map(str, value)) + "]"
+        return str(value)
+
+    labels = {}
+    for fp, settings in flat.items():
+        parts = [f"{k}={show(settings.get(k))}" for k in differing[:most]]
+        labels[fp] = ", ".join(parts) + (f", +{len(differing) - most} more" if len(differing) > most else "")
+    return labels
 
 
 def _weights_identity(entry: str) -> str:
@@ -132,10 +173,18 @@ def group_results(results: Iterable[dict[str, Any]]) -> dict[Protocol, list[dict
     fingerprints: dict[tuple[str, str, str, str], set[str]] = {}
     for proto in by_exact:
         fingerprints.setdefault(proto.base, set()).add(proto.fingerprint)
+    labels: dict[str, str] = {}
+    for base, prints in fingerprints.items():
+        if len(prints) > 1:
+            experiments = {p.fingerprint: members[0].get("experiment") or {}
+                           for p, members in by_exact.items() if p.base == base}
+            labels.update(_variant_labels(experiments))
     grouped: dict[Protocol, list[dict[str, Any]]] = {}
     for proto, members in by_exact.items():
         if len(fingerprints[proto.base]) == 1:
             proto = Protocol(*proto.base)
+        else:
+            proto = dataclasses.replace(proto, variant=labels.get(proto.fingerprint, ""))
         grouped.setdefault(proto, []).extend(members)
     return dict(sorted(grouped.items()))
 
