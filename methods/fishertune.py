@@ -590,9 +590,7 @@ def _average_across_processes(stats: dict[str, list[torch.Tensor]]) -> None:
     """Under data parallelism every rank estimated from its own batches: average the statistics so
     all ranks rank the same values and hold the same masks (masks differing across ranks would let
     the all-reduced gradients move entries some ranks keep frozen)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    world = torch.distributed.get_world_size()
+    world = _process_count()
     if world == 1:
         return
     for tensors in stats.values():
@@ -604,17 +602,21 @@ def _average_across_processes(stats: dict[str, list[torch.Tensor]]) -> None:
 def _require_same_across_processes(order: torch.Tensor, device: torch.device) -> None:
     """Every rank must hold the same ranking (the averaged statistics make it so); a rank that
     ranked differently would train entries the others keep frozen, so that stops the run."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if _process_count() == 1:
         return
-    if torch.distributed.get_world_size() == 1:
-        return
+    entries = order.double()
     positions = torch.arange(1, order.numel() + 1, dtype=torch.float64)
-    digest = torch.stack([order.double().sum(), (order.double() * positions).sum()]).to(device)
+    digest = torch.stack([entries.sum(), torch.dot(entries, positions)]).to(device)
     low, high = digest.clone(), digest.clone()
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
     if not torch.equal(low, high):
         raise RuntimeError("fishertune: the ranks ranked different entries after averaging the DR-FIM statistics")
+
+
+def _process_count() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _synchronize(device: torch.device | None) -> None:
