@@ -159,8 +159,8 @@ def test_fishertune_phases_under_ddp_train_like_one_process(world, tmp_path):
 
     The selection itself is not compared with the single process's: the domain term
     |F − F′|/(min + ε) amplifies last-bit differences (all-reduced vs accumulated head gradients in
-    the warm-up) and the perturbation's noise comes from each process's RNG, so the two rank
-    entries near the budget's edge differently. Training and scores still agree, as for `full`.
+    the warm-up) and the perturbation's noise comes from each process's RNG, so DDP and the single
+    process rank entries near the budget's edge differently. Training and scores still agree, as for `full`.
     """
     phases = ["methods.fishertune.warmup_fraction=0.34"]
     a, b = _ddp_and_single(world, tmp_path, "fishertune", [*phases, "methods.fishertune.estimation_batches=1"],
