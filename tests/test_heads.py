@@ -120,6 +120,19 @@ def test_semantic_targets_one_mask_per_present_class_without_ignore() -> None:
     assert masks[1].shape == (0, 2, 3)
 
 
+def fit(head: Mask2FormerHead, feats: list[torch.Tensor], labels: torch.Tensor, steps: int) -> list[float]:
+    """AdamW steps of the head alone on fixed features; the loss of each step."""
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = head.loss(head(feats), labels)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_loss_decreases_over_a_short_fit() -> None:
     torch.manual_seed(0)
     head = Mask2FormerHead(16, 4, **TINY_M2F)
@@ -128,14 +141,7 @@ def test_loss_decreases_over_a_short_fit() -> None:
     base = torch.nn.functional.interpolate(feats[0][:, :2], size=(32, 32), mode="nearest")
     labels = (base[:, 0] > 0).long() * 2 + (base[:, 1] > 0).long()
     labels[:, :2] = 255
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(30):
-        loss = head.loss(head(feats), labels)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(head, feats, labels, steps=30)
     assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses  # observed ≈0.75
 
 
@@ -154,14 +160,7 @@ def test_loss_decreases_fitting_rendered_scenes_on_the_shipped_proxy_backbone() 
     with torch.no_grad():
         feats = backbone(images)
     head = Mask2FormerHead(backbone.embed_dim, 19, **TINY_M2F)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(25):
-        loss = head.loss(head(feats), labels)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(head, feats, labels, steps=25)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses  # observed ≈0.70
 
 
