@@ -545,13 +545,12 @@ def profile_methods(exp: Experiment, methods: Iterable[str], device: str = "auto
 
 def flops_table(exp: Experiment, methods: Iterable[str]) -> list[dict[str, Any]]:
     """FLOPs and parameter counts only (no timing): paper scale on any machine in seconds per method."""
-    from benchmarks.runner import build_model
+    from benchmarks.runner import reported_parameter_counts
 
     exp = without_weight_files(exp)
     rows = []
     for name in methods:
-        method = build_method(name, exp.methods.get(name))
-        counts = method.parameter_counts(build_model(exp, method, device="meta"))
+        counts = reported_parameter_counts(exp, name)
         row: dict[str, Any] = {"method": name, "status": "ok", "backbone": exp.model.backbone, "head": exp.model.head,
                                "crop_size": exp.data.crop_size, "batch_size": exp.train.batch_size, "params": counts,
                                "trainable_parameters": counts["backbone_trainable"], "added_parameters": counts["backbone_added"],

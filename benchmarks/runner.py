@@ -102,6 +102,13 @@ def build_model(exp: Experiment, method: Method | None = None, device: str | tor
     return model
 
 
+def reported_parameter_counts(exp: Experiment, method_name: str) -> dict[str, int]:
+    """The counts a run of `method_name` on `exp`'s model reports (the method's own report, see
+    `Method.parameter_counts`), from a meta-device build: shapes only, no memory, no weights read."""
+    method = build_method(method_name, exp.methods.get(method_name))
+    return method.parameter_counts(build_model(exp, method, device="meta"))
+
+
 # -- environment ------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
     import importlib.metadata as md

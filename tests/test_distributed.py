@@ -106,7 +106,10 @@ def _ddp_and_single(world: Path, tmp_path: Path, method: str, ddp_sets: list[str
               "--set", "train.iters=3", "--set", "train.batch_size=1", "--set", "train.log_interval=1",
               "--set", "data.eval_limit=3", "--set", """model.head_options='{"dropout": 0.0}'"""]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    sets = lambda pairs: [arg for pair in pairs for arg in ("--set", pair)]  # noqa: E731
+
+    def sets(pairs: list[str]) -> list[str]:
+        return [arg for pair in pairs for arg in ("--set", pair)]
+
     ddp = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
          "-m", "benchmarks", "run", *common, *sets(ddp_sets), "--results-dir", str(tmp_path / "ddp")],

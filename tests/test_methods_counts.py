@@ -14,7 +14,7 @@ from benchmarks.config import Experiment, ModelConfig
 from benchmarks.heads import build_head
 from benchmarks.method import available_methods, build_method
 from benchmarks.model import SegModel
-from benchmarks.runner import build_model
+from benchmarks.runner import reported_parameter_counts
 
 REIN_L = 38_400 + 393_216 + 1 + 2_099_200 + 262_400 + 196_864
 EXPECTED_DINOV2_L = {
@@ -79,7 +79,6 @@ REPORTED_DINOV2_L = {**EXPECTED_DINOV2_L, "full": 304_196_608, "freeze": 0, "fis
 def test_the_reported_count_of_every_method_through_the_cli_meta_build(name):
     """What `list methods` and `run --dry-run` print: the method attached inside a meta-device build."""
     exp = Experiment(model=ModelConfig(backbone="dinov2_vitl14", head="mask2former", img_size=512))
-    method = build_method(name)
-    counts = method.parameter_counts(build_model(exp, method, device="meta"))
+    counts = reported_parameter_counts(exp, name)
     assert counts["backbone_trainable"] == REPORTED_DINOV2_L[name]
     assert counts["backbone_pretrained"] == 304_196_608

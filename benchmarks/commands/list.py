@@ -33,14 +33,14 @@ def _methods(args: argparse.Namespace) -> str:
 
     from benchmarks.config import Experiment, ModelConfig
     from benchmarks.method import available_methods, build_method
-    from benchmarks.runner import build_model
+    from benchmarks.runner import reported_parameter_counts
 
     exp = Experiment(model=ModelConfig(backbone=args.backbone, head=args.head, img_size=args.img_size))
     rows = []
     for name, cls in available_methods().items():
         method = build_method(name)
         try:
-            counts = method.parameter_counts(build_model(exp, method, device="meta"))
+            counts = reported_parameter_counts(exp, name)
             trainable = f"{counts['backbone_trainable']:,}"
         except Exception as err:  # a count that cannot be computed is shown, not fatal to the listing
             log.debug("counting %s on %s failed: %s", name, args.backbone, err)

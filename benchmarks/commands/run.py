@@ -128,8 +128,7 @@ def describe(exp: Experiment, methods: str | None) -> str:
 
     Models are built on the meta device: counting needs shapes, not memory or weights.
     """
-    from benchmarks.method import build_method
-    from benchmarks.runner import build_model, experiment_for, plan_runs
+    from benchmarks.runner import experiment_for, plan_runs, reported_parameter_counts
 
     lines = [f"# preset {exp.preset} (config hash {exp.config_hash()})", json.dumps(exp.to_dict(), indent=2), ""]
     specs = plan_runs(exp, methods)
@@ -140,10 +139,7 @@ def describe(exp: Experiment, methods: str | None) -> str:
     for spec in specs:
         key = (spec.backbone, spec.method)
         if key not in seen:
-            run_exp = experiment_for(exp, spec)
-            run_exp = dataclasses.replace(run_exp, model=dataclasses.replace(run_exp.model, weights=()))
-            method = build_method(spec.method, exp.methods.get(spec.method))
-            seen[key] = method.parameter_counts(build_model(run_exp, method, device="meta"))
+            seen[key] = reported_parameter_counts(experiment_for(exp, spec), spec.method)
         c = seen[key]
         lines.append(
             f"{spec.setting:8} {spec.backbone:22} {spec.method:14} {spec.seed:>5} {c['backbone_pretrained']:>12,} "
