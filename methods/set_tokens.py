@@ -61,8 +61,16 @@ def amplitude_and_phase(spectrum: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.sqrt(real * real + imag * imag), torch.atan2(imag, real)
 
 
+def at_least_fp32(values: torch.Tensor) -> torch.Tensor:
+    """The spectral part runs in fp32 (or fp64) under any autocast: the refinements' linear layers
+    return bf16 there, and neither `torch.complex` nor cuFFT take bf16 (cuFFT's fp16 only for
+    power-of-two sizes)."""
+    return values.float() if values.dtype in (torch.bfloat16, torch.float16) else values
+
+
 def recompose(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """amplitude·exp(i·phase); the amplitude may be negative once refined, so not `torch.polar`."""
+    amplitude, phase = at_least_fp32(amplitude), at_least_fp32(phase)
     return torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
 
 
@@ -70,7 +78,7 @@ def spatial_spectrum(patch_tokens: torch.Tensor, grid: tuple[int, int]) -> torch
     """[B, N, C] → per-image 2-D FFT over the token grid, laid out [B, H·W, C] (frequency positions as tokens)."""
     batch, count, channels = patch_tokens.shape
     height, width = grid
-    maps = patch_tokens.transpose(1, 2).reshape(batch, channels, height, width)
+    maps = at_least_fp32(patch_tokens).transpose(1, 2).reshape(batch, channels, height, width)
     return torch.fft.fft2(maps).flatten(2).transpose(1, 2)
 
 
@@ -82,7 +90,7 @@ def inverse_spatial_spectrum(spectrum: torch.Tensor, grid: tuple[int, int]) -> t
 
 def batch_channel_spectrum(patch_tokens: torch.Tensor) -> torch.Tensor:
     """The released code: [B, N, C] viewed as [N, B, C], `fft2` over (B, C); returned as [B, N, C]."""
-    return torch.fft.fft2(patch_tokens.transpose(0, 1), norm="backward").transpose(0, 1)
+    return torch.fft.fft2(at_least_fp32(patch_tokens).transpose(0, 1), norm="backward").transpose(0, 1)
 
 
 def inverse_batch_channel_spectrum(spectrum: torch.Tensor) -> torch.Tensor:
