@@ -100,6 +100,18 @@ class ProfileSettings:
     start_fraction: float = 0.5
     """Where in the schedule timing starts (phased methods are timed in their main phase)."""
     count_flops: bool = True
+    breakdown: str = "auto"
+    """Profile where a training step's time goes: "auto" (when MFU is below 30 %), "all" or "none"."""
+    breakdown_steps: int = 3
+
+    def __post_init__(self) -> None:
+        if self.breakdown not in ("auto", "all", "none"):
+            raise UserError(f"breakdown must be auto, all or none, not {self.breakdown!r}")
+
+    def wants_breakdown(self, mfu: float | None) -> bool:
+        from benchmarks.breakdown import LOW_MFU
+
+        return self.breakdown == "all" or (self.breakdown == "auto" and mfu is not None and mfu < LOW_MFU)
 
 
 # -- summaries ----------------------------------------------------------------------------------------
@@ -335,13 +347,14 @@ class _EnoughSteps(Exception):
 
 
 def time_training_steps(model, method, exp: Experiment, device: torch.device, warmup: int, repeats: int,
-                        start_fraction: float = 0.5) -> list[float]:
+                        start_fraction: float = 0.5, each_step: Callable[[], None] | None = None) -> list[float]:
     """Seconds per step of the protocol's training loop, warm-up steps dropped.
 
     Runs `benchmarks.protocol.train` itself (the real step path, hooks and schedule included) on
     in-memory batches, resumed at `start_fraction` of the schedule. The method's `on_step` is
     wrapped to stamp the time at each step's start (after a device synchronisation, so the stamp
     closes the previous step's device work) and to stop the loop after the timed steps.
+    `each_step` is called at every stamp (a profiler's `step`).
     """
     from benchmarks.protocol import TrainState, train
 
@@ -354,6 +367,8 @@ def time_training_steps(model, method, exp: Experiment, device: torch.device, wa
     def stamped_on_step(step: int, ctx: Any) -> None:
         _synchronize(device)
         stamps.append(time.perf_counter())
+        if each_step is not None:
+            each_step()
         if len(stamps) >= needed:
             raise _EnoughSteps
         original(step, ctx)
@@ -433,6 +448,7 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
         "baseline_memory_mb": current_rss_mb() if device.type == "cpu" else 0.0,
     }
     method = build_method(method_name, exp.methods.get(method_name))
+    model = None
     try:
         seed_everything(exp.train.seed)
         model = build_model(exp, method)
@@ -461,10 +477,7 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
         log.error("%s: profile %s (%s)", method_name, profile["status"], profile["error"])
         if profile["status"] == "failed":
             log.debug("traceback", exc_info=True)
-    finally:
         model = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     for key in ("train_images_per_s", "eval_images_per_s", "peak_memory_mb"):
         profile.setdefault(key, None)
     if settings.count_flops:
@@ -473,7 +486,18 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
         except Exception as err:  # noqa: BLE001
             log.warning("%s: FLOPs not counted (%s: %s)", method_name, type(err).__name__, err)
     profile["mfu"] = model_flops_utilisation(profile)
+    if model is not None and settings.wants_breakdown(profile["mfu"]):
+        from benchmarks.breakdown import time_breakdown
+
+        try:  # after the timed phases: the profiler's overhead touches none of the numbers above
+            profile["time_breakdown"] = time_breakdown(model, method, exp, device, settings.breakdown_steps)
+        except Exception as err:  # noqa: BLE001
+            log.warning("%s: no time breakdown (%s: %s)", method_name, type(err).__name__, err)
+    model = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return profile
+
 
 
 def run_profile_extras(exp: Experiment, method_name: str, profile: dict[str, Any]) -> dict[str, Any]:
@@ -662,6 +686,15 @@ def write_profiles(rows: list[dict[str, Any]], exp: Experiment, out_dir: Path, s
     lines += [f"- {key}: {value}" for key, value in meta.items()]
     lines += ["", format_table(rows), ""]
     atomic_write_text(paths[1], "\n".join(lines))
+    explained = [r for r in rows if r.get("time_breakdown")]
+    if explained:
+        from benchmarks.breakdown import LOW_MFU, format_breakdown
+
+        paths.append(out_dir / f"{stem}-breakdown.md")
+        intro = [f"# Where the training step's time goes: preset `{exp.preset}`, {meta.get('device_name', '')}", "",
+                 f"Methods profiled with torch.profiler (those below {LOW_MFU:.0%} MFU, or all with `--breakdown all`); "
+                 "see `benchmarks/breakdown.py` for what each view counts.", ""]
+        atomic_write_text(paths[-1], "\n".join(intro + [format_breakdown(r) for r in explained]))
     if any(r.get("train_images_per_s") for r in rows):
         paths += write_plots(rows, out_dir, stem, title=f"{exp.preset} · {meta.get('device_name', '')}")
     return paths

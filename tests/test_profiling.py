@@ -302,3 +302,65 @@ def test_profile_in_a_fresh_process_reports_its_own_peak():
     row = profiling.profile_in_subprocess(smoke(), "freeze", "cpu", settings, timeout_s=600)
     assert row["status"] == "ok", row.get("error")
     assert row["peak_memory_mb"] > row["baseline_memory_mb"] > 0
+
+
+# -- where the time goes --------------------------------------------------------------------------------
+def test_breakdown_profiles_extra_protocol_steps_and_accounts_for_their_operators(monkeypatch, tmp_path):
+    steps = [0]
+    original_step = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        steps[0] += 1
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    settings = profiling.ProfileSettings(warmup=1, repeats=2, eval_warmup=0, eval_repeats=1, count_flops=False,
+                                         breakdown="all", breakdown_steps=2)
+    row = profiling.profile_method(smoke(), "full", "cpu", settings)
+    assert row["status"] == "ok", row["error"]
+    # timed steps, then the breakdown's own: one warm-up and the profiled ones
+    assert steps[0] == settings.warmup + settings.repeats + 1 + settings.breakdown_steps
+    info = row["time_breakdown"]
+    assert info["steps"] == 2 and info["clock"].startswith("host")
+    assert sum(c["share"] for c in info["categories"]) == pytest.approx(1.0)
+    by_category = {c["category"]: c["s_per_step"] for c in info["categories"]}
+    assert by_category["matmul"] > 0 and by_category["optimizer"] > 0
+    assert "aten::mm" in [o["name"] for o in info["top_operators"]]  # full fine-tuning's weight gradients
+    json.dumps(row)
+    paths = profiling.write_profiles([row], smoke(), tmp_path, "smoke-cpu-test", {"device_name": "cpu"})
+    text = (tmp_path / "smoke-cpu-test-breakdown.md").read_text()
+    assert tmp_path / "smoke-cpu-test-breakdown.md" in paths and "## full" in text and "`aten::mm`" in text
+
+
+def test_breakdown_auto_follows_the_mfu_threshold():
+    auto = profiling.ProfileSettings()
+    assert auto.wants_breakdown(0.12) and not auto.wants_breakdown(0.45)
+    assert not auto.wants_breakdown(None)  # CPU: no MFU, no automatic breakdown
+    assert profiling.ProfileSettings(breakdown="all").wants_breakdown(None)
+    assert not profiling.ProfileSettings(breakdown="none").wants_breakdown(0.01)
+    with pytest.raises(profiling.UserError, match="auto, all or none"):
+        profiling.ProfileSettings(breakdown="sometimes")
+
+
+def test_breakdown_on_a_gpu_counts_kernel_time_once_and_against_the_wall():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.breakdown import summarize_events
+
+    def event(key, device_type, self_device_us, self_cpu_us=0.0, count=2):
+        return SimpleNamespace(key=key, count=count, device_type=device_type, self_cpu_time_total=self_cpu_us,
+                               self_device_time_total=self_device_us)
+
+    events = [  # two steps: operators carry their kernels' device time, kernels carry it again
+        event("aten::mm", DeviceType.CPU, 600.0, 50.0), event("aten::add", DeviceType.CPU, 200.0, 30.0),
+        event("ProfilerStep*", DeviceType.CPU, 0.0, 900.0),
+        event("sm90_xmma_gemm_bf16", DeviceType.CUDA, 600.0), event("elementwise_kernel", DeviceType.CUDA, 200.0),
+    ]
+    info = summarize_events(events, on_device=True, wall_s=0.004, steps=2)
+    assert info["device_busy_s_per_step"] == pytest.approx(400e-6)  # (600 + 200) µs over 2 steps, counted once
+    assert info["device_busy_share"] == pytest.approx(0.2)  # of 2 ms wall per step: the GPU waits 80 %
+    assert {c["category"]: c["share"] for c in info["categories"]} == pytest.approx(
+        {"matmul": 0.75, "elementwise & other": 0.25, "host outside operators": 0.0})
+    assert [k["name"] for k in info["top_kernels"]] == ["sm90_xmma_gemm_bf16", "elementwise_kernel"]

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-repeats", type=int, default=5, help="timed sliding-window inferences (default 5)")
     parser.add_argument("--flops-only", action="store_true", help="FLOPs and parameter counts only (fake tensors, no timing)")
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    parser.add_argument("--breakdown", choices=("auto", "all", "none"), default="auto",
+                        help="torch.profiler view of where a training step's time goes, written to <stem>-breakdown.md: "
+                             "auto (default) for methods below 30%% MFU on a GPU, all, or none")
     parser.add_argument("--in-process", action="store_true",
                         help="profile all methods in this process (faster start; peak memory then carries over between methods)")
     parser.add_argument("--note", default="", help="a line recorded with the table (e.g. 'CPU shared with other jobs')")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         device = select_device(args.device or exp.train.device)
         settings = ProfileSettings(warmup=args.warmup, repeats=args.repeats, eval_repeats=args.eval_repeats,
-                                   count_flops=not args.no_flops)
+                                   count_flops=not args.no_flops, breakdown=args.breakdown)
         meta.update(environment_summary(device))
         meta["timing"] = (f"{settings.warmup} warm-up + {settings.repeats} timed training steps (protocol.train), "
                           f"{settings.eval_warmup} + {settings.eval_repeats} sliding-window inferences; median ± IQR/2")
