@@ -674,7 +674,8 @@ def environment_summary(device: torch.device | None) -> dict[str, Any]:
     return info
 
 
-def write_profiles(rows: list[dict[str, Any]], exp: Experiment, out_dir: Path, stem: str, meta: dict[str, Any]) -> list[Path]:
+def write_profiles(rows: list[dict[str, Any]], exp: Experiment, out_dir: Path, stem: str, meta: dict[str, Any],
+                   plots: bool = True) -> list[Path]:
     """JSON (rows + metadata), markdown table and, for timed rows, speed and memory plots."""
     from benchmarks.results import atomic_write_text
 
@@ -695,7 +696,7 @@ def write_profiles(rows: list[dict[str, Any]], exp: Experiment, out_dir: Path, s
                  f"Methods profiled with torch.profiler (those below {LOW_MFU:.0%} MFU, or all with `--breakdown all`); "
                  "see `benchmarks/breakdown.py` for what each view counts.", ""]
         atomic_write_text(paths[-1], "\n".join(intro + [format_breakdown(r) for r in explained]))
-    if any(r.get("train_images_per_s") for r in rows):
+    if plots and any(r.get("train_images_per_s") for r in rows):
         paths += write_plots(rows, out_dir, stem, title=f"{exp.preset} · {meta.get('device_name', '')}")
     return paths
 

@@ -4,10 +4,12 @@ The paper preset trains under bf16 autocast on GPUs. CPU autocast casts the same
 to bf16, so a method that breaks on bf16 activations breaks here too — with one difference:
 CPU autocast runs FFTs in fp32, CUDA autocast does not cast them (and cuFFT has no bf16). So the
 test also watches every spectral op for reduced-precision inputs, which would pass here and fail
-on a GPU.
+on a GPU. `DGSS_TEST_DEVICE=cuda` runs the same tests on a GPU's own autocast (tools/gpu-profile).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from benchmarks.method import available_methods
 from benchmarks.protocol import autocast
 from tests.test_methods_common import IMG, images, tiny_model
 
-CPU = torch.device("cpu")
+DEVICE = torch.device(os.environ.get("DGSS_TEST_DEVICE", "cpu"))
 REDUCED = (torch.bfloat16, torch.float16)
 
 
@@ -42,11 +44,12 @@ class ReducedPrecisionSpectra(TorchFunctionMode):
 @pytest.mark.parametrize("head", ["light", "mask2former"])
 @pytest.mark.parametrize("method", sorted(available_methods()))
 def test_every_method_trains_and_evaluates_under_bf16_autocast(method, head):
-    model = tiny_model(method, head=head)
+    model = tiny_model(method, head=head).to(DEVICE)
     model.train()
+    labels = torch.randint(0, 19, (2, IMG, IMG), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     spectra = ReducedPrecisionSpectra()
-    with spectra, autocast(CPU, torch.bfloat16):
-        loss = model.loss(images(), torch.randint(0, 19, (2, IMG, IMG), generator=torch.Generator().manual_seed(0)))["loss"]
+    with spectra, autocast(DEVICE, torch.bfloat16):
+        loss = model.loss(images().to(DEVICE), labels)["loss"]
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -55,15 +58,15 @@ def test_every_method_trains_and_evaluates_under_bf16_autocast(method, head):
     assert not missing, f"no finite gradient under bf16 for {missing[:5]}"
 
     model.eval()
-    with spectra, torch.inference_mode(), autocast(CPU, torch.bfloat16):
-        logits = model.predict(images())
+    with spectra, torch.inference_mode(), autocast(DEVICE, torch.bfloat16):
+        logits = model.predict(images().to(DEVICE))
     assert torch.isfinite(logits.float()).all()
     assert not spectra.calls, f"FFT/complex ops got bf16 inputs (no CUDA kernel): {sorted(set(spectra.calls))}"
 
 
 def test_bf16_run_through_the_protocol_writes_a_finished_result(smoke_experiment):
     """`train.amp=bf16` end to end (train, sliding-window evaluation, result file) for the method bf16 once broke."""
-    exp = apply_override(smoke_experiment, "train.amp=bf16")
+    exp = apply_override(apply_override(smoke_experiment, "train.amp=bf16"), f"train.device={DEVICE.type}")
     (result,) = runner.run_matrix(exp, "set", progress=False)
     assert result["status"] == "finished", result.get("failure")
     assert result["experiment"]["train"]["amp"] == "bf16"
@@ -72,7 +75,7 @@ def test_bf16_run_through_the_protocol_writes_a_finished_result(smoke_experiment
 
 def test_the_watch_sees_a_bf16_fft_that_cpu_autocast_would_hide():
     spectra = ReducedPrecisionSpectra()
-    with spectra, autocast(CPU, torch.bfloat16):
+    with spectra, autocast(torch.device("cpu"), torch.bfloat16):
         out = torch.fft.fft2(torch.ones(2, 4, 4, dtype=torch.bfloat16))
     assert out.dtype == torch.complex64  # CPU autocast ran it in fp32 ...
     assert spectra.calls == ["fft_fft2"]  # ... but a CUDA autocast would have passed bf16 to cuFFT

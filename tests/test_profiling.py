@@ -364,3 +364,20 @@ def test_breakdown_on_a_gpu_counts_kernel_time_once_and_against_the_wall():
     assert {c["category"]: c["share"] for c in info["categories"]} == pytest.approx(
         {"matmul": 0.75, "elementwise & other": 0.25, "host outside operators": 0.0})
     assert [k["name"] for k in info["top_kernels"]] == ["sm90_xmma_gemm_bf16", "elementwise_kernel"]
+
+
+def test_an_interrupted_profile_keeps_the_methods_it_finished(tmp_path, monkeypatch):
+    from benchmarks.cli import main
+
+    def one_then_interrupt(exp, name, device, settings, timeout_s=None):
+        if name == "freeze":
+            raise KeyboardInterrupt  # a time limit's SIGINT, or Ctrl-C, during the second method
+        return {"method": name, "status": "ok", "batch_size": 2, "train_images_per_s": 3.0, "peak_memory_mb": 800.0}
+
+    monkeypatch.setattr(profiling, "profile_in_subprocess", one_then_interrupt)
+    code = main(["profile", "--preset", "smoke", "--methods", "full,freeze", "--out", str(tmp_path)])
+    assert code == 130
+    [json_path] = tmp_path.glob("smoke-cpu-*.json")
+    saved = json.loads(json_path.read_text())
+    assert [r["method"] for r in saved["methods"]] == ["full"] and saved["meta"]["finished"] == "1 of 2 methods"
+    assert "| full " in json_path.with_suffix(".md").read_text()

@@ -76,9 +76,16 @@ def run(args: argparse.Namespace) -> int:
         meta["timing"] = (f"{settings.warmup} warm-up + {settings.repeats} timed training steps (protocol.train), "
                           f"{settings.eval_warmup} + {settings.eval_repeats} sliding-window inferences; median ± IQR/2")
         meta["isolation"] = "one process per method" if not args.in_process else "all methods in one process"
-        rows = profile_methods(exp, names, str(device), settings, isolate=not args.in_process,
-                               on_result=lambda row: log.info("%s: %s", row["method"], _brief(row)))
         stem = output_stem(exp.preset, meta.get("device_name") if device.type == "cuda" else "cpu", today)
+        done: list[dict] = []
+
+        def keep(row: dict) -> None:
+            """Each finished method is on disk at once: a run cut off (a time limit, Ctrl-C) keeps its rows."""
+            log.info("%s: %s", row["method"], _brief(row))
+            done.append(row)
+            write_profiles(done, exp, out, stem, {**meta, "finished": f"{len(done)} of {len(names)} methods"}, plots=False)
+
+        rows = profile_methods(exp, names, str(device), settings, isolate=not args.in_process, on_result=keep)
     print(format_table(rows))
     paths = write_profiles(rows, exp, out, stem, meta)
     for path in paths:
