@@ -709,26 +709,14 @@ def _rate_quartiles(row: dict[str, Any], spread_key: str, images: float) -> tupl
     return images / summary["q3"], images / summary["q1"]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str, title: str) -> list[Path]:
     """`<stem>-speed.png` (train and eval images/s, IQR bars) and `<stem>-memory.png` (peak MB)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from benchmarks.results import atomic_write_bytes
 
     names = [r["method"] for r in rows]
     panels = {
@@ -757,7 +745,7 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str, title: str
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110)
         path = Path(out_dir) / f"{stem}-{kind}.png"
-        _atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())
         written.append(path)
     return written
 

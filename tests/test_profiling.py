@@ -279,6 +279,7 @@ def test_write_profiles_draws_speed_and_memory_plots(tmp_path):
     names = sorted(p.name for p in paths)
     assert names == ["smoke-cpu-test-memory.png", "smoke-cpu-test-speed.png", "smoke-cpu-test.json", "smoke-cpu-test.md"]
     assert all(p.stat().st_size > 0 for p in paths)
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in paths)  # shareable, not mkstemp's 0600
     assert "oom" in (tmp_path / "smoke-cpu-test.md").read_text()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import UserError
-from benchmarks.reports.plots import READABLE, Plot, make_plots, save_plots
+from benchmarks.reports.plots import Plot, make_plots, save_plots
 from benchmarks.reports.tables import (
     Protocol,
     group_results,
@@ -129,6 +129,5 @@ def write_report(results: Iterable[dict[str, Any]], out_dir: Path | str = "resul
     save_plots(plots, out_dir)
     page = out_dir / "index.html"
     atomic_write_text(page, render_report(results, title=title, published_path=published_path, plots=plots))
-    page.chmod(READABLE)
     log.info("wrote %s from %d result file(s) with %d figure(s)", page, len(results), len(plots))
     return page

@@ -14,8 +14,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +33,11 @@ from benchmarks.reports.tables import (
     target_label,
     targets_of,
 )
+from benchmarks.results import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 DPI = 110
-READABLE = 0o644
-"""Report files are meant to be shared; mkstemp alone would leave them private (0600)."""
 
 
 @dataclass(frozen=True)
@@ -246,19 +243,6 @@ def save_plots(plots: Iterable[Plot], out_dir: Path) -> list[Path]:
     paths = []
     for plot in plots:
         path = out_dir / f"{plot.name}.png"
-        _atomic_write_bytes(path, plot.png)
+        atomic_write_bytes(path, plot.png)
         paths.append(path)
     return paths
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Like results.atomic_write_text, for binary files."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, READABLE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
