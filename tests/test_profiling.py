@@ -85,6 +85,25 @@ def test_fake_tensor_flops_equal_real_tensor_flops(method_name):
     assert fake["flops_train_step_per_image"] == train / exp.train.batch_size
 
 
+def test_attention_flops_are_counted_on_the_cpu_kernels_too():
+    """Fake and real CPU tensors run SDPA's CPU flash kernel; its FLOPs must count as the CUDA kernels' do."""
+    from timm.layers import Attention
+
+    tokens, dim = 64, 32
+    attention = Attention(dim, num_heads=2, qkv_bias=True)
+    attention.fused_attn = True
+    x = torch.randn(1, tokens, dim, requires_grad=True)
+    with profiling.flop_counter() as counter:
+        attention(x).sum().backward()
+    linear = 2 * tokens * dim * 3 * dim + 2 * tokens * dim * dim  # qkv and proj
+    scores_and_mix = 2 * 2 * tokens * tokens * dim  # q·kᵀ and attn·v over all heads
+    flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention_ops = {op: n for op, n in flops.items() if "attention" in op}
+    assert sum(n for op, n in attention_ops.items() if not op.endswith("backward")) == scores_and_mix
+    assert sum(n for op, n in attention_ops.items() if op.endswith("backward")) == pytest.approx(2.5 * scores_and_mix)
+    assert counter.get_total_flops() == pytest.approx(3 * linear + 3.5 * scores_and_mix, rel=0.01)
+
+
 def test_training_flops_follow_what_trains():
     exp = smoke()
     full, freeze = profiling.count_flops(exp, "full"), profiling.count_flops(exp, "freeze")
