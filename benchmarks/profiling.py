@@ -527,7 +527,6 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
     return profile
 
 
-
 def run_profile_extras(exp: Experiment, method_name: str, profile: dict[str, Any]) -> dict[str, Any]:
     """What a finished run adds to its measured profile: FLOPs per image (fake tensors) and MFU.
 
