@@ -226,9 +226,8 @@ SCHEMA_KEYS = ("train_images_per_s", "eval_images_per_s", "peak_memory_mb", "flo
                "flops_train_step_per_image", "mfu", "device", "dtype")
 
 
-def test_profile_method_times_the_protocol_step_and_fills_the_schema(monkeypatch):
-    import benchmarks.protocol as protocol
-
+def count_optimizer_steps(monkeypatch) -> list[int]:
+    """Patches AdamW.step to count its calls; the returned one-element list holds the count."""
     steps = [0]
     original_step = torch.optim.AdamW.step
 
@@ -237,6 +236,13 @@ def test_profile_method_times_the_protocol_step_and_fills_the_schema(monkeypatch
         return original_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    return steps
+
+
+def test_profile_method_times_the_protocol_step_and_fills_the_schema(monkeypatch):
+    import benchmarks.protocol as protocol
+
+    steps = count_optimizer_steps(monkeypatch)
     trained = []
     original_train = protocol.train
     monkeypatch.setattr(protocol, "train", lambda *a, **k: trained.append(1) or original_train(*a, **k))
@@ -326,14 +332,7 @@ def test_profile_in_a_fresh_process_reports_its_own_peak():
 
 # -- where the time goes --------------------------------------------------------------------------------
 def test_breakdown_profiles_extra_protocol_steps_and_accounts_for_their_operators(monkeypatch, tmp_path):
-    steps = [0]
-    original_step = torch.optim.AdamW.step
-
-    def counting_step(self, *args, **kwargs):
-        steps[0] += 1
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    steps = count_optimizer_steps(monkeypatch)
     settings = profiling.ProfileSettings(warmup=1, repeats=2, eval_warmup=0, eval_repeats=1, count_flops=False,
                                          breakdown="all", breakdown_steps=2)
     row = profiling.profile_method(smoke(), "full", "cpu", settings)
