@@ -17,6 +17,7 @@ steps' median; shares are what this view is for.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -62,9 +63,9 @@ def summarize_events(events: Any, on_device: bool, wall_s: float, steps: int, to
         return (_self_device_us(event) if on_device else float(event.self_cpu_time_total)) / 1e6 / steps
 
     measured = sum(self_s(e) for e in operators) or 1e-12
-    per_category: dict[str, float] = {}
+    per_category: dict[str, float] = defaultdict(float)
     for event in operators:
-        per_category[category(event.key)] = per_category.get(category(event.key), 0.0) + self_s(event)
+        per_category[category(event.key)] += self_s(event)
     wall_per_step = wall_s / steps
     summary: dict[str, Any] = {
         "steps": steps,
