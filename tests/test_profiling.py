@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -400,3 +401,46 @@ def test_an_interrupted_profile_keeps_the_methods_it_finished(tmp_path, monkeypa
     saved = json.loads(json_path.read_text())
     assert [r["method"] for r in saved["methods"]] == ["full"] and saved["meta"]["finished"] == "1 of 2 methods"
     assert "| full " in json_path.with_suffix(".md").read_text()
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_profile_with_its_child_and_keeps_finished_rows(tmp_path):
+    """What `timeout` or a scheduler does to a long profile: exit 143, no orphaned method process, rows kept."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.config import PROJECT_ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "profile", "--preset", "smoke", "--set", "model.weights=[]",
+                             "--methods", "freeze,full,rein,lora,vpt", "--no-flops", "--out", str(tmp_path)],
+                            cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    saved = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        saved = next(tmp_path.glob("smoke-cpu-*.json"), None)
+        if saved is not None and _children(proc.pid):  # one method written, the next one's process running
+            break
+        time.sleep(0.2)
+    assert saved is not None and proc.poll() is None, "the profile finished before it could be interrupted"
+    children = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stderr.read()
+    time.sleep(0.5)
+    alive = {pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ") for pid in children if Path(f"/proc/{pid}").exists()}
+    assert not alive, f"a method's process outlived the profile: {alive}"
+    rows = json.loads(saved.read_text())["methods"]
+    assert rows and rows[0]["method"] == "freeze" and len(rows) < 5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import signal
 from pathlib import Path
 
 NAME = "profile"
@@ -85,12 +86,19 @@ def run(args: argparse.Namespace) -> int:
             done.append(row)
             write_profiles(done, exp, out, stem, {**meta, "finished": f"{len(done)} of {len(names)} methods"}, plots=False)
 
+        signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, a scheduler: stop, taking the child along
         rows = profile_methods(exp, names, str(device), settings, isolate=not args.in_process, on_result=keep)
     print(format_table(rows))
     paths = write_profiles(rows, exp, out, stem, meta)
     for path in paths:
         log.info("wrote %s", path)
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as an exception (exit 143): on the way out subprocess.run kills and reaps the method's
+    process instead of leaving it running as an orphan; the rows written so far stay."""
+    raise SystemExit(128 + signum)
 
 
 def _brief(row: dict) -> str:
