@@ -124,3 +124,11 @@ def format_breakdown(row: dict[str, Any]) -> str:
         lines += ["", "| kernel | ms/step | share of busy |", "| --- | ---: | ---: |"]
         lines += [f"| `{k['name']}` | {k['s_per_step'] * ms:,.2f} | {k['share'] * 100:.1f} % |" for k in info["top_kernels"]]
     return "\n".join(lines) + "\n"
+
+
+def breakdown_markdown(rows: list[dict[str, Any]], subject: str) -> str:
+    """The `<stem>-breakdown.md` file: one section per row that has a breakdown."""
+    intro = [f"# Where the training step's time goes: {subject}", "",
+             f"Methods profiled with torch.profiler (those below {LOW_MFU:.0%} MFU, or all with `--breakdown all`); "
+             "see `benchmarks/breakdown.py` for what each view counts.", ""]
+    return "\n".join(intro + [format_breakdown(r) for r in rows])

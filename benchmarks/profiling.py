@@ -716,13 +716,10 @@ def write_profiles(rows: list[dict[str, Any]], exp: Experiment, out_dir: Path, s
     atomic_write_text(paths[1], "\n".join(lines))
     explained = [r for r in rows if r.get("time_breakdown")]
     if explained:
-        from benchmarks.breakdown import LOW_MFU, format_breakdown
+        from benchmarks.breakdown import breakdown_markdown
 
         paths.append(out_dir / f"{stem}-breakdown.md")
-        intro = [f"# Where the training step's time goes: preset `{exp.preset}`, {meta.get('device_name', '')}", "",
-                 f"Methods profiled with torch.profiler (those below {LOW_MFU:.0%} MFU, or all with `--breakdown all`); "
-                 "see `benchmarks/breakdown.py` for what each view counts.", ""]
-        atomic_write_text(paths[-1], "\n".join(intro + [format_breakdown(r) for r in explained]))
+        atomic_write_text(paths[-1], breakdown_markdown(explained, f"preset `{exp.preset}`, {meta.get('device_name', '')}"))
     if plots and any(r.get("train_images_per_s") for r in rows):
         paths += write_plots(rows, out_dir, stem, title=f"{exp.preset} · {meta.get('device_name', '')}")
     return paths

@@ -394,9 +394,13 @@ def test_an_interrupted_profile_keeps_the_methods_it_finished(tmp_path, monkeypa
             raise KeyboardInterrupt  # a time limit's SIGINT, or Ctrl-C, during the second method
         return {"method": name, "status": "ok", "batch_size": 2, "train_images_per_s": 3.0, "peak_memory_mb": 800.0}
 
+    import signal
+
     monkeypatch.setattr(profiling, "profile_in_subprocess", one_then_interrupt)
+    handler = signal.getsignal(signal.SIGTERM)
     code = main(["profile", "--preset", "smoke", "--methods", "full,freeze", "--out", str(tmp_path)])
     assert code == 130
+    assert signal.getsignal(signal.SIGTERM) is handler  # the profile's SIGTERM handling ends with it
     [json_path] = tmp_path.glob("smoke-cpu-*.json")
     saved = json.loads(json_path.read_text())
     assert [r["method"] for r in saved["methods"]] == ["full"] and saved["meta"]["finished"] == "1 of 2 methods"

@@ -86,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
             done.append(row)
             write_profiles(done, exp, out, stem, {**meta, "finished": f"{len(done)} of {len(names)} methods"}, plots=False)
 
-        signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, a scheduler: stop, taking the child along
-        rows = profile_methods(exp, names, str(device), settings, isolate=not args.in_process, on_result=keep)
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, a scheduler: stop, taking the child along
+        try:
+            rows = profile_methods(exp, names, str(device), settings, isolate=not args.in_process, on_result=keep)
+        finally:
+            signal.signal(signal.SIGTERM, previous)  # a caller in the same process (tests) keeps its own
     print(format_table(rows))
     paths = write_profiles(rows, exp, out, stem, meta)
     for path in paths:

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.bench
 DEVICE = torch.device("cpu")
 
 
-def _model(exp, name: str):
+def _model(exp, name: str, overrides: dict | None = None):
     torch.manual_seed(0)
-    method = build_method(name, exp.methods.get(name))
+    method = build_method(name, {**exp.methods.get(name, {}), **(overrides or {})})
     model = build_model(exp, method)
     model.train()
     return model, method
@@ -33,10 +33,7 @@ BENCH_OVERRIDES = {"fishertune": {"estimation_batches": 2}}
 @pytest.mark.parametrize("method_name", sorted(available_methods()))
 def test_train_step(benchmark, proxy_exp, method_name):
     """loss → backward → AdamW, with the method's hooks (before_training, on_step, after the step) as the protocol runs them."""
-    torch.manual_seed(0)
-    method = build_method(method_name, {**proxy_exp.methods.get(method_name, {}), **BENCH_OVERRIDES.get(method_name, {})})
-    model = build_model(proxy_exp, method)
-    model.train()
+    model, method = _model(proxy_exp, method_name, BENCH_OVERRIDES.get(method_name))
     optimizer = build_optimizer(method.param_groups(model, proxy_exp.train.weight_decay), proxy_exp.train, DEVICE)
     images, labels = proxy_batch(proxy_exp)
     amp = autocast_dtype(proxy_exp.train.amp, DEVICE)
