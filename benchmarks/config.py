@@ -46,7 +46,8 @@ class DataConfig:
     max_long_edge: int = 2048
     cat_max_ratio: float = 0.75
     photometric: bool = True
-    num_workers: int = 2
+    num_workers: int = -1
+    """Data-loader workers; -1 = sized to the machine (`benchmarks.resources`: 1 on a CPU, up to 8 with a GPU)."""
     train_limit: int = 0
     """Use only the first N source pairs (0 = all)."""
     eval_limit: int = 0

@@ -10,14 +10,23 @@ semantic labels. Its objectives:
   and their pixels (normalised per patch, as MAE's norm_pix_loss) are regressed with L1;
 - a different label space, geometric rather than semantic: per pixel, the surface kind
   (ground / vertical / sky, the classic geometric-context classes) and relative depth, both known to
-  the renderer. Foundation models are known to encode both; neither is a benchmark label.
+  the renderer. Foundation models are known to encode both; neither is a benchmark label;
+- cross-style self-distillation (data2vec-style targets, DINOv2's teacher): every scene is rendered
+  `views` times with one layout and independently drawn appearances (palette, texture, light,
+  weather, optics). The masked student sees one appearance and regresses, at every patch, the
+  layer-normalised average of the last `target_layers` block outputs of an EMA teacher that sees
+  another. This is what makes the features style-robust — the property that lets a frozen or
+  lightly tuned VFM generalise from a game source to real targets, and that full fine-tuning erodes.
 
 The checkpoint is the timm state dict of `proxy_vit`, stored fp16 as safetensors with its recipe
-in the metadata. `python -m benchmarks pretrain` reproduces it.
+in the metadata. `python -m benchmarks pretrain` reproduces it (`--init` continues from a checkpoint,
+which is how the shipped one was made: see `PROXY_RECIPE`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -44,10 +53,20 @@ SKY_TRAIN_ID = 10
 GEOMETRY_CLASSES = ("ground", "vertical", "sky")
 
 
+# Style fields that change how a scene looks but not where anything is: two styles that share every
+# other field render the same layout (same labels and depth) from the same scene seed.
+APPEARANCE_FIELDS = (
+    "palette", "colour_jitter", "texture", "texture_freq", "saturation", "contrast", "brightness", "gamma", "tint",
+    "sky_top", "haze", "haze_colour", "dusk_prob", "night_prob", "shadow", "blur", "noise", "jpeg", "vignette",
+)
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
-    scenes: int = 4000
+    scenes: int = 2500
     """Distinct generated scenes in the pool (each seen under new crops and flips every epoch)."""
+    views: int = 2
+    """Appearances each scene is rendered in (one layout); 1 turns the cross-style objective off."""
     scene_height: int = 128
     scene_width: int = 224
     crop_size: int = 64
@@ -55,22 +74,64 @@ class PretrainConfig:
     benchmark's pixel scale: small inputs keep pretraining affordable on a CPU)."""
     source_crop: tuple[int, int] = (64, 128)
     steps: int = 3000
-    batch_size: int = 48
+    batch_size: int = 32
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_steps: int = 150
     mask_ratio: float = 0.4
-    loss_weights: tuple[float, float, float] = (1.0, 0.5, 0.5)
-    """Weights of (masked pixels, geometry classes, depth)."""
+    loss_weights: tuple[float, float, float, float] = (1.0, 0.5, 0.5, 1.0)
+    """Weights of (masked pixels, geometry classes, depth, cross-style distillation)."""
+    teacher_momentum: tuple[float, float] = (0.99, 0.999)
+    """EMA momentum of the teacher, cosine from the first to the second value over the steps."""
+    target_layers: int = 3
+    """Teacher blocks (the last ones) whose normalised outputs are averaged into the target."""
+    init: str = ""
+    """A proxy_vit checkpoint to continue from ("" = random initialisation)."""
     seed: int = 0
     workers: int = 2
 
 
+# How the shipped checkpoint was made: stage 1 from random initialisation without the cross-style
+# objective (the first release), stage 2 continued from it with every objective on.
+PROXY_RECIPE: tuple[PretrainConfig, ...] = (
+    PretrainConfig(scenes=2000, views=1, steps=800, batch_size=32, lr=1.5e-3, warmup_steps=40,
+                   loss_weights=(1.0, 0.5, 0.5, 0.0)),
+    PretrainConfig(scenes=2500, views=2, steps=1200, batch_size=32, lr=1e-3, warmup_steps=50, seed=1,
+                   init="stage1"),
+)
+
+
+def scene_views(seed: int, views: int, height: int, width: int):
+    """One layout in `views` appearances: images [V,H,W,3] uint8, world labels [H,W], depth [H,W].
+
+    The layout (camera, street, objects) comes from the first random style; each further view takes
+    the appearance fields of its own random style. The renderer draws layout before appearance from
+    the scene's own generator, so every view has the same labels and depth (checked).
+    """
+    from datasets.synthetic import random_style, render_scene
+
+    layout = random_style(np.random.default_rng([seed, 0]))
+    images, label, depth = [], None, None
+    for view in range(views):
+        style = layout
+        if view:
+            look = random_style(np.random.default_rng([seed, 1 + view]))
+            style = dataclasses.replace(layout, **{name: getattr(look, name) for name in APPEARANCE_FIELDS})
+        image, view_label, view_depth = render_scene(np.random.default_rng([seed, 1]), style, height, width)
+        if label is None:
+            label, depth = view_label, view_depth
+        elif not np.array_equal(label, view_label):
+            raise RuntimeError(f"pretraining scene {seed}: view {view} changed the layout; a style field in "
+                               "APPEARANCE_FIELDS must be affecting geometry")
+        images.append(image)
+    return np.stack(images), label, depth
+
+
 def render_pool(cfg: PretrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images [N,H,W,3] uint8, geometry classes [N,H,W] uint8 (255 = unknown), log-depth [N,H,W] fp16."""
+    """Images [N,V,H,W,3] uint8, geometry classes [N,H,W] uint8 (255 = unknown), log-depth [N,H,W] fp16."""
     seeds = [PRETRAIN_SEED_BASE + cfg.seed * 10_000_000 + i for i in range(cfg.scenes)]
-    chunks = [seeds[i : i + 200] for i in range(0, len(seeds), 200)]
-    job = (cfg.scene_height, cfg.scene_width)
+    chunks = [seeds[i : i + 100] for i in range(0, len(seeds), 100)]
+    job = (cfg.views, cfg.scene_height, cfg.scene_width)
     images, geometry, depth = [], [], []
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         for im, geo, dep in tqdm(pool.map(_render_chunk, chunks, [job] * len(chunks)), total=len(chunks), desc="render", unit="chunk"):
@@ -80,18 +141,15 @@ def render_pool(cfg: PretrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.concatenate(images), np.concatenate(geometry), np.concatenate(depth)
 
 
-def _render_chunk(seeds: list[int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from datasets.synthetic import random_style, render_scene
-
-    height, width = size
-    images, geometry, depths = [], [], []
+def _render_chunk(seeds: list[int], job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    views, height, width = job
     lut = np.ones(256, dtype=np.uint8)  # vertical by default
     lut[list(GROUND_TRAIN_IDS)] = 0
     lut[SKY_TRAIN_ID] = 2
     lut[255] = 255
+    images, geometry, depths = [], [], []
     for seed in seeds:
-        rng = np.random.default_rng(seed)
-        image, label, depth = render_scene(rng, random_style(rng), height, width)
+        image, label, depth = scene_views(seed, views, height, width)
         images.append(image)
         geometry.append(lut[label])
         depths.append(np.log1p(np.maximum(depth, 0)).astype(np.float16))
@@ -99,7 +157,8 @@ def _render_chunk(seeds: list[int], size: tuple[int, int]) -> tuple[np.ndarray, 
 
 
 class PretrainHeads(nn.Module):
-    """Per-token linear predictions unshuffled to the token's p×p pixels (as SimMIM's decoder)."""
+    """Per-token linear predictions unshuffled to the token's p×p pixels (as SimMIM's decoder), and
+    the per-token regression of the teacher's cross-style target (data2vec's linear predictor)."""
 
     def __init__(self, dim: int, patch: int):
         super().__init__()
@@ -108,66 +167,106 @@ class PretrainHeads(nn.Module):
         self.pixels = nn.Linear(dim, patch * patch * 3)
         self.geometry = nn.Linear(dim, patch * patch * len(GEOMETRY_CLASSES))
         self.depth = nn.Linear(dim, patch * patch)
+        self.target = nn.Linear(dim, dim)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         tokens = self.norm(tokens)
-        return tuple(self._unshuffle(head(tokens), grid) for head in (self.pixels, self.geometry, self.depth))
+        dense = tuple(self._unshuffle(head(tokens), grid) for head in (self.pixels, self.geometry, self.depth))
+        return (*dense, self.target(tokens))
 
     def _unshuffle(self, values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         b, _, d = values.shape
         h, w = grid
-        channels = d // (self.patch * self.patch)
         values = values.transpose(1, 2).reshape(b, d, h, w)
-        return F.pixel_shuffle(values, self.patch) if channels else values  # [B, channels, H·p, W·p]
+        return F.pixel_shuffle(values, self.patch)  # [B, channels, H·p, W·p]
+
+
+_MEAN = torch.tensor((123.675, 116.28, 103.53)).view(1, 3, 1, 1)
+_STD = torch.tensor((58.395, 57.12, 57.375)).view(1, 3, 1, 1)
 
 
 def _batch(pool, rng: np.random.Generator, cfg: PretrainConfig):
+    """(student images, teacher images, geometry, depth): one crop and flip, two appearances."""
     images, geometry, depth = pool
     idx = rng.integers(0, len(images), cfg.batch_size)
+    student_view = rng.integers(0, cfg.views, cfg.batch_size)
+    teacher_view = (student_view + rng.integers(1, cfg.views, cfg.batch_size)) % cfg.views if cfg.views > 1 else student_view
     crop = int(rng.integers(cfg.source_crop[0], cfg.source_crop[1] + 1))
-    top = rng.integers(0, images.shape[1] - crop + 1, cfg.batch_size)
-    left = rng.integers(0, images.shape[2] - crop + 1, cfg.batch_size)
+    top = rng.integers(0, images.shape[2] - crop + 1, cfg.batch_size)
+    left = rng.integers(0, images.shape[3] - crop + 1, cfg.batch_size)
     flip = rng.random(cfg.batch_size) < 0.5
-    ims, geos, deps = [], [], []
-    for i, y, x, f in zip(idx, top, left, flip, strict=True):
-        sl = (i, slice(y, y + crop), slice(x, x + crop))
-        im, geo, dep = images[sl], geometry[sl], depth[sl]
-        if f:
-            im, geo, dep = im[:, ::-1], geo[:, ::-1], dep[:, ::-1]
-        ims.append(im)
-        geos.append(geo)
-        deps.append(dep)
-    mean = torch.tensor((123.675, 116.28, 103.53)).view(1, 3, 1, 1)
-    std = torch.tensor((58.395, 57.12, 57.375)).view(1, 3, 1, 1)
-    image = (torch.from_numpy(np.stack(ims).copy()).permute(0, 3, 1, 2).float() - mean) / std
-    geometry = torch.from_numpy(np.stack(geos).copy()).unsqueeze(1).float()
-    depth = torch.from_numpy(np.stack(deps).astype(np.float32)).unsqueeze(1)
+    students, teachers, geos, deps = [], [], [], []
+    for i, sv, tv, y, x, f in zip(idx, student_view, teacher_view, top, left, flip, strict=True):
+        rows, cols = slice(y, y + crop), slice(x, x + crop)
+        step = -1 if f else 1
+        students.append(images[i, sv, rows, cols][:, ::step])
+        teachers.append(images[i, tv, rows, cols][:, ::step])
+        geos.append(geometry[i, rows, cols][:, ::step])
+        deps.append(depth[i, rows, cols][:, ::step])
+
+    def normalised(crops: list[np.ndarray]) -> torch.Tensor:
+        return (torch.from_numpy(np.stack(crops).copy()).permute(0, 3, 1, 2).float() - _MEAN) / _STD
+
+    student, teacher = normalised(students), normalised(teachers)
+    geometry_t = torch.from_numpy(np.stack(geos).copy()).unsqueeze(1).float()
+    depth_t = torch.from_numpy(np.stack(deps).astype(np.float32)).unsqueeze(1)
     if crop != cfg.crop_size:
         size = (cfg.crop_size, cfg.crop_size)
-        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-        geometry = F.interpolate(geometry, size=size, mode="nearest")
-        depth = F.interpolate(depth, size=size, mode="nearest")
-    return image, geometry[:, 0].long(), depth[:, 0]
+        student = F.interpolate(student, size=size, mode="bilinear", align_corners=False, antialias=True)
+        teacher = F.interpolate(teacher, size=size, mode="bilinear", align_corners=False, antialias=True)
+        geometry_t = F.interpolate(geometry_t, size=size, mode="nearest")
+        depth_t = F.interpolate(depth_t, size=size, mode="nearest")
+    return student, teacher, geometry_t[:, 0].long(), depth_t[:, 0]
+
+
+def _block_outputs(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    outputs = []
+    for block in backbone.blocks:
+        x = block(x)
+        outputs.append(x)
+    return outputs
+
+
+def _teacher_target(teacher: nn.Module, images: torch.Tensor, layers: int) -> torch.Tensor:
+    """data2vec's target: the average of the last `layers` block outputs, each instance-normalised
+    over channels, layer-normalised again; patch tokens only."""
+    with torch.no_grad():
+        x = teacher.vit.norm_pre(teacher.vit._pos_embed(teacher.vit.patch_embed(images)))
+        outputs = _block_outputs(teacher, x)[-layers:]
+        prefix = teacher.num_prefix_tokens
+        target = sum(F.layer_norm(o[:, prefix:], o.shape[-1:]) for o in outputs) / len(outputs)
+        return F.layer_norm(target, target.shape[-1:])
+
+
+@torch.no_grad()
+def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
 
 
 def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     """Train the proxy ViT and write its safetensors checkpoint; returns the measured costs."""
     from safetensors.torch import save_file
 
+    if cfg.views < 1:
+        raise ValueError(f"pretraining needs at least one view of each scene, got views={cfg.views}")
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     pool = render_pool(cfg)
     render_seconds = time.perf_counter() - started
-    log.info("rendered %d scenes in %.0f s", cfg.scenes, render_seconds)
+    log.info("rendered %d scenes × %d views in %.0f s", cfg.scenes, cfg.views, render_seconds)
 
     # Built at the benchmark's input size so the position grid is the one fine-tuning uses; the
     # smaller pretraining inputs see it interpolated.
-    backbone = build_backbone("proxy_vit", img_size=BACKBONES["proxy_vit"].native_img_size, weights="random").to(device)
+    backbone = build_backbone("proxy_vit", img_size=BACKBONES["proxy_vit"].native_img_size,
+                              weights=cfg.init or "random").to(device)
     vit = backbone.vit
     patch = backbone.patch_size
     heads = PretrainHeads(backbone.embed_dim, patch).to(device)
     mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim, device=device))
     nn.init.normal_(mask_token, std=0.02)
+    distill = cfg.views > 1 and cfg.loss_weights[3] > 0
+    teacher = copy.deepcopy(backbone).requires_grad_(False).eval() if distill else None
     params = list(backbone.parameters()) + list(heads.parameters()) + [mask_token]
     decay = [p for p in params if p.ndim > 1 and p is not mask_token]
     no_decay = [p for p in params if p.ndim <= 1 or p is mask_token]
@@ -179,18 +278,18 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     train_started = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="pretrain", unit="it")
     for step in bar:
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        progress = step / cfg.steps
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        image, geometry, depth = (t.to(device) for t in _batch(pool, rng, cfg))
+        image, teacher_image, geometry, depth = (t.to(device) for t in _batch(pool, rng, cfg))
         masked = torch.rand(image.shape[0], num_patches, device=device).argsort(1) < int(cfg.mask_ratio * num_patches)
 
         x = vit.patch_embed(image)  # NHWC: the backbone is built for dynamic input sizes
         x = torch.where(masked.view(-1, *grid, 1), mask_token.to(x.dtype).expand_as(x), x)
         x = vit.norm_pre(vit._pos_embed(x))
-        for block in backbone.blocks:
-            x = block(x)
-        pixels, geo_logits, depth_pred = heads(x[:, backbone.num_prefix_tokens :], grid)
+        x = _block_outputs(backbone, x)[-1]
+        pixels, geo_logits, depth_pred, predicted_target = heads(x[:, backbone.num_prefix_tokens :], grid)
 
         target = F.unfold(image, patch, stride=patch)  # [B, 3·p·p, N]
         target = (target - target.mean(1, keepdim=True)) / (target.var(1, keepdim=True) + 1e-6).sqrt()
@@ -198,24 +297,35 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
         pixel_loss = ((predicted - target).abs().mean(1) * masked).sum() / masked.sum()
         geometry_loss = F.cross_entropy(geo_logits, geometry, ignore_index=255)
         depth_loss = F.l1_loss(depth_pred[:, 0], depth)
+        if teacher is not None:
+            # every patch, masked or not: the student must map its appearance to the other one's features
+            distill_loss = F.mse_loss(predicted_target, _teacher_target(teacher, teacher_image, cfg.target_layers))
+        else:
+            distill_loss = torch.zeros((), device=device)
         w = cfg.loss_weights
-        loss = w[0] * pixel_loss + w[1] * geometry_loss + w[2] * depth_loss
+        loss = w[0] * pixel_loss + w[1] * geometry_loss + w[2] * depth_loss + w[3] * distill_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 3.0)
         optimizer.step()
+        if teacher is not None:
+            low, high = cfg.teacher_momentum
+            _ema_update(teacher, backbone, high - (high - low) * 0.5 * (1 + math.cos(math.pi * progress)))
         if step % 50 == 0 or step == cfg.steps - 1:
-            record = {"step": step, "loss": loss.item(), "pixels": pixel_loss.item(), "geometry": geometry_loss.item(), "depth": depth_loss.item()}
+            record = {"step": step, "loss": loss.item(), "pixels": pixel_loss.item(), "geometry": geometry_loss.item(),
+                      "depth": depth_loss.item(), "cross_style": distill_loss.item()}
             history.append(record)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "step"})
     train_seconds = time.perf_counter() - train_started
 
+    # The student is what ships (the teacher is its slow average; at the end they nearly agree).
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in vit.state_dict().items()}
     report = {
         "backbone": "proxy_vit",
         "timm_kwargs": BACKBONES["proxy_vit"].timm_kwargs,
         "recipe": asdict(cfg),
-        "objectives": "SimMIM masked pixels + geometric classes (ground/vertical/sky) + log-depth; no semantic labels",
+        "objectives": "SimMIM masked pixels + geometric classes (ground/vertical/sky) + log-depth"
+                      + (" + cross-style self-distillation (EMA teacher)" if distill else "") + "; no semantic labels",
         "render_seconds": round(render_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "device": device if device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
@@ -227,3 +337,24 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     os.replace(tmp, out)
     (out.with_suffix(".json")).write_text(json.dumps({**report, "history": history}, indent=2) + "\n")
     return report
+
+
+def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu", first_stage: int = 1) -> dict:
+    """Run `stages` in turn, each continuing from the one before (an `init` of "stage<k>" names the
+    output of stage k); the last stage writes `out`, earlier ones `<out stem>-stage<k>.safetensors`.
+    The file beside `out` (`.json`) keeps every stage's recipe, cost and loss history."""
+    out = Path(out)
+    outputs: dict[str, Path] = {}
+    reports = []
+    for number, stage in enumerate(stages, start=first_stage):
+        init = stage.init
+        if init.startswith("stage"):
+            init = str(outputs[init])
+        target = out if number == first_stage + len(stages) - 1 else out.with_name(f"{out.stem}-stage{number}{out.suffix}")
+        report = pretrain(dataclasses.replace(stage, init=init), target, device=device)
+        history = json.loads(target.with_suffix(".json").read_text())["history"]
+        reports.append({"stage": number, **report, "history": history})
+        outputs[f"stage{number}"] = target
+    summary = {**{k: v for k, v in reports[-1].items() if k not in ("history", "stage")}, "stages": reports}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {k: v for k, v in summary.items() if k != "stages"}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from benchmarks import resources
 from benchmarks.config import EvalConfig, Experiment, TrainConfig
 from benchmarks.errors import UserError
 from benchmarks.method import Method, TrainContext
@@ -214,7 +215,9 @@ def train(
     optimizer_state: dict[str, Any] | None = None,
     hooks: TrainHooks | None = None,
     progress: bool = True,
+    num_workers: int | None = None,
 ) -> TrainState:
+    """`num_workers`: loader workers; None = `data.num_workers` as `benchmarks.resources` sizes it."""
     cfg = exp.train
     state = state or TrainState()
     hooks = hooks or TrainHooks()
@@ -231,7 +234,9 @@ def train(
     from benchmarks import distributed
 
     world = distributed.current()
-    loader = source_loader(source, cfg, exp.data.num_workers, device, start=state.batches_consumed,
+    if num_workers is None:
+        num_workers = resources.plan(exp.data.num_workers, device.type).workers
+    loader = source_loader(source, cfg, num_workers, device, start=state.batches_consumed,
                            rank=world.rank, world_size=world.world_size)
     batches = iter(loader)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import resources
 from benchmarks.config import PROJECT_ROOT, SETTINGS, Experiment
 from benchmarks.errors import UserError
 from benchmarks.method import Method, build_method, resolve_methods
@@ -168,6 +169,8 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     world = distributed.current()
     device = distributed.device_for(world, select_device(exp.train.device))
     method = build_method(spec.method, exp.methods.get(spec.method))
+    cpu_plan = resources.plan(exp.data.num_workers, device.type)
+    resources.apply(cpu_plan)
     result: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "run_id": spec.run_id(exp),
@@ -191,7 +194,7 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
             "lr": exp.train.lr,
             "lr_scaled_with_batch": False,
         },
-        "environment": environment(device),
+        "environment": {**environment(device), "loader_workers": cpu_plan.workers, "cpu_plan": cpu_plan.reason},
         "timings": {"started": _now()},
     }
     root = ensure_data_root(exp)
@@ -233,7 +236,7 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     hooks = TrainHooks(evaluate=score_targets, checkpoint=save_checkpoint)
     try:
         state = train(model, method, source_set, exp, device, state=state, optimizer_state=optimizer_state,
-                      hooks=hooks, progress=progress and world.is_main)
+                      hooks=hooks, progress=progress and world.is_main, num_workers=cpu_plan.workers)
         eval_started = time.perf_counter()
         scores = {
             name: evaluate(model, ds, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES,

@@ -1,4 +1,4 @@
-"""Heads: the light FPN and the transformers-built Mask2Former (targets, loss, inference, queries)."""
+"""Heads: the light FPN, smp's UPerNet and the transformers-built Mask2Former (targets, loss, inference, queries)."""
 
 from __future__ import annotations
 
@@ -232,9 +232,63 @@ def test_light_head_shapes_and_ignore() -> None:
 
 
 def test_registry_and_argument_errors() -> None:
-    assert set(HEADS) == {"light", "mask2former"}
+    assert set(HEADS) == {"light", "mask2former", "upernet"}
     assert HEADS["mask2former"].supports_queries and not HEADS["light"].supports_queries
-    with pytest.raises(UserError, match="unknown head 'upernet'"):
-        build_head("upernet", 16, 3)
+    assert not HEADS["upernet"].supports_queries
+    with pytest.raises(UserError, match="unknown head 'uper'"):
+        build_head("uper", 16, 3)
     with pytest.raises(UserError, match="has no setting hidden"):
         build_head("light", 16, 3, hidden=3)
+
+
+# -- UPerNet (segmentation-models-pytorch's decoder) and the finest decoded level -------------------------
+def test_upernet_is_smps_decoder_with_batch_independent_norms() -> None:
+    from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
+
+    head = build_head("upernet", 16, 7, channels=32)
+    assert isinstance(head.decoder, UPerNetDecoder)
+    norms = {type(m).__name__ for m in head.modules()}
+    assert "BatchNorm2d" not in norms and "GroupNorm" in norms
+    original = build_head("upernet", 16, 7, channels=32, norm="batchnorm")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in original.modules())
+    with pytest.raises(ValueError, match="norm must be one of"):
+        build_head("upernet", 16, 7, norm="layernorm")
+
+
+def test_upernet_trains_at_a_micro_batch_of_one() -> None:
+    # The PSP branch pools to 1×1: batch-normalised, one image has a single value per channel and
+    # training fails; the default GroupNorm takes it.
+    head = build_head("upernet", 16, 5, channels=16).train()
+    out = head(pyramid(batch=1))
+    assert out.shape == (1, 5, 16, 16)
+    head.loss(out, torch.randint(0, 5, (1, 64, 64)))["loss"].backward()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        build_head("upernet", 16, 5, channels=16, norm="batchnorm").train()(pyramid(batch=1))
+
+
+def test_upernet_loss_decreases_over_a_short_fit() -> None:
+    torch.manual_seed(0)
+    head = build_head("upernet", 16, 4, channels=16, dropout=0.0)
+    feats = pyramid(batch=2)
+    # a function of the features (the class is the strongest of the finest level's first 4 channels)
+    labels = feats[0][:, :4].argmax(1).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = head.loss(head(feats), labels)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("name", ["light", "upernet"])
+def test_finest_level_sets_the_output_stride(name: str) -> None:
+    feats = pyramid(batch=2, size=16)
+    assert build_head(name, 16, 3, channels=16)(feats).shape[-2:] == (16, 16)  # p/4
+    coarse = build_head(name, 16, 3, channels=16, finest_level=1)
+    assert coarse(feats).shape[-2:] == (8, 8)  # p/2
+    assert coarse.loss(coarse(feats), torch.randint(0, 3, (2, 64, 64)))["loss"].isfinite()
+    with pytest.raises(ValueError, match="finest_level must be 0 or 1"):
+        build_head(name, 16, 3, finest_level=2)

@@ -280,8 +280,46 @@ def test_published_missing_values_show_a_dash():
 
 
 def test_published_for_unmatched_backbone_says_so(runs):
-    text = build_tables(runs, published=True)
-    assert "No published numbers" in text and "proxy_vit" in text
+    others = [dict(r, backbone="eva02_small") for r in runs]
+    text = build_tables(others, published=True)
+    assert "No published numbers" in text and "eva02_small" in text
+
+
+def with_source(result: dict, source: float) -> dict:
+    return dict(result, source_heldout={"miou": source, "per_class_iou": {}, "num_images": 4})
+
+
+def test_the_proxy_beside_the_published_vfm_it_stands_in_for():
+    # published DINOv2-L averages: full 61.7, freeze 61.1, lora 62.7, rein 64.3 (results/published.csv)
+    proxy = [with_source(make_result("full", 1, cbm(28, 28, 28), params=5_000_000), 60.0),
+             with_source(make_result("freeze", 1, cbm(20, 20, 20), params=0), 40.0),
+             with_source(make_result("lora", 1, cbm(25, 25, 25), params=40_000), 45.0),
+             with_source(make_result("rein", 1, cbm(35, 35, 35), params=100_000), 50.0),
+             with_source(make_result("ia3", 1, cbm(10, 10, 10), params=3_000), 30.0)]  # no published row
+    (table,) = [t for t in published_tables(proxy) if "beside the published dinov2_vitl14" in t.title]
+    assert [row[0].text for row in table.rows] == ["rein", "lora", "full", "freeze"]  # by the published average
+    ranks = {row[0].text: (row[2].value, row[4].value) for row in table.rows}
+    assert ranks == {"rein": (1, 1), "lora": (2, 3), "full": (3, 2), "freeze": (4, 4)}
+    notes = " ".join(table.notes)
+    # d² = 0+1+1+0: ρ = 1 − 6·2/(4·15) = 0.8
+    assert "Spearman ρ = 0.80 over the 4 methods" in notes
+    assert "source 60.0 (best), target average 28.0 vs 35.0 for the best parameter-efficient method (rein): " \
+           "shows the inverted U" in notes
+    proxy[0] = with_source(make_result("full", 1, cbm(40, 40, 40), params=5_000_000), 60.0)
+    (table,) = [t for t in published_tables(proxy) if "beside the published" in t.title]
+    # ours: full 1, rein 2, lora 3, freeze 4 against 3, 1, 2, 4: d² = 4+1+1+0, ρ = 1 − 36/60 = 0.4
+    assert "Spearman ρ = 0.40" in " ".join(table.notes) and "does not show the inverted U" in " ".join(table.notes)
+    text = build_tables(proxy, published=True)
+    assert "dinov2_vitl14" in text and "No published numbers" not in text
+
+
+def test_the_rein_figure_has_a_source_panel_when_the_source_was_scored():
+    finished = [with_source(make_result("full", 1, cbm(30, 30, 30), params=5_000_000), 60.0),
+                with_source(make_result("freeze", 1, cbm(20, 20, 20), params=0), 40.0)]
+    figure = plots_module.miou_vs_params(finished)
+    assert [ax.get_ylabel() for ax in figure.axes] == ["held-out source mIoU (%)", "average target mIoU (%)"]
+    assert [ax.get_ylabel() for ax in plots_module.miou_vs_params([make_result("full", 1, cbm(1, 2, 3))]).axes] == [
+        "average target mIoU (%)"]
 
 
 def test_bad_inputs_are_user_errors(tmp_path, runs):
@@ -347,9 +385,11 @@ def test_report_html_is_self_contained_with_every_table_and_image(tmp_path):
     text = page.read_text(encoding="utf-8")
     parser = _PageParser()
     parser.feed(text)
-    # per protocol: main + per-class (3 targets); dinov2_vitl14 also has the published comparison
-    assert parser.tables == (1 + 3) + (1 + 1 + 3)
+    # per protocol: main + per-class (3 targets); dinov2_vitl14 also has the published comparison,
+    # proxy_vit the published DINOv2-L numbers it stands in for
+    assert parser.tables == (1 + 1 + 3) + (1 + 1 + 3)
     assert sum("published vs harness" in h for h in parser.headings) == 1
+    assert sum("the proxy beside the published dinov2_vitl14" in h for h in parser.headings) == 1
     assert len(parser.images) == 2 * 4  # two protocols × four figures
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")

@@ -53,6 +53,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbones", help="comma-separated backbones of the matrix (sets run.backbones)")
     parser.add_argument("--seeds", help="comma-separated seeds of the matrix (sets run.seeds)")
     parser.add_argument("--results-dir", help="where result files go (sets run.results_dir)")
+    parser.add_argument("--num-workers", type=int, help="data-loader workers (sets data.num_workers; default: sized to "
+                        "the machine, 1 on a CPU); intra-op threads follow OMP_NUM_THREADS when set")
 
 
 def experiment_from_args(args: argparse.Namespace) -> Experiment:
@@ -115,10 +117,11 @@ def submit(exp: Experiment, args: argparse.Namespace) -> int:
 def job_overrides(args: argparse.Namespace) -> list[str]:
     """The overrides a job re-resolves the experiment from: --set plus the shorthands, as given."""
     overrides = list(args.overrides)
-    shorthands = {"data_root": "data.root", "backbones": "run.backbones", "seeds": "run.seeds", "results_dir": "run.results_dir"}
+    shorthands = {"data_root": "data.root", "backbones": "run.backbones", "seeds": "run.seeds",
+                  "results_dir": "run.results_dir", "num_workers": "data.num_workers"}
     for attr, key in shorthands.items():
         value = getattr(args, attr, None)
-        if value:
+        if value is not None and value != "":
             overrides.append(f"{key}={json.dumps(value)}" if attr in ("data_root", "results_dir") else f"{key}={value}")
     return overrides
 

@@ -22,10 +22,12 @@ from torch import nn
 from benchmarks.errors import UserError
 from benchmarks.heads.light import LightHead
 from benchmarks.heads.mask2former import Mask2FormerHead
+from benchmarks.heads.upernet import UPerNetHead
 
 HEADS: dict[str, type[nn.Module]] = {
     "light": LightHead,
     "mask2former": Mask2FormerHead,
+    "upernet": UPerNetHead,
 }
 
 
@@ -45,4 +47,4 @@ def build_head(name: str, in_channels: int | list[int], num_classes: int, **kwar
     return cls(in_channels, num_classes, **kwargs)
 
 
-__all__ = ["HEADS", "LightHead", "Mask2FormerHead", "available_heads", "build_head"]
+__all__ = ["HEADS", "LightHead", "Mask2FormerHead", "UPerNetHead", "available_heads", "build_head"]

@@ -66,36 +66,45 @@ def _colors(names: Iterable[str]) -> dict[str, Any]:
 
 # -- individual figures ------------------------------------------------------------------------------
 def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | None:
-    """Average mIoU (mean, std bars) against backbone-side trainable parameters on a log axis.
+    """Rein's Fig. 5: mIoU (mean, std bars) against backbone-side trainable parameters on a log axis,
+    the held-out source beside the target average when the runs scored a source holdout.
 
+    The two panels together show the field's inverted U: more trainable parameters fit the source
+    better, while the target average peaks at a few million and falls off towards full fine-tuning.
     A log axis has no zero, so frozen-backbone methods (0 trainable) sit on a marked floor a decade
     below the smallest non-zero count.
     """
     summary = summary_frame(results)
     if summary.empty or summary["average"].isna().all():
         return None
+    panels = [("average", "average target mIoU (%)")]
+    if "source" in summary.columns and summary["source"].notna().any():
+        panels.insert(0, ("source", "held-out source mIoU (%)"))
     params = summary["trainable_params_m"].fillna(0.0).to_numpy(dtype=float)
     positive = params[params > 0]
     floor = (positive.min() / 10.0) if positive.size else 1e-3
     xs = np.where(params > 0, params, floor)
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(6.4 * len(panels), 4.2))
     colors = _colors(summary["method"])
-    for x, (_, row) in zip(xs, summary.iterrows(), strict=False):
-        std = row["average_std"] if not math.isnan(row["average_std"]) else None
-        ax.errorbar([x], [row["average"]], yerr=None if std is None else [[std], [std]], fmt="o",
-                    color=colors[row["method"]], capsize=3, markersize=7)
-        ax.annotate(row["method"], (x, row["average"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.margins(x=0.15, y=0.12)
-    if (params <= 0).any():
-        ax.axvline(floor, color="0.7", linestyle=":", linewidth=1)
-        ax.annotate("0 (frozen)", (floor, 0), xycoords=("data", "axes fraction"), xytext=(3, 3),
-                    textcoords="offset points", fontsize=7, color="0.4")
-    ax.set_xlabel("backbone-side trainable parameters (M, log scale)")
-    ax.set_ylabel("average target mIoU (%)")
-    ax.set_title(title or "mIoU vs trainable parameters", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
+    for index, (column, ylabel) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), index + 1)
+        for x, (_, row) in zip(xs, summary.iterrows(), strict=False):
+            if math.isnan(row[column]):
+                continue
+            std = row[f"{column}_std"] if not math.isnan(row[f"{column}_std"]) else None
+            ax.errorbar([x], [row[column]], yerr=None if std is None else [[std], [std]], fmt="o",
+                        color=colors[row["method"]], capsize=3, markersize=7)
+            ax.annotate(row["method"], (x, row[column]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.margins(x=0.15, y=0.12)
+        if (params <= 0).any():
+            ax.axvline(floor, color="0.7", linestyle=":", linewidth=1)
+            ax.annotate("0 (frozen)", (floor, 0), xycoords=("data", "axes fraction"), xytext=(3, 3),
+                        textcoords="offset points", fontsize=7, color="0.4")
+        ax.set_xlabel("backbone-side trainable parameters (M, log scale)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title or "mIoU vs trainable parameters", fontsize=9)
     return fig
 
 
@@ -213,7 +222,7 @@ def _number(value: Any) -> float | None:
 
 # -- all figures of a set of runs ------------------------------------------------------------------
 FIGURES = (
-    ("miou_vs_params", "Average mIoU vs trainable parameters", miou_vs_params),
+    ("miou_vs_params", "Source and target mIoU vs trainable parameters (Rein's Fig. 5)", miou_vs_params),
     ("per_class_iou", "Per-class IoU", per_class_heatmap),
     ("training_curves", "Training loss and target mIoU", training_curves),
     ("profile", "Speed and memory", profile_chart),

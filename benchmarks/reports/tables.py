@@ -8,7 +8,10 @@ that can change the numbers (see `protocol_fingerprint`); seeds of one protocol 
   unweighted average, mean ± sample std (n−1) over seeds when there are several, best in bold;
 - the per-class IoU tables, one per target;
 - the published numbers (results/published.csv) beside the harness's, with the difference
-  (harness − published), for the (setting, backbone, method) triples both have.
+  (harness − published), for the (setting, backbone, method) triples both have;
+- for a proxy backbone (one that stands in for a VFM the papers use, `PROXY_STANDS_IN_FOR`), the
+  published averages of the VFM it stands in for beside the proxy's, both ranks and Spearman's ρ:
+  how far the proxy's ordering of the methods can be trusted.
 
 Every table renders as Markdown, LaTeX (booktabs) or HTML; CSV output is the tidy numeric frame
 behind the tables (full precision, mean and std in separate columns, one row per method).
@@ -36,6 +39,10 @@ log = logging.getLogger(__name__)
 
 PUBLISHED_CSV = Path(__file__).resolve().parents[2] / "results" / "published.csv"
 FORMATS = ("markdown", "latex", "csv", "html")
+
+# A proxy backbone → the published backbone whose role it plays (benchmarks/backbones.py: proxy_vit is
+# the small ViT pretrained to stand in for DINOv2-L on a CPU).
+PROXY_STANDS_IN_FOR = {"proxy_vit": "dinov2_vitl14"}
 
 TARGET_LABELS = {"cityscapes": "Citys.", "bdd100k": "BDD", "mapillary": "Map.", "acdc": "ACDC"}
 MISSING = "—"
@@ -598,15 +605,16 @@ def published_tables(results: Iterable[dict[str, Any]], published: pd.DataFrame 
     if setting is not None:
         summary = summary[summary["setting"] == setting]
     comparison = comparison_frame(summary, published)
-    if comparison.empty:
+    stand_in = proxy_rank_tables(summary, published)
+    if comparison.empty and not stand_in:
         have = sorted(set(zip(published["setting"], published["backbone"], strict=False)))
         ran = sorted(set(zip(summary["setting"], summary["backbone"], strict=False)))
         note = (f"No published numbers for the runs' (setting, backbone): {', '.join(f'{s} {b}' for s, b in ran)}; "
                 f"published ones exist for {', '.join(f'{s} {b}' for s, b in have)}.")
         return [Table(title="Published vs harness", header=["Note"], rows=[[text_cell(note)]], align="l")]
-    tables = []
+    tables = stand_in
     keys = ["preset", "setting", "backbone", "head", "config"]
-    for key, group in comparison.groupby(keys, sort=True):
+    for key, group in (comparison.groupby(keys, sort=True) if not comparison.empty else ()):
         proto = Protocol(*key)
         metrics = [t for t in TARGET_LABELS
                    if f"{t}_harness" in group.columns and group[f"{t}_harness"].notna().any()]
@@ -632,6 +640,70 @@ def published_tables(results: Iterable[dict[str, Any]], published: pd.DataFrame 
             notes=["Δ = harness − published (mIoU points; params in M). Published rows come from results/published.csv "
                    "with their source and how they were checked."]))
     return tables
+
+
+def rank_agreement(ours: pd.Series, theirs: pd.Series) -> float:
+    """Spearman's ρ: the Pearson correlation of the average ranks (ties share a rank)."""
+    if len(ours) < 3:
+        return math.nan
+    return float(ours.rank().corr(theirs.rank()))
+
+
+def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame) -> list[Table]:
+    """For each protocol on a proxy backbone: the published averages of the VFM it stands in for,
+    the proxy's, both ranks (1 = best) and Spearman's ρ over the methods both have."""
+    tables = []
+    for key, group in summary.groupby(["preset", "setting", "backbone", "head", "config"], sort=True):
+        reference = PROXY_STANDS_IN_FOR.get(key[2])
+        if reference is None:
+            continue
+        papers = published[(published["setting"] == key[1]) & (published["backbone"] == reference)]
+        papers = papers[papers["average"].notna()][["method", "average"]]
+        both = group.merge(papers, on="method", suffixes=("", "_paper")).dropna(subset=["average"])
+        if both.empty:
+            continue
+        both = both.assign(rank_paper=both["average_paper"].rank(ascending=False, method="min"),
+                           rank_ours=both["average"].rank(ascending=False, method="min"))
+        both = both.sort_values("average_paper", ascending=False)
+        rho = rank_agreement(both["average"], both["average_paper"])
+        has_source = "source" in both.columns and both["source"].notna().any()
+        header = ["Method", f"Avg. {reference} (paper)", "Rank (paper)", f"Avg. {key[2]} (ours)", "Rank (ours)"]
+        if has_source:
+            header.append("Source mIoU (ours)")
+        rows = []
+        for _, row in both.iterrows():
+            cells = [text_cell(row["method"]), Cell(float(row["average_paper"]), digits=2),
+                     Cell(float(row["rank_paper"]), digits=0), Cell(float(row["average"]), _nan_to_none(row["average_std"])),
+                     Cell(float(row["rank_ours"]), digits=0)]
+            if has_source:
+                cells.append(Cell(_nan_to_none(row["source"]), _nan_to_none(row.get("source_std"))))
+            rows.append(cells)
+        notes = [f"Spearman ρ = {rho:.2f} over the {len(both)} methods with a published {reference} average "
+                 f"({key[1]}); 1 = the proxy orders them as the papers do." if not math.isnan(rho) else
+                 f"Too few methods ({len(both)}) with a published {reference} average for a rank correlation."]
+        notes.append(inverted_u_note(group))
+        proto = Protocol(*key)
+        tables.append(Table(title=f"{proto.title}: the proxy beside the published {reference}", header=header,
+                            rows=rows, align="l" + "r" * (len(header) - 1), notes=[n for n in notes if n]))
+    return tables
+
+
+def inverted_u_note(group: pd.DataFrame) -> str:
+    """Rein's finding, checked on one protocol's rows: full fine-tuning fits the source best and
+    generalises below the best parameter-efficient method."""
+    if "source" not in group.columns or "full" not in set(group["method"]):
+        return ""
+    full = group[group["method"] == "full"].iloc[0]
+    others = group[~group["method"].isin(["full", "freeze"])].dropna(subset=["average"])
+    if others.empty or math.isnan(full["source"]):
+        return ""
+    best = others.loc[others["average"].idxmax()]
+    source_best = full["source"] >= group["source"].max()
+    below = full["average"] < best["average"]
+    verdict = "shows the inverted U" if source_best and below else "does not show the inverted U"
+    return (f"full: source {full['source']:.1f} ({'best' if source_best else 'not the best'}), target average "
+            f"{full['average']:.1f} vs {best['average']:.1f} for the best parameter-efficient method ({best['method']}): "
+            f"{verdict}.")
 
 
 def _nan_to_none(value: Any) -> float | None:

@@ -1,0 +1,53 @@
+"""CPU threads and loader workers sized to the machine (benchmarks.resources)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.errors import UserError
+from benchmarks.resources import plan
+
+
+def test_a_cpu_run_gets_one_worker_beside_a_thread_per_core() -> None:
+    cpu = plan(-1, "cpu", cpus=2, env={})
+    assert (cpu.threads, cpu.workers) == (2, 1)
+    assert plan(-1, "cpu", cpus=1, env={}).workers == 0  # one core: load in the training process
+    assert plan(-1, "cpu", cpus=16, env={}).workers == 1
+
+
+def test_a_gpu_run_gets_workers_up_to_eight() -> None:
+    assert plan(-1, "cuda", cpus=16, env={}).workers == 8
+    assert plan(-1, "cuda", cpus=4, env={}).workers == 3
+
+
+def test_what_the_user_gives_wins() -> None:
+    given = plan(3, "cpu", cpus=2, env={"OMP_NUM_THREADS": "1"})
+    assert (given.threads, given.workers) == (1, 3)
+    assert "OMP_NUM_THREADS" in given.reason and "data.num_workers" in given.reason
+    assert plan(-1, "cpu", cpus=4, env={"OMP_NUM_THREADS": "junk"}).threads == 4
+
+
+def test_a_negative_count_other_than_auto_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="data.num_workers=-2"):
+        plan(-2, "cpu", cpus=2, env={})
+
+
+def test_the_run_records_and_uses_the_plan(tmp_path, monkeypatch) -> None:
+    import torch
+
+    from benchmarks.cli import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", "--preset", "smoke", "--methods", "freeze", "--results-dir", str(tmp_path),
+                     "--no-progress", "--set", "train.iters=1", "--set", "data.num_workers=-1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    from benchmarks.resources import available_cpus
+    from benchmarks.results import iter_results
+
+    (result,) = iter_results([tmp_path])
+    assert result["environment"]["loader_workers"] == min(1, available_cpus() - 1)
+    assert "1 threads (OMP_NUM_THREADS)" in result["environment"]["cpu_plan"]
