@@ -1,8 +1,8 @@
 import sys
 
-from benchmarks.resources import prefer_passive_waiting
+from benchmarks.resources import choose_wait_policy
 
-prefer_passive_waiting()  # before torch is imported: its OpenMP runtime reads the policy once
+choose_wait_policy()  # before torch is imported: its OpenMP runtime reads the policy once
 
 from benchmarks.cli import main  # noqa: E402
 

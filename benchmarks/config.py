@@ -36,7 +36,7 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "data/synthetic"
+    root: str = "data/synthetic-v2"
     """Data root holding gta/, cityscapes/, bdd100k/, mapillary/ in their real layouts."""
     synthetic: str = "small"
     """Size of the synthetic world generated at `root` when it is missing; "" never generates."""

@@ -73,6 +73,8 @@ class PretrainConfig:
     """Training resolution; crops of `source_crop` pixels are resized to it (objects at 1/2–1× the
     benchmark's pixel scale: small inputs keep pretraining affordable on a CPU)."""
     source_crop: tuple[int, int] = (64, 128)
+    zoom: float = 1.0
+    """Focal length of the random cameras × this (2 matches the benchmark world's object sizes)."""
     steps: int = 3000
     batch_size: int = 32
     lr: float = 1.5e-3
@@ -96,12 +98,12 @@ class PretrainConfig:
 PROXY_RECIPE: tuple[PretrainConfig, ...] = (
     PretrainConfig(scenes=2000, views=1, steps=800, batch_size=32, lr=1.5e-3, warmup_steps=40,
                    loss_weights=(1.0, 0.5, 0.5, 0.0)),
-    PretrainConfig(scenes=2500, views=2, steps=1200, batch_size=32, lr=1e-3, warmup_steps=50, seed=1,
+    PretrainConfig(scenes=2500, views=2, zoom=2.0, steps=900, batch_size=32, lr=1e-3, warmup_steps=50, seed=1,
                    init="stage1"),
 )
 
 
-def scene_views(seed: int, views: int, height: int, width: int):
+def scene_views(seed: int, views: int, height: int, width: int, zoom: float = 1.0):
     """One layout in `views` appearances: images [V,H,W,3] uint8, world labels [H,W], depth [H,W].
 
     The layout (camera, street, objects) comes from the first random style; each further view takes
@@ -110,7 +112,14 @@ def scene_views(seed: int, views: int, height: int, width: int):
     """
     from datasets.synthetic import random_style, render_scene
 
+    if views == 1 and zoom == 1.0:
+        # One generator for style and scene, as the first release drew them: stage 1 re-renders its scenes.
+        rng = np.random.default_rng(seed)
+        image, label, depth = render_scene(rng, random_style(rng), height, width)
+        return image[None], label, depth
     layout = random_style(np.random.default_rng([seed, 0]))
+    if zoom != 1.0:
+        layout = dataclasses.replace(layout, focal=(layout.focal[0] * zoom, layout.focal[1] * zoom))
     images, label, depth = [], None, None
     for view in range(views):
         style = layout
@@ -131,7 +140,7 @@ def render_pool(cfg: PretrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """Images [N,V,H,W,3] uint8, geometry classes [N,H,W] uint8 (255 = unknown), log-depth [N,H,W] fp16."""
     seeds = [PRETRAIN_SEED_BASE + cfg.seed * 10_000_000 + i for i in range(cfg.scenes)]
     chunks = [seeds[i : i + 100] for i in range(0, len(seeds), 100)]
-    job = (cfg.views, cfg.scene_height, cfg.scene_width)
+    job = (cfg.views, cfg.scene_height, cfg.scene_width, cfg.zoom)
     images, geometry, depth = [], [], []
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         for im, geo, dep in tqdm(pool.map(_render_chunk, chunks, [job] * len(chunks)), total=len(chunks), desc="render", unit="chunk"):
@@ -141,15 +150,15 @@ def render_pool(cfg: PretrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.concatenate(images), np.concatenate(geometry), np.concatenate(depth)
 
 
-def _render_chunk(seeds: list[int], job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    views, height, width = job
+def _render_chunk(seeds: list[int], job: tuple[int, int, int, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    views, height, width, zoom = job
     lut = np.ones(256, dtype=np.uint8)  # vertical by default
     lut[list(GROUND_TRAIN_IDS)] = 0
     lut[SKY_TRAIN_ID] = 2
     lut[255] = 255
     images, geometry, depths = [], [], []
     for seed in seeds:
-        image, label, depth = scene_views(seed, views, height, width)
+        image, label, depth = scene_views(seed, views, height, width, zoom)
         images.append(image)
         geometry.append(lut[label])
         depths.append(np.log1p(np.maximum(depth, 0)).astype(np.float16))
@@ -160,19 +169,20 @@ class PretrainHeads(nn.Module):
     """Per-token linear predictions unshuffled to the token's p×p pixels (as SimMIM's decoder), and
     the per-token regression of the teacher's cross-style target (data2vec's linear predictor)."""
 
-    def __init__(self, dim: int, patch: int):
+    def __init__(self, dim: int, patch: int, distill: bool = True):
         super().__init__()
         self.patch = patch
         self.norm = nn.LayerNorm(dim)
         self.pixels = nn.Linear(dim, patch * patch * 3)
         self.geometry = nn.Linear(dim, patch * patch * len(GEOMETRY_CLASSES))
         self.depth = nn.Linear(dim, patch * patch)
-        self.target = nn.Linear(dim, dim)
+        # Built only when used, so a run without distillation initialises as the first release did.
+        self.target = nn.Linear(dim, dim) if distill else None
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor | None, ...]:
         tokens = self.norm(tokens)
         dense = tuple(self._unshuffle(head(tokens), grid) for head in (self.pixels, self.geometry, self.depth))
-        return (*dense, self.target(tokens))
+        return (*dense, self.target(tokens) if self.target is not None else None)
 
     def _unshuffle(self, values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         b, _, d = values.shape
@@ -189,8 +199,11 @@ def _batch(pool, rng: np.random.Generator, cfg: PretrainConfig):
     """(student images, teacher images, geometry, depth): one crop and flip, two appearances."""
     images, geometry, depth = pool
     idx = rng.integers(0, len(images), cfg.batch_size)
-    student_view = rng.integers(0, cfg.views, cfg.batch_size)
-    teacher_view = (student_view + rng.integers(1, cfg.views, cfg.batch_size)) % cfg.views if cfg.views > 1 else student_view
+    if cfg.views > 1:
+        student_view = rng.integers(0, cfg.views, cfg.batch_size)
+        teacher_view = (student_view + rng.integers(1, cfg.views, cfg.batch_size)) % cfg.views
+    else:  # no draw: one view samples batches exactly as the first release did
+        student_view = teacher_view = np.zeros(cfg.batch_size, dtype=np.int64)
     crop = int(rng.integers(cfg.source_crop[0], cfg.source_crop[1] + 1))
     top = rng.integers(0, images.shape[2] - crop + 1, cfg.batch_size)
     left = rng.integers(0, images.shape[3] - crop + 1, cfg.batch_size)
@@ -262,10 +275,10 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
                               weights=cfg.init or "random").to(device)
     vit = backbone.vit
     patch = backbone.patch_size
-    heads = PretrainHeads(backbone.embed_dim, patch).to(device)
+    distill = cfg.views > 1 and cfg.loss_weights[3] > 0
+    heads = PretrainHeads(backbone.embed_dim, patch, distill=distill).to(device)
     mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim, device=device))
     nn.init.normal_(mask_token, std=0.02)
-    distill = cfg.views > 1 and cfg.loss_weights[3] > 0
     teacher = copy.deepcopy(backbone).requires_grad_(False).eval() if distill else None
     params = list(backbone.parameters()) + list(heads.parameters()) + [mask_token]
     decay = [p for p in params if p.ndim > 1 and p is not mask_token]
@@ -324,6 +337,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
         "backbone": "proxy_vit",
         "timm_kwargs": BACKBONES["proxy_vit"].timm_kwargs,
         "recipe": asdict(cfg),
+        "init_sha256": _sha256(cfg.init) if cfg.init else None,
         "objectives": "SimMIM masked pixels + geometric classes (ground/vertical/sky) + log-depth"
                       + (" + cross-style self-distillation (EMA teacher)" if distill else "") + "; no semantic labels",
         "render_seconds": round(render_seconds, 1),
@@ -334,9 +348,20 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     save_file(state, str(tmp), metadata={"dgss_bench": json.dumps(report)})
+    os.chmod(tmp, 0o644)  # a shipped file: readable by everyone, like the rest of the checkout
     os.replace(tmp, out)
     (out.with_suffix(".json")).write_text(json.dumps({**report, "history": history}, indent=2) + "\n")
     return report
+
+
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu", first_stage: int = 1) -> dict:

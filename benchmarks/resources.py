@@ -5,8 +5,9 @@ workers are further processes on the same cores. With more busy threads than cor
 barriers wait on descheduled threads every operator, and a step slows far beyond the machine's fair
 share: measured on 2 cores with 2 workers and a competing 2-thread job, see docs/performance.md.
 So on a CPU the default is one loader worker beside as many intra-op threads as the process may use
-(a worker only decodes and crops, a small part of a step), and the threads wait passively (they
-sleep rather than spin when idle, so the worker and other jobs get the cores).
+(a worker only decodes and crops, a small part of a step); and when other work already runs on the
+machine as a run starts, OpenMP's threads wait passively (they sleep rather than spin, so the worker
+and the other jobs get the cores) — on an idle machine spinning is faster, so it stays.
 
 What the user gives wins: `data.num_workers` ≥ 0 (or `run --num-workers N`), and
 `OMP_NUM_THREADS` for the threads.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
+import time
 from dataclasses import dataclass
 
 from benchmarks.errors import UserError
@@ -36,12 +39,42 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def prefer_passive_waiting() -> None:
-    """OpenMP threads sleep when idle instead of spinning, unless the user chose otherwise.
+def others_running(samples: int = 5, interval: float = 0.05, read=None) -> float:
+    """Runnable processes besides this one right now: the median of a few reads of /proc/stat's
+    procs_running (the load average lags by a minute; this does not). 0 where /proc is missing."""
+    def procs_running() -> int:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("procs_running"):
+                    return int(line.split()[1])
+        return 1
 
+    read = read or procs_running
+    counts = []
+    try:
+        for i in range(samples):
+            if i:
+                time.sleep(interval)
+            counts.append(read())
+    except OSError:
+        return 0.0
+    return max(0.0, statistics.median(counts) - 1)
+
+
+def choose_wait_policy(env: dict[str, str] | None = None, busy: float | None = None) -> str | None:
+    """OpenMP's wait policy for this process: the user's if set; PASSIVE when other work is already
+    running on the cores (idle threads then sleep instead of spinning, and a descheduled thread costs
+    its team less); otherwise OpenMP's default (spinning), the faster one on an idle machine.
     Read once by the OpenMP runtime when torch loads it, so the CLI calls this before importing torch.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    Returns the policy it set, or None."""
+    env = os.environ if env is None else env
+    if env.get("OMP_WAIT_POLICY"):
+        return None
+    busy = others_running() if busy is None else busy
+    if busy >= 1:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        return "PASSIVE"
+    return None
 
 
 @dataclass(frozen=True)
@@ -66,7 +99,9 @@ def plan(num_workers: int, device_type: str, cpus: int | None = None, env: dict[
     else:
         workers, why = min(1, cpus - 1), f"auto: {cpus} cores, training on the CPU"
     source = "OMP_NUM_THREADS" if threads_given else "cores"
-    return CpuPlan(threads=threads, workers=workers, reason=f"{threads} threads ({source}), {workers} loader workers ({why})")
+    waiting = env.get("OMP_WAIT_POLICY") or "spinning (OpenMP default)"
+    return CpuPlan(threads=threads, workers=workers,
+                   reason=f"{threads} threads ({source}), {workers} loader workers ({why}), OpenMP waits: {waiting}")
 
 
 def apply(cpu_plan: CpuPlan) -> None:

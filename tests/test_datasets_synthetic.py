@@ -114,3 +114,22 @@ def test_frequencies_and_preview(world, tmp_path):
     out = save_preview(root, tmp_path / "p.png", per_domain=2)
     im = Image.open(out)
     assert im.width > 200 and im.height >= 4 * 96
+
+
+def test_the_presets_generate_the_current_world_version_into_their_own_folder():
+    # A world drawn by an older generator must never be picked up as the current one.
+    from benchmarks.config import load_experiment
+    from datasets.synthetic import WORLD_VERSION
+
+    for preset in ("proxy", "smoke"):
+        assert load_experiment(preset, []).data.root.endswith(f"synthetic-v{WORLD_VERSION}")
+
+
+def test_the_benchmark_cameras_are_zoomed_and_the_pretraining_ones_are_not():
+    from datasets.synthetic import WORLD_ZOOM, Style
+
+    assert WORLD_ZOOM == 2.0
+    assert STYLES["gtav"].focal == (0.7 * WORLD_ZOOM, 0.85 * WORLD_ZOOM)
+    rng = np.random.default_rng(0)
+    assert random_style(rng).focal[1] <= 1.3 < STYLES["cityscapes"].focal[0]
+    assert Style(name="x").focal == (0.75, 0.9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -23,6 +24,16 @@ def test_views_share_the_layout_and_differ_in_appearance() -> None:
     assert np.array_equal(images, again) and np.array_equal(label, label_again)  # deterministic
     differences = [np.abs(images[0].astype(int) - images[v].astype(int)).mean() for v in (1, 2)]
     assert min(differences) > 10  # mean absolute difference in grey levels: another look, not noise
+
+
+def test_one_view_renders_the_first_releases_scene() -> None:
+    from datasets.synthetic import random_style, render_scene
+
+    seed = 1_000_000_007 + 11
+    images, label, _ = scene_views(seed, 1, 64, 112)
+    rng = np.random.default_rng(seed)
+    first_image, first_label, _ = render_scene(rng, random_style(rng), 64, 112)
+    assert np.array_equal(images[0], first_image) and np.array_equal(label, first_label)
 
 
 def test_appearance_fields_are_style_fields_and_leave_the_camera_and_layout_alone() -> None:
@@ -62,6 +73,7 @@ def test_init_continues_from_a_checkpoint(tmp_path) -> None:
     frozen = tmp_path / "continued.safetensors"
     report = pretrain(dataclasses.replace(TINY, init=str(first), lr=0.0, seed=1), frozen)
     assert report["recipe"]["init"] == str(first)
+    assert report["init_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
     before, after = load_file(str(first)), load_file(str(frozen))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 

@@ -51,3 +51,15 @@ def test_the_run_records_and_uses_the_plan(tmp_path, monkeypatch) -> None:
     (result,) = iter_results([tmp_path])
     assert result["environment"]["loader_workers"] == min(1, available_cpus() - 1)
     assert "1 threads (OMP_NUM_THREADS)" in result["environment"]["cpu_plan"]
+
+
+def test_waiting_is_passive_only_when_other_work_runs() -> None:
+    from benchmarks.resources import choose_wait_policy, others_running
+
+    env: dict[str, str] = {}
+    assert choose_wait_policy(env, busy=0) is None and "OMP_WAIT_POLICY" not in env
+    assert choose_wait_policy(env, busy=2) == "PASSIVE" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    given = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert choose_wait_policy(given, busy=5) is None and given["OMP_WAIT_POLICY"] == "ACTIVE"
+    reads = iter([3, 1, 3, 3, 2])  # ourselves plus a competitor, one sample caught between slices
+    assert others_running(read=lambda: next(reads), interval=0) == 2
