@@ -258,7 +258,7 @@ def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None
 
 
 def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
-    """Train the proxy ViT and write its safetensors checkpoint; returns the measured costs."""
+    """Train the proxy ViT and write its safetensors checkpoint; returns the measured costs and loss history."""
     from safetensors.torch import save_file
 
     if cfg.views < 1:
@@ -351,7 +351,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     os.chmod(tmp, 0o644)  # a shipped file: readable by everyone, like the rest of the checkout
     os.replace(tmp, out)
     (out.with_suffix(".json")).write_text(json.dumps({**report, "history": history}, indent=2) + "\n")
-    return report
+    return {**report, "history": history}
 
 
 def _sha256(path: str | Path) -> str:
@@ -376,9 +376,7 @@ def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu"
         if init.startswith("stage"):
             init = str(outputs[init])
         target = out if number == first_stage + len(stages) - 1 else out.with_name(f"{out.stem}-stage{number}{out.suffix}")
-        report = pretrain(dataclasses.replace(stage, init=init), target, device=device)
-        history = json.loads(target.with_suffix(".json").read_text())["history"]
-        reports.append({"stage": number, **report, "history": history})
+        reports.append({"stage": number, **pretrain(dataclasses.replace(stage, init=init), target, device=device)})
         outputs[f"stage{number}"] = target
     summary = {**{k: v for k, v in reports[-1].items() if k not in ("history", "stage")}, "stages": reports}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")

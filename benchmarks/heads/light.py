@@ -15,7 +15,7 @@ from torch import nn
 IGNORE_INDEX = 255
 
 
-def _norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int) -> nn.GroupNorm:
     # GroupNorm: independent of batch size (CPU runs use small batches).
     return nn.GroupNorm(min(8, channels), channels)
 
@@ -68,11 +68,11 @@ class LightHead(PerPixelHead):
         self.num_classes = num_classes
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in ins)
         self.smooth = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), _norm(channels), nn.ReLU(inplace=True))
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), group_norm(channels), nn.ReLU(inplace=True))
             for _ in ins
         )
         self.fuse = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), _norm(channels), nn.ReLU(inplace=True)
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), group_norm(channels), nn.ReLU(inplace=True)
         )
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.heads.light import PerPixelHead, finest_level_checked, pyramid_channels
+from benchmarks.heads.light import PerPixelHead, finest_level_checked, group_norm, pyramid_channels
 
 # smp reads encoder levels from index 2 on (stride 4); the pyramid fills those slots.
 _SKIPPED_LEVELS = 2
@@ -20,10 +20,10 @@ NORMS = ("groupnorm", "batchnorm")
 
 
 def _batchnorm_to_groupnorm(module: nn.Module) -> None:
-    """Every BatchNorm2d below `module` replaced by GroupNorm(8 groups) over the same channels."""
+    """Every BatchNorm2d below `module` replaced by the light head's GroupNorm over the same channels."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, nn.GroupNorm(min(8, child.num_features), child.num_features))
+            setattr(module, name, group_norm(child.num_features))
         else:
             _batchnorm_to_groupnorm(child)
 
