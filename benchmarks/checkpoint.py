@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from benchmarks.errors import UserError
+from benchmarks.storage import is_out_of_space, out_of_space_error
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,24 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        needed = payload_bytes(obj)
+        if is_out_of_space(err, path, needed):
+            raise out_of_space_error(path, needed, "the checkpoint", "the previous checkpoint, if any, is kept and the "
+                                     "run resumes from it") from None
         raise
+
+
+def payload_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a (nested) checkpoint payload: what saving it needs on disk."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
 
 
 def save_checkpoint(

@@ -14,7 +14,7 @@ import pkgutil
 import sys
 
 from benchmarks import commands
-from benchmarks.errors import UserError
+from benchmarks.errors import UserError, user_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_line(err)}", file=sys.stderr)
         return UserError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +50,9 @@ class DataConfig:
     photometric: bool = True
     num_workers: int = -1
     """Data-loader workers; -1 = sized to the machine (`benchmarks.resources`: 1 on a CPU, up to 8 with a GPU)."""
+    preflight: str = "sample"
+    """Before the first step, check every split the run reads: "sample" (every pair's files and header
+    sizes, labels decoded for a few pairs per split), "full" (every label decoded) or "off"."""
     train_limit: int = 0
     """Use only the first N source pairs (0 = all)."""
     eval_limit: int = 0
@@ -90,8 +95,9 @@ class TrainConfig:
     log_interval: int = 50
     eval_interval: int = 0
     """Evaluate the targets every N iterations (0 = only at the end)."""
-    checkpoint_interval: int = 0
-    """Save a resumable checkpoint every N iterations (0 = never)."""
+    checkpoint_interval: int = -1
+    """Save a resumable checkpoint every N iterations; 0 = never; -1 = by training time (`protocol.CheckpointCadence`:
+    about every 5 minutes, spaced so saving costs under 1 % of the training time, and once when training ends)."""
     device: str = "auto"
     grad_checkpointing: bool = False
     """Recompute backbone block activations in the backward pass (less memory, ~1/3 more compute)."""
@@ -135,16 +141,26 @@ class Experiment:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Stable over key order; the matrix fields are excluded so adding a method keeps old runs."""
+        """Stable over key order; the matrix fields are excluded so adding a method keeps old runs, and
+        so are the settings that cannot change a run's numbers (`NOT_HASHED`)."""
         payload = self.to_dict()
         payload.pop("run")
         payload.pop("preset")
+        for section, name in NOT_HASHED:
+            payload[section].pop(name)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     def resolve_path(self, value: str) -> Path:
         path = Path(value).expanduser()
         return path if path.is_absolute() else Path.cwd() / path
 
+
+# How a run is carried out, not what it computes: loader workers and checkpoints are exact (the data
+# stream is a function of seed and position, a resume reproduces the metrics), logging only reads the
+# loss, and the preflight only reads files. Changing them keeps a run's identity and its finished result.
+NOT_HASHED: tuple[tuple[str, str], ...] = (
+    ("data", "num_workers"), ("data", "preflight"), ("train", "log_interval"), ("train", "checkpoint_interval"),
+)
 
 SECTION_TYPES: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig, "run": RunConfig,
@@ -167,6 +183,7 @@ def load_experiment(preset: str = "proxy", overrides: list[str] | None = None) -
     experiment = experiment_from_dict(raw, source=str(path), name=path.stem)
     for item in overrides or []:
         experiment = apply_override(experiment, item)
+    validate(experiment)
     return experiment
 
 
@@ -204,6 +221,82 @@ def apply_override(experiment: Experiment, item: str) -> Experiment:
     return dataclasses.replace(experiment, **{section: dataclasses.replace(getattr(experiment, section), **{name: value})})
 
 
+# -- ranges ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bound:
+    """The closed or half-open interval a numeric setting must lie in (NaN lies in none)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '≥'} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '≤'} {self.high:g}")
+        return " and ".join(parts) or "finite"
+
+
+AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE = Bound(1), Bound(0), Bound(0, low_open=True)
+
+# Every numeric setting's range, checked when an experiment is resolved: a zero or negative count
+# otherwise trains nothing and still "finishes", or crashes mid-run without naming the setting.
+# Tuples are checked element by element. A test keeps this table covering every numeric field.
+NUMERIC_RANGES: dict[str, Bound] = {
+    "data.crop_size": AT_LEAST_ONE, "data.scale_base": AT_LEAST_ONE, "data.max_long_edge": AT_LEAST_ONE,
+    "data.cat_max_ratio": Bound(0, 1, low_open=True), "data.num_workers": Bound(-1),
+    "data.train_limit": NOT_NEGATIVE, "data.eval_limit": NOT_NEGATIVE, "data.source_holdout": NOT_NEGATIVE,
+    "model.img_size": AT_LEAST_ONE, "model.patch_size": NOT_NEGATIVE,
+    "train.iters": AT_LEAST_ONE, "train.batch_size": AT_LEAST_ONE, "train.grad_accum": AT_LEAST_ONE,
+    "train.lr": POSITIVE, "train.betas": Bound(0, 1, high_open=True), "train.weight_decay": NOT_NEGATIVE,
+    "train.poly_power": NOT_NEGATIVE, "train.warmup_iters": NOT_NEGATIVE,
+    "train.seed": NOT_NEGATIVE,  # numpy's seed sequences refuse negative entropy
+    "train.log_interval": AT_LEAST_ONE, "train.eval_interval": NOT_NEGATIVE, "train.checkpoint_interval": Bound(-1),
+    "eval.crop_size": AT_LEAST_ONE, "eval.stride": AT_LEAST_ONE, "eval.batch_windows": AT_LEAST_ONE,
+    "eval.fit_size": AT_LEAST_ONE,
+    "run.seeds": NOT_NEGATIVE,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.preflight": ("sample", "full", "off"),
+    "model.patch_resample": ("bicubic", "timm"),
+    "train.amp": ("auto", "none", "bf16", "fp16"),
+}
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def validate(exp: Experiment) -> None:
+    """Every setting within its range or choices, checked before anything runs; one line per mistake."""
+    for key, bound in NUMERIC_RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(exp, section), name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if not bound.holds(item):
+                raise UserError(f"{key}={value!r} is out of range: it must be {bound.describe()}; fix it with --set {key}=...")
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(exp, section), name)
+        if value not in choices:
+            raise UserError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    if not DEVICE_PATTERN.fullmatch(exp.train.device):
+        raise UserError(f"train.device={exp.train.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if exp.eval.stride > exp.eval.crop_size:
+        raise UserError(
+            f"eval.stride={exp.eval.stride} exceeds eval.crop_size={exp.eval.crop_size}: the sliding windows would "
+            "leave pixels unscored; choose a stride ≤ the crop (the protocol: 341 for 512)"
+        )
+
+
 def _section_type(section: str) -> type:
     return SECTION_TYPES[section]
 
@@ -231,13 +324,15 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     expected = hints[name]
     try:
-        return _coerce_to(expected, value)
+        return coerce_value(expected, value)
     except (TypeError, ValueError):
         shown = str(expected).replace("typing.", "") if typing.get_origin(expected) else expected.__name__
         raise UserError(f"{source}: {name} must be {shown}, got {value!r}") from None
 
 
-def _coerce_to(expected: Any, value: Any) -> Any:
+def coerce_value(expected: Any, value: Any) -> Any:
+    """`value` as the annotated type `expected` (TOML's types; a comma list for a tuple); TypeError or
+    ValueError when it is not one."""
     origin = typing.get_origin(expected)
     if origin is tuple:
         args = typing.get_args(expected)
@@ -246,10 +341,10 @@ def _coerce_to(expected: Any, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise TypeError
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce_to(args[0], v) for v in value)
+            return tuple(coerce_value(args[0], v) for v in value)
         if len(value) != len(args):
             raise ValueError
-        return tuple(_coerce_to(a, v) for a, v in zip(args, value, strict=True))
+        return tuple(coerce_value(a, v) for a, v in zip(args, value, strict=True))
     if origin in (typing.Union, types.UnionType):
         raise TypeError  # no unions in configs
     if expected is bool:

@@ -2,7 +2,7 @@
 
 The adapters in `datasets/` read each dataset's real layout; this module only chooses them by
 setting and applies the protocol's transforms with the preset's sizes. The embedded synthetic
-world is generated on first use when the default data root is missing.
+world is generated on first use when its own folder (the default data root) is missing.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def ensure_data_root(exp: Experiment) -> Path:
     root = exp.resolve_path(cfg.root)
     if root.is_dir():
         return root
-    if not cfg.synthetic:
+    # Only the world's own folder is generated on demand: any other missing root is a typo to report,
+    # not a place to train on a freshly generated world.
+    if not cfg.synthetic or cfg.root != DataConfig.root:
         raise UserError(
             f"data root {root} does not exist; pass --data-root DIR (the folder holding gta/, cityscapes/, "
             f"bdd100k/, mapillary/) or generate the synthetic world with `python -m benchmarks data synth --out {root}`"
@@ -79,7 +81,7 @@ def source_dataset(exp: Experiment, source: str, root: Path) -> Dataset:
         cat_max_ratio=cfg.cat_max_ratio,
         photometric=cfg.photometric,
     )
-    return SegmentationDataset(adapter, transform, limit=cfg.train_limit or None, pairs=train_pairs)
+    return SegmentationDataset(_lenient(adapter), transform, limit=cfg.train_limit or None, pairs=train_pairs)
 
 
 def source_heldout_dataset(exp: Experiment, source: str, root: Path) -> Dataset | None:
@@ -91,7 +93,7 @@ def source_heldout_dataset(exp: Experiment, source: str, root: Path) -> Dataset 
         return None
     adapter, _, heldout_pairs = _source_split(exp, source, root)
     transform = eval_transform_for(adapter, tuple(exp.eval.fit_size))
-    return SegmentationDataset(adapter, transform, pairs=heldout_pairs)
+    return SegmentationDataset(_lenient(adapter), transform, pairs=heldout_pairs)
 
 
 def target_dataset(exp: Experiment, target: str, root: Path) -> Dataset:
@@ -105,4 +107,27 @@ def target_dataset(exp: Experiment, target: str, root: Path) -> Dataset:
     adapter = cls(root, cls.default_eval_split, **({"half_resolution": True} if prep.half_resolution else {}))
     eval_cfg: EvalConfig = exp.eval
     transform = eval_transform_for(adapter, tuple(eval_cfg.fit_size))
-    return SegmentationDataset(adapter, transform, limit=exp.data.eval_limit or None)
+    return SegmentationDataset(_lenient(adapter), transform, limit=exp.data.eval_limit or None)
+
+
+def _lenient(adapter):
+    """A run ignores (255) label values outside their encoding, with a warning and a count in the
+    result, where `data check` refuses them: one stray value must not end a 40k-iteration run."""
+    adapter.strict_labels = False
+    return adapter
+
+
+def preflight(exp: Experiment, splits: dict[str, Dataset]) -> None:
+    """Checks every split a run reads before its first step, so a bad target file fails the run at
+    start-up instead of after the training it would throw away.
+
+    "sample" (default) reads every pair's existence and header sizes and decodes a few labels per
+    split; "full" decodes every label; "off" skips it. Only the pairs the run reads are checked.
+    """
+    if exp.data.preflight == "off":
+        return
+    for role, dataset in splits.items():
+        problems = dataset.adapter.check(full=exp.data.preflight == "full", pairs=dataset.pairs)
+        if problems:
+            more = f" (and {len(problems) - 1} more; `python -m benchmarks data check` lists them)" if len(problems) > 1 else ""
+            raise UserError(f"preflight of {role}: {problems[0]}{more}; or skip this check with --set data.preflight=off")

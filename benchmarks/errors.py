@@ -10,3 +10,18 @@ class UserError(Exception):
     """A mistake in the user's input; the message says what was wrong and how to fix it."""
 
     exit_code = 2
+
+
+def user_line(err: UserError) -> str:
+    """The one line of a `UserError`, also when a data-loader worker raised it.
+
+    torch re-raises a worker's exception in the main process with the worker's whole traceback as
+    its message ("Caught UserError in DataLoader worker process 0. Original Traceback ... UserError:
+    <line>"); the user's line is the traceback's last.
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    _, found, line = last.partition(f"{UserError.__name__}: ")
+    return line if found else last

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -212,6 +213,29 @@ def build_method(name: str, overrides: dict[str, Any] | None = None) -> Method:
             raise UserError(
                 f"method {name!r} has no hyperparameter {', '.join(bad)}; valid: {', '.join(sorted(valid)) or 'none'}"
             )
+        hints = typing.get_type_hints(cls.Config)
+        overrides = {key: _typed(name, key, hints[key], value) for key, value in overrides.items()}
     elif overrides:
         raise UserError(f"method {name!r} takes no hyperparameters")
     return cls(**overrides)
+
+
+def _typed(method: str, key: str, expected: type, value: Any) -> Any:
+    from benchmarks.config import coerce_value
+
+    try:
+        return coerce_value(expected, value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"methods.{method}.{key} must be {getattr(expected, '__name__', expected)}, got {value!r}"
+        ) from None
+
+
+def check_method_overrides(overrides: dict[str, dict[str, Any]]) -> None:
+    """Every `methods.NAME` table names a registered method and valid, well-typed hyperparameters,
+    so a typo is refused before anything runs instead of re-running an identical configuration."""
+    registry = available_methods()
+    for name, values in overrides.items():
+        if name not in registry:
+            raise UserError(f"methods.{name}: unknown method {name!r}; valid: {', '.join(registry)}")
+        build_method(name, values)

@@ -195,6 +195,61 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    stray_label_pixels: int = 0
+    """Source label pixels ignored (255) for values outside their encoding (`datasets.base.map_label`)."""
+
+
+class CheckpointCadence:
+    """The iterations at which training saves a resumable checkpoint (`train.checkpoint_interval`).
+
+    N > 0: every N iterations; 0: never; -1 (the default): by training time. Then the first save comes
+    after `AUTO_SECONDS` of training, each next one after max(`AUTO_SECONDS`, the last save's duration /
+    `OVERHEAD_BUDGET`), so saving never costs more than 1 % of the training, and one more when training
+    ends (if `FINAL_SECONDS` of training would otherwise be lost), so a run killed during evaluation
+    resumes straight into it. Seconds become iteration numbers from the measured step time; under
+    torchrun rank 0's measurements are shared (`share`) at iterations every rank reaches, so all ranks
+    save together without a collective in every step.
+    """
+
+    AUTO_SECONDS = 300.0
+    OVERHEAD_BUDGET = 0.01
+    FINAL_SECONDS = 60.0
+    PROBE_STEPS = 10
+
+    def __init__(self, interval: int, start_step: int, share: Callable[[Any], Any] = lambda value: value):
+        self.interval, self.start_step, self.share = interval, start_step, share
+        self.next_step: int | None = None
+        self.last_save_step = start_step
+        self.last_save_seconds = 0.0  # training seconds (this process) at the last save or the start
+        self.save_duration: float | None = None
+
+    def due(self, step: int, seconds: float) -> bool:
+        """After iteration `step`, with `seconds` of training since this process started."""
+        if self.interval > 0:
+            return step % self.interval == 0
+        if self.interval == 0:
+            return False
+        if self.next_step is None and step - self.start_step >= self.PROBE_STEPS:
+            self.next_step = self._step_after(step, seconds, self.AUTO_SECONDS - seconds)
+        return self.next_step is not None and step >= self.next_step
+
+    def saved(self, step: int, seconds: float, duration: float) -> None:
+        self.save_duration = self.share(duration)
+        self.last_save_step, self.last_save_seconds = step, seconds
+        if self.interval < 0:
+            gap = max(self.AUTO_SECONDS, self.save_duration / self.OVERHEAD_BUDGET)
+            self.next_step = self._step_after(step, seconds, gap)
+
+    def final_due(self, step: int, seconds: float) -> bool:
+        """Whether to save once more after the last iteration, before evaluation."""
+        if self.interval >= 0 or step == self.last_save_step:
+            return False
+        worth = max(self.FINAL_SECONDS, (self.save_duration or 0.0) / self.OVERHEAD_BUDGET)
+        return bool(self.share(seconds - self.last_save_seconds >= worth))
+
+    def _step_after(self, step: int, seconds: float, wait_seconds: float) -> int:
+        step_seconds = self.share(seconds / max(step - self.start_step, 1))
+        return step + max(1, math.ceil(max(wait_seconds, 0.0) / max(step_seconds, 1e-9)))
 
 
 @dataclass
@@ -243,6 +298,9 @@ def train(
     def next_batch() -> dict[str, torch.Tensor]:
         state.batches_consumed += 1
         batch = next(batches)
+        stray = batch.pop("stray_label_pixels", None)
+        if stray is not None:  # a CPU tensor from the loader: summing it costs no device sync
+            state.stray_label_pixels += int(stray.sum())
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def probe_sample() -> dict[str, torch.Tensor]:
@@ -267,6 +325,18 @@ def train(
     running_count = 0
     bar = tqdm(total=cfg.iters, initial=state.step, disable=not progress, desc=method.name, unit="it", dynamic_ncols=True)
     started = time.perf_counter()
+    cadence = CheckpointCadence(cfg.checkpoint_interval, state.step, share=distributed.broadcast_object)
+    trained_here = 0.0  # training seconds of this process before `started`, checkpoint writing excluded
+
+    def save_checkpoint() -> None:
+        nonlocal started, trained_here
+        now = time.perf_counter()
+        state.train_seconds += now - started
+        trained_here += now - started
+        hooks.checkpoint(state, optimizer)
+        started = time.perf_counter()
+        cadence.saved(state.step, trained_here, started - now)
+
     while state.step < cfg.iters:
         step = state.step
         method.on_step(step, ctx)
@@ -296,10 +366,10 @@ def train(
         if hooks.evaluate and cfg.eval_interval and state.step % cfg.eval_interval == 0 and state.step < cfg.iters:
             state.evaluations.append({"iter": state.step, "targets": hooks.evaluate(state.step)})
             model.train()
-        if hooks.checkpoint and cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0:
-            state.train_seconds += time.perf_counter() - started
-            started = time.perf_counter()
-            hooks.checkpoint(state, optimizer)
+        if hooks.checkpoint and cadence.due(state.step, trained_here + time.perf_counter() - started):
+            save_checkpoint()
+    if hooks.checkpoint and cadence.final_due(state.step, trained_here + time.perf_counter() - started):
+        save_checkpoint()
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -356,8 +426,9 @@ def evaluate(
     metric = confusion_metric(num_classes).to(device)
     loader = DataLoader(dataset, batch_size=None, num_workers=0)
     started = time.perf_counter()
-    count = 0
+    count = stray_label_pixels = 0
     for sample in tqdm(loader, disable=not progress, desc=desc, unit="img", leave=False):
+        stray_label_pixels += int(sample.get("stray_label_pixels", 0))
         image = sample["image"].unsqueeze(0).to(device, non_blocking=True)
         label = sample["label"].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -374,5 +445,6 @@ def evaluate(
         "miou": miou_percent(iou),
         "per_class_iou": {name: (None if math.isnan(v) else float(v) * 100.0) for name, v in zip(names, iou.tolist(), strict=True)},
         "num_images": count,
+        "stray_label_pixels": stray_label_pixels,
         "images_per_s": count / seconds if seconds > 0 else None,
     }

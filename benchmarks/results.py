@@ -45,6 +45,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.storage import is_out_of_space, out_of_space_error
+
 SCHEMA_VERSION = 1
 
 
@@ -59,8 +61,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if is_out_of_space(err, path, len(data)):
+            raise out_of_space_error(path, len(data), "", "what was there before is unchanged") from None
         raise
 
 

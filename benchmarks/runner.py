@@ -26,7 +26,7 @@ import torch
 from benchmarks import resources
 from benchmarks.config import PROJECT_ROOT, SETTINGS, Experiment
 from benchmarks.errors import UserError
-from benchmarks.method import Method, build_method, resolve_methods
+from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
 from benchmarks.model import SegModel
 from benchmarks.results import SCHEMA_VERSION, read_result, write_result
 
@@ -50,13 +50,29 @@ class RunSpec:
 
 
 def plan_runs(exp: Experiment, methods: str | None = None) -> list[RunSpec]:
+    """The matrix's runs; refuses a setting, method table or weight file the matrix would not use."""
     names = resolve_methods(methods or exp.run.methods)
+    check_method_overrides(exp.methods)
     unknown = [s for s in exp.run.settings if s not in SETTINGS]
     if unknown:
         raise UserError(f"unknown setting {unknown[0]!r}; valid: {', '.join(SETTINGS)}")
     backbones = exp.run.backbones or (exp.model.backbone,)
+    _check_weights_used(exp, backbones)
     seeds = exp.run.seeds or (exp.train.seed,)
     return [RunSpec(s, b, m, seed) for s in exp.run.settings for b in backbones for seed in seeds for m in names]
+
+
+def _check_weights_used(exp: Experiment, backbones: tuple[str, ...]) -> None:
+    """A weight file for a backbone the matrix does not run would be silently ignored: refuse it."""
+    for entry in exp.model.weights:
+        name, sep, path = entry.partition("=")
+        if not sep or not path:
+            raise UserError(f"model.weights entry {entry!r} must look like BACKBONE=PATH")
+        if name not in backbones:
+            raise UserError(
+                f"--weights {entry}: backbone {name!r} is not in this run (backbones: {', '.join(backbones)}); "
+                "name one of them, or add it with --backbones"
+            )
 
 
 def experiment_for(exp: Experiment, spec: RunSpec) -> Experiment:
@@ -151,7 +167,7 @@ def _now() -> str:
 # -- one run ----------------------------------------------------------------------------------------
 def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = True) -> dict[str, Any]:
     from benchmarks import checkpoint, distributed
-    from benchmarks.data import ensure_data_root, source_dataset, source_heldout_dataset, target_dataset
+    from benchmarks.data import ensure_data_root, preflight, source_dataset, source_heldout_dataset, target_dataset
     from benchmarks.protocol import (
         TrainHooks,
         TrainingDiverged,
@@ -201,6 +217,8 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     source_set = source_dataset(exp, source, root)
     target_sets = {name: target_dataset(exp, name, root) for name in targets}
     heldout_set = source_heldout_dataset(exp, source, root)
+    preflight(exp, {f"{source} (train)": source_set, **target_sets,
+                    **({f"{source} (held out)": heldout_set} if heldout_set is not None else {})})
     if world.is_distributed:  # each rank scores its own strided shard; the confusion matrix is summed
         from torch.utils.data import Subset
 
@@ -265,6 +283,12 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         return result
 
     images_seen = state.step * exp.train.batch_size * exp.train.grad_accum * world.world_size
+    stray = {"train": state.stray_label_pixels, **{name: s.pop("stray_label_pixels") for name, s in scores.items()}}
+    if source_score is not None:
+        stray["source_heldout"] = source_score.pop("stray_label_pixels")
+    if any(stray.values()):
+        log.warning("%s: label pixels outside their encoding were ignored (255): %s; `python -m benchmarks data check` "
+                    "names the files", result["run_id"], ", ".join(f"{k} {v:,}" for k, v in stray.items() if v))
     result.update(
         status="finished",
         params=method.parameter_counts(model),  # after training: phased methods may have changed what trains
@@ -274,6 +298,7 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         history=state.history,
         evaluations=state.evaluations,
         diagnostics=method.diagnostics(),
+        stray_label_pixels=stray,
         profile={
             "train_images_per_s": images_seen / state.train_seconds if state.train_seconds else None,
             "eval_images_per_s": sum(s["num_images"] for s in scores.values()) / eval_seconds if eval_seconds else None,
@@ -287,10 +312,23 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     result["profile"].update(run_profile_extras(exp, spec.method, result["profile"]))
     result["timings"].update(finished=_now(), train_s=state.train_seconds, eval_s=eval_seconds)
     if world.is_main:
-        write_result(path, result)
+        _write_final_result(path, result)
         checkpoint.remove_checkpoint(path)  # the result holds everything worth keeping
     distributed.barrier()
     return result
+
+
+def _write_final_result(path: Path, result: dict[str, Any]) -> None:
+    """The result, or one line saying what survived when it cannot be written (a full disk)."""
+    from benchmarks import checkpoint
+
+    try:
+        write_result(path, result)
+    except UserError as err:
+        kept = checkpoint.checkpoint_file(path)
+        survives = (f"the re-run resumes from the checkpoint {kept}" if kept.is_file()
+                    else "the run trained too briefly to checkpoint, so the re-run trains it again")
+        raise UserError(f"{err}; {survives}") from None
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -118,19 +118,36 @@ def read_label_raw(path: Path) -> np.ndarray:
     )
 
 
-def map_label(raw: np.ndarray, encoding: str, path: Path) -> np.ndarray:
-    """Validate raw label values against their encoding and map them to train ids (one lookup)."""
+def map_label(raw: np.ndarray, encoding: str, path: Path, strict: bool = True) -> np.ndarray:
+    """Validate raw label values against their encoding and map them to train ids (one lookup).
+
+    Values outside the encoding are an error when ``strict`` (`data check`); otherwise they become 255,
+    ignored as the protocol ignores every class it does not score, with a warning naming the file, so a
+    long run does not die on one stray value.
+    """
     table, valid, description = ENCODINGS[encoding]
     ok = valid[raw]
     if not ok.all():
         bad = np.unique(raw[~ok])
         shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        if not strict:
+            log.warning("%s: %d pixel(s) with label values {%s} outside the expected encoding (%s) are ignored (255); "
+                        "`python -m benchmarks data check` lists every such file", path, int((~ok).sum()), shown,
+                        description)
+            mapped = table[raw]
+            mapped[~ok] = 255
+            return mapped
         raise UserError(
             f"{path}: label values {{{shown}}} are outside the expected encoding ({description}); "
             "this is the wrong label file (colour/instance map or another release) - use the "
             "dataset's id labels or run `python -m benchmarks data convert`"
         )
     return table[raw]
+
+
+def count_outside_encoding(raw: np.ndarray, encoding: str) -> int:
+    """Pixels whose raw value the encoding does not define."""
+    return int((~ENCODINGS[encoding][1][raw]).sum())
 
 
 def atomic_save(image: Image.Image, path: Path, **save_kwargs: Any) -> None:
@@ -198,6 +215,10 @@ class Adapter:
             )
         self.split = split
         self._pairs: list[Pair] | None = None
+        self.strict_labels = True
+        """False in a run: label values outside the encoding become 255 with a warning (`map_label`)."""
+        self.stray_label_pixels = 0
+        """Pixels this process ignored that way; `SegmentationDataset` reports them per sample."""
 
     # -- layout ------------------------------------------------------------------------------------
     @property
@@ -280,7 +301,13 @@ class Adapter:
 
     def load_label(self, pair: Pair) -> np.ndarray:
         """HxW uint8 train ids (255 = ignore), validated against the pair's encoding."""
-        return map_label(read_label_raw(pair.label), pair.encoding, pair.label)
+        return self.map_raw_label(read_label_raw(pair.label), pair)
+
+    def map_raw_label(self, raw: np.ndarray, pair: Pair) -> np.ndarray:
+        """Raw values to train ids, strictly or not as `strict_labels` says; counts what it ignores."""
+        if not self.strict_labels:
+            self.stray_label_pixels += count_outside_encoding(raw, pair.encoding)
+        return map_label(raw, pair.encoding, pair.label, strict=self.strict_labels)
 
     def load_pair(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
         """Image and label, checked to have the same size."""
@@ -297,14 +324,14 @@ class Adapter:
             label = np.asarray(Image.fromarray(label).resize((image.shape[1], image.shape[0]), Image.NEAREST))
         return image, label
 
-    def check(self, full: bool = False, sample: int = 8) -> list[str]:
-        """Problems with this split, as messages (empty = fine), without training.
+    def check(self, full: bool = False, sample: int = 8, pairs: list[Pair] | None = None) -> list[str]:
+        """Problems with this split (or with ``pairs`` of it), as messages (empty = fine), without training.
 
         Every pair's header is read (size, mode); label values are decoded for ``sample`` evenly
         spaced pairs, or all with ``full``.
         """
         problems: list[str] = []
-        pairs = self.pairs()
+        pairs = self.pairs() if pairs is None else pairs
         idx = set(range(len(pairs))) if full else set(np.linspace(0, len(pairs) - 1, min(sample, len(pairs))).astype(int).tolist())
         for i, pair in enumerate(pairs):
             try:
@@ -372,7 +399,9 @@ class SegmentationDataset(_TorchDataset):  # type: ignore[misc,valid-type]
             index, seed = item, item
         index = int(index)
         pair = self.pairs[index]
+        stray_before = self.adapter.stray_label_pixels
         image, label = self.adapter.load_pair(pair)
         rng = np.random.default_rng(int(seed))
         image_t, label_t = self.transform(image, label, rng)
-        return {"image": image_t, "label": label_t, "name": pair.name}
+        return {"image": image_t, "label": label_t, "name": pair.name,
+                "stray_label_pixels": self.adapter.stray_label_pixels - stray_before}

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.errors import UserError
-from datasets.base import Adapter, EvalPreparation, Pair, map_label, read_label_raw
+from datasets.base import Adapter, EvalPreparation, Pair, read_label_raw
 
 CONVERTED_SUFFIX = "_labelTrainIds"
 
@@ -69,4 +69,4 @@ class SYNTHIA(Adapter):
     def load_label(self, pair: Pair) -> np.ndarray:
         if pair.encoding == "train_ids":
             return super().load_label(pair)
-        return map_label(read_synthia_label(pair.label), pair.encoding, pair.label)
+        return self.map_raw_label(read_synthia_label(pair.label), pair)

@@ -90,6 +90,22 @@ def outcomes(request, world, tmp_path_factory):
     case = add("invalid_dataset", [*smoke[:4], "--data-root", "DATA", *smoke[6:]])
     (case / "data" / "gta" / "images").mkdir(parents=True)  # a layout without labels or pairs
     cases["invalid_dataset"][cases["invalid_dataset"].index("DATA")] = str(case / "data")
+    # Issue 18: settings out of range, names that would be ignored, a typo'd data root.
+    for name, setting in [("zero_iterations", "train.iters=0"), ("negative_iterations", "train.iters=-5"),
+                          ("zero_grad_accum", "train.grad_accum=0"), ("zero_batch", "train.batch_size=0"),
+                          ("zero_log_interval", "train.log_interval=0"), ("zero_stride", "eval.stride=0"),
+                          ("nan_lr", "train.lr=nan"), ("zero_crop", "data.crop_size=0"),
+                          ("workers_below_auto", "data.num_workers=-2"), ("bad_device", "train.device=banana"),
+                          ("unknown_method_table", "methods.reinn.num_tokens=5"),
+                          ("method_value_type", "methods.full.no_such=1"),
+                          ("method_value_wrong_type", "methods.rein.num_tokens=abc")]:
+        add(name, [*smoke[:2], "--methods", "rein", *smoke[4:], "--set", setting])
+    case = add("unused_weights", [*smoke])
+    save_file({"w": torch.zeros(1)}, str(case / "vit.safetensors"))
+    cases["unused_weights"] += ["--weights", f"proxy_vitt={case / 'vit.safetensors'}"]
+    case = add("missing_data_root", [*smoke[:4], "--data-root", "DATA", *smoke[6:]])
+    cases["missing_data_root"][cases["missing_data_root"].index("DATA")] = str(case / "synthetic-typo")
+
     case = add("pickled_checkpoint", [*smoke])
     results = dirs["pickled_checkpoint"][1]
     exp = load_experiment("smoke", [f"data.root={str(world)!r}", "train.iters=2"])
@@ -145,6 +161,21 @@ EXPECTED = {
     "pickled_weights": "refused",
     "invalid_dataset": "gta",
     "pickled_checkpoint": "refused",
+    "zero_iterations": "train.iters=0 is out of range: it must be ≥ 1",
+    "negative_iterations": "train.iters=-5 is out of range",
+    "zero_grad_accum": "train.grad_accum=0 is out of range",
+    "zero_batch": "train.batch_size=0 is out of range",
+    "zero_log_interval": "train.log_interval=0 is out of range",
+    "zero_stride": "eval.stride=0 is out of range",
+    "nan_lr": "train.lr=nan is out of range: it must be > 0",
+    "zero_crop": "data.crop_size=0 is out of range",
+    "workers_below_auto": "data.num_workers=-2 is out of range: it must be ≥ -1",
+    "bad_device": "train.device='banana' is not a device",
+    "unknown_method_table": "methods.reinn: unknown method 'reinn'",
+    "method_value_type": "method 'full' has no hyperparameter no_such",
+    "method_value_wrong_type": "methods.rein.num_tokens must be int, got 'abc'",
+    "unused_weights": "backbone 'proxy_vitt' is not in this run",
+    "missing_data_root": "synthetic-typo does not exist",
 }
 
 
@@ -162,6 +193,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(outcomes, case):
         assert not list(results_dir.rglob("*.json")) and not list(results_dir.rglob("*.lock"))
     else:
         assert not results_dir.exists() or not any(results_dir.iterdir()), sorted(results_dir.rglob("*"))
+    if case == "missing_data_root":  # a typo'd root is reported, never filled with a generated world
+        assert not (outcomes[case][3] / "synthetic-typo").exists()
 
 
 @pytest.mark.parametrize("case", ["pickled_weights", "pickled_checkpoint"])
