@@ -52,7 +52,7 @@ def _read_owner(path: Path) -> dict[str, Any] | None:
         owner = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
         return {}  # being written right now, or garbage: treated as held
     return owner if isinstance(owner, dict) else {}
 

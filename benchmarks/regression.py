@@ -86,17 +86,79 @@ def make_baseline(results: Iterable[dict[str, Any]], preset: str = "smoke",
     }
 
 
+class BadBaseline(UserError):
+    """A baseline file that exists but cannot be used: unreadable, not UTF-8 JSON, or a bad entry."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"baseline {path}: {problem}; fix it or regenerate it with --update-baseline")
+        self.path, self.problem = path, problem
+
+
 def load_baseline(path: Path) -> dict[str, Any]:
+    """The baseline in `path`, checked entry by entry: a bad one stops the check before anything runs,
+    not in the comparison after the whole matrix."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"baseline {path} not found; create it with `python -m benchmarks check --update-baseline`")
     try:
-        baseline = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+    except OSError as err:
+        raise BadBaseline(path, f"cannot be read ({err.strerror or err})") from None
+    try:
+        baseline = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise BadBaseline(path, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"baseline {path} is not valid JSON ({err}); regenerate it with --update-baseline") from None
-    if not isinstance(baseline, dict) or not isinstance(baseline.get("runs"), dict):
-        raise UserError(f"baseline {path} has no \"runs\" object; regenerate it with --update-baseline")
+        raise BadBaseline(path, f"not valid JSON ({err})") from None
+    problem = baseline_problem(baseline)
+    if problem:
+        raise BadBaseline(path, problem)
     return baseline
+
+
+def baseline_problem(baseline: Any) -> str | None:
+    """The first thing in a baseline that `compare` could not use as written by `make_baseline`, or None."""
+    if not isinstance(baseline, dict):
+        return "not a JSON object"
+    if not isinstance(baseline.get("runs"), dict):
+        return 'no "runs" object'
+    if "tolerance_miou" in baseline and not is_tolerance(baseline["tolerance_miou"]):
+        return f'"tolerance_miou" is {_show(baseline["tolerance_miou"])}, not a finite number ≥ 0'
+    if not isinstance(baseline.get("preset", ""), str):
+        return f'"preset" is {_show(baseline["preset"])}, not a string'
+    for key, entry in baseline["runs"].items():
+        if not isinstance(entry, dict):
+            return f'run "{key}" is {_show(entry)}, not an object'
+        for section, valid, kind in (("targets", _is_miou, "a number"), ("params", _is_count, "a whole number")):
+            values = entry.get(section)
+            if not isinstance(values, dict):
+                return f'run "{key}" has no "{section}" object'
+            bad = next((name for name, value in values.items() if not valid(value)), None)
+            if bad is not None:
+                return f'run "{key}": {section}.{bad} is {_show(values[bad])}, not {kind}'
+        if not _is_miou(entry.get("average_miou")):
+            return f'run "{key}": average_miou is {_show(entry["average_miou"])}, not a number'
+    return None
+
+
+def is_tolerance(value: Any) -> bool:
+    """A usable mIoU tolerance: finite and not negative (a negative one would fail every unchanged run)."""
+    return _number(value) is not None and value >= 0
+
+
+def _is_miou(value: Any) -> bool:
+    # null: a target without a score when the baseline was made; compare skips it as make_baseline stored it
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _is_count(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _show(value: Any, most: int = 60) -> str:
+    """The value as written, shortened: the error must stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def write_baseline(path: Path, baseline: dict[str, Any]) -> None:

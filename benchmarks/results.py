@@ -34,11 +34,17 @@ Schema (version 1), the only thing reports and regression checks read:
 
 mIoU and IoU values are percentages (0–100) as the papers print them; an IoU is null when a class
 is absent from both prediction and ground truth of the whole target set (excluded from the mean).
+
+Reading is tolerant of what else lies in a results folder: a JSON object without "schema" is not a
+result (a profile, a note) and is passed over silently; a file that is not UTF-8 JSON, or a result
+with missing or malformed fields, is skipped with one warning naming the file and what is wrong, so
+one damaged file never hides the others or stops a matrix.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -48,6 +54,15 @@ from typing import Any
 from benchmarks.storage import is_out_of_space, out_of_space_error
 
 SCHEMA_VERSION = 1
+STATUSES = ("finished", "failed", "running")
+# What every reader relies on: the run's identity (tables group by it) and its status.
+REQUIRED_FIELDS = ("run_id", "status", "preset", "setting", "method", "backbone", "head", "seed")
+
+log = logging.getLogger(__name__)
+
+
+class BadResultFile(Exception):
+    """A file that should be a result and cannot be used as one; the message says what is wrong."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -86,19 +101,81 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def read_result(path: Path) -> dict[str, Any] | None:
-    """A result, or None for a file that is not one (a stray or foreign JSON)."""
+def load_result(path: Path) -> dict[str, Any] | None:
+    """The result in `path`; None when there is no file or it is not a result (a JSON object without
+    "schema", e.g. a profile). Raises `BadResultFile` for a damaged or malformed one."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None  # removed since it was listed: nothing to read, nothing wrong
+    except OSError as err:
+        raise BadResultFile(f"cannot be read ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadResultFile(f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadResultFile(f"not valid JSON, truncated or malformed ({err})") from None
+    if not isinstance(data, dict) or "schema" not in data:
         return None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
-        return None
+    problem = result_problem(data)
+    if problem:
+        raise BadResultFile(problem)
     data["_path"] = str(path)
     return data
 
 
+def result_problem(data: dict[str, Any]) -> str | None:
+    """What makes this object unusable as a result, or None."""
+    if data.get("schema") != SCHEMA_VERSION:
+        return f"result schema {data.get('schema')!r}; this harness reads schema {SCHEMA_VERSION}"
+    missing = sorted(name for name in REQUIRED_FIELDS if data.get(name) is None)
+    if missing:
+        return f"missing fields {', '.join(missing)}"
+    if data["status"] not in STATUSES:
+        return f"status {data['status']!r} is not one of {', '.join(STATUSES)}"
+    method = data["method"]
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        return 'field "method" is not an object with a "name"'
+    targets = data.get("targets")
+    if data["status"] == "finished" and not isinstance(targets, dict):
+        return 'finished, but has no "targets" object'
+    if isinstance(targets, dict):
+        odd = sorted(name for name, metrics in targets.items() if not isinstance(metrics, dict))
+        if odd:
+            return f"targets {', '.join(odd)} are not objects"
+    elif targets is not None:
+        return 'field "targets" is not an object'
+    return None
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """A result, or None: for a file that is not one, and, after one warning naming it and what is
+    wrong, for a damaged or malformed one."""
+    try:
+        return load_result(path)
+    except BadResultFile as err:
+        log.warning("skipping %s: %s", path, err)
+        return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged result out of the way (to NAME.broken, NAME.broken-2, ...) so that a re-run
+    does not overwrite what the user had; the new name does not end in .json, so readers pass it over."""
+    path = Path(path)
+    candidate, number = path.with_name(f"{path.name}.broken"), 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.broken-{number}")
+    os.replace(path, candidate)
+    return candidate
+
+
 def iter_results(roots: Iterable[Path]) -> list[dict[str, Any]]:
+    """Every result under these folders (searched recursively) or files; damaged ones are skipped
+    with a warning each."""
     found = []
     for root in roots:
         root = Path(root)

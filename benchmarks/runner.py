@@ -28,7 +28,14 @@ from benchmarks.config import PROJECT_ROOT, SETTINGS, Experiment
 from benchmarks.errors import UserError
 from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
 from benchmarks.model import SegModel
-from benchmarks.results import SCHEMA_VERSION, read_result, write_result
+from benchmarks.results import (
+    SCHEMA_VERSION,
+    BadResultFile,
+    load_result,
+    read_result,
+    set_aside,
+    write_result,
+)
 
 log = logging.getLogger(__name__)
 NUM_CLASSES = 19
@@ -350,7 +357,10 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
     lock = RunLock(path)
     decision = "run"
     if world.is_main:
-        existing = read_result(path) if path.exists() else None
+        try:
+            existing = load_result(path)
+        except BadResultFile:
+            existing = None  # reported and set aside below, under the lock, once
         if existing and existing["status"] == "finished":
             decision = "finished"
         else:
@@ -359,7 +369,7 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
                 decision = "locked"
             else:
                 # Another runner may have finished it between our check and our lock.
-                existing = read_result(path) if path.exists() else None
+                existing = _earlier_result_under_lock(path)
                 if existing and existing["status"] == "finished":
                     lock.release()
                     decision = "finished"
@@ -379,6 +389,16 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
         raise
     finally:
         lock.release()
+
+
+def _earlier_result_under_lock(path: Path) -> dict[str, Any] | None:
+    """The run's earlier result; a damaged one is set aside rather than overwritten by the re-run."""
+    try:
+        return load_result(path)
+    except BadResultFile as err:
+        kept = set_aside(path)
+        log.warning("%s: %s; kept as %s, running it again", path, err, kept)
+        return None
 
 
 def _prune_empty_dirs(folder: Path, stop: Path) -> None:

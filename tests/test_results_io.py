@@ -7,6 +7,10 @@ import pytest
 
 from benchmarks.results import SCHEMA_VERSION, atomic_write_text, iter_results, read_result, write_result
 
+# The fields every reader relies on (benchmarks.results.REQUIRED_FIELDS), for a run still going.
+RUNNING = {"schema": SCHEMA_VERSION, "status": "running", "method": {"name": "m"}, "preset": "smoke",
+           "setting": "G->CBM", "backbone": "proxy_vit", "head": "light", "seed": 42}
+
 
 def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "run.json"
@@ -23,7 +27,7 @@ def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_write_then_read_round_trip(tmp_path):
-    result = {"schema": SCHEMA_VERSION, "run_id": "x", "status": "finished", "method": {"name": "full"}}
+    result = {**RUNNING, "run_id": "x", "status": "finished", "targets": {"cityscapes": {"miou": 1.0}}}
     path = tmp_path / "a" / "b.json"
     write_result(path, result)
     assert json.loads(path.read_text())["run_id"] == "x"
@@ -33,5 +37,5 @@ def test_write_then_read_round_trip(tmp_path):
 def test_foreign_and_broken_files_are_ignored(tmp_path):
     (tmp_path / "foreign.json").write_text('{"hello": 1}')
     (tmp_path / "broken.json").write_text('{"schema": 1, ')
-    write_result(tmp_path / "ok.json", {"schema": SCHEMA_VERSION, "run_id": "ok", "status": "finished", "method": {"name": "m"}})
+    write_result(tmp_path / "ok.json", {**RUNNING, "run_id": "ok"})
     assert [r["run_id"] for r in iter_results([tmp_path])] == ["ok"]

@@ -39,11 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from benchmarks.config import load_experiment
     from benchmarks.errors import UserError
-    from benchmarks.regression import compare, format_report, load_baseline, make_baseline, write_baseline
+    from benchmarks.regression import compare, format_report, is_tolerance, make_baseline, write_baseline
     from benchmarks.results import iter_results
     from benchmarks.runner import run_matrix
 
-    baseline = None if args.update_baseline and not args.baseline.exists() else load_baseline(args.baseline)
+    if args.tolerance is not None and not is_tolerance(args.tolerance):
+        raise UserError(f"--tolerance must be a finite number of mIoU points ≥ 0, got {args.tolerance:g}")
+    baseline = _existing_baseline(args)
     exp = load_experiment(args.preset, args.overrides)
     methods = args.methods or exp.run.methods
     if baseline is not None and not args.update_baseline and baseline.get("preset", exp.preset) != exp.preset:
@@ -79,3 +81,23 @@ def run(args: argparse.Namespace) -> int:
     environment = next((r.get("environment") for r in results if r.get("environment")), {})
     print(format_report(diffs, baseline, compared=len(results), environment=environment))
     return 1 if any(d.failing for d in diffs) else 0
+
+
+def _existing_baseline(args: argparse.Namespace) -> dict | None:
+    """The baseline, fully checked before anything runs; None when --update-baseline will write it anew."""
+    from benchmarks.errors import UserError
+    from benchmarks.regression import BadBaseline, load_baseline
+
+    if not args.update_baseline:
+        return load_baseline(args.baseline)
+    if not args.baseline.exists():
+        return None
+    try:
+        return load_baseline(args.baseline)
+    except BadBaseline as err:
+        if args.methods:
+            raise UserError(f"baseline {err.path}: {err.problem}; --update-baseline --methods would keep its other "
+                            "runs, so fix the file or run --update-baseline without --methods to replace it whole") from None
+        # Replaced whole by this run's baseline (written atomically, only once the runs are done).
+        log.warning("baseline %s: %s; --update-baseline replaces it", err.path, err.problem)
+        return None

@@ -21,11 +21,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sections = ["methods", "backbones", "heads", "datasets", "presets"] if args.what == "all" else [args.what]
+    if "methods" in sections:
+        check_model_choices(args)  # before printing anything: a bad name would only show "n/a" counts
     for section in sections:
         print(f"## {section}")
         print(globals()[f"_{section}"](args))
         print()
     return 0
+
+
+def check_model_choices(args: argparse.Namespace) -> None:
+    """UserError naming the valid choices for an unknown --backbone or --head."""
+    from benchmarks.backbones import get_spec
+    from benchmarks.errors import UserError
+    from benchmarks.heads import available_heads
+
+    get_spec(args.backbone)
+    if args.head not in available_heads():
+        raise UserError(f"unknown head {args.head!r}; valid: {', '.join(available_heads())}")
 
 
 def _methods(args: argparse.Namespace) -> str:
