@@ -317,7 +317,12 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
             decision = "finished"
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not lock.acquire():
+            try:
+                acquired = lock.acquire()
+            except UserError:
+                _prune_empty_dirs(path.parent, results_dir)
+                raise
+            if not acquired:
                 decision = "locked"
             else:
                 # Another runner may have finished it between our check and our lock.
