@@ -30,6 +30,11 @@ def ensure_data_root(exp: Experiment) -> Path:
     root = exp.resolve_path(cfg.root)
     if root.is_dir():
         return root
+    from datasets.base import broken_link
+
+    link = broken_link(root)
+    if link:  # generating the world there would fail after minutes of work, at the rename
+        raise UserError(f"data root {link}")
     # Only the world's own folder is generated on demand: any other missing root is a typo to report,
     # not a place to train on a freshly generated world.
     if not cfg.synthetic or cfg.root != DataConfig.root:

@@ -364,6 +364,11 @@ def _sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def stage_checkpoint(out: Path, stage: int, last_stage: int) -> Path:
+    """Where `stage` of a recipe ending in `out` writes its checkpoint (and, beside it, its `.json`)."""
+    return out if stage == last_stage else out.with_name(f"{out.stem}-stage{stage}{out.suffix}")
+
+
 def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu", first_stage: int = 1) -> dict:
     """Run `stages` in turn, each continuing from the one before (an `init` of "stage<k>" names the
     output of stage k); the last stage writes `out`, earlier ones `<out stem>-stage<k>.safetensors`.
@@ -375,7 +380,7 @@ def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu"
         init = stage.init
         if init.startswith("stage"):
             init = str(outputs[init])
-        target = out if number == first_stage + len(stages) - 1 else out.with_name(f"{out.stem}-stage{number}{out.suffix}")
+        target = stage_checkpoint(out, number, last_stage=first_stage + len(stages) - 1)
         reports.append({"stage": number, **pretrain(dataclasses.replace(stage, init=init), target, device=device)})
         outputs[f"stage{number}"] = target
     summary = {**{k: v for k, v in reports[-1].items() if k not in ("history", "stage")}, "stages": reports}

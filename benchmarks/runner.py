@@ -174,7 +174,13 @@ def _now() -> str:
 # -- one run ----------------------------------------------------------------------------------------
 def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = True) -> dict[str, Any]:
     from benchmarks import checkpoint, distributed
-    from benchmarks.data import ensure_data_root, preflight, source_dataset, source_heldout_dataset, target_dataset
+    from benchmarks.data import (
+        ensure_data_root,
+        preflight,
+        source_dataset,
+        source_heldout_dataset,
+        target_dataset,
+    )
     from benchmarks.protocol import (
         TrainHooks,
         TrainingDiverged,
@@ -365,7 +371,12 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
             decision = "finished"
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not lock.acquire():
+            try:
+                acquired = lock.acquire()
+            except UserError:
+                _prune_empty_dirs(path.parent, results_dir)
+                raise
+            if not acquired:
                 decision = "locked"
             else:
                 # Another runner may have finished it between our check and our lock.

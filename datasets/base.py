@@ -8,6 +8,7 @@ run should fail at start-up with a sentence, not an hour later with a traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -25,6 +26,8 @@ from datasets.labels import ENCODINGS
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# PIL modes of a label PNG that holds one class id per pixel (palette index, 8- or 16-bit grey).
+CLASS_ID_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L")
 
 
 @dataclass(frozen=True, order=True)
@@ -64,6 +67,40 @@ def rel(path: Path, root: Path | None = None) -> str:
         except ValueError:
             pass
     return str(path)
+
+
+def broken_link(path: Path) -> str | None:
+    """Why `path` is a symbolic link that leads nowhere (dangling, or a loop), as a message; else None."""
+    if not path.is_symlink():
+        return None
+    fix = "point it at the data or remove it"
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return f"{path}: symbolic link to {os.readlink(path)}, which does not exist; {fix}"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path}: symbolic link loop (it leads back to itself through {os.readlink(path)}); {fix}"
+    return None  # leads somewhere (or cannot be followed for another reason, which reading it will report)
+
+
+def broken_link_on_the_way(path: Path, start: Path) -> str | None:
+    """The first link that leads nowhere from `start` (not included) down to `path`, as a message."""
+    try:
+        below = path.relative_to(start).parts
+    except ValueError:
+        return broken_link(path)
+    for depth in range(1, len(below) + 1):
+        problem = broken_link(start.joinpath(*below[:depth]))
+        if problem:
+            return problem
+    return None
+
+
+def label_mode_problem(path: Path, mode: str) -> str:
+    """The message for a label whose PIL mode cannot hold one class id per pixel."""
+    return (f"{path}: label PNG has mode {mode}, expected a single-channel or palette PNG of class ids "
+            "(an RGB colour label is not usable); use the id/trainId label files of the dataset")
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -112,10 +149,7 @@ def read_label_raw(path: Path) -> np.ndarray:
             f"{path}: cannot decode the label ({type(exc).__name__}: {exc}); the file is truncated or "
             "not a PNG; re-extract or re-download it"
         ) from None
-    raise UserError(
-        f"{path}: label PNG has mode {mode}, expected a single-channel or palette PNG of class ids "
-        "(an RGB colour label is not usable); use the id/trainId label files of the dataset"
-    )
+    raise UserError(label_mode_problem(path, mode))
 
 
 def map_label(raw: np.ndarray, encoding: str, path: Path, strict: bool = True) -> np.ndarray:
@@ -230,6 +264,9 @@ class Adapter:
         if not self.root.is_dir():
             raise UserError(f"{self.root}: data root not found; expected a folder holding {self.folder}/; pass "
                             "--data-root DIR (or write the synthetic world: python -m benchmarks data synth --out DIR)")
+        link = broken_link_on_the_way(path, self.root)
+        if link:
+            raise UserError(link)
         if not path.is_dir():
             raise UserError(f"{path}: missing {what} folder for {self.name} split {self.split!r}; {fix}")
         return path
@@ -245,6 +282,9 @@ class Adapter:
                     f"{self.root}: data root not found; expected a folder holding {self.folder}/; pass "
                     "--data-root DIR (or write the synthetic world: python -m benchmarks data synth --out DIR)"
                 )
+            link = broken_link(self.base)
+            if link:
+                raise UserError(link)
             if not self.base.is_dir():
                 raise UserError(
                     f"{self.base}: {self.name} folder not found under the data root; expected the "
@@ -289,10 +329,24 @@ class Adapter:
 
     @staticmethod
     def scan(folder: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES, recursive: bool = False) -> list[Path]:
-        """Files with the given suffixes (case-insensitive), skipping hidden/temporary files."""
+        """Files with the given suffixes (case-insensitive), skipping hidden/temporary files.
+
+        A link that leads nowhere is an error: it stands for a file or folder of the dataset that is missing.
+        """
         suffixes = tuple(s.lower() for s in suffixes)
         it = folder.rglob("*") if recursive else folder.iterdir()
-        return [p for p in it if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes]
+        found = []
+        for p in it:
+            if p.name.startswith("."):
+                continue
+            if p.is_file():
+                if p.suffix.lower() in suffixes:
+                    found.append(p)
+            elif p.is_symlink():
+                link = broken_link(p)
+                if link:
+                    raise UserError(link)
+        return found
 
     # -- loading -----------------------------------------------------------------------------------
     def load_image(self, pair: Pair) -> np.ndarray:
@@ -339,6 +393,9 @@ class Adapter:
                     self.load_pair(pair)
                 else:
                     with Image.open(pair.image) as a, Image.open(pair.label) as b:
+                        problem = self.label_header_problem(pair, b.mode)
+                        if problem:
+                            raise UserError(problem)
                         if a.size != b.size and not self.tolerate_size_mismatch and not self._sizes_may_differ():
                             raise UserError(
                                 f"{pair.label}: label size {b.size[0]}x{b.size[1]} differs from image size "
@@ -352,6 +409,13 @@ class Adapter:
                 problems.append("... (stopping after 20 problems)")
                 break
         return problems
+
+    def label_header_problem(self, pair: Pair, mode: str) -> str | None:
+        """Why a label whose header says `mode` cannot hold the pair's encoding; None when it can.
+
+        Every encoding here is one class id per pixel; adapters whose raw labels hold more override this.
+        """
+        return None if mode in CLASS_ID_MODES else label_mode_problem(pair.label, mode)
 
     def _sizes_may_differ(self) -> bool:
         """True where stored image and label sizes legitimately differ (on-the-fly halving)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from benchmarks.errors import UserError
-from datasets.base import Adapter, EvalPreparation, Pair
+from datasets.base import Adapter, EvalPreparation, Pair, broken_link_on_the_way
 
 TRAIN_ID_SUFFIX = "_train_id"
 
@@ -32,7 +32,13 @@ class BDD100K(Adapter):
             (self.base / "seg" / "images" / self.split, self.base / "seg" / "labels" / self.split),
         ]
         for image_dir, label_dir in candidates:
+            link = broken_link_on_the_way(image_dir, self.root)
+            if link:
+                raise UserError(link)
             if image_dir.is_dir():
+                link = broken_link_on_the_way(label_dir, self.root)
+                if link:
+                    raise UserError(link)
                 if not label_dir.is_dir():
                     raise UserError(
                         f"{label_dir}: missing mask folder for bdd100k split {self.split!r}; extract "

@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from benchmarks.errors import UserError
-from datasets.base import Adapter, EvalPreparation, Pair, resize_half
+from datasets.base import Adapter, EvalPreparation, Pair, broken_link_on_the_way, resize_half
 
 SPLIT_FOLDERS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 
@@ -63,6 +63,10 @@ class Mapillary(Adapter):
             f"extract the Mapillary Vistas v1.2 archive so that mapillary/{self.split_folder}/ exists",
         )
         image_dir = self._require_dir(split_dir / "images", "images", f"expected mapillary/{self.split_folder}/images/<stem>.jpg")
+        for label_dir in (split_dir / "v1.2" / "labels", split_dir / "labels"):
+            link = broken_link_on_the_way(label_dir, self.root)
+            if link:
+                raise UserError(link)
         label_dir = split_dir / "v1.2" / "labels"
         if not label_dir.is_dir():
             label_dir = split_dir / "labels"

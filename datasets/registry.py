@@ -32,9 +32,13 @@ def get_adapter(name: str) -> type[Adapter]:
 
 
 def find_datasets(root: Path | str) -> list[str]:
-    """Names of the families whose folder exists under the data root (registry order)."""
+    """Names of the families whose folder exists under the data root (registry order).
+
+    A family folder that is a link leading nowhere counts: its adapter then names the broken link.
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise UserError(f"{root}: data root not found; pass an existing --data-root/--root folder "
                         "(or write the synthetic world: python -m benchmarks data synth --out DIR)")
-    return [name for name, cls in ADAPTERS.items() if (root / cls.folder).is_dir()]
+    return [name for name, cls in ADAPTERS.items()
+            if (root / cls.folder).is_dir() or (root / cls.folder).is_symlink()]

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.errors import UserError
-from datasets.base import Adapter, EvalPreparation, Pair, read_label_raw
+from datasets.base import CLASS_ID_MODES, Adapter, EvalPreparation, Pair, read_label_raw
 
 CONVERTED_SUFFIX = "_labelTrainIds"
 
@@ -24,7 +24,7 @@ def read_synthia_label(path: Path) -> np.ndarray:
     """Raw SYNTHIA class ids (HxW uint8) from a 16-bit multi-channel or an 8-bit PNG."""
     with Image.open(path) as im:
         mode = im.mode
-    if mode in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
+    if mode in CLASS_ID_MODES:
         return read_label_raw(path)
     try:
         import warnings
@@ -65,6 +65,11 @@ class SYNTHIA(Adapter):
                 labels.setdefault(p.stem, (p, "synthia_ids"))
         return self.match(images, labels, image_dir, label_dir, "NNNNNNN.png (16-bit, class in channel 1)",
                           "restore the SYNTHIA GT/LABELS files for those images")
+
+    def label_header_problem(self, pair: Pair, mode: str) -> str | None:
+        if pair.encoding == "synthia_ids":
+            return None  # 16-bit with several channels (class, instance): any mode; decoding checks it
+        return super().label_header_problem(pair, mode)
 
     def load_label(self, pair: Pair) -> np.ndarray:
         if pair.encoding == "train_ids":

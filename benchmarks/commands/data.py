@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from benchmarks.errors import UserError
+from benchmarks.outputs import require_writable_file, require_writable_folder
 
 # The splits `check` looks at: required ones must exist, optional ones are checked when present.
 CHECK_SPLITS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -94,7 +95,12 @@ def run_check(root: Path, full: bool = False) -> tuple[list[tuple[str, str, str,
 def run(args: argparse.Namespace) -> int:
     """Run a `data` subcommand; user mistakes raise UserError (the CLI prints them, exit 2)."""
     if args.data_command == "check":
+        from datasets.base import broken_link
+
         root = args.root.expanduser()
+        link = broken_link(root)
+        if link:
+            raise UserError(f"--root {link}")
         if not root.is_dir():
             raise UserError(f"{root}: data root not found; pass an existing folder (or write the synthetic world: "
                             "python -m benchmarks data synth --out DIR)")
@@ -113,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from datasets.synthetic import format_frequencies, generate_world, save_preview
 
+        require_writable_folder(args.out, "--out")
+        if args.preview is not None:
+            require_writable_file(args.preview, "--preview", "preview.png")
         start = time.perf_counter()
         stats = generate_world(args.out, size=args.size, seed=args.seed, workers=args.workers)
         elapsed = time.perf_counter() - start

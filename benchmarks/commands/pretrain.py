@@ -5,18 +5,68 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.errors import UserError
+from benchmarks.outputs import require_writable_file
+
+if TYPE_CHECKING:  # imported when the command runs: it brings torch
+    from benchmarks.pretrain import PretrainConfig
 
 NAME = "pretrain"
 HELP = "pretrain the small proxy ViT on randomly styled generated scenes (no benchmark labels)"
+SHIPPED = Path("benchmarks/weights/proxy_vit.safetensors")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric pretraining option accepts."""
+
+    low: float
+    low_allowed: bool = True
+    high: float | None = None
+    note: str = ""
+
+    def problem(self, value: float) -> str | None:
+        if value < self.low or (value == self.low and not self.low_allowed):
+            return f"must be {'at least' if self.low_allowed else 'above'} {self.low:g}{self.note}"
+        if self.high is not None and value > self.high:
+            return f"must be at most {self.high:g}{self.note}"
+        return None
+
+
+# Every numeric field of PretrainConfig, so that a value the code cannot use never reaches rendering.
+OPTION_BOUNDS: dict[str, Bounds] = {
+    "scenes": Bounds(1),
+    "views": Bounds(1, note=" (1 turns the cross-style objective off)"),
+    "scene_height": Bounds(1),
+    "scene_width": Bounds(1),
+    "crop_size": Bounds(1),
+    "zoom": Bounds(0, low_allowed=False),
+    "steps": Bounds(1),
+    "batch_size": Bounds(1),
+    "lr": Bounds(0),
+    "weight_decay": Bounds(0),
+    # The warm-up divides by it; 1 already means none (the first step is at the full learning rate).
+    "warmup_steps": Bounds(1, note=" (1 means no warm-up)"),
+    "mask_ratio": Bounds(0, low_allowed=False, high=1),
+    "target_layers": Bounds(1),
+    "seed": Bounds(0),
+    "workers": Bounds(1),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from benchmarks.pretrain import PROXY_RECIPE, PretrainConfig
 
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/weights/proxy_vit.safetensors"))
+    parser.add_argument("--out", type=Path, default=SHIPPED,
+                        help=f"the checkpoint to write (default: the shipped one, {SHIPPED}); earlier "
+                             "stages and the .json recipe go beside it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoint (and its .json and stage files) if they exist; without "
+                             "it an existing file stops the command before anything is rendered")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--stage", type=int, choices=range(1, len(PROXY_RECIPE) + 1),
                         help="run only this stage of the shipped recipe (default: every stage in turn)")
@@ -34,11 +84,58 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _option(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _check_overrides(overrides: dict[str, float]) -> None:
+    for name, value in overrides.items():
+        problem = OPTION_BOUNDS[name].problem(value)
+        if problem:
+            raise UserError(f"{_option(name)} {value:g}: {problem}")
+
+
+def _check_stage(stage: PretrainConfig) -> None:
+    """What no single option's bounds catch: values that only fail together (as tracebacks or NaN losses)."""
+    from benchmarks.backbones import BACKBONES
+
+    patch = BACKBONES["proxy_vit"].native_patch
+    if stage.crop_size % patch:
+        raise UserError(f"--crop-size {stage.crop_size}: must be a multiple of {patch}, the proxy ViT's "
+                        "patch size")
+    largest_crop = stage.source_crop[1]
+    for name in ("scene_height", "scene_width"):
+        if getattr(stage, name) < largest_crop:
+            raise UserError(f"{_option(name)} {getattr(stage, name)}: must be at least {largest_crop}, "
+                            "the largest crop taken from a scene")
+    patches = (stage.crop_size // patch) ** 2
+    if int(stage.mask_ratio * patches) < 1:
+        raise UserError(f"--mask-ratio {stage.mask_ratio:g}: masks none of the {patches} patches of a "
+                        f"{stage.crop_size}-pixel crop; pass at least {1 / patches:g}")
+
+
+def _refuse_to_overwrite(out: Path, stages: int, first_stage: int) -> None:
+    from benchmarks.pretrain import stage_checkpoint
+
+    last_stage = first_stage + stages - 1
+    written = []
+    for number in range(first_stage, last_stage + 1):
+        checkpoint = stage_checkpoint(out, number, last_stage)
+        written += [checkpoint, checkpoint.with_suffix(".json")]
+    existing = [path for path in written if path.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more file(s) this pretraining writes)" if len(existing) > 1 else ""
+        which = "them" if more else "it"
+        raise UserError(f"{existing[0]} exists{more}; pass --overwrite to replace {which}, or --out PATH "
+                        "to write elsewhere")
+
+
 def run(args: argparse.Namespace) -> int:
     from benchmarks.pretrain import PROXY_RECIPE, PretrainConfig, pretrain_recipe
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
                  if getattr(args, f.name, None) is not None}
+    _check_overrides(overrides)
     stages = [dataclasses.replace(stage, **overrides) for stage in PROXY_RECIPE]
     first = 0
     if args.stage:
@@ -50,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
         stages = [dataclasses.replace(stages[first], init=args.init or "")]
     elif args.init:
         raise UserError("--init goes with --stage (the full recipe starts from random initialisation)")
+    for stage in stages:
+        _check_stage(stage)
+    require_writable_file(args.out, "--out", SHIPPED.name)
+    if not args.overwrite:
+        _refuse_to_overwrite(args.out, len(stages), first + 1)
     report = pretrain_recipe(stages, args.out, device=args.device, first_stage=first + 1)
     print(json.dumps(report, indent=2))
     return 0

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from benchmarks.commands.table import add_runs_argument, load_runs
+from benchmarks.outputs import require_writable_folder
 
 NAME = "report"
 HELP = "write a self-contained HTML report (every table and figure inline) from result files"
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from benchmarks.reports.html import write_report
 
+    require_writable_folder(args.out, "--out")
     page = write_report(load_runs(args.runs), args.out, title=args.title)
     print(page)
     return 0

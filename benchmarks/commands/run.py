@@ -8,6 +8,7 @@ import json
 import logging
 
 from benchmarks.config import Experiment, load_experiment
+from benchmarks.outputs import require_writable_folder
 
 NAME = "run"
 HELP = "train every chosen method on the source and score it on every target; print the leaderboard"
@@ -72,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
         print(describe(exp, args.methods))
         return 0
     specs = plan_runs(exp, args.methods)
-    log.info("preset %s: %d run(s), results under %s", exp.preset, len(specs), exp.resolve_path(exp.run.results_dir))
+    results_dir = exp.resolve_path(exp.run.results_dir)
+    # Before the data (maybe generated first) and any training: the first write is the first run's lock.
+    require_writable_folder(results_dir, "--results-dir")
+    log.info("preset %s: %d run(s), results under %s", exp.preset, len(specs), results_dir)
     if getattr(args, "launcher", "local") == "slurm":
         return submit(exp, args)
     from benchmarks import distributed

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from benchmarks.config import SETTINGS
 from benchmarks.errors import UserError
+from benchmarks.outputs import require_writable_file
 
 NAME = "table"
 HELP = "print paper-style tables from result files: the leaderboard, per-class IoU, or published vs harness"
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.reports.tables import build_tables
     from benchmarks.results import atomic_write_text
 
+    if args.output:
+        example = {"latex": "table.tex", "csv": "table.csv"}.get(args.format, "table.md")
+        require_writable_file(args.output, "--output", example)
     results = load_runs(args.runs)
     text = build_tables(results, fmt=args.format, per_class=args.per_class, published=args.published, setting=args.setting)
     print(text, end="" if text.endswith("\n") else "\n")

@@ -1,0 +1,395 @@
+"""Bad files and folders (issue 18, items 10, 11, 14, 15): one line, exit 2, before any work; nothing lost.
+
+- a run lock that names no live owner (empty after a full disk, garbage) is stale and taken over;
+- `pretrain` never overwrites an existing checkpoint unless asked, and refuses out-of-range options;
+- output paths that are files where folders belong (or the reverse), or not writable, are refused up front;
+- `data check` finds dataset folders that are broken symbolic links, and colour labels in every header
+  it reads.
+
+Commands run in this process through `benchmarks.cli.main`; rendering, training and the synthetic world's
+generation are replaced by stand-ins that fail the test if they start (the checks must come first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.cli import main
+from benchmarks.errors import UserError
+from benchmarks.launchers import RunLock, lock_path
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_line(err: str) -> str:
+    """The one `error:` line the user sees; fails on a traceback or on several lines."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _age(path: Path, seconds: float = 3600.0) -> None:
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+# -- item 10: a lock naming no live owner -------------------------------------------------------------
+@pytest.mark.parametrize("content", [b"", b'{"pid": 12', b"\x00\xff\xfe", b"[1, 2]", b'{"since": 0}',
+                                     b'{"pid": "12", "host": "x"}'],
+                         ids=["empty", "truncated", "binary", "not-an-object", "no-pid", "pid-not-a-number"])
+def test_lock_naming_no_owner_is_stale_and_taken_over_with_a_warning(tmp_path, caplog, content):
+    result = tmp_path / "run.json"
+    lock_path(result).write_bytes(content)
+    _age(lock_path(result))
+    lock = RunLock(result)
+    with caplog.at_level(logging.WARNING, logger="benchmarks.launchers"):
+        assert lock.acquire()
+    owner = json.loads(lock_path(result).read_text())
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("stale lock" in m and str(lock_path(result)) in m for m in warnings), warnings
+    assert not list(tmp_path.glob("*.stale-*"))
+    lock.release()
+    assert not lock_path(result).exists()
+
+
+def test_empty_lock_seconds_old_is_left_to_the_runner_writing_it(tmp_path):
+    """Between creating its lock and writing its owner into it a live runner's lock is empty."""
+    result = tmp_path / "run.json"
+    lock_path(result).write_bytes(b"")
+    assert not RunLock(result).acquire()
+    assert lock_path(result).read_bytes() == b""
+
+
+def test_lock_whose_owner_cannot_be_written_is_removed(tmp_path, monkeypatch):
+    """A full disk fails the owner's write: the empty lock goes with one line instead of blocking the run."""
+    import benchmarks.launchers as launchers
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(launchers.json, "dump", full_disk)
+    result = tmp_path / "run.json"
+    with pytest.raises(UserError, match="No space left on device") as caught:
+        RunLock(result).acquire()
+    assert "\n" not in str(caught.value) and str(lock_path(result)) in str(caught.value)
+    assert not lock_path(result).exists()
+
+
+def test_run_whose_lock_was_left_empty_by_a_full_disk_is_run(tiny_world, tmp_path, caplog):
+    from benchmarks.config import load_experiment
+    from benchmarks.runner import RunSpec, experiment_for, run_matrix
+
+    results = tmp_path / "results"
+    exp = load_experiment("smoke", [f"data.root={str(tiny_world)!r}", f"run.results_dir={str(results)!r}",
+                                    "train.iters=1", "data.eval_limit=1"])
+    spec = RunSpec("G->CBM", "proxy_vit", "freeze", 42)
+    path = spec.path(experiment_for(exp, spec), results)
+    path.parent.mkdir(parents=True)
+    lock_path(path).write_bytes(b"")
+    _age(lock_path(path))
+    with caplog.at_level(logging.INFO, logger="benchmarks"):
+        found = run_matrix(exp, "freeze", progress=False)
+    assert [(r["method"]["name"], r["status"]) for r in found] == [("freeze", "finished")]
+    assert path.exists() and not lock_path(path).exists()
+    assert any("stale lock" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+# -- item 11: pretrain over an existing checkpoint, and its options' ranges ----------------------------
+@pytest.fixture
+def pretraining_calls(monkeypatch) -> list:
+    """Records what `pretrain` would train instead of rendering and training (minutes)."""
+    import benchmarks.pretrain as pretrain
+
+    calls: list = []
+
+    def record(stages, out, device="cpu", first_stage=1):
+        calls.append((stages, Path(out), first_stage))
+        return {"recorded": True}
+
+    monkeypatch.setattr(pretrain, "pretrain_recipe", record)
+    monkeypatch.setattr(pretrain, "render_pool", lambda cfg: pytest.fail("rendering started"))
+    return calls
+
+
+def test_pretrain_with_default_out_refuses_to_overwrite_the_shipped_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                               pretraining_calls):
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: this checkout's shipped file is out of reach
+    shipped = Path("benchmarks/weights/proxy_vit.safetensors")
+    shipped.parent.mkdir(parents=True)
+    shipped.write_bytes(b"the shipped weights")
+    code, out, err = _cli(["pretrain"], capsys)
+    line = _error_line(err)
+    assert code == 2
+    assert str(shipped) in line and "--overwrite" in line, line
+    assert shipped.read_bytes() == b"the shipped weights"
+    assert pretraining_calls == [] and out == ""
+
+
+@pytest.mark.parametrize("existing", ["x.safetensors", "x.json", "x-stage1.safetensors", "x-stage1.json"])
+def test_pretrain_refuses_to_overwrite_any_file_of_the_recipe(tmp_path, capsys, pretraining_calls, existing):
+    (tmp_path / existing).write_text("earlier")
+    code, _, err = _cli(["pretrain", "--out", str(tmp_path / "x.safetensors")], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(tmp_path / existing) in line and "--overwrite" in line, line
+    assert (tmp_path / existing).read_text() == "earlier"
+    assert pretraining_calls == []
+
+
+def test_pretrain_overwrites_when_asked(tmp_path, capsys, pretraining_calls):
+    out = tmp_path / "x.safetensors"
+    out.write_text("earlier")
+    code, _, err = _cli(["pretrain", "--out", str(out), "--overwrite", "--steps", "1"], capsys)
+    assert code == 0, err
+    assert [(call[1], [stage.steps for stage in call[0]]) for call in pretraining_calls] == [(out, [1, 1])]
+
+
+def test_pretrain_out_that_is_a_folder_is_refused(tmp_path, capsys, pretraining_calls):
+    code, _, err = _cli(["pretrain", "--out", str(tmp_path)], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(tmp_path) in line and "folder" in line, line
+    assert pretraining_calls == []
+
+
+def _numeric_options() -> list[str]:
+    from benchmarks.pretrain import PretrainConfig
+
+    numeric = [f.name for f in dataclasses.fields(PretrainConfig) if f.type in ("int", "float")]
+    return [f"--{name.replace('_', '-')}" for name in numeric]
+
+
+def test_every_numeric_pretrain_option_is_covered():
+    """Guards the test below: an option added later is checked too."""
+    assert {"--steps", "--warmup-steps", "--batch-size", "--views", "--lr"} <= set(_numeric_options())
+
+
+@pytest.mark.parametrize("option", _numeric_options())
+def test_pretrain_option_below_its_range_is_one_line(tmp_path, capsys, pretraining_calls, option):
+    code, _, err = _cli(["pretrain", "--out", str(tmp_path / "new.safetensors"), option, "-1"], capsys)
+    line = _error_line(err)
+    assert code == 2 and option in line and "-1" in line, line
+    assert pretraining_calls == []
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--steps", "0", "at least 1"),
+    ("--warmup-steps", "0", "at least 1"),
+    ("--batch-size", "0", "at least 1"),
+    ("--scenes", "0", "at least 1"),
+    ("--views", "0", "at least 1"),
+    ("--workers", "0", "at least 1"),
+    ("--mask-ratio", "0", "above 0"),
+    ("--mask-ratio", "1.5", "at most 1"),
+    ("--zoom", "0", "above 0"),
+    ("--crop-size", "36", "multiple of 8"),
+    ("--scene-height", "100", "128"),
+])
+def test_pretrain_option_out_of_range_is_one_line(tmp_path, capsys, pretraining_calls, option, value,
+                                                  expected):
+    code, _, err = _cli(["pretrain", "--out", str(tmp_path / "new.safetensors"), option, value], capsys)
+    line = _error_line(err)
+    assert code == 2 and option in line and value in line and expected in line, line
+    assert pretraining_calls == [] and not list(tmp_path.iterdir())
+
+
+# -- item 14: output paths ----------------------------------------------------------------------------
+@pytest.fixture
+def no_training(monkeypatch) -> None:
+    import benchmarks.protocol as protocol
+
+    monkeypatch.setattr(protocol, "train", lambda *args, **kwargs: pytest.fail("training started"))
+
+
+def _run_args(world: Path, results: Path) -> list[str]:
+    return ["run", "--preset", "smoke", "--methods", "freeze", "--data-root", str(world), "--results-dir",
+            str(results), "--no-progress", "--set", "train.iters=1"]
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["the-file", "a-folder-below-it"])
+def test_run_results_dir_that_is_a_file_is_one_line(tiny_world, tmp_path, capsys, no_training, below):
+    notes = tmp_path / "notes"
+    notes.write_text("my notes\n")
+    results = notes / "results" if below else notes
+    code, _, err = _cli(_run_args(tiny_world, results), capsys)
+    line = _error_line(err)
+    assert code == 2 and str(notes) in line and "is a file" in line and "--results-dir" in line, line
+    assert notes.read_text() == "my notes\n" and sorted(tmp_path.iterdir()) == [notes]
+
+
+def test_run_results_dir_read_only_is_one_line(tiny_world, tmp_path, capsys, no_training):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "earlier.json").write_text("{}")
+    results.chmod(0o555)
+    try:
+        if os.access(results, os.W_OK):
+            pytest.skip("running as root: a read-only mode does not stop root from writing, so the folder is "
+                        "writable anyway and there is nothing to refuse")
+        code, _, err = _cli(_run_args(tiny_world, results), capsys)
+        line = _error_line(err)
+        assert code == 2 and str(results) in line and "not writable" in line, line
+        assert sorted(p.name for p in results.iterdir()) == ["earlier.json"]
+    finally:
+        results.chmod(0o755)
+
+
+@pytest.fixture
+def runs_dir(tmp_path) -> Path:
+    from benchmarks.results import write_result
+    from tests.test_reports import cbm, make_result
+
+    folder = tmp_path / "runs"
+    write_result(folder / "freeze.json", make_result("freeze", 1, cbm(30.0, 25.0, 22.0), curves=True))
+    write_result(folder / "full.json", make_result("full", 1, cbm(50.0, 20.0, 30.0), curves=True))
+    return folder
+
+
+def test_table_output_that_is_a_folder_is_one_line(runs_dir, tmp_path, capsys):
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    (folder / "earlier.md").write_text("earlier")
+    code, out, err = _cli(["table", "--runs", str(runs_dir), "--output", str(folder)], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(folder) in line and "is a folder" in line and "--output" in line, line
+    assert out == "" and [p.name for p in folder.iterdir()] == ["earlier.md"]
+
+
+def test_report_out_that_is_a_file_is_one_line(runs_dir, tmp_path, capsys):
+    page = tmp_path / "report.html"
+    page.write_text("an earlier report")
+    code, out, err = _cli(["report", "--runs", str(runs_dir), "--out", str(page)], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(page) in line and "is a file" in line and "--out" in line, line
+    assert page.read_text() == "an earlier report" and out == ""
+
+
+@pytest.fixture
+def no_generation(monkeypatch) -> None:
+    import datasets.synthetic as synthetic
+
+    def fail(*args, **kwargs):
+        pytest.fail("generation started")
+
+    monkeypatch.setattr(synthetic, "generate_world", fail)
+
+
+def test_data_synth_out_that_is_a_file_is_one_line(tmp_path, capsys, no_generation):
+    target = tmp_path / "world"
+    target.write_text("not a folder")
+    code, _, err = _cli(["data", "synth", "--out", str(target)], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(target) in line and "is a file" in line and "--out" in line, line
+    assert target.read_text() == "not a folder"
+
+
+def test_data_synth_preview_that_is_a_folder_is_one_line(tmp_path, capsys, no_generation):
+    argv = ["data", "synth", "--out", str(tmp_path / "world"), "--preview", str(tmp_path)]
+    code, _, err = _cli(argv, capsys)
+    line = _error_line(err)
+    assert code == 2 and str(tmp_path) in line and "is a folder" in line and "--preview" in line, line
+    assert not (tmp_path / "world").exists()
+
+
+# -- item 15: broken links and colour labels under a data root ----------------------------------------
+@pytest.fixture
+def world_copy(tiny_world, tmp_path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_world, root, symlinks=True)
+    return root
+
+
+def _dangling(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.symlink_to(path.parent / "gone")
+
+
+def _looping(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.symlink_to(path.name)  # relative to its own folder: itself
+
+
+@pytest.mark.parametrize("inside", ["mapillary", "bdd100k", "gta/labels", "cityscapes/leftImg8bit",
+                                    "cityscapes/gtFine/val/frankfurt", "bdd100k/images/10k/val",
+                                    "mapillary/validation/v1.2/labels"])
+@pytest.mark.parametrize("breaking", [_dangling, _looping], ids=["dangling", "loop"])
+def test_data_check_names_a_broken_link_to_a_dataset_folder(world_copy, capsys, inside, breaking):
+    link = world_copy / inside
+    breaking(link)
+    code, out, err = _cli(["data", "check", "--root", str(world_copy)], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(link) in line and "symbolic link" in line, line
+
+
+def test_data_check_names_a_broken_link_to_an_image(world_copy, capsys):
+    image = next(iter(sorted((world_copy / "bdd100k/images/10k/val").iterdir())))
+    _dangling(image)
+    code, out, err = _cli(["data", "check", "--root", str(world_copy)], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(image) in line and "symbolic link" in line, line
+
+
+def _rgb_label_like(label: Path) -> None:
+    width, height = Image.open(label).size
+    Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(label)
+
+
+def test_data_check_reports_an_rgb_label_outside_its_sample(world_copy, capsys):
+    """20 GTAV pairs: 8 evenly spaced ones are decoded (0, 2, 5, ...), every other header is read."""
+    images, labels = world_copy / "gta/images", world_copy / "gta/labels"
+    for number in range(len(list(images.iterdir())) + 1, 21):
+        shutil.copy(images / "00001.png", images / f"{number:05d}.png")
+        shutil.copy(labels / "00001.png", labels / f"{number:05d}.png")
+    _rgb_label_like(labels / "00002.png")
+    code, out, err = _cli(["data", "check", "--root", str(world_copy)], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(labels / "00002.png") in line and "mode RGB" in line, line
+
+
+def test_check_reads_label_headers_for_every_pair_not_only_the_sampled(world_copy):
+    from datasets.registry import get_adapter
+
+    adapter = get_adapter("cityscapes")(world_copy, "val")
+    last = adapter.pairs()[-1].label  # with one sample only the first pair is decoded
+    _rgb_label_like(last)
+    problems = adapter.check(sample=1)
+    assert len(problems) == 1 and str(last) in problems[0] and "mode RGB" in problems[0], problems
+
+
+def test_synthia_labels_with_three_channels_are_its_encoding_not_a_problem(tmp_path):
+    """SYNTHIA ships 16-bit multi-channel labels (class in the first channel): their header is fine."""
+    from datasets.registry import get_adapter
+    from tests.test_datasets_adapters import build_synthia
+
+    build_synthia(tmp_path)
+    assert get_adapter("synthia")(tmp_path, "train").check(sample=1) == []
+
+
+def test_data_root_that_is_a_broken_link_is_named_by_check_and_by_run(tmp_path, capsys, no_generation,
+                                                                      no_training):
+    """`run` would otherwise generate the synthetic world for minutes and fail at the final rename."""
+    root = tmp_path / "data"
+    root.symlink_to(tmp_path / "unmounted")
+    code, _, err = _cli(["data", "check", "--root", str(root)], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(root) in line and "symbolic link" in line, line
+    code, _, err = _cli(_run_args(root, tmp_path / "results"), capsys)
+    line = _error_line(err)
+    assert code == 2 and str(root) in line and "symbolic link" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
