@@ -92,7 +92,7 @@ def time_breakdown(model, method, exp, device: torch.device, steps: int = 3) -> 
     """Profile `steps` protocol training steps (after one warm-up step) and summarise them."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from benchmarks.profiling import time_training_steps
+    from benchmarks.timing import time_training_steps
 
     on_device = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])

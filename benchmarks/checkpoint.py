@@ -149,6 +149,7 @@ def save_checkpoint(
     config_hash: str,
     world_size: int,
     rng_states: list[dict[str, Any]],
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     path = checkpoint_file(result_path)
     payload = {
@@ -160,6 +161,7 @@ def save_checkpoint(
         "train_state": asdict(train_state),
         "method": method_state,
         "rng": rng_states,
+        "provenance": provenance,  # the weights and data trained on: a resume onto other files is refused
     }
     atomic_torch_save(payload, path)
     log.info("checkpoint at iteration %d: %s", train_state.step, path)

@@ -94,7 +94,8 @@ class TrainConfig:
     """"auto": bf16 autocast on CUDA, fp32 on CPU; "bf16", "fp16" or "none" to force."""
     log_interval: int = 50
     eval_interval: int = 0
-    """Evaluate the targets every N iterations (0 = only at the end)."""
+    """Score the held-out source pairs (data.source_holdout) every N iterations (0 = never); targets are
+    scored once, after training, so no model is chosen on the unseen domains."""
     checkpoint_interval: int = -1
     """Save a resumable checkpoint every N iterations; 0 = never; -1 = by training time (`protocol.CheckpointCadence`:
     about every 5 minutes, spaced so saving costs under 1 % of the training time, and once when training ends)."""
@@ -290,6 +291,11 @@ def validate(exp: Experiment) -> None:
             raise UserError(f"{key}={value!r} is not one of {', '.join(choices)}")
     if not DEVICE_PATTERN.fullmatch(exp.train.device):
         raise UserError(f"train.device={exp.train.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if exp.train.eval_interval and not exp.data.source_holdout:
+        raise UserError(
+            f"train.eval_interval={exp.train.eval_interval} scores held-out source pairs during training (never a "
+            "target), but data.source_holdout=0 holds none out; set data.source_holdout=N or train.eval_interval=0"
+        )
     if exp.eval.stride > exp.eval.crop_size:
         raise UserError(
             f"eval.stride={exp.eval.stride} exceeds eval.crop_size={exp.eval.crop_size}: the sliding windows would "

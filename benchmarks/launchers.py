@@ -6,166 +6,23 @@ preset and overrides it was given, checks it hashes to what was submitted, and c
 `runner.execute_run` under the run's lock — so a job that is pre-empted and requeued, or a
 command re-run by hand, resumes from the run's checkpoint and never duplicates a finished run.
 
-Run locks: two runners sharing a results folder (two shells, two slurm jobs, a requeued job and
-its ghost) never execute the same run at once. A run's lock is `<result stem>.lock`, created with
-O_CREAT|O_EXCL and holding the owner's pid and host. A lock whose pid is dead on this host is
-stale and taken over, and so is one that names no owner at all (empty, as a full disk leaves it, or
-unreadable) once it has gone unchanged longer than any owner takes to write itself into it; a lock of
-a live process, or of another host (whose pids we cannot check), makes this runner skip the run with a
-log line.
+Runs are claimed through `benchmarks.locking.RunLock`, next to the results they guard.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
-import json
 import logging
 import os
-import socket
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.config import Experiment, load_experiment
 from benchmarks.errors import UserError
+from benchmarks.locking import RunLock, lock_path  # noqa: F401  (re-exported: where they were)
 
 log = logging.getLogger(__name__)
-
-
-# -- run locks --------------------------------------------------------------------------------------
-def lock_path(result_path: Path) -> Path:
-    return result_path.with_name(result_path.stem + ".lock")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-# A runner writes its pid and host into the lock right after creating it. A lock still naming no owner
-# this long after its last change was left by a runner that died, or hit a full disk, while writing it.
-UNNAMED_LOCK_STALE_AFTER_S = 60.0
-
-
-def _read_owner(path: Path) -> dict[str, Any] | None:
-    try:
-        owner = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
-        return {}  # being written right now, or garbage: stale once unchanged for a while (`_why_stale`)
-    return owner if isinstance(owner, dict) else {}
-
-
-def _names_owner(owner: dict[str, Any]) -> bool:
-    pid, host = owner.get("pid"), owner.get("host")
-    return isinstance(pid, int) and not isinstance(pid, bool) and isinstance(host, str) and bool(host)
-
-
-def _why_stale(path: Path, owner: dict[str, Any]) -> str | None:
-    """Why the lock at `path`, holding `owner`, belongs to no live runner; None while one may hold it."""
-    if _names_owner(owner):
-        pid, host = owner["pid"], owner["host"]
-        if host != socket.gethostname() or _pid_alive(pid):
-            return None
-        return f"of dead process {pid} on {host}"
-    try:
-        unchanged_s = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    if unchanged_s < UNNAMED_LOCK_STALE_AFTER_S:
-        return None  # its runner may be writing itself into it right now
-    return f"naming no owner (empty or unreadable, unchanged for {unchanged_s:.0f} s)"
-
-
-@dataclass
-class RunLock:
-    """An exclusive claim on one run; `acquire()` is False when another live runner holds it."""
-
-    result_path: Path
-    owner: dict[str, Any] = field(default_factory=dict)
-    held: bool = False
-
-    @property
-    def path(self) -> Path:
-        return lock_path(self.result_path)
-
-    def acquire(self) -> bool:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._take_over_if_stale():
-                    continue
-                return False
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(me, handle)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            except OSError as err:
-                # An empty lock left behind would keep every later runner off this run.
-                self.path.unlink(missing_ok=True)
-                fix = "free space on that disk or " if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-                raise UserError(f"{self.path}: cannot write the run lock ({err.strerror or err}); "
-                                f"{fix}pass another --results-dir") from None
-            self.owner, self.held = me, True
-            return True
-        self.owner = _read_owner(self.path) or {}
-        return False
-
-    def _take_over_if_stale(self) -> bool:
-        owner = _read_owner(self.path)
-        if owner is None:
-            return True  # released meanwhile: try again
-        self.owner = owner
-        reason = _why_stale(self.path, owner)
-        if reason is None:
-            return False
-        # Rename first: of several runners that found the same stale lock exactly one moves it.
-        grave = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
-        try:
-            os.rename(self.path, grave)
-        except FileNotFoundError:
-            return True
-        if _why_stale(grave, _read_owner(grave) or {}) is None:
-            # A live lock replaced the stale one between our read and our rename: give it back.
-            try:
-                os.link(grave, self.path)
-            except OSError as err:
-                if err.errno != errno.EEXIST:
-                    raise
-            grave.unlink(missing_ok=True)
-            return False
-        grave.unlink(missing_ok=True)
-        log.warning("took over the stale lock %s: %s", reason, self.path)
-        return True
-
-    def release(self) -> None:
-        if self.held:
-            current = _read_owner(self.path)
-            if current and current.get("pid") == self.owner.get("pid") and current.get("host") == self.owner.get("host"):
-                self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def describe_owner(self) -> str:
-        if not self.owner:
-            return "another runner"
-        return f"pid {self.owner.get('pid')} on {self.owner.get('host')}"
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 # -- slurm through submitit -------------------------------------------------------------------------

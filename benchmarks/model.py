@@ -14,10 +14,21 @@ whatever method set that up: the protocol never asks which method it runs.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from benchmarks.errors import UserError
+
+if TYPE_CHECKING:
+    from benchmarks.config import Experiment
+    from benchmarks.method import Method
+
+NUM_CLASSES = 19
 
 
 class SegModel(nn.Module):
@@ -66,3 +77,58 @@ class SegModel(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Per-class scores [B, K, H, W] at the input size."""
         return self.head.semantic_logits(self(images), images.shape[-2:])
+
+
+# -- from the config --------------------------------------------------------------------------------
+def weights_for(exp: Experiment, backbone: str) -> str | None:
+    for entry in exp.model.weights:
+        name, sep, path = entry.partition("=")
+        if not sep or not path:
+            raise UserError(f"model.weights entry {entry!r} must look like BACKBONE=PATH")
+        if name == backbone:
+            return path
+    return None
+
+
+def effective_weights(exp: Experiment, backbone: str) -> str | None:
+    """The weight file a run of `backbone` loads: the one given, else the shipped default if present."""
+    from benchmarks.backbones import get_spec
+
+    given = weights_for(exp, backbone)
+    if given is not None:
+        return None if given == "random" else given
+    default = get_spec(backbone).default_weights
+    return str(default) if default is not None and Path(default).is_file() else None
+
+
+def build_model(exp: Experiment, method: Method | None = None, device: str | torch.device | None = None) -> SegModel:
+    """Backbone and head from the config, then the method attached (seeded: same head init for all)."""
+    from benchmarks.backbones import build_backbone
+    from benchmarks.heads import build_head
+
+    try:
+        head_options = json.loads(exp.model.head_options)
+    except json.JSONDecodeError as err:
+        raise UserError(f"model.head_options must be a JSON object, e.g. '{{\"hidden_dim\": 64}}': {err}") from None
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        backbone = build_backbone(
+            exp.model.backbone,
+            img_size=exp.model.img_size,
+            weights=weights_for(exp, exp.model.backbone),
+            patch_size=exp.model.patch_size or None,
+            resample=exp.model.patch_resample,
+        )
+        head = build_head(exp.model.head, backbone.embed_dim, NUM_CLASSES, **head_options)
+        model = SegModel(backbone, head)
+        if method is not None:
+            method.attach(model)
+    return model
+
+
+def reported_parameter_counts(exp: Experiment, method_name: str) -> dict[str, int]:
+    """The counts a run of `method_name` on `exp`'s model reports (the method's own report, see
+    `Method.parameter_counts`), from a meta-device build: shapes only, no memory, no weights read."""
+    from benchmarks.method import build_method
+
+    method = build_method(method_name, exp.methods.get(method_name))
+    return method.parameter_counts(build_model(exp, method, device="meta"))

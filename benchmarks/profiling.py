@@ -34,11 +34,8 @@ import math
 import os
 import platform
 import re
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +43,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from benchmarks.config import Experiment, experiment_from_dict
 from benchmarks.errors import UserError
+from benchmarks.memory import current_rss_mb, is_out_of_memory, peak_memory, reset_peak_memory  # noqa: F401
 from benchmarks.method import build_method
+from benchmarks.synthetic_inputs import SyntheticSource, eval_image_size, window_count, without_weight_files  # noqa: F401
+from benchmarks.timing import summarize, time_inference, time_training_steps  # noqa: F401
 
 log = logging.getLogger(__name__)
 NUM_CLASSES = 19
@@ -112,99 +111,6 @@ class ProfileSettings:
         from benchmarks.breakdown import LOW_MFU
 
         return self.breakdown == "all" or (self.breakdown == "auto" and mfu is not None and mfu < LOW_MFU)
-
-
-# -- summaries ----------------------------------------------------------------------------------------
-def summarize(samples: list[float]) -> dict[str, Any]:
-    """Median and inter-quartile range (the spread that ignores a stray slow repeat)."""
-    if not samples:
-        return {"median": None, "q1": None, "q3": None, "iqr": None, "n": 0}
-    if len(samples) == 1:
-        q1 = q3 = samples[0]
-    else:
-        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return {"median": statistics.median(samples), "q1": q1, "q3": q3, "iqr": q3 - q1, "n": len(samples)}
-
-
-# -- memory -------------------------------------------------------------------------------------------
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(match.group(1)) / 1024 if match else None
-
-
-def current_rss_mb() -> float | None:
-    return _proc_status_mb("VmRSS")
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak: the allocator's on CUDA, the process's high-water RSS mark on Linux."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory(device: torch.device | str) -> dict[str, Any]:
-    """Peak since the last `reset_peak_memory`: {"peak_memory_mb", "peak_memory_reserved_mb", "memory_kind"}."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return {
-            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-            "peak_memory_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
-            "memory_kind": "cuda max allocated (reserved beside it)",
-        }
-    hwm = _proc_status_mb("VmHWM")
-    if hwm is not None:
-        return {"peak_memory_mb": hwm, "peak_memory_reserved_mb": None, "memory_kind": "process peak RSS (VmHWM)"}
-    # Without /proc the lifetime maximum is all there is (KiB on Linux, bytes on macOS).
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 2**20 if sys.platform == "darwin" else 2**10
-    return {"peak_memory_mb": maxrss / scale, "peak_memory_reserved_mb": None, "memory_kind": "process lifetime max RSS"}
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-# -- synthetic inputs ---------------------------------------------------------------------------------
-class SyntheticSource(Dataset):
-    """A few rendered street scenes at the crop size, served for any (index, seed) the stream asks.
-
-    Rendered once (the synthetic world's generator, so labels have real structure for the
-    Mask2Former matcher) and returned as tensors: the profile times the step, not data loading.
-    """
-
-    def __init__(self, crop_size: int, count: int, seed: int = 0):
-        from datasets.synthetic import STYLES, render_scene
-        from datasets.transforms import MEAN, STD, label_tensor, to_tensor
-
-        rng = np.random.default_rng(seed)
-        self.samples = []
-        for _ in range(max(count, 1)):
-            image, label, _ = render_scene(rng, STYLES["gtav"], crop_size, crop_size)
-            self.samples.append({"image": to_tensor(image, MEAN, STD), "label": label_tensor(label)})
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        index = item[0] if isinstance(item, tuple) else item
-        return self.samples[index % len(self.samples)]
-
-
-def without_weight_files(exp: Experiment) -> Experiment:
-    return dataclasses.replace(exp, model=dataclasses.replace(exp.model, weights=()))
 
 
 # -- FLOPs --------------------------------------------------------------------------------------------
@@ -285,18 +191,6 @@ def surrogate_loss(outputs: Any) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
-def window_count(height: int, width: int, crop: int, stride: int) -> int:
-    from benchmarks.protocol import window_origins
-
-    return len(window_origins(height, crop, stride)) * len(window_origins(width, crop, stride))
-
-
-def eval_image_size(exp: Experiment) -> tuple[int, int]:
-    """(H, W) of a target image as evaluated: the fit box (long, short) of Cityscapes/Mapillary."""
-    long_edge, short_edge = exp.eval.fit_size
-    return int(short_edge), int(long_edge)
-
-
 def _count_model_flops(model: torch.nn.Module, exp: Experiment, batch_size: int, real_loss: bool) -> tuple[int, int]:
     """(forward FLOPs of one crop, training-step FLOPs of `batch_size` crops) on the model's device."""
     device = next(model.parameters()).device
@@ -333,7 +227,7 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from benchmarks.runner import build_model
+    from benchmarks.model import build_model
 
     exp = without_weight_files(exp)
     batch = exp.train.batch_size
@@ -364,78 +258,6 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
     }
 
 
-# -- timing -------------------------------------------------------------------------------------------
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _EnoughSteps(Exception):
-    """Raised from the step hook once the timed steps are done: ends `protocol.train` early."""
-
-
-def time_training_steps(model, method, exp: Experiment, device: torch.device, warmup: int, repeats: int,
-                        start_fraction: float = 0.5, each_step: Callable[[], None] | None = None) -> list[float]:
-    """Seconds per step of the protocol's training loop, warm-up steps dropped.
-
-    Runs `benchmarks.protocol.train` itself (the real step path, hooks and schedule included) on
-    in-memory batches, resumed at `start_fraction` of the schedule. The method's `on_step` is
-    wrapped to stamp the time at each step's start (after a device synchronisation, so the stamp
-    closes the previous step's device work) and to stop the loop after the timed steps.
-    `each_step` is called at every stamp (a profiler's `step`).
-    """
-    from benchmarks.protocol import TrainState, train
-
-    exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, num_workers=0))
-    source = SyntheticSource(exp.data.crop_size, count=exp.train.batch_size)
-    stamps: list[float] = []
-    needed = warmup + repeats + 1
-    original = method.on_step
-
-    def stamped_on_step(step: int, ctx: Any) -> None:
-        _synchronize(device)
-        stamps.append(time.perf_counter())
-        if each_step is not None:
-            each_step()
-        if len(stamps) >= needed:
-            raise _EnoughSteps
-        original(step, ctx)
-
-    start = min(int(exp.train.iters * start_fraction), max(exp.train.iters - needed, 0))
-    if exp.train.iters - start < needed:  # a short schedule: stretch it, the step is the same
-        exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, iters=start + needed))
-    method.on_step = stamped_on_step
-    try:
-        train(model, method, source, exp, device, state=TrainState(step=start), progress=False)
-    except _EnoughSteps:
-        pass
-    finally:
-        del method.on_step
-    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return steps[warmup:]
-
-
-def time_inference(model, exp: Experiment, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds per target image of the protocol's sliding-window inference."""
-    from benchmarks.protocol import autocast, autocast_dtype, slide_logits
-
-    amp = autocast_dtype(exp.train.amp, device)
-    height, width = eval_image_size(exp)
-    image = torch.randn(1, 3, height, width, device=device)
-    model.eval()
-    seconds = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            _synchronize(device)
-            started = time.perf_counter()
-            with autocast(device, amp):
-                slide_logits(model, image, exp.eval, NUM_CLASSES)
-            _synchronize(device)
-            if i >= warmup:
-                seconds.append(time.perf_counter() - started)
-    return seconds
-
-
 # -- one method ---------------------------------------------------------------------------------------
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -451,8 +273,8 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
     peak_memory_mb, flops_forward_per_image, flops_train_step_per_image, mfu, device, dtype) and
     the details behind them. Out-of-memory is reported as status "oom", not raised.
     """
+    from benchmarks.model import build_model
     from benchmarks.protocol import autocast_dtype, seed_everything, select_device
-    from benchmarks.runner import build_model
 
     settings = settings or ProfileSettings()
     device = select_device(str(device)) if not isinstance(device, torch.device) else device
@@ -596,7 +418,7 @@ def profile_methods(exp: Experiment, methods: Iterable[str], device: str = "auto
 
 def flops_table(exp: Experiment, methods: Iterable[str]) -> list[dict[str, Any]]:
     """FLOPs and parameter counts only (no timing): paper scale on any machine in seconds per method."""
-    from benchmarks.runner import reported_parameter_counts
+    from benchmarks.model import reported_parameter_counts
 
     exp = without_weight_files(exp)
     rows = []

@@ -256,7 +256,8 @@ class CheckpointCadence:
 class TrainHooks:
     """Callbacks from the runner: periodic evaluation and checkpointing, kept out of the loop body."""
 
-    evaluate: Callable[[int], dict[str, float]] | None = None
+    evaluate: Callable[[int], float] | None = None
+    """Scores the held-out source pairs every `train.eval_interval` iterations (never a target)."""
     checkpoint: Callable[[TrainState, torch.optim.Optimizer], None] | None = None
 
 
@@ -364,7 +365,7 @@ def train(
             running_count = 0
         bar.update(1)
         if hooks.evaluate and cfg.eval_interval and state.step % cfg.eval_interval == 0 and state.step < cfg.iters:
-            state.evaluations.append({"iter": state.step, "targets": hooks.evaluate(state.step)})
+            state.evaluations.append({"iter": state.step, "source_heldout": hooks.evaluate(state.step)})
             model.train()
         if hooks.checkpoint and cadence.due(state.step, trained_here + time.perf_counter() - started):
             save_checkpoint()

@@ -65,7 +65,21 @@ def run_key(result: dict[str, Any]) -> str:
 
 def baseline_entry(result: dict[str, Any]) -> dict[str, Any]:
     targets = {name: metrics.get("miou") for name, metrics in (result.get("targets") or {}).items()}
-    return {"targets": targets, "average_miou": result.get("average_miou"), "params": dict(result.get("params") or {})}
+    entry = {"targets": targets, "average_miou": result.get("average_miou"), "params": dict(result.get("params") or {})}
+    inputs = inputs_of(result)
+    if inputs is not None:
+        entry["inputs"] = inputs
+    return entry
+
+
+def inputs_of(result: dict[str, Any]) -> dict[str, Any] | None:
+    """What a run's numbers were computed from, as far as it holds across machines: the backbone
+    weights' sha256 and each split's pair count (PNG bytes depend on the zlib that wrote the world)."""
+    record = result.get("provenance")
+    if not isinstance(record, dict):
+        return None
+    return {"weights_sha256": (record.get("weights") or {}).get("sha256"),
+            "pairs": {split: fp.get("pairs") for split, fp in sorted((record.get("data") or {}).items())}}
 
 
 def make_baseline(results: Iterable[dict[str, Any]], preset: str = "smoke",
@@ -194,6 +208,13 @@ def compare(baseline: dict[str, Any], results: Iterable[dict[str, Any]],
             diffs.append(Difference(key, "failed", "", "finished", res.get("status"), True, f"{key}: did not finish: {reason}"))
             continue
         got = baseline_entry(res)
+        # Fingerprints before numbers: numbers computed from other weights or data are not a regression
+        # (nor a pass); they say the baseline no longer describes what ran.
+        if isinstance(want.get("inputs"), dict) and got.get("inputs") and want["inputs"] != got["inputs"]:
+            diffs.append(Difference(key, "inputs", "", want["inputs"], got["inputs"], True,
+                                    f"{key}: ran on other inputs than the baseline ({_inputs_change(want['inputs'], got['inputs'])}); "
+                                    "numbers not compared; if intended, regenerate it with --update-baseline"))
+            continue
         metrics = [(name, value, got["targets"].get(name)) for name, value in (want.get("targets") or {}).items()]
         metrics.append(("average", want.get("average_miou"), got["average_miou"]))
         for name, old, new in metrics:
@@ -222,6 +243,17 @@ def compare(baseline: dict[str, Any], results: Iterable[dict[str, Any]],
         diffs.append(Difference(key, "new", "", None, res.get("status"), False,
                                 f"{key}: not in the baseline ({detail}); add it with --update-baseline"))
     return diffs
+
+
+def _inputs_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    parts = []
+    if old.get("weights_sha256") != new.get("weights_sha256"):
+        parts.append(f"weights {str(old.get('weights_sha256'))[:12]}… → {str(new.get('weights_sha256'))[:12]}…")
+    for split in sorted(set(old.get("pairs") or {}) | set(new.get("pairs") or {})):
+        a, b = (old.get("pairs") or {}).get(split), (new.get("pairs") or {}).get(split)
+        if a != b:
+            parts.append(f"{split} {a} → {b} pairs")
+    return ", ".join(parts) or "changed"
 
 
 def _count(value: Any) -> str:

@@ -7,10 +7,8 @@ again: its file is found by the run's identity (setting, backbone, method, seed,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import json
 import logging
 import platform
 import socket
@@ -23,11 +21,17 @@ from typing import Any
 
 import torch
 
-from benchmarks import resources
+from benchmarks import provenance, resources
 from benchmarks.config import PROJECT_ROOT, SETTINGS, Experiment
 from benchmarks.errors import UserError
-from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
-from benchmarks.model import SegModel
+from benchmarks.method import build_method, check_method_overrides, resolve_methods
+from benchmarks.model import (  # noqa: F401
+    NUM_CLASSES,
+    build_model,
+    effective_weights,
+    reported_parameter_counts,
+    weights_for,
+)
 from benchmarks.results import (
     SCHEMA_VERSION,
     BadResultFile,
@@ -38,7 +42,6 @@ from benchmarks.results import (
 )
 
 log = logging.getLogger(__name__)
-NUM_CLASSES = 19
 
 
 @dataclass(frozen=True)
@@ -89,48 +92,6 @@ def experiment_for(exp: Experiment, spec: RunSpec) -> Experiment:
         model=dataclasses.replace(exp.model, backbone=spec.backbone),
         train=dataclasses.replace(exp.train, seed=spec.seed),
     )
-
-
-# -- model ------------------------------------------------------------------------------------------
-def weights_for(exp: Experiment, backbone: str) -> str | None:
-    for entry in exp.model.weights:
-        name, sep, path = entry.partition("=")
-        if not sep or not path:
-            raise UserError(f"model.weights entry {entry!r} must look like BACKBONE=PATH")
-        if name == backbone:
-            return path
-    return None
-
-
-def build_model(exp: Experiment, method: Method | None = None, device: str | torch.device | None = None) -> SegModel:
-    """Backbone and head from the config, then the method attached (seeded: same head init for all)."""
-    from benchmarks.backbones import build_backbone
-    from benchmarks.heads import build_head
-
-    try:
-        head_options = json.loads(exp.model.head_options)
-    except json.JSONDecodeError as err:
-        raise UserError(f"model.head_options must be a JSON object, e.g. '{{\"hidden_dim\": 64}}': {err}") from None
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        backbone = build_backbone(
-            exp.model.backbone,
-            img_size=exp.model.img_size,
-            weights=weights_for(exp, exp.model.backbone),
-            patch_size=exp.model.patch_size or None,
-            resample=exp.model.patch_resample,
-        )
-        head = build_head(exp.model.head, backbone.embed_dim, NUM_CLASSES, **head_options)
-        model = SegModel(backbone, head)
-        if method is not None:
-            method.attach(model)
-    return model
-
-
-def reported_parameter_counts(exp: Experiment, method_name: str) -> dict[str, int]:
-    """The counts a run of `method_name` on `exp`'s model reports (the method's own report, see
-    `Method.parameter_counts`), from a meta-device build: shapes only, no memory, no weights read."""
-    method = build_method(method_name, exp.methods.get(method_name))
-    return method.parameter_counts(build_model(exp, method, device="meta"))
 
 
 # -- environment ------------------------------------------------------------------------------------
@@ -225,13 +186,21 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         },
         "environment": {**environment(device), "loader_workers": cpu_plan.workers, "cpu_plan": cpu_plan.reason},
         "timings": {"started": _now()},
+        # What the numbers are of: the model after the last iteration, its targets scored once, after
+        # training; no checkpoint is chosen by any score (evaluations during training are source-only).
+        "model_selection": "final",
     }
     root = ensure_data_root(exp)
     source_set = source_dataset(exp, source, root)
     target_sets = {name: target_dataset(exp, name, root) for name in targets}
     heldout_set = source_heldout_dataset(exp, source, root)
-    preflight(exp, {f"{source} (train)": source_set, **target_sets,
-                    **({f"{source} (held out)": heldout_set} if heldout_set is not None else {})})
+    splits = {f"{source} (train)": source_set, **target_sets,
+              **({f"{source} (held out)": heldout_set} if heldout_set is not None else {})}
+    preflight(exp, splits)
+    result["provenance"] = {
+        "weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone)),
+        "data": {role: provenance.split_record(ds.pairs, root) for role, ds in splits.items()},
+    }
     if world.is_distributed:  # each rank scores its own strided shard; the confusion matrix is summed
         from torch.utils.data import Subset
 
@@ -248,12 +217,19 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     amp = autocast_dtype(exp.train.amp, device)
     # After the build (which draws from the RNG): a resumed run continues the saved RNG streams.
     resumed = checkpoint.find_checkpoint(path, exp.config_hash(), world.world_size)
+    if resumed and (changed := provenance.differences(resumed.get("provenance"), result["provenance"])):
+        raise UserError(
+            f"cannot resume {resumed['path']}: it was trained with other files ({'; '.join(changed)}); restore "
+            f"them, or delete {checkpoint.checkpoint_dir(path)} to train afresh with these"
+        )
     state, optimizer_state = checkpoint.restore(resumed, model, method, world.rank) if resumed else (None, None)
     if resumed:
         result["resumed_from_iter"] = state.step
 
-    def score_targets(step: int) -> dict[str, float]:
-        return {name: evaluate(model, ds, exp.eval, device, NUM_CLASSES, amp)["miou"] for name, ds in target_sets.items()}
+    def score_source_heldout(step: int) -> float:
+        """Evaluation during training sees held-out source pairs only: a target scored before the end
+        could select the model on the unseen domains, which domain generalisation forbids."""
+        return evaluate(model, heldout_set, exp.eval, device, NUM_CLASSES, amp)["miou"]
 
     def save_checkpoint(train_state, optimizer) -> None:
         rng_states = distributed.gather_objects(checkpoint.rng_state())
@@ -261,10 +237,11 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
             checkpoint.save_checkpoint(
                 path, model=model, optimizer=optimizer, train_state=train_state, method_state=method.state_dict(),
                 config_hash=exp.config_hash(), world_size=world.world_size, rng_states=rng_states,
+                provenance=result["provenance"],
             )
         distributed.barrier()
 
-    hooks = TrainHooks(evaluate=score_targets, checkpoint=save_checkpoint)
+    hooks = TrainHooks(evaluate=score_source_heldout if heldout_set is not None else None, checkpoint=save_checkpoint)
     try:
         state = train(model, method, source_set, exp, device, state=state, optimizer_state=optimizer_state,
                       hooks=hooks, progress=progress and world.is_main, num_workers=cpu_plan.workers)
@@ -356,7 +333,7 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
     Under torchrun rank 0 decides and every rank follows, so all ranks run or skip together.
     """
     from benchmarks import distributed
-    from benchmarks.launchers import RunLock
+    from benchmarks.locking import RunLock
 
     world = distributed.current()
     path = spec.path(experiment_for(exp, spec), results_dir)
@@ -384,7 +361,15 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
                 if existing and existing["status"] == "finished":
                     lock.release()
                     decision = "finished"
+    if world.is_main and decision == "finished":
+        changed = _weights_changed_since(read_result(path), experiment_for(exp, spec), spec)
+        decision = f"changed:{changed}" if changed else decision
     decision = distributed.broadcast_object(decision)
+    if decision.startswith("changed:"):
+        raise UserError(
+            f"{path} finished with other weights ({decision.removeprefix('changed:')}); pass another "
+            "--results-dir to run with these weights, or move the old result away"
+        )
     if decision == "finished":
         log.info("%s: finished earlier, skipped (%s)", spec.run_id(experiment_for(exp, spec)), path)
         return read_result(path)
@@ -410,6 +395,20 @@ def _earlier_result_under_lock(path: Path) -> dict[str, Any] | None:
         kept = set_aside(path)
         log.warning("%s: %s; kept as %s, running it again", path, err, kept)
         return None
+
+
+def _weights_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec) -> str | None:
+    """How the backbone's weight file differs from the one a finished result was trained from, if it does.
+
+    The config hash names settings, not file contents: without this, a result trained from an older
+    checkpoint would be skipped as "finished" and shown beside results of the new one.
+    """
+    recorded = ((result or {}).get("provenance") or {}).get("weights")
+    if not recorded:
+        return None  # a result from before provenance was recorded
+    current = provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone))
+    changed = provenance.differences({"weights": recorded}, {"weights": current})
+    return changed[0] if changed else None
 
 
 def _prune_empty_dirs(folder: Path, stop: Path) -> None:

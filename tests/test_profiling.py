@@ -265,7 +265,7 @@ def test_out_of_memory_is_a_row_not_a_crash(monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr("benchmarks.runner.build_model", no_memory)
+    monkeypatch.setattr("benchmarks.model.build_model", no_memory)
     row = profiling.profile_method(smoke(), "full", "cpu", profiling.ProfileSettings(count_flops=False))
     assert row["status"] == "oom" and "out of memory" in row["error"]
     assert row["train_images_per_s"] is None

@@ -148,7 +148,9 @@ def training_curves(results: list[dict[str, Any]], title: str = "") -> Figure | 
     targets = [t for t in targets_of(setting, finished)
                if any(t in (e.get("targets") or {}) for r in finished for e in r.get("evaluations") or [])]
     has_loss = any(any("loss" in h for h in r.get("history") or []) for r in finished)
-    panels = (["loss"] if has_loss else []) + targets
+    has_source = any("source_heldout" in e for r in finished for e in r.get("evaluations") or [])
+    # Evaluations during training score the held-out source; target panels come from older results.
+    panels = (["loss"] if has_loss else []) + (["source_heldout"] if has_source else []) + targets
     if not panels:
         return None
     fig = Figure(figsize=(3.6 * len(panels) + 0.8, 3.4), layout="constrained")
@@ -160,6 +162,9 @@ def training_curves(results: list[dict[str, Any]], title: str = "") -> Figure | 
         for ax_index, panel in enumerate(panels):
             if panel == "loss":
                 points = [(h["iter"], h["loss"]) for h in res.get("history") or [] if "iter" in h and h.get("loss") is not None]
+            elif panel == "source_heldout":
+                points = [(e["iter"], e["source_heldout"]) for e in res.get("evaluations") or []
+                          if "iter" in e and e.get("source_heldout") is not None]
             else:
                 points = [(e["iter"], e["targets"][panel]) for e in res.get("evaluations") or []
                           if "iter" in e and (e.get("targets") or {}).get(panel) is not None]
@@ -172,7 +177,8 @@ def training_curves(results: list[dict[str, Any]], title: str = "") -> Figure | 
                                 marker="o" if len(xs) < 12 else None, markersize=3)
     for ax, panel in zip(axes, panels, strict=False):
         ax.set_xlabel("iteration")
-        ax.set_ylabel("training loss" if panel == "loss" else f"{target_label(panel)} mIoU (%)")
+        ax.set_ylabel("training loss" if panel == "loss" else "held-out source mIoU (%)" if panel == "source_heldout"
+                      else f"{target_label(panel)} mIoU (%)")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(title or "training curves", fontsize=9)

@@ -32,6 +32,7 @@ from typing import Any
 
 import pandas as pd
 
+from benchmarks import provenance
 from benchmarks.config import SETTINGS
 from benchmarks.errors import UserError
 
@@ -273,6 +274,8 @@ def summary_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "preset": proto.preset, "setting": proto.setting, "backbone": proto.backbone,
                 "head": proto.head, "config": proto.fingerprint, "method": method,
                 "seeds": len(runs),
+                # Runs of one configuration from different weight files or data: a row to read apart.
+                "provenances": len({provenance.identity(r.get("provenance")) for r in runs} - {""}),
                 "trainable_params_m": (sum(params) / len(params) / 1e6) if params else math.nan,
             }
             if has_source_score(finished):
@@ -538,8 +541,12 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
         if several_seeds:
             header.append("Seeds")
         rows = []
+        mixed = False
         for _, row in summary.iterrows():
-            cells = [text_cell(row["method"]), text_cell(format_params_m(row["trainable_params_m"]))]
+            name = row["method"]
+            if row["provenances"] > 1:
+                name, mixed = f"{name} ‡", True
+            cells = [text_cell(name), text_cell(format_params_m(row["trainable_params_m"]))]
             for metric in source + targets + ["average"]:
                 cells.append(Cell(_nan_to_none(row[metric]), _nan_to_none(row[f"{metric}_std"])))
             if several_seeds:
@@ -552,6 +559,9 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
                          "source images, not trained on and not in the average.")
         if several_seeds:
             notes.append("Mean ± sample standard deviation over seeds.")
+        if mixed:
+            notes.append("‡ its runs come from different weight files or data (their results' `provenance` "
+                         "differs): not one measurement; compare them apart.")
         notes.extend(_unfinished_notes(unfinished))
         table = Table(title=f"{proto.title}: mIoU (%)", header=header, rows=rows, notes=notes)
         mark_best(table, range(2 + len(source), 2 + len(source) + len(targets) + 1))

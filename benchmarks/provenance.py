@@ -1,0 +1,136 @@
+"""What a result can be traced to: the weight files a run loaded and the data it read.
+
+A result, a checkpoint and a regression baseline carry the same provenance record:
+
+    {"weights": {"backbone": "proxy_vit", "file": ".../proxy_vit.safetensors", "sha256": "…", "bytes": N},
+     "data": {"gtav (train)": {"pairs": 350, "bytes": N, "sha256": "…"}, "cityscapes": {...}, ...}}
+
+Weights are fingerprinted by content (sha256). Hashing a 1.2 GB DINOv2-L file takes seconds, so the
+digest is cached by (path, size, modification time) in the user's cache folder: a file is hashed once
+until it changes. A data split is fingerprinted by its pair list (names relative to the data root, in
+order) and each file's size, which a stat gives without reading the images; content hashing is left
+out as too slow for 25k-pair datasets and rarely telling where sizes and names agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+def cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dgss-bench" / "sha256.json"
+
+
+def file_sha256(path: Path | str) -> str:
+    """The file's sha256, from the cache when its path, size and modification time are unchanged."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = _read_cache()
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    # Entries of an older version of this file are dropped: the cache holds what exists now.
+    cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")}
+    cache[key] = value
+    _write_cache(cache)
+    return value
+
+
+def _read_cache() -> dict[str, str]:
+    try:
+        data = json.loads(cache_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(cache: dict[str, str]) -> None:
+    """Best effort: a read-only or full home folder only costs re-hashing next time."""
+    from benchmarks.errors import UserError
+    from benchmarks.results import atomic_write_text
+
+    try:
+        atomic_write_text(cache_file(), json.dumps(cache, indent=0, sort_keys=True))
+    except (OSError, UserError) as err:
+        log.debug("fingerprint cache not written: %s", err)
+
+
+def weights_record(backbone: str, path: Path | str | None) -> dict[str, Any]:
+    """The fingerprint of the weight file a backbone is built from (None: random initialisation)."""
+    if path is None or str(path) == "random":
+        return {"backbone": backbone, "file": None, "sha256": None, "bytes": 0}
+    path = Path(path).expanduser()
+    return {"backbone": backbone, "file": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def split_record(pairs: Iterable[Any], root: Path) -> dict[str, Any]:
+    """The fingerprint of the image/label pairs a run reads from one split (`datasets.base.Pair`)."""
+    digest = hashlib.sha256()
+    count = total = 0
+    for pair in pairs:
+        sizes = []
+        for file in (pair.image, pair.label):
+            size = Path(file).stat().st_size
+            sizes.append(size)
+            total += size
+        digest.update(f"{_relative(pair.image, root)}\t{sizes[0]}\t{_relative(pair.label, root)}\t{sizes[1]}\n".encode())
+        count += 1
+    return {"pairs": count, "bytes": total, "sha256": digest.hexdigest()}
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def short(digest: str | None) -> str:
+    return f"{digest[:12]}…" if digest else "random initialisation"
+
+
+def differences(recorded: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """What differs between two provenance records, as phrases naming both sides (empty: the same).
+
+    Only what both records hold is compared: a record from before provenance existed (None), or one
+    of the weights alone, differs in nothing it cannot be compared on.
+    """
+    if not recorded:
+        return []
+    found = []
+    old_w, new_w = recorded.get("weights") or {}, current.get("weights") or {}
+    if "weights" in recorded and "weights" in current and old_w.get("sha256") != new_w.get("sha256"):
+        found.append(f"{new_w.get('backbone', 'backbone')} weights {short(old_w.get('sha256'))} "
+                     f"({old_w.get('file') or 'none'}) then, {short(new_w.get('sha256'))} ({new_w.get('file') or 'none'}) now")
+    old_d, new_d = recorded.get("data") or {}, current.get("data") or {}
+    for split in sorted(set(old_d) | set(new_d)) if "data" in recorded and "data" in current else ():
+        a, b = old_d.get(split) or {}, new_d.get(split) or {}
+        if a.get("sha256") != b.get("sha256"):
+            found.append(f"{split} data {a.get('pairs', 0)} pairs {short(a.get('sha256'))} then, "
+                         f"{b.get('pairs', 0)} pairs {short(b.get('sha256'))} now")
+    return found
+
+
+def identity(record: dict[str, Any] | None) -> str:
+    """A short digest of a whole provenance record ("" for none): equal digests, same weights and data."""
+    if not record:
+        return ""
+    weights = (record.get("weights") or {}).get("sha256")
+    data = {split: fp.get("sha256") for split, fp in (record.get("data") or {}).items()}
+    return hashlib.sha256(json.dumps([weights, data], sort_keys=True).encode()).hexdigest()[:8]

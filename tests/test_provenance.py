@@ -1,0 +1,184 @@
+"""Provenance (issue 17): every result names the weights and data it came from, a resume or a skip onto
+other files is refused, the table marks rows that mix them, and `check` compares them before numbers."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from benchmarks import checkpoint, provenance
+from benchmarks.backbones import get_spec
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def weights_copy(tmp_path) -> Path:
+    path = tmp_path / "weights" / "proxy.safetensors"
+    path.parent.mkdir()
+    shutil.copy(get_spec("proxy_vit").default_weights, path)
+    return path
+
+
+def _perturb(path: Path) -> None:
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(path))
+
+
+def _main(*args: str) -> tuple[int, str]:
+    from benchmarks.cli import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(list(args))
+    return code, stderr.getvalue()
+
+
+def _run_args(world: Path, results: Path, weights: Path, *extra: str) -> list[str]:
+    return ["run", "--preset", "smoke", "--methods", "freeze", "--data-root", str(world), "--no-progress",
+            "--results-dir", str(results), "--weights", f"proxy_vit={weights}", "--set", "train.iters=3",
+            "--set", "data.eval_limit=1", *extra]
+
+
+def test_file_fingerprint_is_cached_until_the_file_changes(tmp_path, monkeypatch):
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a" * 1000)
+    first = provenance.file_sha256(path)
+    assert provenance.cache_file().is_file()
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: reads.append(a[0]) or real_open(*a, **k))
+    assert provenance.file_sha256(path) == first and str(path.resolve()) not in map(str, reads)  # from the cache
+    monkeypatch.setattr("builtins.open", real_open)
+    path.write_bytes(b"b" * 1000)  # same size, new content and modification time
+    os.utime(path, ns=(1, 1))
+    assert provenance.file_sha256(path) != first
+
+
+def test_a_result_records_the_weights_and_each_split(tiny_world, tmp_path, weights_copy):
+    from benchmarks.results import read_result
+
+    code, stderr = _main(*_run_args(tiny_world, tmp_path / "runs", weights_copy))
+    assert code == 0, stderr[-2000:]
+    (path,) = (tmp_path / "runs").rglob("*.json")
+    record = read_result(path)["provenance"]
+    assert record["weights"]["sha256"] == provenance.file_sha256(weights_copy)
+    assert record["weights"]["file"] == str(weights_copy)
+    assert set(record["data"]) == {"gtav (train)", "cityscapes", "bdd100k", "mapillary"}
+    assert record["data"]["cityscapes"]["pairs"] == 1  # only what the run read (data.eval_limit=1)
+
+
+def test_resume_onto_a_changed_weight_file_is_refused_naming_both(tiny_world, tmp_path, weights_copy, monkeypatch):
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(result_path, **kwargs):
+        real_save(result_path, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    args = _run_args(tiny_world, tmp_path / "runs", weights_copy, "--set", "train.checkpoint_interval=1")
+    assert _main(*args)[0] == 130
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    before = provenance.file_sha256(weights_copy)
+    _perturb(weights_copy)
+    code, stderr = _main(*args)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, stderr[-2000:]
+    assert "cannot resume" in errors[0] and before[:12] in errors[0]
+    assert provenance.file_sha256(weights_copy)[:12] in errors[0]
+    assert list((tmp_path / "runs").rglob("last.pt"))  # the checkpoint is left for the user to decide
+
+
+def test_a_finished_run_is_not_skipped_onto_other_weights(tiny_world, tmp_path, weights_copy):
+    args = _run_args(tiny_world, tmp_path / "runs", weights_copy)
+    assert _main(*args)[0] == 0
+    _perturb(weights_copy)
+    code, stderr = _main(*args)
+    assert code == 2 and "finished with other weights" in stderr, stderr[-2000:]
+    assert len(list((tmp_path / "runs").rglob("*.json"))) == 1  # the earlier result is kept
+
+
+def _result(seed: int, weights_sha: str) -> dict:
+    return {
+        "schema": 1, "run_id": f"r{seed}", "status": "finished", "preset": "smoke", "setting": "G->CBM",
+        "method": {"name": "rein"}, "backbone": "proxy_vit", "head": "light", "seed": seed, "experiment": {},
+        "params": {"backbone_trainable": 1000}, "average_miou": 10.0 + seed % 2,
+        "targets": {"cityscapes": {"miou": 10.0}, "bdd100k": {"miou": 10.0}, "mapillary": {"miou": 10.0}},
+        "provenance": {"weights": {"sha256": weights_sha}, "data": {"cityscapes": {"sha256": "d", "pairs": 2}}},
+    }
+
+
+def test_the_table_marks_a_row_whose_runs_come_from_different_weights():
+    from benchmarks.reports.tables import main_tables, render
+
+    same = render(main_tables([_result(42, "a" * 64), _result(43, "a" * 64)]))
+    mixed = render(main_tables([_result(42, "a" * 64), _result(43, "b" * 64)]))
+    assert "‡" not in same
+    assert "rein ‡" in mixed and "different weight files or data" in mixed
+
+
+def test_check_compares_inputs_before_numbers():
+    from benchmarks.regression import compare, make_baseline
+
+    baseline = make_baseline([_result(42, "a" * 64)])
+    assert baseline["runs"]["rein/proxy_vit/seed42"]["inputs"]["weights_sha256"] == "a" * 64
+    changed = _result(42, "b" * 64)
+    changed["average_miou"] = 99.0  # would be a failing number if it were compared
+    diffs = compare(baseline, [changed])
+    assert [d.kind for d in diffs] == ["inputs"] and diffs[0].failing
+    assert "weights aaaaaaaaaaaa… → bbbbbbbbbbbb…" in diffs[0].message
+    assert compare(baseline, [_result(42, "a" * 64)]) == []
+
+
+# -- no target-side selection ----------------------------------------------------------------------
+def test_no_target_is_scored_before_training_ends(tiny_world, tmp_path, monkeypatch):
+    """With evaluation during training switched on, only the held-out source is scored until the last
+    iteration; the targets are scored once, after it, and the result says which model its numbers are."""
+    from benchmarks import protocol
+    from benchmarks.config import load_experiment
+    from benchmarks.runner import RunSpec, execute_run
+
+    scored: list[tuple[bool, str]] = []  # (during training, dataset family)
+    training = [False]
+    real_train, real_evaluate = protocol.train, protocol.evaluate
+
+    def train(*args, **kwargs):
+        training[0] = True
+        try:
+            return real_train(*args, **kwargs)
+        finally:
+            training[0] = False
+
+    def evaluate(model, dataset, *args, **kwargs):
+        scored.append((training[0], dataset.adapter.name))
+        return real_evaluate(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "train", train)
+    monkeypatch.setattr(protocol, "evaluate", evaluate)
+    exp = load_experiment("smoke", [f"data.root={str(tiny_world)!r}", "train.iters=4", "train.eval_interval=1",
+                                    "data.source_holdout=1", "data.eval_limit=1"])
+    result = execute_run(RunSpec("G->CBM", "proxy_vit", "freeze", 42), exp, tmp_path, progress=False)
+    during = [name for in_training, name in scored if in_training]
+    assert during == ["gtav"] * 3  # iterations 1-3; the fourth is the end
+    assert sorted(name for in_training, name in scored if not in_training) == ["bdd100k", "cityscapes", "gtav", "mapillary"]
+    assert [e["iter"] for e in result["evaluations"]] == [1, 2, 3] and "targets" not in result["evaluations"][0]
+    assert result["model_selection"] == "final"
+
+
+def test_evaluation_during_training_without_a_source_holdout_is_refused():
+    from benchmarks.config import load_experiment
+    from benchmarks.errors import UserError
+
+    with pytest.raises(UserError, match="never a target"):
+        load_experiment("smoke", ["train.eval_interval=10", "data.source_holdout=0"])
