@@ -48,6 +48,10 @@ def conversion_bytes(plan: DatasetPlan) -> int:
     return int(factor * converted)
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.1f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MB"
+
+
 def space_needed(plans: list[DatasetPlan]) -> int:
     return int(_SPACE_MARGIN * sum(plan.bytes + conversion_bytes(plan) for plan in plans))
 
@@ -58,9 +62,8 @@ def require_space(plans: list[DatasetPlan], root: Path) -> None:
     free = free_bytes(root)
     if free is not None and free < needed:
         names = ", ".join(plan.spec.dataset for plan in plans)
-        raise UserError(f"{root}: preparing {names} needs about {needed / 2**30:,.1f} GB, {mount_point(root)} has "
-                        f"{free / 2**30:,.1f} GB free; free some space, or prepare fewer datasets at a time "
-                        "with --datasets")
+        raise UserError(f"{root}: preparing {names} needs about {_size(needed)}, {mount_point(root)} has "
+                        f"{_size(free)} free; free some space, or prepare fewer datasets at a time with --datasets")
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ def _extract_member(archive: zipfile.ZipFile, path: Path, planned: PlannedFile, 
     except OSError as exc:
         if is_out_of_space(exc, target, planned.member.file_size):
             free = free_bytes(target.parent)
-            shown = f" ({free / 2**30:,.1f} GB free)" if free is not None else ""
+            shown = f" ({_size(free)} free)" if free is not None else ""
             raise UserError(f"{mount_point(target.parent)}: no space left extracting {path.name} ({planned.member.filename})"
                             f"{shown}; free some space and run the same command again") from None
         raise UserError(f"{path}: extracting {planned.member.filename} failed ({exc.strerror or exc}); check the "
