@@ -82,12 +82,12 @@ def test_empty_lock_seconds_old_is_left_to_the_runner_writing_it(tmp_path):
 
 def test_lock_whose_owner_cannot_be_written_is_removed(tmp_path, monkeypatch):
     """A full disk fails the owner's write: the empty lock goes with one line instead of blocking the run."""
-    import benchmarks.launchers as launchers
+    import benchmarks.locking as locking
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(launchers.json, "dump", full_disk)
+    monkeypatch.setattr(locking.json, "dump", full_disk)
     result = tmp_path / "run.json"
     with pytest.raises(UserError, match="No space left on device") as caught:
         RunLock(result).acquire()
