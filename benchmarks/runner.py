@@ -208,7 +208,7 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         if heldout_set is not None:
             heldout_set = Subset(heldout_set, distributed.shard_indices(len(heldout_set), world))
 
-    from benchmarks.profiling import reset_peak_memory
+    from benchmarks.memory import reset_peak_memory
 
     reset_peak_memory(device)  # this run's peak, not an earlier run's in the same process
     seed_everything(spec.seed)
@@ -322,7 +322,7 @@ def _write_final_result(path: Path, result: dict[str, Any]) -> None:
 
 
 def _peak_memory_mb(device: torch.device) -> float:
-    from benchmarks.profiling import peak_memory
+    from benchmarks.memory import peak_memory
 
     return peak_memory(device)["peak_memory_mb"]
 
