@@ -27,7 +27,7 @@ TINY_EVA = BackboneSpec(
 )
 IMG = 32
 PEFT_METHODS = ("lora", "dora", "loha", "lokr", "vera", "ia3", "oft")
-TOKEN_METHODS = ("vpt", "adaptformer", "rein", "set", "set_released")
+TOKEN_METHODS = ("vpt", "adaptformer", "rein", "set", "set_released", "fada", "fada_released")
 MY_METHODS = PEFT_METHODS + TOKEN_METHODS
 SMALL_M2F = {"hidden_dim": 32, "num_heads": 2, "encoder_layers": 1, "encoder_ffn_dim": 32, "decoder_layers": 2,
              "decoder_ffn_dim": 32, "num_points": 64, "num_queries": 5}

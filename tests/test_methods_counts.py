@@ -24,6 +24,9 @@ EXPECTED_DINOV2_L = {
     "rein": 2_990_081,
     "set": 2_990_081 + 2_457_600 + 2_099_200,
     "set_released": 2_990_081 + 2_457_600 + 2_099_200,
+    # FADA (paper 11.65M; neither variant reproduces it, docs/methods.md): tests/test_methods_fada.py has the sums
+    "fada": 5_520_897,
+    "fada_released": 2_061_825,
     "dora": 786_432 + 24 * 3 * 1024,  # + one magnitude per qkv output channel
     "loha": 2 * 786_432,  # two rank-8 pairs
     "lokr": 55_296,
@@ -53,7 +56,7 @@ def test_dinov2_l_trainable_counts(name, frozen_counts):
     assert counts["backbone_added"] == EXPECTED_DINOV2_L[name]
     assert counts["backbone_pretrained"] == frozen_counts["backbone_pretrained"]
     head_extra = counts["head_total"] - frozen_counts["head_total"]
-    assert head_extra == (65_792 if name in ("rein", "set", "set_released") else 0)
+    assert head_extra == (65_792 if name in ("rein", "set", "set_released", "fada", "fada_released") else 0)
 
 
 def test_rein_sums_as_the_paper():
