@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import typing
 from collections.abc import Callable, Iterator
@@ -56,8 +57,56 @@ class TrainContext:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CosineWeightDecay:
+    """Weight decay annealed with a half cosine over the run, set before every iteration beside the lr.
+
+    Each optimiser group starts from its own weight decay (the protocol's 0.05 for decayed groups)
+    and ends at `end`, mmengine's `CosineAnnealingParamScheduler` on `weight_decay` from the first to
+    the last iteration. Groups declared without weight decay keep none.
+    """
+
+    end: float
+
+    def value(self, start: float, step: int, total_iters: int) -> float:
+        if start == 0.0:
+            return 0.0
+        progress = min(step, total_iters) / total_iters
+        return self.end + (start - self.end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class EMA:
+    """An exponential moving average of the trained weights, scored in place of the last iteration's.
+
+    Once `start_iter(total)` iterations are done the average is seeded with a copy of the weights;
+    after every later optimiser step avg ← d·avg + (1 − d)·weights. That is mmengine's `EMAHook`
+    with its `ExponentialMovingAverage` (momentum = 1 − d, begin_iter = the start). The start is a
+    fraction of the run so shortened presets keep its place. `reference_iters` is the schedule
+    length `decay` belongs to: a run of another length uses d = decay^(reference_iters / total), so
+    the average spans the same fraction of the run (0 keeps `decay` for any length).
+    """
+
+    decay: float
+    start_fraction: float
+    reference_iters: int = 0
+
+    def start_iter(self, total_iters: int) -> int:
+        return round(self.start_fraction * total_iters)
+
+    def decay_for(self, total_iters: int) -> float:
+        if not self.reference_iters:
+            return self.decay
+        return self.decay ** (self.reference_iters / total_iters)
+
+
 class Method:
-    """Base class: full fine-tuning semantics unless a hook is overridden."""
+    """Base class: full fine-tuning semantics unless a hook is overridden.
+
+    Besides the hooks, a method may declare protocol features the training loop applies to whoever
+    declares them: a group's `lr_mult` in `param_groups` (on top of the schedule),
+    `weight_decay_schedule()` and `ema()`.
+    """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
@@ -81,8 +130,18 @@ class Method:
         The protocol's rule: weight decay except on norms, biases, and the parameters a method or
         head lists in `no_weight_decay()` (learnable tokens, scales, query and level embeddings).
         Parameters a method may unfreeze later (phased methods) are included by overriding this.
+        A group may carry `lr_mult`: its learning rate is the protocol's times that factor, on top of
+        the schedule (`scale_lr` sets it for a subset of the parameters).
         """
         return split_decay_groups(model.named_parameters(), weight_decay, no_decay_names(model))
+
+    def weight_decay_schedule(self) -> CosineWeightDecay | None:
+        """How weight decay changes over the run; None keeps each group's value."""
+        return None
+
+    def ema(self) -> EMA | None:
+        """An average of the weights to evaluate instead of the last iteration's; None scores the last."""
+        return None
 
     # -- phases -----------------------------------------------------------------------------------
     def before_training(self, ctx: TrainContext) -> None:
@@ -159,6 +218,20 @@ def split_decay_groups(
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def scale_lr(groups: list[dict[str, Any]], selected: set[int], lr_mult: float) -> list[dict[str, Any]]:
+    """The groups with the parameters whose ids are in `selected` moved into copies carrying `lr_mult`
+    (each keeps its group's other settings, e.g. its weight decay)."""
+    scaled: list[dict[str, Any]] = []
+    for group in groups:
+        chosen = [p for p in group["params"] if id(p) in selected]
+        rest = [p for p in group["params"] if id(p) not in selected]
+        if chosen:
+            scaled.append({**group, "params": chosen, "lr_mult": group.get("lr_mult", 1.0) * lr_mult})
+        if rest:
+            scaled.append({**group, "params": rest})
+    return scaled
 
 
 # -- registry -------------------------------------------------------------------------------------

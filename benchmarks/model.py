@@ -49,6 +49,13 @@ class SegModel(nn.Module):
             self.backbone.eval()
         return self
 
+    def replace_pretrained(self, old: list[nn.Parameter], new: list[nn.Parameter]) -> None:
+        """`new` holds the pretrained values of `old` in another layout (SoMA splits a fused qkv into q, k
+        and v): counted as pretrained, not added, and left out of checkpoints like the tensors they replace
+        (a run rebuilds them). Call it while `old` is still referenced, before its ids can be reused."""
+        self._pretrained_ids.difference_update(id(p) for p in old)
+        self._pretrained_ids.update(id(p) for p in new)
+
     def parameter_counts(self) -> dict[str, int]:
         """Counts as the papers report them: trainable and added are backbone-side (head excluded)."""
         backbone = list(self.backbone.parameters())

@@ -2,8 +2,11 @@
 
 Training: AdamW over the method's parameter groups, poly schedule by iteration, gradient
 accumulation, bf16 autocast on CUDA (fp32 on CPU), seeded; the method only speaks through its
-hooks (`before_training`, `on_step`, `after_optimizer_step`). Evaluation: sliding windows with
-logits averaged over overlaps, resized to the label's resolution, confusion matrix per target.
+hooks (`before_training`, `on_step`, `after_optimizer_step`) and the features it declares, applied
+to whichever method declares them: a group's `lr_mult`, a weight-decay schedule
+(`Method.weight_decay_schedule`) and an average of the weights scored in place of the last
+iteration's (`Method.ema`). Evaluation: sliding windows with logits averaged over overlaps, resized
+to the label's resolution, confusion matrix per target.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tqdm.auto import tqdm
 from benchmarks import resources
 from benchmarks.config import EvalConfig, Experiment, TrainConfig
 from benchmarks.errors import UserError
-from benchmarks.method import Method, TrainContext
+from benchmarks.method import EMA, Method, TrainContext
 from benchmarks.metrics import confusion_metric, iou_from_confusion, miou_percent
 from benchmarks.model import SegModel
 
@@ -109,9 +112,16 @@ def poly_lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the groups; a group's `lr_mult` scales its learning rate (kept in the group, so the
+    optimiser's `param_groups` show it), and `initial_lr`/`initial_weight_decay` keep the values the
+    schedules start from (checkpointed with the optimiser state)."""
     for group in groups:
-        group.setdefault("lr", cfg.lr)
+        lr_mult = group.setdefault("lr_mult", 1.0)
+        if not (math.isfinite(lr_mult) and lr_mult > 0):
+            raise UserError(f"a parameter group's lr_mult must be a positive number, got {lr_mult!r}")
+        group["lr"] = group.get("lr", cfg.lr) * lr_mult
         group["initial_lr"] = group["lr"]
+        group["initial_weight_decay"] = group.get("weight_decay", cfg.weight_decay)
     if not any(p.numel() for g in groups for p in g["params"]):
         raise UserError("the method leaves no trainable parameter; nothing to optimise")
     # The fused kernel is the fast path on CUDA; it needs every parameter on the GPU.
@@ -197,6 +207,82 @@ class TrainState:
     train_seconds: float = 0.0
     stray_label_pixels: int = 0
     """Source label pixels ignored (255) for values outside their encoding (`datasets.base.map_label`)."""
+    ema: dict[str, torch.Tensor] | None = None
+    """The weight average (`ParameterEMA.state_dict`) as of the last checkpoint; None before it starts."""
+    model_selection: str = "final"
+    """What the model holds when `train` returns: "final" (the last iteration's weights) or "ema"."""
+
+
+class ParameterEMA:
+    """The exponential moving average a method declares (`Method.ema`), over the optimised parameters.
+
+    Nothing is kept before the start iteration (the average would equal the weights); then a copy
+    seeds it and every later optimiser step folds the weights in. Frozen parameters never change, so
+    they need no average; buffers are the model's own, as mmengine's EMA without `update_buffers`.
+    """
+
+    def __init__(self, spec: EMA, named: dict[str, torch.nn.Parameter], total_iters: int):
+        if not (0.0 < spec.decay < 1.0 and 0.0 <= spec.start_fraction <= 1.0 and spec.reference_iters >= 0):
+            raise UserError(f"an EMA needs 0 < decay < 1, 0 <= start_fraction <= 1 and reference_iters >= 0, got {spec}")
+        self.decay = spec.decay_for(total_iters)
+        self.start_iter = spec.start_iter(total_iters)
+        self.named = named
+        self.average: dict[str, torch.Tensor] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.average is not None
+
+    @torch.no_grad()
+    def update(self, iterations_done: int) -> None:
+        if iterations_done < self.start_iter:
+            return
+        if self.average is None:
+            self.average = {name: p.detach().clone() for name, p in self.named.items()}
+            return
+        weight = 1.0 - self.decay
+        for name, param in self.named.items():
+            self.average[name].lerp_(param.detach(), weight)
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for name, param in self.named.items():
+            kept = param.detach().clone()
+            param.copy_(self.average[name])
+            self.average[name].copy_(kept)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The average in the model for the duration (an evaluation during training), then the weights back."""
+        if self.average is None:
+            yield
+            return
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """The average into the model for good (after the last iteration)."""
+        for name, param in self.named.items():
+            param.copy_(self.average[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.average is None:
+            return None
+        return {name: value.detach().cpu().clone() for name, value in self.average.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
+        if state is None:
+            self.average = None
+            return
+        missing = sorted(set(self.named) - set(state))
+        if missing:
+            raise UserError(f"the checkpoint's weight average lacks {len(missing)} parameter(s), e.g. {missing[0]}; "
+                            "delete the run's .ckpt folder to train afresh")
+        self.average = {name: state[name].to(p.device, p.dtype).clone() for name, p in self.named.items()}
 
 
 class CheckpointCadence:
@@ -285,7 +371,18 @@ def train(
         compile_model(model)
     optimizer = build_optimizer(method.param_groups(model, cfg.weight_decay), cfg, device)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(optimizer_state)  # the saved groups replace the fresh ones, keys and all
+        for group in optimizer.param_groups:  # a checkpoint from before these keys had no schedule on them
+            group.setdefault("lr_mult", 1.0)
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+    weight_decay_schedule = method.weight_decay_schedule()
+    ema_spec = method.ema()
+    ema = None
+    if ema_spec is not None:
+        optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        ema = ParameterEMA(ema_spec, {n: p for n, p in model.named_parameters() if id(p) in optimised}, cfg.iters)
+        ema.load_state_dict(state.ema)
+        state.ema = None  # the live average is `ema`; a checkpoint writes it back
 
     from benchmarks import distributed
 
@@ -334,7 +431,9 @@ def train(
         now = time.perf_counter()
         state.train_seconds += now - started
         trained_here += now - started
+        state.ema = ema.state_dict() if ema is not None else None
         hooks.checkpoint(state, optimizer)
+        state.ema = None
         started = time.perf_counter()
         cadence.saved(state.step, trained_here, started - now)
 
@@ -344,6 +443,8 @@ def train(
         factor = poly_lr_factor(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
+            if weight_decay_schedule is not None:
+                group["weight_decay"] = weight_decay_schedule.value(group["initial_weight_decay"], step, cfg.iters)
         optimizer.zero_grad(set_to_none=True)
         for micro in range(cfg.grad_accum):
             with distributed.accumulation_context(forward_loss, last=micro == cfg.grad_accum - 1):
@@ -354,6 +455,8 @@ def train(
         optimizer.step()
         method.after_optimizer_step(step, ctx)
         state.step += 1
+        if ema is not None:
+            ema.update(state.step)
 
         if state.step % cfg.log_interval == 0 or state.step == cfg.iters:
             mean_loss = distributed.all_reduce_mean_(running_loss / max(running_count, 1)).item()
@@ -365,13 +468,20 @@ def train(
             running_count = 0
         bar.update(1)
         if hooks.evaluate and cfg.eval_interval and state.step % cfg.eval_interval == 0 and state.step < cfg.iters:
-            state.evaluations.append({"iter": state.step, "source_heldout": hooks.evaluate(state.step)})
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                score = hooks.evaluate(state.step)
+            state.evaluations.append({"iter": state.step, "source_heldout": score})
             model.train()
         if hooks.checkpoint and cadence.due(state.step, trained_here + time.perf_counter() - started):
             save_checkpoint()
     if hooks.checkpoint and cadence.final_due(state.step, trained_here + time.perf_counter() - started):
         save_checkpoint()
     bar.close()
+    # After the last checkpoint, which keeps the trained weights and the average apart: a resumed run
+    # rebuilds both and ends here again.
+    if ema is not None and ema.started:
+        ema.apply()
+        state.model_selection = "ema"
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     state.train_seconds += time.perf_counter() - started

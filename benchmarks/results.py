@@ -21,7 +21,8 @@ Schema (version 1), the only thing reports and regression checks read:
                                              # held-out source pairs (data.source_holdout > 0); not averaged
       "history": [{"iter": int, "loss": float, "lr": float, ...}, ...],
       "evaluations": [{"iter": int, "source_heldout": float}],   # during training: held-out source only
-      "model_selection": "final",            # the numbers are the last iteration's model, targets scored once
+      "model_selection": "final" | "ema",    # the last iteration's weights, or the average a method declares
+                                             # (`Method.ema`); targets scored once, after training
       "profile": {"train_images_per_s": float, "eval_images_per_s": float, "peak_memory_mb": float,
                   "device": str, "dtype": str, "device_name": str,
                   "flops_forward_per_image": float | null, "flops_train_step_per_image": float | null,

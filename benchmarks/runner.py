@@ -186,8 +186,9 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         },
         "environment": {**environment(device), "loader_workers": cpu_plan.workers, "cpu_plan": cpu_plan.reason},
         "timings": {"started": _now()},
-        # What the numbers are of: the model after the last iteration, its targets scored once, after
-        # training; no checkpoint is chosen by any score (evaluations during training are source-only).
+        # What the numbers are of: the model after the last iteration ("final"), or the average of its
+        # weights a method declares ("ema", set once training has formed it); the targets are scored once,
+        # after training; no checkpoint is chosen by any score (evaluations during training are source-only).
         "model_selection": "final",
     }
     root = ensure_data_root(exp)
@@ -282,6 +283,7 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     result.update(
         status="finished",
         params=method.parameter_counts(model),  # after training: phased methods may have changed what trains
+        model_selection=state.model_selection,
         targets={name: {k: v for k, v in s.items() if k != "images_per_s"} for name, s in scores.items()},
         average_miou=sum(s["miou"] for s in scores.values()) / len(scores),
         source_heldout=source_score,

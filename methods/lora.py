@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from benchmarks.errors import UserError
@@ -103,7 +104,13 @@ class OFTConfig:
 
 
 class PeftMethod(Method):
-    """One plugin for the peft tuners: a config → peft config, injected into `model.backbone.vit`."""
+    """One plugin for the peft tuners: a config → peft config, injected into `model.backbone.vit`.
+
+    Two points a subclass may change: `target_pattern` (which layers; default: the attention
+    projections) and `initialise_adapter`, a custom initialisation hook for what peft offers no
+    `init_lora_weights` option for (SoMA's minor singular components): the subclass builds its peft
+    config with `init_lora_weights=False` and sets A, B and the base weight of each wrapped layer.
+    """
 
     Config = LoRAConfig
     family: ClassVar[str] = ""
@@ -111,16 +118,29 @@ class PeftMethod(Method):
     def peft_config(self, target: str) -> Any:
         raise NotImplementedError
 
+    def target_pattern(self, model: SegModel) -> str:
+        """The regex peft full-matches against module names of `model.backbone.vit`."""
+        return attention_target_pattern(model.backbone.vit)
+
+    def initialise_adapter(self, name: str, layer: nn.Module) -> None:
+        """Called under `torch.no_grad` for every layer peft wrapped (`name` relative to the timm model),
+        after injection and before anything trains. Default: keep peft's initialisation."""
+
     def attach(self, model: SegModel) -> None:
         from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         backbone = model.backbone
         backbone.requires_grad_(False)
         pretrained = {id(p) for p in backbone.parameters()}
-        config = self.peft_config(attention_target_pattern(backbone.vit))
+        config = self.peft_config(self.target_pattern(model))
         # The tuner class injects in place (as `inject_adapter_in_model`, which refuses VeRA for its
         # shared state); only the modified model is kept, the tuner wrapper is dropped.
         PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type](backbone.vit, config, "default")
+        with torch.no_grad():
+            for name, module in backbone.vit.named_modules():
+                if isinstance(module, BaseTunerLayer):
+                    self.initialise_adapter(name, module)
         for param in backbone.parameters():
             param.requires_grad_(id(param) not in pretrained)
 

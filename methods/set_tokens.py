@@ -4,14 +4,15 @@ The idea: in the frequency domain the phase of the frozen features carries conte
 amplitude carries style; refining each with its own learnable tokens and recomposing makes the
 refinement stable under a style shift. After every block, on the patch tokens f [B, N, C]:
 
-    F = FFT(f);  A = |F|,  P = angle(F)    (magnitudes below 1e-5 set to 1e-5 before atan2)
+    F = FFT(f);  A = |F|,  P = angle(F)    (tiny values floored at 1e-5, each variant its own way)
     out_P = Rein's ΔF on P                (low-rank phase tokens, r = 16, shared C×C MLPs)
     out_A = ΔF on A with full-rank amplitude tokens T^a [L, m, C] and their own two C×C MLPs;
             the logits A·T^aᵀ are standardised per position across the m tokens before the softmax
     z = out_A·exp(i·out_P) / sqrt(2C);  Δf = IFFT(z);  f ← f + scale·Δf   (Rein's shared scale)
 
 Mask2Former queries come from the phase tokens only, as in Rein. The two variants differ only in
-the FFT (everything else, including the 1/sqrt(2C) factor, is shared):
+the FFT and in how tiny spectrum values are floored (everything else, including the 1/sqrt(2C)
+factor, is shared):
 
 | | `set` (the paper's description) | `set_released` (the authors' released code) |
 | --- | --- | --- |
@@ -20,6 +21,7 @@ the FFT (everything else, including the 1/sqrt(2C) factor, is shared):
 | inverse | `ifft2` over (H, W), real part | `irfft2(z, s=(B, C), norm='ortho')`: reads only the first C/2+1 entries along C |
 | batch | images are independent | images in a batch change each other's features |
 | test (batch 1) | 2-D spatial spectrum | a 1-D FFT over channels per token |
+| tiny values | magnitude < 1e-5 → coefficient 1e-5 + 0i | amplitude sqrt(q), q = Re² + Im² floored at 1e-5; phase atan2(Im, Re), Re with abs < 1e-5 → +1e-5 |
 
 The released code is what produced the published numbers, so both are registered and the
 leaderboard shows them side by side (docs/methods.md).
@@ -54,11 +56,26 @@ SPECTRA = ("spatial", "batch_channel")
 
 
 def amplitude_and_phase(spectrum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """|F| and angle(F), with near-zero coefficients set to 1e-5 + 0i so atan2 and its gradient stay finite."""
+    """|F| and angle(F), with near-zero coefficients set to 1e-5 + 0i so atan2 and its gradient stay finite
+    (the paper variant's guard: the paper gives none)."""
     tiny = spectrum.abs().detach() < TINY_MAGNITUDE
     real = torch.where(tiny, torch.full_like(spectrum.real, TINY_MAGNITUDE), spectrum.real)
     imag = torch.where(tiny, torch.zeros_like(spectrum.imag), spectrum.imag)
     return torch.sqrt(real * real + imag * imag), torch.atan2(imag, real)
+
+
+def released_amplitude_and_phase(spectrum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released code's floors, each on its own quantity: amplitude sqrt(q) with q = Re² + Im² set to
+    1e-5 where |q| < 1e-5; phase atan2(Im, r) with r = Re set to +1e-5 where |Re| < 1e-5 (the sign of
+    a tiny negative real part is dropped, so such a phase lands near ±π/2 rather than near ±π)."""
+    real, imag = spectrum.real, spectrum.imag
+    power = real * real + imag * imag
+    power = torch.where(power.detach().abs() < TINY_MAGNITUDE, torch.full_like(power, TINY_MAGNITUDE), power)
+    real = torch.where(real.detach().abs() < TINY_MAGNITUDE, torch.full_like(real, TINY_MAGNITUDE), real)
+    return torch.sqrt(power), torch.atan2(imag, real)
+
+
+FLOORS = {"paper": amplitude_and_phase, "released": released_amplitude_and_phase}
 
 
 def at_least_fp32(values: torch.Tensor) -> torch.Tensor:
@@ -101,11 +118,15 @@ def inverse_batch_channel_spectrum(spectrum: torch.Tensor) -> torch.Tensor:
 class SpectralTokenAdapter(ReinAdapter):
     """Rein's adapter (phase tokens, shared scale, query transform/merge) plus the amplitude branch."""
 
-    def __init__(self, *args: Any, spectrum: str, amplitude_num_tokens: int, patch_size: int, **kwargs: Any):
+    def __init__(self, *args: Any, spectrum: str, amplitude_num_tokens: int, patch_size: int, floor: str = "paper",
+                 **kwargs: Any):
         super().__init__(*args, patch_size=patch_size, **kwargs)
         if spectrum not in SPECTRA:
             raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+        if floor not in FLOORS:
+            raise ValueError(f"floor must be one of {tuple(FLOORS)}, got {floor!r}")
         self.spectrum = spectrum
+        self.floor = floor
         depth, dim = self.tokens.A.shape[0], self.tokens.B.shape[-1]
         device = self.scale.device
         self.amplitude_tokens = FullRankTokens(depth, amplitude_num_tokens, dim, patch_size, device=device)
@@ -132,7 +153,7 @@ class SpectralTokenAdapter(ReinAdapter):
             spectrum = spatial_spectrum(patch_tokens, grid)
         else:
             spectrum = batch_channel_spectrum(patch_tokens)
-        amplitude, phase = amplitude_and_phase(spectrum)
+        amplitude, phase = FLOORS[self.floor](spectrum)
         refined_phase = self.refinement(phase, self.tokens.layer(index))
         refined_amplitude = self.amplitude_refinement(amplitude, self.amplitude_tokens.layer(index))
         combined = recompose(refined_amplitude, refined_phase) / math.sqrt(2 * patch_tokens.shape[-1])
@@ -154,6 +175,7 @@ class SETConfig:
 class _SpectralTokens(Method):
     Config = SETConfig
     spectrum: ClassVar[str] = "spatial"
+    floor: ClassVar[str] = "paper"
 
     def attach(self, model: SegModel) -> None:
         backbone, cfg = model.backbone, self.config
@@ -164,7 +186,7 @@ class _SpectralTokens(Method):
                 backbone.depth, backbone.embed_dim, num_prefix_tokens=backbone.num_prefix_tokens,
                 num_tokens=cfg.num_tokens, rank=cfg.rank, init_scale=cfg.init_scale, query_dim=query_dim,
                 device=device, spectrum=self.spectrum, amplitude_num_tokens=cfg.amplitude_num_tokens,
-                patch_size=patch_side(backbone),
+                patch_size=patch_side(backbone), floor=self.floor,
             )
 
         adapter = attach_token_adapter(model, make_adapter, cfg.link_queries, cfg.query_dim, "set_tokens")
@@ -188,3 +210,4 @@ class SETReleased(_SpectralTokens):
     name = "set_released"
     paper = "Yi et al., SET (ACM MM 2024), as computed by the authors' released code (FFT over batch and channel)"
     spectrum = "batch_channel"
+    floor = "released"

@@ -75,7 +75,10 @@ def test_rein_scales_by_formula(backbone, expected):
 
 
 # The baselines and FisherTune's reported budget (5 % of the backbone's entries) beside the adapters.
-REPORTED_DINOV2_L = {**EXPECTED_DINOV2_L, "full": 304_196_608, "freeze": 0, "fishertune": 15_209_830}
+# SoMA: rank-16 LoRA on q, k, v, proj, fc1, fc2 of blocks 8–23 (4,718,592) plus those layers' biases
+# (147,456), as the released configuration trains them (methods/soma.py).
+REPORTED_DINOV2_L = {**EXPECTED_DINOV2_L, "full": 304_196_608, "freeze": 0, "fishertune": 15_209_830,
+                     "soma": 4_718_592 + 147_456}
 
 
 @pytest.mark.parametrize("name", sorted(available_methods()))

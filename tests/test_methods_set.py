@@ -14,6 +14,7 @@ from methods.set_tokens import (
     inverse_batch_channel_spectrum,
     inverse_spatial_spectrum,
     recompose,
+    released_amplitude_and_phase,
     spatial_spectrum,
 )
 from tests.test_methods_common import images, tiny_model
@@ -44,6 +45,47 @@ def test_tiny_magnitudes_keep_gradients_finite():
     (amplitude.sum() + phase.sum()).backward()
     assert torch.isfinite(spectrum.grad).all()
     assert torch.all(amplitude == 1e-5) and torch.all(phase == 0)
+
+
+def test_the_released_floors_act_on_the_power_and_on_the_real_part_apart():
+    spectrum = torch.tensor([3e-6 + 2e-6j, -4e-6 + 0.5j, -2e-3 + 1e-3j, -3e-6 - 3e-6j, 0j, 0.3 - 0.4j],
+                            dtype=torch.complex128)
+    amplitude, phase = released_amplitude_and_phase(spectrum)
+    floor = math.sqrt(1e-5)  # Re² + Im² below 1e-5 is raised to 1e-5, whatever |F| was
+    torch.testing.assert_close(amplitude, torch.tensor([floor, 0.5, floor, floor, floor, 0.5], dtype=torch.float64))
+    # a real part below 1e-5 in size becomes +1e-5 (a tiny negative one flips to the right half-plane)
+    expected_phase = [math.atan2(2e-6, 1e-5), math.atan2(0.5, 1e-5), math.atan2(1e-3, -2e-3),
+                      math.atan2(-3e-6, 1e-5), 0.0, math.atan2(-0.4, 0.3)]
+    torch.testing.assert_close(phase, torch.tensor(expected_phase, dtype=torch.float64))
+    # not the paper variant's guard, which sets a whole tiny coefficient to 1e-5 + 0i and leaves the rest exact
+    paper_amplitude, paper_phase = amplitude_and_phase(spectrum)
+    torch.testing.assert_close(paper_amplitude[[0, 3, 4]], torch.full((3,), 1e-5, dtype=torch.float64))
+    torch.testing.assert_close(paper_phase[[0, 3, 4]], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(paper_amplitude[2], torch.tensor(math.hypot(2e-3, 1e-3), dtype=torch.float64))
+    torch.testing.assert_close(paper_phase[1], torch.tensor(math.atan2(0.5, -4e-6), dtype=torch.float64))
+
+
+def test_released_floors_keep_gradients_finite():
+    spectrum = torch.zeros(2, 3, dtype=torch.complex64, requires_grad=True)
+    amplitude, phase = released_amplitude_and_phase(spectrum * 1.0)
+    (amplitude.sum() + phase.sum()).backward()
+    assert torch.isfinite(spectrum.grad).all()
+
+
+@pytest.mark.parametrize(("name", "floors"), [("set", amplitude_and_phase), ("set_released", released_amplitude_and_phase)])
+def test_each_variant_decomposes_with_its_own_floor(name, floors):
+    model = tiny_model(name).eval()
+    adapter = model.backbone.set_tokens
+    f = torch.zeros(2, 16, 32)  # an all-zero spectrum: only the floors decide A and P
+    f[:, :, 0] = 1e-6
+    with torch.no_grad():
+        _identity_refinements(adapter)
+        adapter.grid = (4, 4)
+        delta = adapter.feature_delta(0, f)
+        spectrum = spatial_spectrum(f, (4, 4)) if name == "set" else batch_channel_spectrum(f)
+        combined = recompose(*floors(spectrum)) / math.sqrt(2 * 32)
+        expected = inverse_spatial_spectrum(combined, (4, 4)) if name == "set" else inverse_batch_channel_spectrum(combined)
+    torch.testing.assert_close(delta, expected)
 
 
 def test_amplitude_logits_are_standardised_over_tokens():
