@@ -198,10 +198,6 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     splits = {f"{source} (train)": source_set, **target_sets,
               **({f"{source} (held out)": heldout_set} if heldout_set is not None else {})}
     preflight(exp, splits)
-    result["provenance"] = {
-        "weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone)),
-        "data": {role: provenance.split_record(ds.pairs, root) for role, ds in splits.items()},
-    }
     if world.is_distributed:  # each rank scores its own strided shard; the confusion matrix is summed
         from torch.utils.data import Subset
 
@@ -215,6 +211,10 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     seed_everything(spec.seed)
     model = build_model(exp, method)
     result["params"] = method.parameter_counts(model)
+    result["provenance"] = {  # after the build, which has refused a missing or unusable weight file
+        "weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone)),
+        "data": {role: provenance.split_record(ds.pairs, root) for role, ds in splits.items()},
+    }
     amp = autocast_dtype(exp.train.amp, device)
     # After the build (which draws from the RNG): a resumed run continues the saved RNG streams.
     resumed = checkpoint.find_checkpoint(path, exp.config_hash(), world.world_size)
