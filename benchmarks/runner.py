@@ -24,7 +24,7 @@ import torch
 from benchmarks import provenance, resources
 from benchmarks.config import PROJECT_ROOT, SETTINGS, Experiment
 from benchmarks.errors import UserError
-from benchmarks.method import build_method, check_method_overrides, resolve_methods
+from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
 from benchmarks.model import (  # noqa: F401
     NUM_CLASSES,
     build_model,
@@ -132,43 +132,75 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-# -- one run ----------------------------------------------------------------------------------------
+# -- one run: the protocol's stages ------------------------------------------------------------------
+@dataclass
+class RunData:
+    """What a run reads: the source stream, the targets, the held-out source pairs (or None)."""
+
+    root: Path
+    source: Any
+    targets: dict[str, Any]
+    heldout: Any | None
+    read: dict[str, Any]
+    """Every split by role, as read from disk (before any sharding): what the provenance names."""
+
+
+@dataclass
+class RunContext:
+    """Where and how one run executes."""
+
+    spec: RunSpec
+    exp: Experiment
+    path: Path
+    world: Any
+    device: torch.device
+    progress: bool
+
+
 def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = True) -> dict[str, Any]:
-    from benchmarks import checkpoint, distributed
-    from benchmarks.data import (
-        ensure_data_root,
-        preflight,
-        source_dataset,
-        source_heldout_dataset,
-        target_dataset,
-    )
-    from benchmarks.protocol import (
-        TrainHooks,
-        TrainingDiverged,
-        autocast_dtype,
-        evaluate,
-        seed_everything,
-        select_device,
-        train,
-    )
-    from datasets.labels import CLASSES
+    """One run, stage by stage: data → model → train → evaluate → result file."""
+    from benchmarks import distributed
+    from benchmarks.protocol import TrainingDiverged, autocast_dtype, select_device
 
     exp = experiment_for(exp, spec)
-    path = spec.path(exp, results_dir)
-    source, targets = SETTINGS[spec.setting]
     world = distributed.current()
-    device = distributed.device_for(world, select_device(exp.train.device))
+    run = RunContext(spec, exp, spec.path(exp, results_dir), world,
+                     distributed.device_for(world, select_device(exp.train.device)), progress and world.is_main)
     method = build_method(spec.method, exp.methods.get(spec.method))
-    cpu_plan = resources.plan(exp.data.num_workers, device.type)
+    cpu_plan = resources.plan(exp.data.num_workers, run.device.type)
     resources.apply(cpu_plan)
-    result: dict[str, Any] = {
+    result = _new_result(run, method, cpu_plan)
+    data = _read_data(run)
+    model, state, optimizer_state = _build_and_resume(run, method, data, result)
+    amp = autocast_dtype(exp.train.amp, run.device)
+    try:
+        state = _train(run, model, method, data, amp, result, state, optimizer_state, cpu_plan.workers)
+        scores, source_score, eval_seconds = _score(run, model, data, amp)
+    except UserError:
+        raise
+    except Exception as err:  # recorded as failed so the rest of the matrix runs and the table says why
+        reason = str(err) if isinstance(err, TrainingDiverged) else f"{type(err).__name__}: {err}"
+        if not isinstance(err, TrainingDiverged):
+            log.error("run %s crashed:\n%s", result["run_id"], traceback.format_exc())
+        result.update(status="failed", failure=reason.splitlines()[0] if reason else type(err).__name__)
+        result["timings"]["finished"] = _now()
+        if world.is_main:  # the last good checkpoint is kept: a re-run resumes from it
+            write_result(run.path, result)
+        return result
+    _record(run, method, model, amp, state, scores, source_score, eval_seconds, result)
+    return result
+
+
+def _new_result(run: RunContext, method: Method, cpu_plan: Any) -> dict[str, Any]:
+    exp, spec, world = run.exp, run.spec, run.world
+    return {
         "schema": SCHEMA_VERSION,
         "run_id": spec.run_id(exp),
         "status": "running",
         "failure": None,
         "preset": exp.preset,
         "setting": spec.setting,
-        "source": source,
+        "source": SETTINGS[spec.setting][0],
         "method": {"name": method.name, "paper": method.paper, "hyperparameters": method.hyperparameters()},
         "backbone": spec.backbone,
         "head": exp.model.head,
@@ -184,95 +216,135 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
             "lr": exp.train.lr,
             "lr_scaled_with_batch": False,
         },
-        "environment": {**environment(device), "loader_workers": cpu_plan.workers, "cpu_plan": cpu_plan.reason},
+        "environment": {**environment(run.device), "loader_workers": cpu_plan.workers, "cpu_plan": cpu_plan.reason},
         "timings": {"started": _now()},
         # What the numbers are of: the model after the last iteration ("final"), or the average of its
         # weights a method declares ("ema", set once training has formed it); the targets are scored once,
         # after training; no checkpoint is chosen by any score (evaluations during training are source-only).
         "model_selection": "final",
     }
+
+
+def _read_data(run: RunContext) -> RunData:
+    """The splits the run reads, checked before the first step (`data.preflight`)."""
+    from benchmarks import distributed
+    from benchmarks.data import (
+        ensure_data_root,
+        preflight,
+        source_dataset,
+        source_heldout_dataset,
+        target_dataset,
+    )
+
+    exp, world = run.exp, run.world
+    source, targets = SETTINGS[run.spec.setting]
     root = ensure_data_root(exp)
     source_set = source_dataset(exp, source, root)
     target_sets = {name: target_dataset(exp, name, root) for name in targets}
     heldout_set = source_heldout_dataset(exp, source, root)
-    splits = {f"{source} (train)": source_set, **target_sets,
-              **({f"{source} (held out)": heldout_set} if heldout_set is not None else {})}
-    preflight(exp, splits)
+    read = {f"{source} (train)": source_set, **target_sets,
+            **({f"{source} (held out)": heldout_set} if heldout_set is not None else {})}
+    preflight(exp, read)
     if world.is_distributed:  # each rank scores its own strided shard; the confusion matrix is summed
         from torch.utils.data import Subset
 
         target_sets = {name: Subset(ds, distributed.shard_indices(len(ds), world)) for name, ds in target_sets.items()}
         if heldout_set is not None:
             heldout_set = Subset(heldout_set, distributed.shard_indices(len(heldout_set), world))
+    return RunData(root, source_set, target_sets, heldout_set, read)
 
+
+def _build_and_resume(run: RunContext, method: Method, data: RunData, result: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The model (seeded: the same head for every method), its provenance, and the run's checkpoint if
+    one exists and was trained on the same files: (model, train state or None, optimiser state or None)."""
+    from benchmarks import checkpoint
     from benchmarks.memory import reset_peak_memory
+    from benchmarks.protocol import seed_everything
 
-    reset_peak_memory(device)  # this run's peak, not an earlier run's in the same process
+    exp, spec = run.exp, run.spec
+    reset_peak_memory(run.device)  # this run's peak, not an earlier run's in the same process
     seed_everything(spec.seed)
     model = build_model(exp, method)
     result["params"] = method.parameter_counts(model)
     result["provenance"] = {  # after the build, which has refused a missing or unusable weight file
         "weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone)),
-        "data": {role: provenance.split_record(ds.pairs, root) for role, ds in splits.items()},
+        "data": {role: provenance.split_record(ds.pairs, data.root) for role, ds in data.read.items()},
     }
-    amp = autocast_dtype(exp.train.amp, device)
     # After the build (which draws from the RNG): a resumed run continues the saved RNG streams.
-    resumed = checkpoint.find_checkpoint(path, exp.config_hash(), world.world_size)
-    if resumed and (changed := provenance.differences(resumed.get("provenance"), result["provenance"])):
+    resumed = checkpoint.find_checkpoint(run.path, exp.config_hash(), run.world.world_size)
+    if not resumed:
+        return model, None, None
+    changed = provenance.differences(resumed.get("provenance"), result["provenance"])
+    if changed:
         raise UserError(
             f"cannot resume {resumed['path']}: it was trained with other files ({'; '.join(changed)}); restore "
-            f"them, or delete {checkpoint.checkpoint_dir(path)} to train afresh with these"
+            f"them, or delete {checkpoint.checkpoint_dir(run.path)} to train afresh with these"
         )
-    state, optimizer_state = checkpoint.restore(resumed, model, method, world.rank) if resumed else (None, None)
-    if resumed:
-        result["resumed_from_iter"] = state.step
+    state, optimizer_state = checkpoint.restore(resumed, model, method, run.world.rank)
+    result["resumed_from_iter"] = state.step
+    return model, state, optimizer_state
+
+
+def _train(run: RunContext, model: Any, method: Method, data: RunData, amp: Any, result: dict[str, Any],
+           state: Any, optimizer_state: Any, workers: int) -> Any:
+    """The protocol's training, with its two hooks: source-only evaluation and checkpoints."""
+    from benchmarks import checkpoint, distributed
+    from benchmarks.protocol import TrainHooks, evaluate, train
+
+    exp, world = run.exp, run.world
 
     def score_source_heldout(step: int) -> float:
         """Evaluation during training sees held-out source pairs only: a target scored before the end
         could select the model on the unseen domains, which domain generalisation forbids."""
-        return evaluate(model, heldout_set, exp.eval, device, NUM_CLASSES, amp)["miou"]
+        return evaluate(model, data.heldout, exp.eval, run.device, NUM_CLASSES, amp)["miou"]
 
     def save_checkpoint(train_state, optimizer) -> None:
         rng_states = distributed.gather_objects(checkpoint.rng_state())
         if world.is_main:
             checkpoint.save_checkpoint(
-                path, model=model, optimizer=optimizer, train_state=train_state, method_state=method.state_dict(),
+                run.path, model=model, optimizer=optimizer, train_state=train_state, method_state=method.state_dict(),
                 config_hash=exp.config_hash(), world_size=world.world_size, rng_states=rng_states,
                 provenance=result["provenance"],
             )
         distributed.barrier()
 
-    hooks = TrainHooks(evaluate=score_source_heldout if heldout_set is not None else None, checkpoint=save_checkpoint)
-    try:
-        state = train(model, method, source_set, exp, device, state=state, optimizer_state=optimizer_state,
-                      hooks=hooks, progress=progress and world.is_main, num_workers=cpu_plan.workers)
-        eval_started = time.perf_counter()
-        scores = {
-            name: evaluate(model, ds, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES,
-                           progress=progress and world.is_main, desc=name)
-            for name, ds in target_sets.items()
-        }
-        for s in scores.values():
-            s["num_images"] = int(distributed.all_reduce_sum(s["num_images"], device))
-        eval_seconds = time.perf_counter() - eval_started
-        source_score = None
-        if heldout_set is not None:  # outside eval_seconds: the profile's eval throughput is the targets'
-            source_score = evaluate(model, heldout_set, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES,
-                                    progress=progress and world.is_main, desc=f"{source} (held out)")
-            source_score["num_images"] = int(distributed.all_reduce_sum(source_score["num_images"], device))
-            source_score.pop("images_per_s", None)
-    except UserError:
-        raise
-    except Exception as err:  # recorded as failed so the rest of the matrix runs and the table says why
-        reason = str(err) if isinstance(err, TrainingDiverged) else f"{type(err).__name__}: {err}"
-        if not isinstance(err, TrainingDiverged):
-            log.error("run %s crashed:\n%s", result["run_id"], traceback.format_exc())
-        result.update(status="failed", failure=reason.splitlines()[0] if reason else type(err).__name__)
-        result["timings"]["finished"] = _now()
-        if world.is_main:  # the last good checkpoint is kept: a re-run resumes from it
-            write_result(path, result)
-        return result
+    hooks = TrainHooks(evaluate=score_source_heldout if data.heldout is not None else None, checkpoint=save_checkpoint)
+    return train(model, method, data.source, exp, run.device, state=state, optimizer_state=optimizer_state,
+                 hooks=hooks, progress=run.progress, num_workers=workers)
 
+
+def _score(run: RunContext, model: Any, data: RunData, amp: Any) -> tuple[dict[str, Any], dict[str, Any] | None, float]:
+    """Every target once, after training; then the held-out source (outside the timed target scoring,
+    whose throughput the profile reports)."""
+    from benchmarks import distributed
+    from benchmarks.protocol import evaluate
+    from datasets.labels import CLASSES
+
+    exp, device = run.exp, run.device
+    started = time.perf_counter()
+    scores = {name: evaluate(model, ds, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES,
+                             progress=run.progress, desc=name)
+              for name, ds in data.targets.items()}
+    for score in scores.values():
+        score["num_images"] = int(distributed.all_reduce_sum(score["num_images"], device))
+    eval_seconds = time.perf_counter() - started
+    source_score = None
+    if data.heldout is not None:
+        source = SETTINGS[run.spec.setting][0]
+        source_score = evaluate(model, data.heldout, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES,
+                                progress=run.progress, desc=f"{source} (held out)")
+        source_score["num_images"] = int(distributed.all_reduce_sum(source_score["num_images"], device))
+        source_score.pop("images_per_s", None)
+    return scores, source_score, eval_seconds
+
+
+def _record(run: RunContext, method: Method, model: Any, amp: Any, state: Any, scores: dict[str, Any],
+            source_score: dict[str, Any] | None, eval_seconds: float, result: dict[str, Any]) -> None:
+    """The finished result, written atomically; the checkpoint goes once the result holds everything."""
+    from benchmarks import checkpoint, distributed
+    from benchmarks.profiling import run_profile_extras
+
+    exp, world = run.exp, run.world
     images_seen = state.step * exp.train.batch_size * exp.train.grad_accum * world.world_size
     stray = {"train": state.stray_label_pixels, **{name: s.pop("stray_label_pixels") for name, s in scores.items()}}
     if source_score is not None:
@@ -294,20 +366,17 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         profile={
             "train_images_per_s": images_seen / state.train_seconds if state.train_seconds else None,
             "eval_images_per_s": sum(s["num_images"] for s in scores.values()) / eval_seconds if eval_seconds else None,
-            "peak_memory_mb": _peak_memory_mb(device),
-            "device": str(device),
+            "peak_memory_mb": _peak_memory_mb(run.device),
+            "device": str(run.device),
             "dtype": str(amp).replace("torch.", "") if amp else "float32",
         },
     )
-    from benchmarks.profiling import run_profile_extras
-
-    result["profile"].update(run_profile_extras(exp, spec.method, result["profile"]))
+    result["profile"].update(run_profile_extras(exp, run.spec.method, result["profile"]))
     result["timings"].update(finished=_now(), train_s=state.train_seconds, eval_s=eval_seconds)
     if world.is_main:
-        _write_final_result(path, result)
-        checkpoint.remove_checkpoint(path)  # the result holds everything worth keeping
+        _write_final_result(run.path, result)
+        checkpoint.remove_checkpoint(run.path)  # the result holds everything worth keeping
     distributed.barrier()
-    return result
 
 
 def _write_final_result(path: Path, result: dict[str, Any]) -> None:

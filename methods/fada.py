@@ -69,6 +69,7 @@ from methods.rein import (
     attach_token_adapter,
     module_device,
     patch_side,
+    token_grid,
     token_init_bound,
 )
 
@@ -205,12 +206,7 @@ class FrequencyTokenAdapter(ReinAdapter):
             self.grid = (math.ceil(height / self.patch_size), math.ceil(width / self.patch_size))
 
     def token_grid(self, count: int) -> tuple[int, int]:
-        if self.grid is not None and self.grid[0] * self.grid[1] == count:
-            return self.grid
-        side = math.isqrt(count)
-        if side * side != count:
-            raise ValueError(f"cannot lay {count} patch tokens out on a grid; run the backbone on images")
-        return side, side
+        return token_grid(self.grid, count)
 
     # -- the refinement ---------------------------------------------------------------------------------
     def feature_delta(self, index: int, patch_tokens: torch.Tensor) -> torch.Tensor:

@@ -205,6 +205,16 @@ class ReinConfig:
     link_queries: bool = True  # Rein paper: tokens → Mask2Former queries when the head has queries
     query_dim: int = 256  # Mask2Former hidden width; the head's own `hidden_dim` wins when it has one
 
+def token_grid(recorded: tuple[int, int] | None, count: int) -> tuple[int, int]:
+    """The (rows, columns) `count` patch tokens lie on: the grid the patch embedding recorded for this
+    pass when it holds that many tokens, else a square one (a refused token count names the fix)."""
+    if recorded is not None and recorded[0] * recorded[1] == count:
+        return recorded
+    side = math.isqrt(count)
+    if side * side != count:
+        raise ValueError(f"cannot lay {count} patch tokens out on a grid; run the backbone on images")
+    return side, side
+
 
 @register_method
 class Rein(Method):

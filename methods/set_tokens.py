@@ -49,6 +49,7 @@ from methods.rein import (
     attach_token_adapter,
     module_device,
     patch_side,
+    token_grid,
 )
 
 TINY_MAGNITUDE = 1e-5
@@ -140,12 +141,7 @@ class SpectralTokenAdapter(ReinAdapter):
         self.grid = (math.ceil(height / patch), math.ceil(width / patch))
 
     def token_grid(self, count: int) -> tuple[int, int]:
-        if self.grid is not None and self.grid[0] * self.grid[1] == count:
-            return self.grid
-        side = math.isqrt(count)
-        if side * side != count:
-            raise ValueError(f"cannot lay {count} patch tokens out on a grid; run the backbone on images")
-        return side, side
+        return token_grid(self.grid, count)
 
     def feature_delta(self, index: int, patch_tokens: torch.Tensor) -> torch.Tensor:
         if self.spectrum == "spatial":
