@@ -153,11 +153,16 @@ def read_label_raw(path: Path) -> np.ndarray:
 
 
 def map_label(raw: np.ndarray, encoding: str, path: Path, strict: bool = True) -> np.ndarray:
-    """Validate raw label values against their encoding and map them to train ids (one lookup).
+    """Validate raw label values against their encoding and map them to train ids (one lookup)."""
+    return map_label_counting(raw, encoding, path, strict)[0]
 
-    Values outside the encoding are an error when ``strict`` (`data check`); otherwise they become 255,
-    ignored as the protocol ignores every class it does not score, with a warning naming the file, so a
-    long run does not die on one stray value.
+
+def map_label_counting(raw: np.ndarray, encoding: str, path: Path, strict: bool = True) -> tuple[np.ndarray, int]:
+    """`map_label` and the number of pixels it ignored for values outside the encoding.
+
+    Such values are an error when ``strict`` (`data check`); otherwise they become 255, ignored as the
+    protocol ignores every class it does not score, with a warning naming the file, so a long run does
+    not die on one stray value. One validity lookup serves the check and the count.
     """
     table, valid, description = ENCODINGS[encoding]
     ok = valid[raw]
@@ -165,23 +170,19 @@ def map_label(raw: np.ndarray, encoding: str, path: Path, strict: bool = True) -
         bad = np.unique(raw[~ok])
         shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
         if not strict:
+            stray = int((~ok).sum())
             log.warning("%s: %d pixel(s) with label values {%s} outside the expected encoding (%s) are ignored (255); "
-                        "`python -m benchmarks data check` lists every such file", path, int((~ok).sum()), shown,
+                        "`python -m benchmarks data check` lists every such file", path, stray, shown,
                         description)
             mapped = table[raw]
             mapped[~ok] = 255
-            return mapped
+            return mapped, stray
         raise UserError(
             f"{path}: label values {{{shown}}} are outside the expected encoding ({description}); "
             "this is the wrong label file (colour/instance map or another release) - use the "
             "dataset's id labels or run `python -m benchmarks data convert`"
         )
-    return table[raw]
-
-
-def count_outside_encoding(raw: np.ndarray, encoding: str) -> int:
-    """Pixels whose raw value the encoding does not define."""
-    return int((~ENCODINGS[encoding][1][raw]).sum())
+    return table[raw], 0
 
 
 def atomic_save(image: Image.Image, path: Path, **save_kwargs: Any) -> None:
@@ -359,9 +360,9 @@ class Adapter:
 
     def map_raw_label(self, raw: np.ndarray, pair: Pair) -> np.ndarray:
         """Raw values to train ids, strictly or not as `strict_labels` says; counts what it ignores."""
-        if not self.strict_labels:
-            self.stray_label_pixels += count_outside_encoding(raw, pair.encoding)
-        return map_label(raw, pair.encoding, pair.label, strict=self.strict_labels)
+        mapped, stray = map_label_counting(raw, pair.encoding, pair.label, strict=self.strict_labels)
+        self.stray_label_pixels += stray
+        return mapped
 
     def load_pair(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
         """Image and label, checked to have the same size."""

@@ -21,3 +21,14 @@ def smoke_experiment(tiny_world, tmp_path):
     from benchmarks.config import load_experiment
 
     return load_experiment("smoke", [f'data.root="{tiny_world}"', f'run.results_dir="{tmp_path / "runs"}"'])
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """For tests of tiny models: one intra-op thread is fastest, and far faster on shared, busy cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

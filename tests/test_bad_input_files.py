@@ -28,23 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.cli import main
 from benchmarks.errors import UserError
 from benchmarks.launchers import RunLock, lock_path
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error_line(err: str) -> str:
-    """The one `error:` line the user sees; fails on a traceback or on several lines."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+from tests.cli_helpers import error_line as _error_line
+from tests.cli_helpers import run_cli as _cli
 
 
 def _age(path: Path, seconds: float = 3600.0) -> None:

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.cli import main
 from datasets.archives import OFFICIAL_ARCHIVES, find_downloads, plan_dataset, write_official_archives
 from datasets.registry import ADAPTERS
+from tests.cli_helpers import error_line as _error_line
+from tests.cli_helpers import run_cli as _cli
 
 GTAV_PARTS = [f"{i:02d}_{kind}.zip" for kind in ("images", "labels") for i in range(1, 11)]
 SYNTHETIC_ARCHIVES = sorted(GTAV_PARTS + [
@@ -29,20 +30,6 @@ SYNTHETIC_ARCHIVES = sorted(GTAV_PARTS + [
 ])
 WORLD_SPLITS = [("gtav", "train"), ("cityscapes", "train"), ("cityscapes", "val"), ("bdd100k", "train"),
                 ("bdd100k", "val"), ("mapillary", "train"), ("mapillary", "val")]
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error_line(err: str) -> str:
-    """The one `error:` line the user sees; fails on a traceback or on several lines."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _prepare(downloads: Path, root: Path, capsys, *extra: str) -> tuple[int, str, str]:

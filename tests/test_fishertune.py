@@ -38,13 +38,7 @@ TINY_VIT = BackboneSpec(
 FAST = dict(warmup_fraction=0.2, estimation_batches=2, delta_min=0.05, delta_max=0.2, growth_fraction=0.25)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The models here are tiny: one intra-op thread is fastest, and far faster on shared, busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def tiny_model(seed: int = 0) -> SegModel:

@@ -23,13 +23,7 @@ SOMA_DINOV2_L_ADDED = 16 * (4 * 16 * (1024 + 1024) + 2 * 16 * (1024 + 4096))  # 
 SOMA_DINOV2_L_BIASES = 16 * (3 * 1024 + 1024 + 4096 + 1024)  # q, k, v, proj, fc1, fc2 biases, blocks 8–23
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The models here are tiny: one intra-op thread is fastest, and far faster on shared, busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def wrapped_layers(model) -> set[str]:
