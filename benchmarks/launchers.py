@@ -20,7 +20,6 @@ from typing import Any
 
 from benchmarks.config import Experiment, load_experiment
 from benchmarks.errors import UserError
-from benchmarks.locking import RunLock, lock_path  # noqa: F401  (re-exported: where they were)
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,7 @@ from benchmarks import provenance, resources
 from benchmarks.config import PROJECT_ROOT, SETTINGS, Experiment
 from benchmarks.errors import UserError
 from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
-from benchmarks.model import (  # noqa: F401
-    NUM_CLASSES,
-    build_model,
-    effective_weights,
-    reported_parameter_counts,
-    weights_for,
-)
+from benchmarks.model import NUM_CLASSES, build_model, effective_weights
 from benchmarks.results import (
     SCHEMA_VERSION,
     BadResultFile,
@@ -342,7 +336,7 @@ def _record(run: RunContext, method: Method, model: Any, amp: Any, state: Any, s
             source_score: dict[str, Any] | None, eval_seconds: float, result: dict[str, Any]) -> None:
     """The finished result, written atomically; the checkpoint goes once the result holds everything."""
     from benchmarks import checkpoint, distributed
-    from benchmarks.profiling import run_profile_extras
+    from benchmarks.flops import run_profile_extras
 
     exp, world = run.exp, run.world
     images_seen = state.step * exp.train.batch_size * exp.train.grad_accum * world.world_size

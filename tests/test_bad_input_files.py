@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.errors import UserError
-from benchmarks.launchers import RunLock, lock_path
+from benchmarks.locking import RunLock, lock_path
 from tests.cli_helpers import error_line as _error_line
 from tests.cli_helpers import run_cli as _cli
 

@@ -143,7 +143,7 @@ def test_run_goes_on_past_a_broken_earlier_result_and_keeps_it(tmp_path, monkeyp
 
 
 def test_a_lock_file_that_is_not_utf8_counts_as_held_not_as_a_crash(tmp_path):
-    from benchmarks.launchers import RunLock, lock_path
+    from benchmarks.locking import RunLock, lock_path
 
     result = tmp_path / "run.json"
     lock_path(result).write_bytes(b"\xff\xfe garbage")

@@ -149,7 +149,7 @@ def test_loss_decreases_fitting_rendered_scenes_on_the_shipped_proxy_backbone() 
     """The protocol's path: pyramid features of the frozen pretrained proxy ViT on street scenes of
     the synthetic world (real class masks for the Hungarian matcher), a small Mask2Former on top."""
     from benchmarks.backbones import build_backbone
-    from benchmarks.profiling import SyntheticSource
+    from benchmarks.synthetic_inputs import SyntheticSource
 
     torch.manual_seed(0)
     backbone = build_backbone("proxy_vit", img_size=64).eval()

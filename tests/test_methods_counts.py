@@ -13,8 +13,7 @@ from benchmarks.backbones import build_backbone
 from benchmarks.config import Experiment, ModelConfig
 from benchmarks.heads import build_head
 from benchmarks.method import available_methods, build_method
-from benchmarks.model import SegModel
-from benchmarks.runner import reported_parameter_counts
+from benchmarks.model import SegModel, reported_parameter_counts
 
 REIN_L = 38_400 + 393_216 + 1 + 2_099_200 + 262_400 + 196_864
 EXPECTED_DINOV2_L = {

@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import profiling
+from benchmarks import flops, memory, profiling, synthetic_inputs, timing
 from benchmarks.config import load_experiment
+from benchmarks.errors import UserError
 from benchmarks.method import available_methods, build_method
+from benchmarks.model import build_model
 from benchmarks.protocol import checkpoint_blocks, slide_logits
-from benchmarks.runner import build_model
+from benchmarks.reports import profiles as profile_files
 
 SMOKE = ["model.weights=[]"]
 
@@ -55,12 +57,12 @@ def batch(exp, size: int = 2, seed: int = 0):
      ("NVIDIA L4", 121), ("NVIDIA L40S", 362), ("NVIDIA A10G", 70), ("NVIDIA GeForce GTX 1080", None)],
 )
 def test_peak_flops_table_matches_device_names(name, tflops):
-    peak = profiling.peak_bf16_flops(name)
+    peak = flops.peak_bf16_flops(name)
     assert (peak / 1e12 if peak else None) == tflops
 
 
 def test_summary_is_median_and_interquartile_range():
-    summary = profiling.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    summary = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
     assert summary["median"] == 3.0
     assert summary["q1"] == 2.0 and summary["q3"] == 4.0 and summary["iqr"] == 2.0 and summary["n"] == 5
 
@@ -68,19 +70,19 @@ def test_summary_is_median_and_interquartile_range():
 def test_mfu_is_training_flops_rate_over_device_peak():
     row = {"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "flops_train_step_per_image": 2.5e12,
            "train_images_per_s": 40.0}
-    assert profiling.model_flops_utilisation(row) == pytest.approx(2.5e12 * 40 / 989e12)
-    assert profiling.model_flops_utilisation({**row, "device": "cpu"}) is None
-    assert profiling.model_flops_utilisation({**row, "device_name": "Unknown GPU"}) is None
+    assert flops.model_flops_utilisation(row) == pytest.approx(2.5e12 * 40 / 989e12)
+    assert flops.model_flops_utilisation({**row, "device": "cpu"}) is None
+    assert flops.model_flops_utilisation({**row, "device_name": "Unknown GPU"}) is None
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method_name", ["full", "freeze", "rein"])
 def test_fake_tensor_flops_equal_real_tensor_flops(method_name):
     exp = smoke()
-    fake = profiling.count_flops(exp, method_name)
+    fake = flops.count_flops(exp, method_name)
     assert fake["flops_counted_with"].startswith("fake")
     model, _ = smoke_model(method_name, exp)
-    forward, train = profiling._count_model_flops(model, exp, exp.train.batch_size, real_loss=True)
+    forward, train = flops._count_model_flops(model, exp, exp.train.batch_size, real_loss=True)
     assert fake["flops_forward_per_image"] == forward
     # The light head's loss (cross-entropy) has no matmul: the surrogate's backward is the same.
     assert fake["flops_train_step_per_image"] == train / exp.train.batch_size
@@ -94,12 +96,12 @@ def test_attention_flops_are_counted_on_the_cpu_kernels_too():
     attention = Attention(dim, num_heads=2, qkv_bias=True)
     attention.fused_attn = True
     x = torch.randn(1, tokens, dim, requires_grad=True)
-    with profiling.flop_counter() as counter:
+    with flops.flop_counter() as counter:
         attention(x).sum().backward()
     linear = 2 * tokens * dim * 3 * dim + 2 * tokens * dim * dim  # qkv and proj
     scores_and_mix = 2 * 2 * tokens * tokens * dim  # q·kᵀ and attn·v over all heads
-    flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    attention_ops = {op: n for op, n in flops.items() if "attention" in op}
+    per_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention_ops = {op: n for op, n in per_op.items() if "attention" in op}
     assert sum(n for op, n in attention_ops.items() if not op.endswith("backward")) == scores_and_mix
     assert sum(n for op, n in attention_ops.items() if op.endswith("backward")) == pytest.approx(2.5 * scores_and_mix)
     assert counter.get_total_flops() == pytest.approx(3 * linear + 3.5 * scores_and_mix, rel=0.01)
@@ -107,19 +109,19 @@ def test_attention_flops_are_counted_on_the_cpu_kernels_too():
 
 def test_training_flops_follow_what_trains():
     exp = smoke()
-    full, freeze = profiling.count_flops(exp, "full"), profiling.count_flops(exp, "freeze")
+    full, freeze = flops.count_flops(exp, "full"), flops.count_flops(exp, "freeze")
     assert full["flops_forward_per_image"] == freeze["flops_forward_per_image"]
     # Frozen: forward of everything, backward of the head only; full: ~3x forward.
     assert freeze["flops_train_step_per_image"] < full["flops_train_step_per_image"]
     assert full["flops_train_step_per_image"] == pytest.approx(3 * full["flops_forward_per_image"], rel=0.1)
-    windows = profiling.window_count(*profiling.eval_image_size(exp), exp.eval.crop_size, exp.eval.stride)
+    windows = synthetic_inputs.window_count(*synthetic_inputs.eval_image_size(exp), exp.eval.crop_size, exp.eval.stride)
     assert windows > 1
     assert full["flops_eval_per_image"] == windows * full["flops_forward_per_image"]
 
 
 def test_flop_counter_accepts_parameter_views_taken_without_grad():
     weight = torch.nn.Parameter(torch.randn(4, 4))
-    with profiling.flop_counter() as counter:
+    with flops.flop_counter() as counter:
         with torch.no_grad():
             view = weight.unsqueeze(0).expand(2, -1, -1)
         torch.bmm(view, view)
@@ -272,10 +274,10 @@ def test_out_of_memory_is_a_row_not_a_crash(monkeypatch):
 
 
 def test_peak_memory_sees_an_allocation_after_reset():
-    profiling.reset_peak_memory("cpu")
-    before = profiling.peak_memory("cpu")["peak_memory_mb"]
+    memory.reset_peak_memory("cpu")
+    before = memory.peak_memory("cpu")["peak_memory_mb"]
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    after = profiling.peak_memory("cpu")["peak_memory_mb"]
+    after = memory.peak_memory("cpu")["peak_memory_mb"]
     del block
     assert after - before > 48
 
@@ -298,9 +300,9 @@ def test_flops_only_command_writes_table_and_json(tmp_path, capsys):
 
 def test_write_profiles_draws_speed_and_memory_plots(tmp_path):
     row = {"method": "full", "status": "ok", "batch_size": 2, "train_images_per_s": 4.0, "eval_images_per_s": 2.0,
-           "peak_memory_mb": 900.0, "train_step_s": profiling.summarize([0.4, 0.5, 0.6]),
-           "eval_image_s": profiling.summarize([0.5, 0.5]), "flops_forward_per_image": 1e9}
-    paths = profiling.write_profiles([row, {"method": "rein", "status": "oom", "error": "x", "train_images_per_s": None}],
+           "peak_memory_mb": 900.0, "train_step_s": timing.summarize([0.4, 0.5, 0.6]),
+           "eval_image_s": timing.summarize([0.5, 0.5]), "flops_forward_per_image": 1e9}
+    paths = profile_files.write_profiles([row, {"method": "rein", "status": "oom", "error": "x", "train_images_per_s": None}],
                                      smoke(), tmp_path, "smoke-cpu-test", {"device_name": "cpu"})
     names = sorted(p.name for p in paths)
     assert names == ["smoke-cpu-test-memory.png", "smoke-cpu-test-speed.png", "smoke-cpu-test.json", "smoke-cpu-test.md"]
@@ -347,7 +349,7 @@ def test_breakdown_profiles_extra_protocol_steps_and_accounts_for_their_operator
     assert by_category["matmul"] > 0 and by_category["optimizer"] > 0
     assert "aten::mm" in [o["name"] for o in info["top_operators"]]  # full fine-tuning's weight gradients
     json.dumps(row)
-    paths = profiling.write_profiles([row], smoke(), tmp_path, "smoke-cpu-test", {"device_name": "cpu"})
+    paths = profile_files.write_profiles([row], smoke(), tmp_path, "smoke-cpu-test", {"device_name": "cpu"})
     text = (tmp_path / "smoke-cpu-test-breakdown.md").read_text()
     assert tmp_path / "smoke-cpu-test-breakdown.md" in paths and "## full" in text and "`aten::mm`" in text
 
@@ -358,7 +360,7 @@ def test_breakdown_auto_follows_the_mfu_threshold():
     assert not auto.wants_breakdown(None)  # CPU: no MFU, no automatic breakdown
     assert profiling.ProfileSettings(breakdown="all").wants_breakdown(None)
     assert not profiling.ProfileSettings(breakdown="none").wants_breakdown(0.01)
-    with pytest.raises(profiling.UserError, match="auto, all or none"):
+    with pytest.raises(UserError, match="auto, all or none"):
         profiling.ProfileSettings(breakdown="sometimes")
 
 

@@ -39,7 +39,7 @@ def _experiment(world: Path, *extra: str):
 
 def _model(method_name: str, world: Path):
     from benchmarks.method import build_method
-    from benchmarks.runner import build_model
+    from benchmarks.model import build_model
 
     method = build_method(method_name)
     return build_model(_experiment(world), method), method

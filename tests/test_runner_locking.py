@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.launchers import RunLock, lock_path
+from benchmarks.locking import RunLock, lock_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +140,7 @@ def test_lock_creation_is_atomic_under_contention(tmp_path):
     """Many processes racing for one lock: exactly one wins."""
     result = tmp_path / "run.json"
     script = (
-        "import sys, time; from pathlib import Path; from benchmarks.launchers import RunLock\n"
+        "import sys, time; from pathlib import Path; from benchmarks.locking import RunLock\n"
         f"time.sleep(max(0.0, {time.time() + 3.0!r} - time.time()))\n"
         f"lock = RunLock(Path({str(result)!r}))\n"
         "print(int(lock.acquire())); sys.stdout.flush(); time.sleep(2)\n"

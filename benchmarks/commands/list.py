@@ -46,7 +46,7 @@ def _methods(args: argparse.Namespace) -> str:
 
     from benchmarks.config import Experiment, ModelConfig
     from benchmarks.method import available_methods, build_method
-    from benchmarks.runner import reported_parameter_counts
+    from benchmarks.model import reported_parameter_counts
 
     exp = Experiment(model=ModelConfig(backbone=args.backbone, head=args.head, img_size=args.img_size))
     rows = []

@@ -42,17 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from benchmarks.config import load_experiment
     from benchmarks.errors import UserError
+    from benchmarks.flops import flops_table
     from benchmarks.method import resolve_methods
-    from benchmarks.profiling import (
-        ProfileSettings,
-        environment_summary,
-        flops_table,
-        format_table,
-        output_stem,
-        profile_methods,
-        write_profiles,
-    )
+    from benchmarks.profiling import ProfileSettings, profile_methods
     from benchmarks.protocol import select_device
+    from benchmarks.reports.profiles import environment_summary, format_table, output_stem, write_profiles
 
     exp = load_experiment(args.preset, args.overrides)
     names = resolve_methods(args.methods)

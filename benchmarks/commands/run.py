@@ -135,7 +135,8 @@ def describe(exp: Experiment, methods: str | None) -> str:
 
     Models are built on the meta device: counting needs shapes, not memory or weights.
     """
-    from benchmarks.runner import experiment_for, plan_runs, reported_parameter_counts
+    from benchmarks.model import reported_parameter_counts
+    from benchmarks.runner import experiment_for, plan_runs
 
     lines = [f"# preset {exp.preset} (config hash {exp.config_hash()})", json.dumps(exp.to_dict(), indent=2), ""]
     specs = plan_runs(exp, methods)

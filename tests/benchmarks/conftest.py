@@ -15,7 +15,7 @@ def proxy_exp():
 
 
 def proxy_batch(exp, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    from benchmarks.profiling import SyntheticSource
+    from benchmarks.synthetic_inputs import SyntheticSource
 
     source = SyntheticSource(exp.data.crop_size, count=exp.train.batch_size, seed=seed)
     samples = [source[i] for i in range(exp.train.batch_size)]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from benchmarks.method import build_method
-from benchmarks.profiling import eval_image_size, window_count
+from benchmarks.model import build_model
 from benchmarks.protocol import slide_logits
-from benchmarks.runner import build_model
+from benchmarks.synthetic_inputs import eval_image_size, window_count
 
 pytestmark = pytest.mark.bench
 

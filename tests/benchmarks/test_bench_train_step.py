@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from benchmarks.method import TrainContext, available_methods, build_method
+from benchmarks.model import build_model
 from benchmarks.protocol import autocast, autocast_dtype, build_optimizer, poly_lr_factor
-from benchmarks.runner import build_model
 from tests.benchmarks.conftest import proxy_batch
 
 pytestmark = pytest.mark.bench
@@ -68,7 +68,7 @@ def test_harness_step_overhead_vs_bare_loop(benchmark, proxy_exp):
     Both run the same steps on a frozen-backbone model (the cheapest step, so overhead shows most);
     the ratio of medians is reported in extra_info (≈1.0 means no measurable harness overhead).
     """
-    from benchmarks.profiling import summarize, time_training_steps
+    from benchmarks.timing import summarize, time_training_steps
 
     warmup, repeats = 2, 8
     model, method = _model(proxy_exp, "freeze")
