@@ -100,6 +100,10 @@ class EMA:
         return self.decay ** (self.reference_iters / total_iters)
 
 
+FULL_FINE_TUNING, FROZEN_BACKBONE, PARAMETER_EFFICIENT = "full fine-tuning", "frozen backbone", "parameter-efficient"
+ROLES = (FULL_FINE_TUNING, FROZEN_BACKBONE, PARAMETER_EFFICIENT)
+
+
 class Method:
     """Base class: full fine-tuning semantics unless a hook is overridden.
 
@@ -110,6 +114,9 @@ class Method:
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    role: ClassVar[str] = "parameter-efficient"
+    """Where the method sits in the field's comparison (`ROLES`): the tables find the baselines by
+    role, never by name (Rein's inverted U: full fine-tuning against the parameter-efficient methods)."""
     Config: ClassVar[type] = type(None)
     # A method that wants the backbone frozen in eval mode with features computed without autograd
     # needs no flag: the model does that whenever no backbone parameter requires gradients.
@@ -243,6 +250,8 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise TypeError(f"{cls.__qualname__} must set a `name`")
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise TypeError(f"method name {cls.name!r} registered twice ({METHODS[cls.name].__module__}, {cls.__module__})")
+    if cls.role not in ROLES:
+        raise TypeError(f"{cls.__qualname__}.role is {cls.role!r}; expected one of: {', '.join(ROLES)}")
     METHODS[cls.name] = cls
     return cls
 

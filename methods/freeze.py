@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmarks.method import Method, register_method
+from benchmarks.method import FROZEN_BACKBONE, Method, register_method
 from benchmarks.model import SegModel
 
 
@@ -22,6 +22,7 @@ class Freeze(Method):
     name = "freeze"
     paper = "Frozen-backbone baseline (as reported in Rein, CVPR 2024, Table 3)"
     Config = FreezeConfig
+    role = FROZEN_BACKBONE
 
     def attach(self, model: SegModel) -> None:
         model.backbone.requires_grad_(False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmarks.method import Method, register_method
+from benchmarks.method import FULL_FINE_TUNING, Method, register_method
 
 
 @dataclass
@@ -21,3 +21,4 @@ class Full(Method):
     name = "full"
     paper = "Full fine-tuning baseline (as reported in Rein, CVPR 2024, Table 3)"
     Config = FullConfig
+    role = FULL_FINE_TUNING

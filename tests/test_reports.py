@@ -313,6 +313,35 @@ def test_the_proxy_beside_the_published_vfm_it_stands_in_for():
     assert "dinov2_vitl14" in text and "No published numbers" not in text
 
 
+def with_role(result: dict, role: str) -> dict:
+    return dict(result, method=dict(result["method"], role=role))
+
+
+def test_the_inverted_u_finds_the_baselines_by_the_role_a_result_records_not_by_name():
+    from benchmarks.reports.tables import inverted_u_note, summary_frame
+
+    rows = [with_source(with_role(make_result("every_weight", 1, cbm(20, 20, 20), params=5_000_000), "full fine-tuning"), 60.0),
+            with_source(with_role(make_result("head_only", 1, cbm(30, 30, 30), params=0), "frozen backbone"), 40.0),
+            with_source(with_role(make_result("adapter", 1, cbm(25, 25, 25), params=40_000), "parameter-efficient"), 45.0)]
+    note = inverted_u_note(summary_frame(rows))
+    # the frozen row scores best on the targets but is no parameter-efficient method: the adapter is compared
+    assert note.startswith("every_weight: source 60.0 (best), target average 20.0 vs 25.0") and "(adapter)" in note
+    assert "shows the inverted U" in note
+    # without a full fine-tuning row there is nothing to say
+    assert inverted_u_note(summary_frame(rows[1:])) == ""
+
+
+def test_a_method_with_an_unknown_role_is_refused_at_registration():
+    from benchmarks.method import Method, register_method
+
+    class Sideways(Method):
+        name = "sideways_test_method"
+        role = "sideways"
+
+    with pytest.raises(TypeError, match="role is 'sideways'; expected one of: full fine-tuning"):
+        register_method(Sideways)
+
+
 def test_the_rein_figure_has_a_source_panel_when_the_source_was_scored():
     finished = [with_source(make_result("full", 1, cbm(30, 30, 30), params=5_000_000), 60.0),
                 with_source(make_result("freeze", 1, cbm(20, 20, 20), params=0), 40.0)]

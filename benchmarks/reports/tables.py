@@ -172,6 +172,18 @@ def method_name(result: dict[str, Any]) -> str:
     return str(method.get("name") if isinstance(method, dict) else method)
 
 
+def method_role(result: dict[str, Any]) -> str:
+    """The method's role in the comparison as its result records it; results written before the
+    field existed take it from the registered method of that name (empty when none is)."""
+    method = result.get("method")
+    if isinstance(method, dict) and method.get("role"):
+        return str(method["role"])
+    from benchmarks.method import available_methods
+
+    registered = available_methods().get(method_name(result))
+    return registered.role if registered else ""
+
+
 def group_results(results: Iterable[dict[str, Any]]) -> dict[Protocol, list[dict[str, Any]]]:
     """Results by protocol; fingerprints are kept only where a (preset, setting, backbone, head)
     holds more than one configuration, so ordinary tables get short titles."""
@@ -272,7 +284,7 @@ def summary_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
             params = [p for p in params if p is not None]
             row: dict[str, Any] = {
                 "preset": proto.preset, "setting": proto.setting, "backbone": proto.backbone,
-                "head": proto.head, "config": proto.fingerprint, "method": method,
+                "head": proto.head, "config": proto.fingerprint, "method": method, "role": method_role(runs[0]),
                 "seeds": len(runs),
                 # Runs of one configuration from different weight files or data: a row to read apart.
                 "provenances": len({provenance.identity(r.get("provenance")) for r in runs} - {""}),
@@ -701,19 +713,22 @@ def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame) -> list[Ta
 def inverted_u_note(group: pd.DataFrame) -> str:
     """Rein's finding, checked on one protocol's rows: full fine-tuning fits the source best and
     generalises below the best parameter-efficient method."""
-    if "source" not in group.columns or "full" not in set(group["method"]):
+    from benchmarks.method import FULL_FINE_TUNING, PARAMETER_EFFICIENT
+
+    full_rows = group[group["role"] == FULL_FINE_TUNING] if "role" in group.columns else group.iloc[0:0]
+    if "source" not in group.columns or full_rows.empty:
         return ""
-    full = group[group["method"] == "full"].iloc[0]
-    others = group[~group["method"].isin(["full", "freeze"])].dropna(subset=["average"])
+    full = full_rows.iloc[0]
+    others = group[group["role"] == PARAMETER_EFFICIENT].dropna(subset=["average"])
     if others.empty or math.isnan(full["source"]):
         return ""
     best = others.loc[others["average"].idxmax()]
     source_best = full["source"] >= group["source"].max()
     below = full["average"] < best["average"]
     verdict = "shows the inverted U" if source_best and below else "does not show the inverted U"
-    return (f"full: source {full['source']:.1f} ({'best' if source_best else 'not the best'}), target average "
-            f"{full['average']:.1f} vs {best['average']:.1f} for the best parameter-efficient method ({best['method']}): "
-            f"{verdict}.")
+    return (f"{full['method']}: source {full['source']:.1f} ({'best' if source_best else 'not the best'}), target "
+            f"average {full['average']:.1f} vs {best['average']:.1f} for the best parameter-efficient method "
+            f"({best['method']}): {verdict}.")
 
 
 def _nan_to_none(value: Any) -> float | None:
