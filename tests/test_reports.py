@@ -475,3 +475,21 @@ def test_latex_renderer_escapes_specials():
 
 def test_published_csv_is_the_shipped_file():
     assert PUBLISHED_CSV.is_file() and PUBLISHED_CSV.parent.name == "results"
+
+
+def test_settings_that_leave_a_runs_identity_leave_its_protocol_too():
+    """A result written before a setting existed (or with another loader or checkpoint cadence) sits
+    in the same table as the rest: every NOT_HASHED field is outside the table's fingerprint."""
+    from benchmarks.config import NOT_HASHED, load_experiment
+    from benchmarks.reports.tables import protocol_fingerprint
+
+    experiment = load_experiment("smoke", []).to_dict()
+    for section, name in NOT_HASHED:
+        changed = json.loads(json.dumps(experiment))
+        changed[section][name] = "something else"
+        without = json.loads(json.dumps(experiment))
+        del without[section][name]
+        assert protocol_fingerprint(changed) == protocol_fingerprint(experiment) == protocol_fingerprint(without), name
+    changed = json.loads(json.dumps(experiment))
+    changed["train"]["iters"] += 1
+    assert protocol_fingerprint(changed) != protocol_fingerprint(experiment)

@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from benchmarks import provenance
-from benchmarks.config import SETTINGS
+from benchmarks.config import NOT_HASHED, SETTINGS
 from benchmarks.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,18 +51,16 @@ MISSING = "—"
 # Settings that cannot change a run's numbers (where files live, how many loader workers, how often
 # to log) or that are a matrix axis the table already shows (seed, backbone). Two runs whose
 # experiments differ only here belong to the same protocol.
-NON_PROTOCOL_KEYS = (
+NON_PROTOCOL_KEYS: tuple[tuple[str, ...], ...] = (
     ("run",),
     ("preset",),
     ("train", "seed"),
     ("train", "device"),
-    ("train", "log_interval"),
     ("train", "eval_interval"),
-    ("train", "checkpoint_interval"),
     ("model", "backbone"),
     ("data", "root"),
-    ("data", "num_workers"),
     ("eval", "batch_windows"),
+    *NOT_HASHED,  # what leaves the run's own identity (workers, preflight, log and checkpoint cadence)
 )
 
 
