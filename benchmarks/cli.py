@@ -2,7 +2,8 @@
 
 A command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int` (or
 `add_parser(subparsers)` when it builds its own sub-commands). Errors a user can cause arrive as
-`UserError` and leave as one line on stderr with exit code 2, never a traceback.
+`UserError` and leave as one line on stderr with exit code 2, never a traceback. A command's
+`--method-file` files are loaded here, before it runs, so a bad one stops it before it creates anything.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "method_files", None):
+            from benchmarks.method import use_method_files
+
+            use_method_files(args.method_files)
         return int(handler(args) or 0)
     except UserError as err:
         print(f"error: {user_line(err)}", file=sys.stderr)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import plugins
 from benchmarks.config import Experiment, load_experiment
 from benchmarks.errors import UserError
 
@@ -54,6 +55,8 @@ class JobRequest:
     results_dir: str
     cwd: str
     """Relative paths in the overrides (data root) resolve as they did where the matrix was submitted."""
+    method_files: tuple[str, ...] = ()
+    """The submitting command's --method-file files (absolute), registered again in the job."""
 
 
 def resolve_for_job(request: JobRequest) -> Experiment:
@@ -90,10 +93,12 @@ def _export_submitit_rank() -> None:
 def run_job(request: JobRequest) -> dict[str, Any] | None:
     """The body of one slurm job: the run of `request.spec`, resumed if it has a checkpoint."""
     from benchmarks import distributed
+    from benchmarks.method import use_method_files
     from benchmarks.runner import run_one
 
     _export_submitit_rank()
     os.chdir(request.cwd)
+    use_method_files(list(request.method_files))
     exp = resolve_for_job(request)
     distributed.init_distributed(exp.train.device)
     try:
@@ -161,7 +166,8 @@ def submit_matrix(
     folder = Path(options.folder).expanduser() if options.folder else results_dir / ".submitit"
     executor = _executor(options, folder)
     requests = [
-        JobRequest(preset, tuple(overrides), tuple(weights), exp.config_hash(), spec, str(results_dir), os.getcwd())
+        JobRequest(preset, tuple(overrides), tuple(weights), exp.config_hash(), spec, str(results_dir), os.getcwd(),
+                   tuple(plugins.loaded_method_files()))
         for spec in pending
     ]
     with executor.batch():

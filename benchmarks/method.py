@@ -2,7 +2,8 @@
 
 A method changes which backbone parameters train and what is added to the backbone or the head;
 everything else (data, head, optimiser, schedule, evaluation) belongs to the protocol, which calls
-the hooks below and never asks which method it runs. A method is one file in `methods/`:
+the hooks below and never asks which method it runs. A method is one file in `methods/` (or, from
+outside the repository, an installed plugin or a `--method-file`: benchmarks/plugins.py):
 
     @register_method
     class Rein(Method):
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from benchmarks import plugins
 from benchmarks.errors import UserError
 
 if TYPE_CHECKING:
@@ -249,7 +251,7 @@ def register_method(cls: type[Method]) -> type[Method]:
     if not cls.name:
         raise TypeError(f"{cls.__qualname__} must set a `name`")
     if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise TypeError(f"method name {cls.name!r} registered twice ({METHODS[cls.name].__module__}, {cls.__module__})")
+        raise plugins.MethodNameTaken(cls.name, METHODS[cls.name], cls)
     if cls.role not in ROLES:
         raise TypeError(f"{cls.__qualname__}.role is {cls.role!r}; expected one of: {', '.join(ROLES)}")
     METHODS[cls.name] = cls
@@ -257,11 +259,20 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def _discover() -> None:
+    """The built-in methods first, then installed plugins: a plugin's name clash names the plugin."""
     import methods
 
     for info in pkgutil.iter_modules(methods.__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"methods.{info.name}")
+    plugins.load_entry_points(METHODS)
+
+
+def use_method_files(paths: list[str]) -> list[str]:
+    """Register the methods the `--method-file` files define (after every other, for the same reason);
+    the names they registered."""
+    _discover()
+    return plugins.load_method_files(paths, METHODS)
 
 
 def available_methods() -> dict[str, type[Method]]:

@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
+from benchmarks import plugins
 from benchmarks.config import Experiment, experiment_from_dict
 from benchmarks.errors import UserError
 from benchmarks.flops import count_flops, device_name, model_flops_utilisation
 from benchmarks.memory import current_rss_mb, is_out_of_memory, peak_memory, reset_peak_memory
-from benchmarks.method import build_method
+from benchmarks.method import build_method, use_method_files
 from benchmarks.synthetic_inputs import eval_image_size, window_count, without_weight_files
 from benchmarks.timing import summarize, time_inference, time_training_steps
 
@@ -160,7 +161,7 @@ def profile_in_subprocess(exp: Experiment, method_name: str, device: str, settin
                           timeout_s: float | None = None) -> dict[str, Any]:
     """`profile_method` in a fresh interpreter: clean peak memory, and a killed process is one row."""
     payload = json.dumps({"experiment": exp.to_dict(), "method": method_name, "device": device,
-                          "settings": dataclasses.asdict(settings)})
+                          "settings": dataclasses.asdict(settings), "method_files": plugins.loaded_method_files()})
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -199,6 +200,7 @@ def _worker() -> int:
     """`python -m benchmarks.profiling` reads one job as JSON on stdin, prints the profile as JSON."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     job = json.loads(sys.stdin.read())
+    use_method_files(job.get("method_files", []))  # a --method-file method is registered here too
     exp = experiment_from_dict(job["experiment"], source="profile job", name=job["experiment"].get("preset", "custom"))
     settings = ProfileSettings(**job["settings"])
     row = profile_method(exp, job["method"], job["device"], settings)

@@ -3,7 +3,12 @@
 A result, a checkpoint and a regression baseline carry the same provenance record:
 
     {"weights": {"backbone": "proxy_vit", "file": ".../proxy_vit.safetensors", "sha256": "…", "bytes": N},
-     "data": {"gtav (train)": {"pairs": 350, "bytes": N, "sha256": "…"}, "cityscapes": {...}, ...}}
+     "data": {"gtav (train)": {"pairs": 350, "bytes": N, "sha256": "…"}, "cityscapes": {...}, ...},
+     "method": {"file": ".../my_method.py", "sha256": "…", "bytes": N}}
+
+"method" is there only for a method from outside the repository (`benchmarks.plugins.method_origin`:
+a `--method-file`'s content hash, or an installed plugin's entry point, distribution and version);
+a built-in method is traced by the git commit in the result's environment.
 
 Weights are fingerprinted by content (sha256). Hashing a 1.2 GB DINOv2-L file takes seconds, so the
 digest is cached by (path, size, modification time) in the user's cache folder: a file is hashed once
@@ -118,6 +123,10 @@ def differences(recorded: dict[str, Any] | None, current: dict[str, Any]) -> lis
     if "weights" in recorded and "weights" in current and old_w.get("sha256") != new_w.get("sha256"):
         found.append(f"{new_w.get('backbone', 'backbone')} weights {short(old_w.get('sha256'))} "
                      f"({old_w.get('file') or 'none'}) then, {short(new_w.get('sha256'))} ({new_w.get('file') or 'none'}) now")
+    old_m, new_m = recorded.get("method") or {}, current.get("method") or {}
+    if old_m.get("sha256") and new_m.get("sha256") and old_m["sha256"] != new_m["sha256"]:
+        found.append(f"method file {short(old_m['sha256'])} ({old_m.get('file')}) then, "
+                     f"{short(new_m['sha256'])} ({new_m.get('file')}) now")
     old_d, new_d = recorded.get("data") or {}, current.get("data") or {}
     for split in sorted(set(old_d) | set(new_d)) if "data" in recorded and "data" in current else ():
         a, b = old_d.get(split) or {}, new_d.get(split) or {}

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import provenance, resources
+from benchmarks import plugins, provenance, resources
 from benchmarks.config import PROJECT_ROOT, SETTINGS, Experiment
 from benchmarks.errors import UserError
 from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
@@ -265,6 +265,9 @@ def _build_and_resume(run: RunContext, method: Method, data: RunData, result: di
         "weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone)),
         "data": {role: provenance.split_record(ds.pairs, data.root) for role, ds in data.read.items()},
     }
+    origin = plugins.method_origin(spec.method)
+    if origin:  # a method from outside the repository: its file and sha256, or its distribution
+        result["provenance"]["method"] = origin
     # After the build (which draws from the RNG): a resumed run continues the saved RNG streams.
     resumed = checkpoint.find_checkpoint(run.path, exp.config_hash(), run.world.world_size)
     if not resumed:

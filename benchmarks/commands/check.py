@@ -14,6 +14,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from benchmarks.commands.run import add_method_file_argument
 from benchmarks.regression import DEFAULT_BASELINE, DEFAULT_TOLERANCE_MIOU
 
 NAME = "check"
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help=f"baseline file (default: {DEFAULT_BASELINE})")
     parser.add_argument("--update-baseline", action="store_true", help="rewrite the baseline from this run instead of comparing")
     parser.add_argument("--methods", help="only these methods (comma-separated); default: every registered method")
+    add_method_file_argument(parser)
     parser.add_argument("--tolerance", type=float,
                         help=f"mIoU tolerance in points (default: the baseline's, else {DEFAULT_TOLERANCE_MIOU}); "
                              "stored in the baseline with --update-baseline")

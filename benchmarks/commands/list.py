@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import logging
 
+from benchmarks.commands.run import add_method_file_argument
+
 NAME = "list"
 HELP = "show the registered methods (paper, defaults, trainable parameters), backbones, heads, datasets and presets"
 log = logging.getLogger(__name__)
@@ -17,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backbone whose trainable-parameter counts the method list shows (default: dinov2_vitl14 @512)")
     parser.add_argument("--head", default="mask2former", help="head used for those counts (default: mask2former)")
     parser.add_argument("--img-size", type=int, default=512)
+    add_method_file_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ import logging
 import signal
 from pathlib import Path
 
+from benchmarks.commands.run import add_method_file_argument
+
 NAME = "profile"
 HELP = "measure training/inference throughput, peak memory, FLOPs and MFU of every method (random weights, synthetic data)"
 log = logging.getLogger(__name__)
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default="all", help="'all' (default) or a comma-separated list, e.g. rein,lora")
+    add_method_file_argument(parser)
     parser.add_argument("--preset", default="proxy", help="smoke, proxy (default), paper, or a .toml file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set train.batch_size=2 (repeatable)")

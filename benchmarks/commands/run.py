@@ -18,9 +18,17 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_experiment_arguments(parser)
     parser.add_argument("--methods", help="'all' (default: the preset's) or a comma-separated list, e.g. rein,lora")
+    add_method_file_argument(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the resolved protocol, the runs and parameter counts; touch no data")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     add_launcher_arguments(parser)
+
+
+def add_method_file_argument(parser: argparse.ArgumentParser) -> None:
+    """--method-file, on every command that takes --methods; benchmarks.cli loads the files before the command runs."""
+    parser.add_argument("--method-file", dest="method_files", action="append", default=[], metavar="PATH.py",
+                        help="a Python file registering a method of your own with @register_method (repeatable); "
+                             "its methods then run like the built-in ones, 'all' included")
 
 
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
