@@ -36,6 +36,7 @@ from benchmarks import plugins
 from benchmarks.errors import UserError
 
 if TYPE_CHECKING:
+    from benchmarks.config import EvalConfig
     from benchmarks.model import SegModel
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -120,6 +121,10 @@ class Method:
     """Where the method sits in the field's comparison (`ROLES`): the tables find the baselines by
     role, never by name (Rein's inverted U: full fine-tuning against the parameter-efficient methods)."""
     Config: ClassVar[type] = type(None)
+    couples_batch: ClassVar[bool] = False
+    """True when the images of one batch change each other's outputs (the released SET's FFT runs over
+    the batch axis). Evaluation then runs one window at a time, as the reference's sliding-window
+    inference does, so a score never depends on `eval.batch_windows` (`evaluation_settings`)."""
     # A method that wants the backbone frozen in eval mode with features computed without autograd
     # needs no flag: the model does that whenever no backbone parameter requires gradients.
 
@@ -180,6 +185,11 @@ class Method:
         element-wise masks) reports what actually trains.
         """
         return model.parameter_counts()
+
+    def evaluation_settings(self, cfg: EvalConfig) -> EvalConfig:
+        """The evaluation settings this method is scored with: the protocol's, one window per batch for
+        a method whose batch members interact."""
+        return dataclasses.replace(cfg, batch_windows=1) if self.couples_batch else cfg
 
     def hyperparameters(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}

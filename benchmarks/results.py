@@ -23,6 +23,8 @@ Schema (version 1), the only thing reports and regression checks read:
       "evaluations": [{"iter": int, "source_heldout": float}],   # during training: held-out source only
       "model_selection": "final" | "ema",    # the last iteration's weights, or the average a method declares
                                              # (`Method.ema`); targets scored once, after training
+      "eval_batch_windows": int,             # windows per forward in evaluation (1 for a method whose batch
+                                             # members interact, `Method.couples_batch`)
       "profile": {"train_images_per_s": float, "eval_images_per_s": float, "peak_memory_mb": float,
                   "device": str, "dtype": str, "device_name": str,
                   "flops_forward_per_image": float | null, "flops_train_step_per_image": float | null,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks import plugins, provenance, resources
-from benchmarks.config import PROJECT_ROOT, SETTINGS, Experiment
+from benchmarks.config import PROJECT_ROOT, SETTINGS, EvalConfig, Experiment
 from benchmarks.errors import UserError
 from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
 from benchmarks.model import NUM_CLASSES, build_model, effective_weights
@@ -149,6 +149,8 @@ class RunContext:
     world: Any
     device: torch.device
     progress: bool
+    evaluation: EvalConfig
+    """`exp.eval` as the method is scored with it (`Method.evaluation_settings`)."""
 
 
 def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = True) -> dict[str, Any]:
@@ -158,9 +160,10 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
 
     exp = experiment_for(exp, spec)
     world = distributed.current()
-    run = RunContext(spec, exp, spec.path(exp, results_dir), world,
-                     distributed.device_for(world, select_device(exp.train.device)), progress and world.is_main)
     method = build_method(spec.method, exp.methods.get(spec.method))
+    run = RunContext(spec, exp, spec.path(exp, results_dir), world,
+                     distributed.device_for(world, select_device(exp.train.device)), progress and world.is_main,
+                     method.evaluation_settings(exp.eval))
     cpu_plan = resources.plan(exp.data.num_workers, run.device.type)
     resources.apply(cpu_plan)
     result = _new_result(run, method, cpu_plan)
@@ -217,6 +220,8 @@ def _new_result(run: RunContext, method: Method, cpu_plan: Any) -> dict[str, Any
         # weights a method declares ("ema", set once training has formed it); the targets are scored once,
         # after training; no checkpoint is chosen by any score (evaluations during training are source-only).
         "model_selection": "final",
+        # Windows per forward pass in evaluation: the protocol's, or 1 for a method whose batch members interact.
+        "eval_batch_windows": run.evaluation.batch_windows,
     }
 
 
@@ -294,7 +299,7 @@ def _train(run: RunContext, model: Any, method: Method, data: RunData, amp: Any,
     def score_source_heldout(step: int) -> float:
         """Evaluation during training sees held-out source pairs only: a target scored before the end
         could select the model on the unseen domains, which domain generalisation forbids."""
-        return evaluate(model, data.heldout, exp.eval, run.device, NUM_CLASSES, amp)["miou"]
+        return evaluate(model, data.heldout, run.evaluation, run.device, NUM_CLASSES, amp)["miou"]
 
     def save_checkpoint(train_state, optimizer) -> None:
         rng_states = distributed.gather_objects(checkpoint.rng_state())
@@ -318,9 +323,9 @@ def _score(run: RunContext, model: Any, data: RunData, amp: Any) -> tuple[dict[s
     from benchmarks.protocol import evaluate
     from datasets.labels import CLASSES
 
-    exp, device = run.exp, run.device
+    device = run.device
     started = time.perf_counter()
-    scores = {name: evaluate(model, ds, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES,
+    scores = {name: evaluate(model, ds, run.evaluation, device, NUM_CLASSES, amp, class_names=CLASSES,
                              progress=run.progress, desc=name)
               for name, ds in data.targets.items()}
     for score in scores.values():
@@ -329,7 +334,7 @@ def _score(run: RunContext, model: Any, data: RunData, amp: Any) -> tuple[dict[s
     source_score = None
     if data.heldout is not None:
         source = SETTINGS[run.spec.setting][0]
-        source_score = evaluate(model, data.heldout, exp.eval, device, NUM_CLASSES, amp, class_names=CLASSES,
+        source_score = evaluate(model, data.heldout, run.evaluation, device, NUM_CLASSES, amp, class_names=CLASSES,
                                 progress=run.progress, desc=f"{source} (held out)")
         source_score["num_images"] = int(distributed.all_reduce_sum(source_score["num_images"], device))
         source_score.pop("images_per_s", None)

@@ -207,3 +207,4 @@ class SETReleased(_SpectralTokens):
     paper = "Yi et al., SET (ACM MM 2024), as computed by the authors' released code (FFT over batch and channel)"
     spectrum = "batch_channel"
     floor = "released"
+    couples_batch = True  # scored one window at a time, as the released code's test-time batch of 1

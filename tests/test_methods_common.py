@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from benchmarks.backbones import BackboneSpec, build_backbone
+from benchmarks.config import EvalConfig
 from benchmarks.heads import build_head
-from benchmarks.method import build_method, no_decay_names
+from benchmarks.method import available_methods, build_method, no_decay_names
 from benchmarks.model import SegModel
 
 TINY_VIT = BackboneSpec(
@@ -129,3 +130,22 @@ def test_attach_works_on_meta_tensors(name):
     counts = model.parameter_counts()
     assert counts["backbone_trainable"] > 0
     assert all(p.device.type == "meta" for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(available_methods()))
+def test_a_method_couples_the_images_of_a_batch_exactly_when_it_declares_so(name):
+    """`couples_batch` decides how a method is evaluated (one window per forward when set), so it must
+    say the truth: every parameter is nudged so zero-initialised modules act too, then the first
+    image's features are compared beside two different batch partners."""
+    model = tiny_model(name).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        a, b, c = images(1, seed=1), images(1, seed=2), images(1, seed=3)
+        beside_b = model.backbone(torch.cat([a, b]))[-1][0]
+        beside_c = model.backbone(torch.cat([a, c]))[-1][0]
+    coupled = (beside_b - beside_c).abs().max().item() > 1e-4
+    assert coupled == build_method(name).couples_batch
+    evaluation = build_method(name).evaluation_settings(EvalConfig(batch_windows=8))
+    assert evaluation.batch_windows == (1 if coupled else 8)
