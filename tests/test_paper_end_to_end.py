@@ -37,8 +37,8 @@ def test_the_paper_preset_trains_and_scores_at_the_real_resolutions(tmp_path, mo
     protocol says and scored on every labelled pixel of its label at the label's own resolution.
 
     Trimmed in the model only: DINOv2-S (the registered `dinov2_vits14`, converted to patch 16 like the
-    paper's -L) under the paper's Mask2Former. DINOv2-L costs about 0.7 TFLOP per 512² window, 15-20 s on
-    two busy CPU cores, so this test would take about 7 minutes with it (docs/performance.md measures it).
+    paper's -L) under the paper's Mask2Former. DINOv2-L costs about 0.7 TFLOP per 512² window, 25 s on two
+    busy CPU cores, so this test would take over 10 minutes with it (docs/performance.md measures it).
     """
     from benchmarks import protocol
     from benchmarks.cli import main
