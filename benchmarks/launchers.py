@@ -148,10 +148,11 @@ def submit_matrix(
 ) -> list[Any]:
     """Submit the matrix's unfinished runs as jobs; returns the submitit jobs (and waits if asked)."""
     from benchmarks.results import read_result
-    from benchmarks.runner import experiment_for, plan_runs
+    from benchmarks.runner import check_weights_given, experiment_for, plan_runs
 
     results_dir = exp.resolve_path(exp.run.results_dir)
     specs = plan_runs(exp, methods)
+    check_weights_given(exp, specs)
     pending = []
     for spec in specs:
         path = spec.path(experiment_for(exp, spec), results_dir)

@@ -205,6 +205,8 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    data_wait_seconds: float = 0.0
+    """The part of `train_seconds` spent waiting for the next batch (all of its loading with no loader workers)."""
     stray_label_pixels: int = 0
     """Source label pixels ignored (255) for values outside their encoding (`datasets.base.map_label`)."""
     ema: dict[str, torch.Tensor] | None = None
@@ -395,7 +397,9 @@ def train(
 
     def next_batch() -> dict[str, torch.Tensor]:
         state.batches_consumed += 1
+        waited = time.perf_counter()
         batch = next(batches)
+        state.data_wait_seconds += time.perf_counter() - waited
         stray = batch.pop("stray_label_pixels", None)
         if stray is not None:  # a CPU tensor from the loader: summing it costs no device sync
             state.stray_label_pixels += int(stray.sum())
@@ -532,7 +536,7 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
 ) -> dict[str, Any]:
-    """Score one target: mIoU (percent), per-class IoU (percent or None), images/s."""
+    """Score one target: mIoU (percent), per-class IoU (percent or None), images, labelled pixels scored, images/s."""
     model.eval()
     metric = confusion_metric(num_classes).to(device)
     loader = DataLoader(dataset, batch_size=None, num_workers=0)
@@ -550,12 +554,14 @@ def evaluate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    iou = iou_from_confusion(metric.compute().cpu())
+    confusion = metric.compute().cpu()
+    iou = iou_from_confusion(confusion)
     names = class_names or tuple(str(i) for i in range(num_classes))
     return {
         "miou": miou_percent(iou),
         "per_class_iou": {name: (None if math.isnan(v) else float(v) * 100.0) for name, v in zip(names, iou.tolist(), strict=True)},
         "num_images": count,
+        "scored_pixels": int(confusion.sum()),  # labelled pixels scored, at the labels' own resolution
         "stray_label_pixels": stray_label_pixels,
         "images_per_s": count / seconds if seconds > 0 else None,
     }

@@ -15,7 +15,7 @@ Schema (version 1), the only thing reports and regression checks read:
       "params": {"backbone_trainable": int, "backbone_added": int, "backbone_pretrained": int,
                  "head_total": int, "head_trainable": int},
       "targets": {"cityscapes": {"miou": float, "per_class_iou": {"road": float | null, ...},
-                                 "num_images": int}, ...},
+                                 "num_images": int, "scored_pixels": int}, ...},
       "average_miou": float,                 # unweighted mean over targets, percent
       "source_heldout": null | {"miou": float, "per_class_iou": {...}, "num_images": int},
                                              # held-out source pairs (data.source_holdout > 0); not averaged
@@ -29,11 +29,13 @@ Schema (version 1), the only thing reports and regression checks read:
                   "device": str, "dtype": str, "device_name": str,
                   "flops_forward_per_image": float | null, "flops_train_step_per_image": float | null,
                   "flops_eval_per_image": float | null, "flops_counted_with": str,
-                  "mfu": float | null},         # mfu only where the device's peak is known (CUDA)
+                  "mfu": float | null,          # mfu only where the device's peak is known (CUDA)
+                  "eval_seconds_per_image": {"cityscapes": float, ...}},  # per target, as scored
       "diagnostics": {...},                  # the method's own (e.g. FisherTune's selection)
       "environment": {"python": str, "torch": str, ..., "device_name": str, "git_commit": str,
                       "git_dirty": bool, "hostname": str},
-      "timings": {"started": iso, "finished": iso, "train_s": float, "eval_s": float}
+      "timings": {"started": iso, "finished": iso, "train_s": float, "eval_s": float,
+                  "data_wait_s": float}     # the part of train_s spent waiting for batches
     }
 
 mIoU and IoU values are percentages (0–100) as the papers print them; an IoU is null when a class

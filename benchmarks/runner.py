@@ -79,6 +79,18 @@ def _check_weights_used(exp: Experiment, backbones: tuple[str, ...]) -> None:
             )
 
 
+def check_weights_given(exp: Experiment, specs: list[RunSpec]) -> None:
+    """Training from random initialisation is asked for by name, never fallen into: a backbone with no
+    weight file given and none shipped is refused unless given as BACKBONE=random (which the result's
+    experiment then records, and the table's title shows)."""
+    for backbone in sorted({spec.backbone for spec in specs}):
+        if weights_for(exp, backbone) is None and effective_weights(exp, backbone) is None:
+            raise UserError(
+                f"backbone {backbone} has no weights: pass --weights {backbone}=PATH (its pretrained checkpoint), "
+                f"or --weights {backbone}=random to train it from random initialisation on purpose"
+            )
+
+
 def experiment_for(exp: Experiment, spec: RunSpec) -> Experiment:
     """The experiment one run executes: the matrix coordinates written into the config it saves."""
     return dataclasses.replace(
@@ -370,12 +382,15 @@ def _record(run: RunContext, method: Method, model: Any, amp: Any, state: Any, s
             "train_images_per_s": images_seen / state.train_seconds if state.train_seconds else None,
             "eval_images_per_s": sum(s["num_images"] for s in scores.values()) / eval_seconds if eval_seconds else None,
             "peak_memory_mb": _peak_memory_mb(run.device),
+            "eval_seconds_per_image": {name: 1.0 / s["images_per_s"] if s.get("images_per_s") else None
+                                       for name, s in scores.items()},
             "device": str(run.device),
             "dtype": str(amp).replace("torch.", "") if amp else "float32",
         },
     )
     result["profile"].update(run_profile_extras(exp, run.spec.method, result["profile"]))
-    result["timings"].update(finished=_now(), train_s=state.train_seconds, eval_s=eval_seconds)
+    result["timings"].update(finished=_now(), train_s=state.train_seconds, data_wait_s=state.data_wait_seconds,
+                             eval_s=eval_seconds)
     if world.is_main:
         _write_final_result(run.path, result)
         checkpoint.remove_checkpoint(run.path)  # the result holds everything worth keeping
@@ -507,6 +522,7 @@ def run_matrix(
     """
     results_dir = results_dir or exp.resolve_path(exp.run.results_dir)
     specs = plan_runs(exp, methods)
+    check_weights_given(exp, specs)
     results = []
     skipped = []
     for number, spec in enumerate(specs, 1):

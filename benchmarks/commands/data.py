@@ -1,7 +1,7 @@
 """`python -m benchmarks data ...`: check a data root, write the synthetic world, run conversions.
 
     data check --root DIR [--full]                 pairs per dataset found and any problem (exit 2 if any)
-    data synth --out DIR --size small|medium [--seed N] [--workers N] [--preview PNG] [--archives DIR]
+    data synth --out DIR --size small|medium|paper[_tiny] [--seed N] [--workers N] [--preview PNG] [--archives DIR]
     data convert {gtav,cityscapes,synthia,mapillary-half} --root DIR
     data prepare --from DOWNLOADS --to ROOT [--datasets a,b] [--expect official|listing] [--crc] [--overwrite]
 """
@@ -39,7 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     synth = sub.add_parser("synth", help="write the synthetic world in the real datasets' layouts")
     synth.add_argument("--out", required=True, type=Path, help="output data root")
-    synth.add_argument("--size", choices=("small", "medium"), default="small")
+    synth.add_argument("--size", choices=("small", "medium", "paper", "paper_tiny"), default="small",
+                       help="small (default) and medium: ~1/8 of the real resolutions, for the proxy preset; paper: "
+                            "a few dozen pairs per domain at the real datasets' resolutions, for --preset paper "
+                            "(paper_tiny: one or two per split, for tests and dry runs)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     synth.add_argument("--preview", type=Path, default=None, help="also write a PNG preview grid here")
