@@ -25,7 +25,7 @@ from benchmarks import plugins, provenance, resources
 from benchmarks.config import PROJECT_ROOT, SETTINGS, EvalConfig, Experiment
 from benchmarks.errors import UserError
 from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
-from benchmarks.model import NUM_CLASSES, build_model, effective_weights
+from benchmarks.model import NUM_CLASSES, build_model, effective_weights, weights_for
 from benchmarks.results import (
     SCHEMA_VERSION,
     BadResultFile,
