@@ -117,7 +117,7 @@ class Method:
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    role: ClassVar[str] = "parameter-efficient"
+    role: ClassVar[str] = PARAMETER_EFFICIENT
     """Where the method sits in the field's comparison (`ROLES`): the tables find the baselines by
     role, never by name (Rein's inverted U: full fine-tuning against the parameter-efficient methods)."""
     Config: ClassVar[type] = type(None)
