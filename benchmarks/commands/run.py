@@ -74,14 +74,13 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.runner import check_weights_given, plan_runs, run_matrix
+    from benchmarks.runner import plan_runs, run_matrix
 
     exp = experiment_from_args(args)
     if args.dry_run:
         print(describe(exp, args.methods))
         return 0
     specs = plan_runs(exp, args.methods)
-    check_weights_given(exp, specs)
     results_dir = exp.resolve_path(exp.run.results_dir)
     # Before the data (maybe generated first) and any training: the first write is the first run's lock.
     require_writable_folder(results_dir, "--results-dir")
