@@ -105,6 +105,8 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
         "baseline_memory_mb": current_rss_mb() if device.type == "cpu" else 0.0,
     }
     method = build_method(method_name, exp.methods.get(method_name))
+    exp = dataclasses.replace(exp, eval=method.evaluation_settings(exp.eval))  # as a run scores it
+    profile["eval_batch_windows"] = exp.eval.batch_windows
     model = None
     try:
         seed_everything(exp.train.seed)

@@ -450,3 +450,22 @@ def test_sigterm_stops_a_profile_with_its_child_and_keeps_finished_rows(tmp_path
     assert not alive, f"a method's process outlived the profile: {alive}"
     rows = json.loads(saved.read_text())["methods"]
     assert rows and rows[0]["method"] == "freeze" and len(rows) < 5
+
+
+@pytest.mark.parametrize(("name", "windows"), [("set_released", 1), ("set", None)])
+def test_the_profile_times_inference_as_a_run_scores_the_method(name, windows, monkeypatch):
+    """A method whose batch members interact is scored one window per forward; its profile must time that."""
+    seen = []
+
+    def record_eval_settings(model, exp, device, warmup, repeats):
+        seen.append(exp.eval.batch_windows)
+        return [0.1] * repeats
+
+    monkeypatch.setattr(profiling, "time_inference", record_eval_settings)
+    exp = smoke()
+    settings = profiling.ProfileSettings(warmup=0, repeats=1, eval_warmup=0, eval_repeats=1, count_flops=False,
+                                         breakdown="none")
+    row = profiling.profile_method(exp, name, "cpu", settings)
+    assert row["status"] == "ok", row.get("error")
+    expected = windows or exp.eval.batch_windows
+    assert seen == [expected] and row["eval_batch_windows"] == expected
