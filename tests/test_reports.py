@@ -493,3 +493,20 @@ def test_settings_that_leave_a_runs_identity_leave_its_protocol_too():
     changed = json.loads(json.dumps(experiment))
     changed["train"]["iters"] += 1
     assert protocol_fingerprint(changed) != protocol_fingerprint(experiment)
+
+
+def test_the_table_says_how_much_of_the_spread_is_seed_noise():
+    from benchmarks.reports.tables import seed_noise_note
+
+    rows = [make_result("a", 1, cbm(30, 30, 30)), make_result("a", 2, cbm(32, 32, 32)),   # mean 31, std √2
+            make_result("b", 1, cbm(30, 30, 30)), make_result("b", 2, cbm(31, 31, 31)),   # 30.5, √0.5
+            make_result("c", 1, cbm(20, 20, 20)), make_result("c", 2, cbm(22, 22, 22)),   # 21, √2
+            make_result("d", 1, cbm(50, 50, 50))]                                         # one seed: left out
+    note = seed_noise_note(summary_frame(rows))
+    noise = (2 * math.sqrt(2) + math.sqrt(0.5)) / 3
+    assert note.startswith(f"Seed noise over the 3 methods with several seeds: mean standard deviation of the "
+                           f"average {noise:.2f}, spread of their means 10.00 ({noise / 10:.2f} of it)")
+    assert note.endswith("within one standard deviation of the best (a): b.")
+    (table,) = main_tables(rows)
+    assert note in table.notes
+    assert seed_noise_note(summary_frame(rows[:2] + rows[-1:])) == ""  # one method with seeds: no spread to weigh

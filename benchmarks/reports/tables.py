@@ -569,6 +569,7 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
                          "source images, not trained on and not in the average.")
         if several_seeds:
             notes.append("Mean ± sample standard deviation over seeds.")
+            notes.extend(n for n in [seed_noise_note(summary)] if n)
         if mixed:
             notes.append("‡ its runs come from different weight files or data (their results' `provenance` "
                          "differs): not one measurement; compare them apart.")
@@ -577,6 +578,24 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
         mark_best(table, range(2 + len(source), 2 + len(source) + len(targets) + 1))
         tables.append(table)
     return tables
+
+
+def seed_noise_note(summary: pd.DataFrame) -> str:
+    """Whether a table separates its methods: the seed-to-seed standard deviation of the target
+    average beside the spread of the methods' means, and which methods the noise cannot tell from
+    the best (its mean minus theirs within one mean standard deviation)."""
+    seeded = summary[(summary["seeds"] > 1) & summary["average_std"].notna()]
+    if len(seeded) < 2:
+        return ""
+    noise = float(seeded["average_std"].mean())
+    spread = float(seeded["average"].max() - seeded["average"].min())
+    best = seeded.loc[seeded["average"].idxmax()]
+    tied = [m for m, a in zip(seeded["method"], seeded["average"], strict=True)
+            if m != best["method"] and best["average"] - a <= noise]
+    ratio = f"{noise / spread:.2f} of it" if spread > 0 else "all of it"
+    return (f"Seed noise over the {len(seeded)} methods with several seeds: mean standard deviation of the average "
+            f"{noise:.2f}, spread of their means {spread:.2f} ({ratio}); within one standard deviation of the best "
+            f"({best['method']}): {', '.join(tied) if tied else 'none'}.")
 
 
 def per_class_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -> list[Table]:
