@@ -149,19 +149,20 @@ def _registering(where: str, registry: dict[str, type], load: Callable[[], Any],
     before = dict(registry)
     try:
         loaded = load()
-    except MethodNameTaken as err:
-        _restore(registry, before)
-        taken_by = _describe_owner(err.name, err.registered)
-        raise UserError(f"{where} registers method {err.name!r}, a name {taken_by} already has; "
-                        "give its method another `name`") from None
-    except SyntaxError as err:
-        _restore(registry, before)
-        raise UserError(f"{where}: SyntaxError: {err.msg} ({err.filename}, line {err.lineno}); {fix}") from None
     except Exception as err:  # noqa: BLE001  (a third party's import can raise anything; the user sees which)
         _restore(registry, before)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{where} failed to import: {type(err).__name__}: {reason}; {fix}") from None
+        raise _load_failure(where, err, fix) from None
     return loaded, [name for name in registry if name not in before]
+
+
+def _load_failure(where: str, err: Exception, fix: str) -> UserError:
+    if isinstance(err, MethodNameTaken):
+        return UserError(f"{where} registers method {err.name!r}, a name {_describe_owner(err.name, err.registered)} "
+                         "already has; give its method another `name`")
+    if isinstance(err, SyntaxError):
+        return UserError(f"{where}: SyntaxError: {err.msg} ({err.filename}, line {err.lineno}); {fix}")
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return UserError(f"{where} failed to import: {type(err).__name__}: {reason}; {fix}")
 
 
 def _restore(registry: dict[str, type], before: dict[str, type]) -> None:

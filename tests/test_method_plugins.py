@@ -1,8 +1,9 @@
 """Methods from outside the repository: `--method-file` and installed plugins (entry points of the
 group `dgss_bench.methods`), end to end through the CLI, and each way of getting them wrong.
 
-Runs that succeed are separate `python -m benchmarks` processes (a registered method stays registered
-for the rest of a process); refusals run in this process and must leave the registry as it was.
+A method file's successful run is a separate `python -m benchmarks` process (the whole path, as a user
+runs it); the other tests run in this process, and `registry_before` puts the registry back afterwards,
+so a method one test registered does not stay registered for the next.
 """
 
 from __future__ import annotations
@@ -146,17 +147,22 @@ def test_profile_hands_the_method_files_to_each_method_process(tmp_path, registr
     assert str(method_file.resolve()) in jobs[0]["method_files"]
 
 
-def test_installed_plugin_is_listed_and_runs(tiny_world, tmp_path):
+def test_installed_plugin_is_listed_and_runs(tiny_world, tmp_path, monkeypatch, registry_before, capsys):
+    # In this process, as if installed into it (the method-file test above runs a separate interpreter):
+    # discovery reads the dist-info on sys.path as it reads site-packages.
     site = install_plugin(tmp_path / "site", method_source("lastnorm_plugin", "LastNormPlugin"))
-    listing = cli(["list", "methods", "--backbone", "proxy_vit", "--head", "light", "--img-size", "64"],
-                  cwd=tmp_path, pythonpath=site)
-    assert listing.returncode == 0, listing.stderr[-3000:]
-    (row,) = [line for line in listing.stdout.splitlines() if line.startswith("lastnorm_plugin")]
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(plugins, "_entry_points_loaded", False)
+    monkeypatch.setattr(plugins, "_loaded_entry_points", set())
+    monkeypatch.delitem(sys.modules, "my_dgss_method", raising=False)
+    code, out, err = run_cli(["list", "methods", "--backbone", "proxy_vit", "--head", "light", "--img-size", "64"], capsys)
+    assert code == 0, err[-3000:]
+    (row,) = [line for line in out.splitlines() if line.startswith("lastnorm_plugin")]
     assert "Last-norm tuning" in row and "scale=1.0" in row
     results = tmp_path / "results"
-    run = cli(["run", *SMOKE, "--methods", "lastnorm_plugin", "--data-root", str(tiny_world),
-               "--results-dir", str(results)], cwd=tmp_path, pythonpath=site)
-    assert run.returncode == 0, run.stderr[-3000:]
+    code, _, err = run_cli(["run", *SMOKE, "--methods", "lastnorm_plugin", "--data-root", str(tiny_world),
+                            "--results-dir", str(results)], capsys)
+    assert code == 0, err[-3000:]
     result = only_result(results)
     assert result["method"]["name"] == "lastnorm_plugin" and result["status"] == "finished"
     assert result["provenance"]["method"] == {"entry_point": "lastnorm_plugin = my_dgss_method",
