@@ -73,9 +73,8 @@ def install_plugin(site: Path, module_body: str, dist: str = "my-dgss-method", m
     return site
 
 
-def cli(args: list[str], cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
-    paths = [str(ROOT)] + ([str(pythonpath)] if pythonpath else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
