@@ -63,3 +63,17 @@ def test_waiting_is_passive_only_when_other_work_runs() -> None:
     assert choose_wait_policy(given, busy=5) is None and given["OMP_WAIT_POLICY"] == "ACTIVE"
     reads = iter([3, 1, 3, 3, 2])  # ourselves plus a competitor, one sample caught between slices
     assert others_running(read=lambda: next(reads), interval=0) == 2
+
+
+def test_no_shipped_preset_fixes_a_loader_worker_count_above_the_machine_sizing():
+    # A fixed count in a preset would override the sizing: 8 workers beside 2 intra-op threads on a 2-core
+    # CPU is the oversubscription docs/performance.md measured.
+    from benchmarks.config import load_experiment
+    from benchmarks.resources import AUTO, plan
+
+    for preset in ("paper", "proxy"):
+        exp = load_experiment(preset)
+        assert exp.data.num_workers == AUTO, preset
+        assert plan(exp.data.num_workers, "cpu", cpus=2, env={}).workers == 1
+        assert plan(exp.data.num_workers, "cuda", cpus=16, env={}).workers == 8
+    assert load_experiment("smoke").data.num_workers == 0  # loads in the process: no worker at all
