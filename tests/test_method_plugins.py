@@ -73,6 +73,14 @@ def install_plugin(site: Path, module_body: str, dist: str = "my-dgss-method", m
     return site
 
 
+def discover_installed(site: Path, monkeypatch) -> None:
+    """Make this process discover the plugins installed under `site` afresh, as a new interpreter would."""
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(plugins, "_entry_points_loaded", False)
+    monkeypatch.setattr(plugins, "_loaded_entry_points", set())
+    monkeypatch.delitem(sys.modules, "my_dgss_method", raising=False)
+
+
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=cwd, env=env,
@@ -149,11 +157,7 @@ def test_profile_hands_the_method_files_to_each_method_process(tmp_path, registr
 def test_installed_plugin_is_listed_and_runs(tiny_world, tmp_path, monkeypatch, registry_before, capsys):
     # In this process, as if installed into it (the method-file test above runs a separate interpreter):
     # discovery reads the dist-info on sys.path as it reads site-packages.
-    site = install_plugin(tmp_path / "site", method_source("lastnorm_plugin", "LastNormPlugin"))
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(plugins, "_entry_points_loaded", False)
-    monkeypatch.setattr(plugins, "_loaded_entry_points", set())
-    monkeypatch.delitem(sys.modules, "my_dgss_method", raising=False)
+    discover_installed(install_plugin(tmp_path / "site", method_source("lastnorm_plugin", "LastNormPlugin")), monkeypatch)
     code, out, err = run_cli(["list", "methods", "--backbone", "proxy_vit", "--head", "light", "--img-size", "64"], capsys)
     assert code == 0, err[-3000:]
     (row,) = [line for line in out.splitlines() if line.startswith("lastnorm_plugin")]
@@ -248,10 +252,7 @@ BAD_PLUGINS = {
 def test_broken_installed_plugin_is_named_when_methods_are_discovered(case, tmp_path, monkeypatch, registry_before,
                                                                       capsys):
     body, expected = BAD_PLUGINS[case]
-    site = install_plugin(tmp_path / "site", body, entry="broken = my_dgss_method")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(plugins, "_entry_points_loaded", False)
-    monkeypatch.delitem(sys.modules, "my_dgss_method", raising=False)
+    discover_installed(install_plugin(tmp_path / "site", body, entry="broken = my_dgss_method"), monkeypatch)
     code, _, err = run_cli(["run", *SMOKE, "--methods", "full", "--results-dir", str(tmp_path / "results")], capsys)
     assert code == 2
     assert expected in error_line(err)

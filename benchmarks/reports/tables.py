@@ -569,7 +569,8 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
                          "source images, not trained on and not in the average.")
         if several_seeds:
             notes.append("Mean ± sample standard deviation over seeds.")
-            notes.extend(n for n in [seed_noise_note(summary)] if n)
+            if noise := seed_noise_note(summary):
+                notes.append(noise)
         if mixed:
             notes.append("‡ its runs come from different weight files or data (their results' `provenance` "
                          "differs): not one measurement; compare them apart.")
