@@ -150,6 +150,17 @@ def test_pretrain_overwrites_when_asked(tmp_path, capsys, pretraining_calls):
     assert [(call[1], [stage.steps for stage in call[0]]) for call in pretraining_calls] == [(out, [1, 1])]
 
 
+def test_pretrain_runs_one_stage_from_the_checkpoint_given(tmp_path, capsys, pretraining_calls):
+    start = tmp_path / "start.safetensors"
+    start.write_bytes(b"weights")
+    out = tmp_path / "x.safetensors"
+    code, _, err = _cli(["pretrain", "--stage", "2", "--init", str(start), "--out", str(out), "--steps", "3"], capsys)
+    assert code == 0, err
+    [(stages, written, first_stage)] = pretraining_calls
+    assert (written, first_stage) == (out, 2)
+    assert [(stage.init, stage.steps) for stage in stages] == [(str(start), 3)]
+
+
 def test_pretrain_out_that_is_a_folder_is_refused(tmp_path, capsys, pretraining_calls):
     code, _, err = _cli(["pretrain", "--out", str(tmp_path)], capsys)
     line = _error_line(err)

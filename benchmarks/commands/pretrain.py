@@ -133,8 +133,8 @@ def _refuse_to_overwrite(out: Path, stages: int, first_stage: int) -> None:
 def run(args: argparse.Namespace) -> int:
     from benchmarks.pretrain import PROXY_RECIPE, PretrainConfig, pretrain_recipe
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
-                 if getattr(args, f.name, None) is not None}
+    # Only the numeric fields are options of their own (`--init` is the stage's starting checkpoint, below).
+    overrides = {name: getattr(args, name) for name in OPTION_BOUNDS if getattr(args, name, None) is not None}
     _check_overrides(overrides)
     stages = [dataclasses.replace(stage, **overrides) for stage in PROXY_RECIPE]
     first = 0
