@@ -451,13 +451,13 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
                     lock.release()
                     decision = "finished"
     if world.is_main and decision == "finished":
-        changed = _weights_changed_since(read_result(path), experiment_for(exp, spec), spec)
+        changed = _inputs_changed_since(read_result(path), experiment_for(exp, spec), spec)
         decision = f"changed:{changed}" if changed else decision
     decision = distributed.broadcast_object(decision)
     if decision.startswith("changed:"):
         raise UserError(
-            f"{path} finished with other weights ({decision.removeprefix('changed:')}); pass another "
-            "--results-dir to run with these weights, or move the old result away"
+            f"{path} finished from other files ({decision.removeprefix('changed:')}); pass another "
+            "--results-dir to run with these, or move the old result away"
         )
     if decision == "finished":
         log.info("%s: finished earlier, skipped (%s)", spec.run_id(experiment_for(exp, spec)), path)
@@ -486,18 +486,21 @@ def _earlier_result_under_lock(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _weights_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec) -> str | None:
-    """How the backbone's weight file differs from the one a finished result was trained from, if it does.
+def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec) -> str | None:
+    """How the backbone's weight file, or the file defining a `--method-file` method, differs from the one
+    a finished result was made with, if either does.
 
     The config hash names settings, not file contents: without this, a result trained from an older
-    checkpoint would be skipped as "finished" and shown beside results of the new one.
+    checkpoint or an edited method would be skipped as "finished" and shown beside results of the new one.
     """
-    recorded = ((result or {}).get("provenance") or {}).get("weights")
-    if not recorded:
+    recorded = (result or {}).get("provenance") or {}
+    if "weights" not in recorded:
         return None  # a result from before provenance was recorded
-    current = provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone))
-    changed = provenance.differences({"weights": recorded}, {"weights": current})
-    return changed[0] if changed else None
+    current: dict[str, Any] = {"weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone))}
+    if origin := plugins.method_origin(spec.method):
+        current["method"] = origin
+    changed = provenance.differences({key: recorded[key] for key in ("weights", "method") if key in recorded}, current)
+    return "; ".join(changed) or None
 
 
 def _prune_empty_dirs(folder: Path, stop: Path) -> None:

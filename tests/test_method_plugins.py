@@ -127,6 +127,18 @@ def test_method_file_runs_like_a_builtin_and_its_file_is_in_the_result(tiny_worl
     assert result["provenance"]["method"] == {"file": str(method_file.resolve()), "bytes": method_file.stat().st_size,
                                               "sha256": hashlib.sha256(method_file.read_bytes()).hexdigest()}
 
+    # The method edited, the same command again: the finished result is neither skipped as if it were
+    # the new method's nor overwritten; the one error names both versions of the file.
+    before = method_file.read_bytes()
+    method_file.write_text(method_source().replace("norm2.requires_grad_(True)", "norm1.requires_grad_(True)"))
+    proc = cli(["run", *SMOKE, "--methods", "last_norm", "--method-file", str(method_file),
+                "--data-root", str(tiny_world), "--results-dir", str(results)], cwd=tmp_path)
+    line = error_line(proc.stderr)
+    assert proc.returncode == 2 and "method file" in line, line
+    assert hashlib.sha256(before).hexdigest()[:12] in line
+    assert hashlib.sha256(method_file.read_bytes()).hexdigest()[:12] in line
+    assert only_result(results) == result
+
 
 def test_all_includes_methods_of_every_file_given(tmp_path, registry_before):
     first = write(tmp_path / "a" / "method.py", method_source("last_norm", "LastNorm"))
