@@ -150,14 +150,17 @@ def save_checkpoint(
     world_size: int,
     rng_states: list[dict[str, Any]],
     provenance: dict[str, Any] | None = None,
+    with_optimizer_state: bool = True,
 ) -> Path:
+    """`with_optimizer_state=False` after the last iteration: nothing is optimised again, and AdamW's two
+    moments would double a fully fine-tuned model's checkpoint (3.6 GB rather than 1.2 for ViT-L)."""
     path = checkpoint_file(result_path)
     payload = {
         "format": FORMAT_VERSION,
         "config_hash": config_hash,
         "world_size": world_size,
         "model": trainable_state(model, optimizer),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if with_optimizer_state else None,
         "train_state": asdict(train_state),
         "method": method_state,
         "rng": rng_states,
@@ -208,7 +211,7 @@ def find_checkpoint(result_path: Path, config_hash: str, world_size: int) -> dic
 
 
 def restore(payload: dict[str, Any], model: nn.Module, method: Any, rank: int = 0) -> tuple[Any, dict[str, Any]]:
-    """Load model and method state and this rank's RNG; returns (TrainState, optimiser state)."""
+    """Load model and method state and this rank's RNG; returns (TrainState, optimiser state or None)."""
     from benchmarks.protocol import TrainState
 
     load_trainable_state(model, payload["model"], payload["path"])

@@ -319,7 +319,7 @@ def _train(run: RunContext, model: Any, method: Method, data: RunData, amp: Any,
             checkpoint.save_checkpoint(
                 run.path, model=model, optimizer=optimizer, train_state=train_state, method_state=method.state_dict(),
                 config_hash=exp.config_hash(), world_size=world.world_size, rng_states=rng_states,
-                provenance=result["provenance"],
+                provenance=result["provenance"], with_optimizer_state=train_state.step < exp.train.iters,
             )
         distributed.barrier()
 

@@ -112,8 +112,10 @@ def _comparable(result: dict) -> dict:
     }
 
 
-def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch):
-    """Interrupted right after its first checkpoint, re-run: the result equals an uninterrupted run."""
+@pytest.mark.parametrize("killed_at", [2, 4], ids=["mid-training", "before-scoring"])
+def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch, killed_at):
+    """Interrupted right after a checkpoint (mid-training, or after the last iteration, before scoring),
+    re-run: the result equals an uninterrupted run."""
     from benchmarks.runner import RunSpec, execute_run, experiment_for
 
     exp = _experiment(world)
@@ -127,18 +129,22 @@ def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch
     def save_then_die(result_path, **kwargs):
         real_save(result_path, **kwargs)
         saved_at.append(kwargs["train_state"].step)
-        raise KeyboardInterrupt  # not an Exception: the runner must not record it as a failure
+        if saved_at[-1] == killed_at:
+            raise KeyboardInterrupt  # not an Exception: the runner must not record it as a failure
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     results = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         execute_run(spec, exp, results, progress=False)
     path = spec.path(experiment_for(exp, spec), results)
-    assert saved_at == [2] and not path.exists() and checkpoint.checkpoint_file(path).is_file()
+    assert saved_at == [2, 4][: killed_at // 2] and not path.exists() and checkpoint.checkpoint_file(path).is_file()
+    # The optimiser's state is kept while there are iterations left, and only then.
+    saved = checkpoint.read_checkpoint(checkpoint.checkpoint_file(path))
+    assert (saved["optimizer"] is None) == (killed_at == 4) and saved["model"]
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     resumed = execute_run(spec, exp, results, progress=False)
-    assert resumed["resumed_from_iter"] == 2
+    assert resumed["resumed_from_iter"] == killed_at
     assert _comparable(resumed) == _comparable(reference)
     assert not checkpoint.checkpoint_dir(path).exists()  # deleted once the run finished
 
