@@ -210,7 +210,7 @@ def find_checkpoint(result_path: Path, config_hash: str, world_size: int) -> dic
     return payload
 
 
-def restore(payload: dict[str, Any], model: nn.Module, method: Any, rank: int = 0) -> tuple[Any, dict[str, Any]]:
+def restore(payload: dict[str, Any], model: nn.Module, method: Any, rank: int = 0) -> tuple[Any, dict[str, Any] | None]:
     """Load model and method state and this rank's RNG; returns (TrainState, optimiser state or None)."""
     from benchmarks.protocol import TrainState
 
