@@ -100,11 +100,6 @@ PROXY_RECIPE: tuple[PretrainConfig, ...] = (
                    loss_weights=(1.0, 0.5, 0.5, 0.0)),
     PretrainConfig(scenes=2500, views=2, zoom=2.0, steps=900, batch_size=32, lr=1e-3, warmup_steps=50, seed=1,
                    init="stage1"),
-    # Stage 3: the fine-tuning resolution. At 64 px a person or a pole is narrower than a patch, so the
-    # features could not learn to tell them apart; 128-pixel crops of 96–128 scene pixels show objects at
-    # 1–1.3× the benchmark's scale on 16×16 patches. Half the batch for 4× the tokens (lr scaled with it).
-    PretrainConfig(scenes=4000, views=2, zoom=2.0, crop_size=128, source_crop=(96, 128), steps=2000, batch_size=16,
-                   lr=5e-4, warmup_steps=100, seed=2, init="stage2"),
 )
 
 

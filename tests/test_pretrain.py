@@ -42,16 +42,11 @@ def test_appearance_fields_are_style_fields_and_leave_the_camera_and_layout_alon
     assert not {"cam_height", "horizon", "focal", "road_width", "car_rate", "ego_hood"} & set(APPEARANCE_FIELDS)
 
 
-def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
-    from benchmarks.config import load_experiment
-
-    first, second, third = PROXY_RECIPE
+def test_the_shipped_recipe_continues_its_first_stage() -> None:
+    first, second = PROXY_RECIPE
     assert first.views == 1 and first.loss_weights[3] == 0 and not first.init
     assert second.views == 2 and second.loss_weights[3] > 0 and second.init == "stage1"
-    assert third.views == 2 and third.loss_weights[3] > 0 and third.init == "stage2"
-    assert len({first.seed, second.seed, third.seed}) == 3  # new scenes for every stage
-    # the last stage trains at the resolution the proxy preset fine-tunes at
-    assert third.crop_size == load_experiment("proxy").data.crop_size
+    assert first.seed != second.seed  # new scenes for the second stage
 
 
 TINY = PretrainConfig(scenes=4, views=2, scene_height=64, scene_width=96, crop_size=32, source_crop=(48, 64),
