@@ -74,12 +74,16 @@ def baseline_entry(result: dict[str, Any]) -> dict[str, Any]:
 
 def inputs_of(result: dict[str, Any]) -> dict[str, Any] | None:
     """What a run's numbers were computed from, as far as it holds across machines: the backbone
-    weights' sha256 and each split's pair count (PNG bytes depend on the zlib that wrote the world)."""
+    weights' sha256, each split's pair count (PNG bytes depend on the zlib that wrote the world) and,
+    for a `--method-file` method, its file's sha256."""
     record = result.get("provenance")
     if not isinstance(record, dict):
         return None
-    return {"weights_sha256": (record.get("weights") or {}).get("sha256"),
-            "pairs": {split: fp.get("pairs") for split, fp in sorted((record.get("data") or {}).items())}}
+    inputs = {"weights_sha256": (record.get("weights") or {}).get("sha256"),
+              "pairs": {split: fp.get("pairs") for split, fp in sorted((record.get("data") or {}).items())}}
+    if method_sha := (record.get("method") or {}).get("sha256"):
+        inputs["method_sha256"] = method_sha
+    return inputs
 
 
 def make_baseline(results: Iterable[dict[str, Any]], preset: str = "smoke",
@@ -249,6 +253,8 @@ def _inputs_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     parts = []
     if old.get("weights_sha256") != new.get("weights_sha256"):
         parts.append(f"weights {str(old.get('weights_sha256'))[:12]}… → {str(new.get('weights_sha256'))[:12]}…")
+    if old.get("method_sha256") != new.get("method_sha256"):
+        parts.append(f"method file {str(old.get('method_sha256'))[:12]}… → {str(new.get('method_sha256'))[:12]}…")
     for split in sorted(set(old.get("pairs") or {}) | set(new.get("pairs") or {})):
         a, b = (old.get("pairs") or {}).get(split), (new.get("pairs") or {}).get(split)
         if a != b:

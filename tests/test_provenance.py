@@ -141,6 +141,23 @@ def test_check_compares_inputs_before_numbers():
     assert compare(baseline, [_result(42, "a" * 64)]) == []
 
 
+def test_the_check_compares_no_numbers_of_an_edited_method_file():
+    from benchmarks.regression import compare, make_baseline
+
+    def from_method_file(sha: str) -> dict:
+        result = _result(42, "a" * 64)
+        result["provenance"]["method"] = {"file": "/home/me/mine.py", "bytes": 10, "sha256": sha}
+        return result
+
+    baseline = make_baseline([from_method_file("1" * 64)])
+    edited = from_method_file("2" * 64)
+    edited["average_miou"] = 99.0
+    diffs = compare(baseline, [edited])
+    assert [d.kind for d in diffs] == ["inputs"] and "method file 111111111111… → 222222222222…" in diffs[0].message
+    assert compare(baseline, [from_method_file("1" * 64)]) == []
+    assert "method_sha256" not in make_baseline([_result(42, "a" * 64)])["runs"]["rein/proxy_vit/seed42"]["inputs"]
+
+
 # -- no target-side selection ----------------------------------------------------------------------
 def test_no_target_is_scored_before_training_ends(tiny_world, tmp_path, monkeypatch):
     """With evaluation during training switched on, only the held-out source is scored until the last
