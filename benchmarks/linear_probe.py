@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 Featurizer = Callable[[torch.Tensor], torch.Tensor]
-"""Images [1,3,H,W] (H, W multiples of the patch) → token features [C, H/p, W/p]."""
+"""Images [1,3,H,W] (H, W multiples of the patch) → features [C, H/s, W/s] at the featurizer's stride s."""
 
 
 @dataclass(frozen=True)
