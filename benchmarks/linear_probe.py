@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from benchmarks.metrics import confusion_metric, iou_from_confusion, miou_percent
+
 Featurizer = Callable[[torch.Tensor], torch.Tensor]
 """Images [1,3,H,W] (H, W multiples of the patch) → features [C, H/s, W/s] at the featurizer's stride s."""
 
@@ -25,11 +27,11 @@ Featurizer = Callable[[torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class ProbeScore:
     miou: float
-    """Mean IoU in percent over the classes present in the scored tokens."""
+    """Mean IoU in percent over the classes scored (present in the tokens or predicted), as a run's mIoU."""
     recall: list[float]
     """Per class, percent of its tokens predicted as it (NaN where a class has no token)."""
     iou: list[float]
-    """Per class IoU in percent (NaN where a class has no token)."""
+    """Per class IoU in percent (NaN where a class is neither in the tokens nor predicted)."""
     train_tokens: int
     test_tokens: int
 
@@ -75,12 +77,13 @@ def fit_and_score(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Te
         optimizer.step()
     with torch.no_grad():
         predicted = classifier(x_test).argmax(1)
-    confusion = torch.bincount(y_test * num_classes + predicted, minlength=num_classes**2).view(num_classes, num_classes).double()
-    hits, truth, said = confusion.diag(), confusion.sum(1), confusion.sum(0)
-    present = truth > 0
-    recall = torch.where(present, hits / truth.clamp(min=1), torch.tensor(float("nan"), dtype=torch.double))
-    iou = torch.where(present, hits / (truth + said - hits).clamp(min=1), torch.tensor(float("nan"), dtype=torch.double))
-    return ProbeScore(miou=float(iou[present].mean()) * 100, recall=(recall * 100).tolist(), iou=(iou * 100).tolist(),
+    metric = confusion_metric(num_classes)  # the benchmark's own scoring: IoU and mIoU as for a run
+    metric.update(predicted, y_test)
+    confusion = metric.compute().double()
+    iou = iou_from_confusion(confusion)
+    truth = confusion.sum(1)
+    recall = torch.where(truth > 0, confusion.diag() / truth.clamp(min=1), torch.full_like(truth, float("nan")))
+    return ProbeScore(miou=miou_percent(iou), recall=(recall * 100).tolist(), iou=(iou * 100).tolist(),
                       train_tokens=len(y_train), test_tokens=len(y_test))
 
 

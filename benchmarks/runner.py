@@ -279,12 +279,9 @@ def _build_and_resume(run: RunContext, method: Method, data: RunData, result: di
     model = build_model(exp, method)
     result["params"] = method.parameter_counts(model)
     result["provenance"] = {  # after the build, which has refused a missing or unusable weight file
-        "weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone)),
+        **_model_files(exp, spec),
         "data": {role: provenance.split_record(ds.pairs, data.root) for role, ds in data.read.items()},
     }
-    origin = plugins.method_origin(spec.method)
-    if origin:  # a method from outside the repository: its file and sha256, or its distribution
-        result["provenance"]["method"] = origin
     # After the build (which draws from the RNG): a resumed run continues the saved RNG streams.
     resumed = checkpoint.find_checkpoint(run.path, exp.config_hash(), run.world.world_size)
     if not resumed:
@@ -493,14 +490,19 @@ def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: 
     The config hash names settings, not file contents: without this, a result trained from an older
     checkpoint or an edited method would be skipped as "finished" and shown beside results of the new one.
     """
-    recorded = (result or {}).get("provenance") or {}
-    if "weights" not in recorded:
-        return None  # a result from before provenance was recorded
-    current: dict[str, Any] = {"weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone))}
-    if origin := plugins.method_origin(spec.method):
-        current["method"] = origin
-    changed = provenance.differences({key: recorded[key] for key in ("weights", "method") if key in recorded}, current)
+    # Only what both records hold is compared: the data (not read for a skipped run) is left out, and a
+    # result from before provenance was recorded differs in nothing.
+    changed = provenance.differences((result or {}).get("provenance"), _model_files(exp, spec))
     return "; ".join(changed) or None
+
+
+def _model_files(exp: Experiment, spec: RunSpec) -> dict[str, Any]:
+    """The provenance of the files a run's model is made from: the backbone's weights and, for a method
+    from outside the repository, its file and sha256 or its distribution."""
+    record: dict[str, Any] = {"weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone))}
+    if origin := plugins.method_origin(spec.method):
+        record["method"] = origin
+    return record
 
 
 def _prune_empty_dirs(folder: Path, stop: Path) -> None:
