@@ -17,6 +17,12 @@ semantic labels. Its objectives:
   layer-normalised average of the last `target_layers` block outputs of an EMA teacher that sees
   another. This is what makes the features style-robust — the property that lets a frozen or
   lightly tuned VFM generalise from a game source to real targets, and that full fine-tuning erodes.
+- optionally (`region_contrast` > 0), object identity from class-agnostic masks (DetCon's
+  contrastive detection, with masks as SA-1B's: which pixels form one thing, never what it is): the
+  student's features pooled over each connected region of one kind in the scene must pick out the
+  teacher's pooling of the same region, seen in the other appearance, among every region of the batch.
+  The regions are the connected components of the renderer's layout; the loss sees only which pixels
+  belong together.
 
 The checkpoint is the timm state dict of `proxy_vit`, stored fp16 as safetensors with its recipe
 in the metadata. `python -m benchmarks pretrain` reproduces it (`--init` continues from a checkpoint,
@@ -87,6 +93,11 @@ class PretrainConfig:
     """EMA momentum of the teacher, cosine from the first to the second value over the steps."""
     target_layers: int = 3
     """Teacher blocks (the last ones) whose normalised outputs are averaged into the target."""
+    region_contrast: float = 0.0
+    """Weight of the class-agnostic region contrast (0 = off, as stages 1 and 2 of the shipped recipe)."""
+    regions_per_image: int = 8
+    """Regions drawn per crop for the region contrast (DetCon draws 16 from larger images)."""
+    contrast_temperature: float = 0.1
     init: str = ""
     """A proxy_vit checkpoint to continue from ("" = random initialisation)."""
     seed: int = 0
@@ -94,12 +105,18 @@ class PretrainConfig:
 
 
 # How the shipped checkpoint was made: stage 1 from random initialisation without the cross-style
-# objective (the first release), stage 2 continued from it with every objective on.
+# objective (the first release), stage 2 continued from it with the cross-style objective on, stage 3
+# continued from stage 2 with the region contrast added.
 PROXY_RECIPE: tuple[PretrainConfig, ...] = (
     PretrainConfig(scenes=2000, views=1, steps=800, batch_size=32, lr=1.5e-3, warmup_steps=40,
                    loss_weights=(1.0, 0.5, 0.5, 0.0)),
     PretrainConfig(scenes=2500, views=2, zoom=2.0, steps=900, batch_size=32, lr=1e-3, warmup_steps=50, seed=1,
                    init="stage1"),
+    # Stage 3: object identity. Stage 2's features tell where things are and that style does not matter,
+    # barely which thing is which (a linear probe told a person from a car in one token in four); the
+    # class-agnostic region contrast adds that, on new scenes, every earlier objective kept.
+    PretrainConfig(scenes=2500, views=2, zoom=2.0, steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, seed=2,
+                   region_contrast=1.0, init="stage2"),
 )
 
 
@@ -136,33 +153,51 @@ def scene_views(seed: int, views: int, height: int, width: int, zoom: float = 1.
     return np.stack(images), label, depth
 
 
-def render_pool(cfg: PretrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images [N,V,H,W,3] uint8, geometry classes [N,H,W] uint8 (255 = unknown), log-depth [N,H,W] fp16."""
+def class_agnostic_regions(label: np.ndarray) -> np.ndarray:
+    """Region ids [H,W] uint16: the 4-connected components of each kind in `label`; ignored pixels
+    (255) get 65535. The loss compares ids only for equality within one crop, so they carry no kind."""
+    from scipy import ndimage
+
+    regions = np.full(label.shape, 65535, dtype=np.uint16)
+    count = 0
+    for kind in np.unique(label):
+        if kind == 255:
+            continue
+        components, found = ndimage.label(label == kind)
+        regions[components > 0] = components[components > 0] + count - 1
+        count += found
+    return regions
+
+
+def render_pool(cfg: PretrainConfig) -> tuple[np.ndarray, ...]:
+    """Images [N,V,H,W,3] uint8, geometry classes [N,H,W] uint8 (255 = unknown), log-depth [N,H,W] fp16,
+    and with the region contrast on, class-agnostic region ids [N,H,W] uint16."""
     seeds = [PRETRAIN_SEED_BASE + cfg.seed * 10_000_000 + i for i in range(cfg.scenes)]
     chunks = [seeds[i : i + 100] for i in range(0, len(seeds), 100)]
-    job = (cfg.views, cfg.scene_height, cfg.scene_width, cfg.zoom)
-    images, geometry, depth = [], [], []
+    job = (cfg.views, cfg.scene_height, cfg.scene_width, cfg.zoom, cfg.region_contrast > 0)
+    parts: list[list[np.ndarray]] = []
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
-        for im, geo, dep in tqdm(pool.map(_render_chunk, chunks, [job] * len(chunks)), total=len(chunks), desc="render", unit="chunk"):
-            images.append(im)
-            geometry.append(geo)
-            depth.append(dep)
-    return np.concatenate(images), np.concatenate(geometry), np.concatenate(depth)
+        for chunk in tqdm(pool.map(_render_chunk, chunks, [job] * len(chunks)), total=len(chunks), desc="render", unit="chunk"):
+            parts.append(chunk)
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
-def _render_chunk(seeds: list[int], job: tuple[int, int, int, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    views, height, width, zoom = job
+def _render_chunk(seeds: list[int], job: tuple[int, int, int, float, bool]) -> tuple[np.ndarray, ...]:
+    views, height, width, zoom, with_regions = job
     lut = np.ones(256, dtype=np.uint8)  # vertical by default
     lut[list(GROUND_TRAIN_IDS)] = 0
     lut[SKY_TRAIN_ID] = 2
     lut[255] = 255
-    images, geometry, depths = [], [], []
+    images, geometry, depths, regions = [], [], [], []
     for seed in seeds:
         image, label, depth = scene_views(seed, views, height, width, zoom)
         images.append(image)
         geometry.append(lut[label])
         depths.append(np.log1p(np.maximum(depth, 0)).astype(np.float16))
-    return np.stack(images), np.stack(geometry), np.stack(depths)
+        if with_regions:
+            regions.append(class_agnostic_regions(label))
+    columns = [np.stack(images), np.stack(geometry), np.stack(depths)]
+    return (*columns, np.stack(regions)) if with_regions else tuple(columns)
 
 
 class PretrainHeads(nn.Module):
@@ -191,13 +226,54 @@ class PretrainHeads(nn.Module):
         return F.pixel_shuffle(values, self.patch)  # [B, channels, H·p, W·p]
 
 
+class RegionContrast(nn.Module):
+    """DetCon's heads: a projector of region-pooled features (an EMA copy of it serves the teacher)
+    and the student's predictor (BYOL's asymmetry), scored by InfoNCE over the batch's regions."""
+
+    def __init__(self, dim: int, hidden: int = 512, out: int = 128, temperature: float = 0.1):
+        super().__init__()
+        self.temperature = temperature
+        self.projector = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+        self.predictor = nn.Sequential(nn.Linear(out, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+    def loss(self, student_regions: torch.Tensor, teacher_regions: torch.Tensor, teacher_projector: nn.Module) -> torch.Tensor:
+        """Each student region [M, dim] must pick its own teacher region among all M."""
+        query = F.normalize(self.predictor(self.projector(student_regions)), dim=-1)
+        with torch.no_grad():
+            key = F.normalize(teacher_projector(teacher_regions), dim=-1)
+        logits = query @ key.T / self.temperature
+        return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def region_weights(regions: torch.Tensor, patch: int, per_image: int, rng: np.random.Generator) -> torch.Tensor:
+    """[B, K, h·w]: for up to `per_image` regions drawn from each crop (those covering at least half
+    a token), the share of every token's pixels that lie in the region; rows of absent regions are 0."""
+    b, height, width = regions.shape
+    weights = torch.zeros(b, per_image, height, width)
+    for i in range(b):
+        ids, counts = torch.unique(regions[i], return_counts=True)
+        keep = ids[(ids != 65535) & (counts >= patch * patch // 2)].numpy()
+        drawn = rng.choice(keep, size=min(per_image, len(keep)), replace=False)
+        for k, region in enumerate(drawn):
+            weights[i, k] = (regions[i] == int(region)).float()
+    return F.avg_pool2d(weights, patch).flatten(2)
+
+
+def pool_regions(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of patch tokens [B, N, D] over each region [B, K, N]: the present regions, [M, D]."""
+    mass = weights.sum(-1)
+    pooled = torch.einsum("bkn,bnd->bkd", weights.to(tokens.dtype), tokens) / mass.clamp(min=1e-6).unsqueeze(-1).to(tokens.dtype)
+    return pooled[mass > 0]
+
+
 _MEAN = torch.tensor((123.675, 116.28, 103.53)).view(1, 3, 1, 1)
 _STD = torch.tensor((58.395, 57.12, 57.375)).view(1, 3, 1, 1)
 
 
 def _batch(pool, rng: np.random.Generator, cfg: PretrainConfig):
-    """(student images, teacher images, geometry, depth): one crop and flip, two appearances."""
-    images, geometry, depth = pool
+    """(student images, teacher images, geometry, depth, regions or None): one crop and flip, two appearances."""
+    images, geometry, depth = pool[:3]
+    regions = pool[3] if len(pool) > 3 else None
     idx = rng.integers(0, len(images), cfg.batch_size)
     if cfg.views > 1:
         student_view = rng.integers(0, cfg.views, cfg.batch_size)
@@ -208,7 +284,7 @@ def _batch(pool, rng: np.random.Generator, cfg: PretrainConfig):
     top = rng.integers(0, images.shape[2] - crop + 1, cfg.batch_size)
     left = rng.integers(0, images.shape[3] - crop + 1, cfg.batch_size)
     flip = rng.random(cfg.batch_size) < 0.5
-    students, teachers, geos, deps = [], [], [], []
+    students, teachers, geos, deps, regs = [], [], [], [], []
     for i, sv, tv, y, x, f in zip(idx, student_view, teacher_view, top, left, flip, strict=True):
         rows, cols = slice(y, y + crop), slice(x, x + crop)
         step = -1 if f else 1
@@ -216,6 +292,8 @@ def _batch(pool, rng: np.random.Generator, cfg: PretrainConfig):
         teachers.append(images[i, tv, rows, cols][:, ::step])
         geos.append(geometry[i, rows, cols][:, ::step])
         deps.append(depth[i, rows, cols][:, ::step])
+        if regions is not None:
+            regs.append(regions[i, rows, cols][:, ::step].astype(np.int32))
 
     def normalised(crops: list[np.ndarray]) -> torch.Tensor:
         return (torch.from_numpy(np.stack(crops).copy()).permute(0, 3, 1, 2).float() - _MEAN) / _STD
@@ -223,13 +301,17 @@ def _batch(pool, rng: np.random.Generator, cfg: PretrainConfig):
     student, teacher = normalised(students), normalised(teachers)
     geometry_t = torch.from_numpy(np.stack(geos).copy()).unsqueeze(1).float()
     depth_t = torch.from_numpy(np.stack(deps).astype(np.float32)).unsqueeze(1)
+    regions_t = torch.from_numpy(np.stack(regs)).unsqueeze(1).float() if regs else None
     if crop != cfg.crop_size:
         size = (cfg.crop_size, cfg.crop_size)
         student = F.interpolate(student, size=size, mode="bilinear", align_corners=False, antialias=True)
         teacher = F.interpolate(teacher, size=size, mode="bilinear", align_corners=False, antialias=True)
         geometry_t = F.interpolate(geometry_t, size=size, mode="nearest")
         depth_t = F.interpolate(depth_t, size=size, mode="nearest")
-    return student, teacher, geometry_t[:, 0].long(), depth_t[:, 0]
+        if regions_t is not None:
+            regions_t = F.interpolate(regions_t, size=size, mode="nearest")
+    regions_t = regions_t[:, 0].long() if regions_t is not None else None
+    return student, teacher, geometry_t[:, 0].long(), depth_t[:, 0], regions_t
 
 
 def _block_outputs(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -240,15 +322,17 @@ def _block_outputs(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
-def _teacher_target(teacher: nn.Module, images: torch.Tensor, layers: int) -> torch.Tensor:
-    """data2vec's target: the average of the last `layers` block outputs, each instance-normalised
-    over channels, layer-normalised again; patch tokens only."""
-    with torch.no_grad():
-        x = teacher.vit.norm_pre(teacher.vit._pos_embed(teacher.vit.patch_embed(images)))
-        outputs = _block_outputs(teacher, x)[-layers:]
-        prefix = teacher.num_prefix_tokens
-        target = sum(F.layer_norm(o[:, prefix:], o.shape[-1:]) for o in outputs) / len(outputs)
-        return F.layer_norm(target, target.shape[-1:])
+@torch.no_grad()
+def _teacher_patch_outputs(teacher: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    x = teacher.vit.norm_pre(teacher.vit._pos_embed(teacher.vit.patch_embed(images)))
+    return [o[:, teacher.num_prefix_tokens :] for o in _block_outputs(teacher, x)]
+
+
+def _distillation_target(outputs: list[torch.Tensor], layers: int) -> torch.Tensor:
+    """data2vec's target: the average of the last `layers` block outputs (patch tokens), each
+    instance-normalised over channels, layer-normalised again."""
+    target = sum(F.layer_norm(o, o.shape[-1:]) for o in outputs[-layers:]) / layers
+    return F.layer_norm(target, target.shape[-1:])
 
 
 @torch.no_grad()
@@ -279,8 +363,14 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     heads = PretrainHeads(backbone.embed_dim, patch, distill=distill).to(device)
     mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim, device=device))
     nn.init.normal_(mask_token, std=0.02)
-    teacher = copy.deepcopy(backbone).requires_grad_(False).eval() if distill else None
+    contrast = cfg.views > 1 and cfg.region_contrast > 0
+    teacher = copy.deepcopy(backbone).requires_grad_(False).eval() if distill or contrast else None
     params = list(backbone.parameters()) + list(heads.parameters()) + [mask_token]
+    if contrast:
+        region_heads = RegionContrast(backbone.embed_dim, temperature=cfg.contrast_temperature).to(device)
+        teacher_projector = copy.deepcopy(region_heads.projector).requires_grad_(False)
+        params += list(region_heads.parameters())
+        region_rng = np.random.default_rng([cfg.seed, 1])  # its own stream: the batches are drawn as without it
     decay = [p for p in params if p.ndim > 1 and p is not mask_token]
     no_decay = [p for p in params if p.ndim <= 1 or p is mask_token]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
@@ -295,14 +385,15 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        image, teacher_image, geometry, depth = (t.to(device) for t in _batch(pool, rng, cfg))
+        image, teacher_image, geometry, depth, regions = _batch(pool, rng, cfg)
+        image, teacher_image, geometry, depth = (t.to(device) for t in (image, teacher_image, geometry, depth))
         masked = torch.rand(image.shape[0], num_patches, device=device).argsort(1) < int(cfg.mask_ratio * num_patches)
 
         x = vit.patch_embed(image)  # NHWC: the backbone is built for dynamic input sizes
         x = torch.where(masked.view(-1, *grid, 1), mask_token.to(x.dtype).expand_as(x), x)
         x = vit.norm_pre(vit._pos_embed(x))
-        x = _block_outputs(backbone, x)[-1]
-        pixels, geo_logits, depth_pred, predicted_target = heads(x[:, backbone.num_prefix_tokens :], grid)
+        x = _block_outputs(backbone, x)[-1][:, backbone.num_prefix_tokens :]
+        pixels, geo_logits, depth_pred, predicted_target = heads(x, grid)
 
         target = F.unfold(image, patch, stride=patch)  # [B, 3·p·p, N]
         target = (target - target.mean(1, keepdim=True)) / (target.var(1, keepdim=True) + 1e-6).sqrt()
@@ -310,23 +401,33 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
         pixel_loss = ((predicted - target).abs().mean(1) * masked).sum() / masked.sum()
         geometry_loss = F.cross_entropy(geo_logits, geometry, ignore_index=255)
         depth_loss = F.l1_loss(depth_pred[:, 0], depth)
-        if teacher is not None:
+        teacher_outputs = _teacher_patch_outputs(teacher, teacher_image) if teacher is not None else None
+        distill_loss = contrast_loss = torch.zeros((), device=device)
+        if distill:
             # every patch, masked or not: the student must map its appearance to the other one's features
-            distill_loss = F.mse_loss(predicted_target, _teacher_target(teacher, teacher_image, cfg.target_layers))
-        else:
-            distill_loss = torch.zeros((), device=device)
+            distill_loss = F.mse_loss(predicted_target, _distillation_target(teacher_outputs, cfg.target_layers))
+        if contrast:
+            weights = region_weights(regions, patch, cfg.regions_per_image, region_rng).to(device)
+            contrast_loss = region_heads.loss(pool_regions(x, weights), pool_regions(teacher_outputs[-1], weights),
+                                              teacher_projector)
         w = cfg.loss_weights
-        loss = w[0] * pixel_loss + w[1] * geometry_loss + w[2] * depth_loss + w[3] * distill_loss
+        loss = (w[0] * pixel_loss + w[1] * geometry_loss + w[2] * depth_loss + w[3] * distill_loss
+                + cfg.region_contrast * contrast_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 3.0)
         optimizer.step()
         if teacher is not None:
             low, high = cfg.teacher_momentum
-            _ema_update(teacher, backbone, high - (high - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+            momentum = high - (high - low) * 0.5 * (1 + math.cos(math.pi * progress))
+            _ema_update(teacher, backbone, momentum)
+            if contrast:
+                _ema_update(teacher_projector, region_heads.projector, momentum)
         if step % 50 == 0 or step == cfg.steps - 1:
             record = {"step": step, "loss": loss.item(), "pixels": pixel_loss.item(), "geometry": geometry_loss.item(),
                       "depth": depth_loss.item(), "cross_style": distill_loss.item()}
+            if contrast:
+                record["regions"] = contrast_loss.item()
             history.append(record)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "step"})
     train_seconds = time.perf_counter() - train_started
@@ -339,7 +440,9 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
         "recipe": asdict(cfg),
         "init_sha256": _sha256(cfg.init) if cfg.init else None,
         "objectives": "SimMIM masked pixels + geometric classes (ground/vertical/sky) + log-depth"
-                      + (" + cross-style self-distillation (EMA teacher)" if distill else "") + "; no semantic labels",
+                      + (" + cross-style self-distillation (EMA teacher)" if distill else "")
+                      + (" + cross-style contrast of class-agnostic regions (DetCon)" if contrast else "")
+                      + "; no semantic labels",
         "render_seconds": round(render_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "device": device if device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",

@@ -147,7 +147,9 @@ def test_pretrain_overwrites_when_asked(tmp_path, capsys, pretraining_calls):
     out.write_text("earlier")
     code, _, err = _cli(["pretrain", "--out", str(out), "--overwrite", "--steps", "1"], capsys)
     assert code == 0, err
-    assert [(call[1], [stage.steps for stage in call[0]]) for call in pretraining_calls] == [(out, [1, 1])]
+    from benchmarks.pretrain import PROXY_RECIPE
+
+    assert [(call[1], [stage.steps for stage in call[0]]) for call in pretraining_calls] == [(out, [1] * len(PROXY_RECIPE))]
 
 
 def test_pretrain_runs_one_stage_from_the_checkpoint_given(tmp_path, capsys, pretraining_calls):

@@ -13,7 +13,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from benchmarks.backbones import build_backbone
-from benchmarks.pretrain import APPEARANCE_FIELDS, PROXY_RECIPE, PretrainConfig, pretrain, scene_views
+from benchmarks.pretrain import (
+    APPEARANCE_FIELDS,
+    PROXY_RECIPE,
+    PretrainConfig,
+    class_agnostic_regions,
+    pool_regions,
+    pretrain,
+    region_weights,
+    scene_views,
+)
 from datasets.synthetic import Style
 
 
@@ -42,11 +51,26 @@ def test_appearance_fields_are_style_fields_and_leave_the_camera_and_layout_alon
     assert not {"cam_height", "horizon", "focal", "road_width", "car_rate", "ego_hood"} & set(APPEARANCE_FIELDS)
 
 
-def test_the_shipped_recipe_continues_its_first_stage() -> None:
-    first, second = PROXY_RECIPE
+def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
+    first, second, third = PROXY_RECIPE
     assert first.views == 1 and first.loss_weights[3] == 0 and not first.init
     assert second.views == 2 and second.loss_weights[3] > 0 and second.init == "stage1"
-    assert first.seed != second.seed  # new scenes for the second stage
+    assert third.views == 2 and third.loss_weights[3] > 0 and third.init == "stage2"
+    assert first.region_contrast == second.region_contrast == 0 < third.region_contrast
+    assert len({first.seed, second.seed, third.seed}) == 3  # new scenes for every stage
+
+
+def test_the_shipped_checkpoint_records_the_recipe_that_reproduces_it() -> None:
+    from pathlib import Path
+
+    shipped = Path("benchmarks/weights/proxy_vit.safetensors")
+    with safe_open(str(shipped), "pt") as f:
+        recorded = json.loads(f.metadata()["dgss_bench"])["recipe"]
+    last = dataclasses.asdict(PROXY_RECIPE[-1])
+    differing = {k for k in last if k != "init" and recorded[k] != (list(last[k]) if isinstance(last[k], tuple) else last[k])}
+    assert not differing
+    stages = json.loads(shipped.with_suffix(".json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == [1, 2, 3]
 
 
 TINY = PretrainConfig(scenes=4, views=2, scene_height=64, scene_width=96, crop_size=32, source_crop=(48, 64),
@@ -87,3 +111,40 @@ def test_one_view_turns_the_cross_style_objective_off(tmp_path) -> None:
 def test_views_below_one_are_refused(tmp_path, views: int) -> None:
     with pytest.raises(ValueError, match="views"):
         pretrain(dataclasses.replace(TINY, views=views), tmp_path / "x.safetensors")
+
+
+def test_regions_are_the_connected_parts_of_each_kind_and_say_nothing_of_the_kind() -> None:
+    label = np.array([[0, 0, 5, 5, 0],
+                      [0, 0, 5, 5, 0],
+                      [255, 13, 13, 255, 13]], dtype=np.uint8)
+    regions = class_agnostic_regions(label)
+    assert regions[2, 0] == regions[2, 3] == 65535
+    # one kind, two separate parts: two regions (the right-hand 0s and the last 13 as well)
+    assert regions[0, 0] == regions[1, 1] != regions[0, 4]
+    assert regions[2, 1] == regions[2, 2] != regions[2, 4]
+    assert len(np.unique(regions[label != 255])) == 5
+
+
+def test_region_weights_are_token_shares_of_the_regions_big_enough() -> None:
+    regions = torch.full((1, 8, 8), 0, dtype=torch.long)
+    regions[0, :4, :4] = 1  # exactly one 4×4 token
+    regions[0, 7, 7] = 2  # one pixel: under half a token, never drawn
+    regions[0, 6, 0] = 65535
+    weights = region_weights(regions, patch=4, per_image=3, rng=np.random.default_rng(0))
+    assert weights.shape == (1, 3, 4)
+    drawn = weights[0][weights[0].sum(1) > 0]
+    assert len(drawn) == 2  # regions 0 and 1; the third row stays empty
+    assert any(torch.equal(row, torch.tensor([1.0, 0, 0, 0])) for row in drawn)
+    assert torch.all(weights.sum(1) <= 1)
+    tokens = torch.arange(8.0).view(1, 4, 2)
+    pooled = pool_regions(tokens, weights)
+    assert pooled.shape == (2, 2)
+    expected = (weights[0, :2] @ tokens[0]) / weights[0, :2].sum(1, keepdim=True)
+    assert torch.allclose(pooled, expected[weights[0, :2].sum(1) > 0])
+
+
+def test_region_contrast_is_off_by_default_and_reported_when_on(tmp_path) -> None:
+    off = pretrain(TINY, tmp_path / "off.safetensors")
+    assert "regions" not in off["final"] and "DetCon" not in off["objectives"]
+    on = pretrain(dataclasses.replace(TINY, region_contrast=1.0), tmp_path / "on.safetensors")
+    assert on["final"]["regions"] > 0 and "class-agnostic regions" in on["objectives"]

@@ -53,6 +53,9 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "warmup_steps": Bounds(1, note=" (1 means no warm-up)"),
     "mask_ratio": Bounds(0, low_allowed=False, high=1),
     "target_layers": Bounds(1),
+    "region_contrast": Bounds(0),
+    "regions_per_image": Bounds(1),
+    "contrast_temperature": Bounds(0, low_allowed=False),
     "seed": Bounds(0),
     "workers": Bounds(1),
 }
