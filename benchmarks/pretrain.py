@@ -94,7 +94,8 @@ class PretrainConfig:
     target_layers: int = 3
     """Teacher blocks (the last ones) whose normalised outputs are averaged into the target."""
     region_contrast: float = 0.0
-    """Weight of the class-agnostic region contrast (0 = off, as stages 1 and 2 of the shipped recipe)."""
+    """Weight of the class-agnostic region contrast (0 = off, as stages 1 and 2 of the shipped recipe). It
+    is cross-style too: one view turns it off, as it does the distillation."""
     regions_per_image: int = 8
     """Regions drawn per crop for the region contrast (DetCon draws 16 from larger images)."""
     contrast_temperature: float = 0.1

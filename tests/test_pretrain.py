@@ -102,9 +102,10 @@ def test_init_continues_from_a_checkpoint(tmp_path) -> None:
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_one_view_turns_the_cross_style_objective_off(tmp_path) -> None:
-    report = pretrain(dataclasses.replace(TINY, views=1), tmp_path / "single.safetensors")
+def test_one_view_turns_the_cross_style_objectives_off(tmp_path) -> None:
+    report = pretrain(dataclasses.replace(TINY, views=1, region_contrast=1.0), tmp_path / "single.safetensors")
     assert report["final"]["cross_style"] == 0.0 and "cross-style" not in report["objectives"]
+    assert "regions" not in report["final"]
 
 
 @pytest.mark.parametrize("views", [0, -1])

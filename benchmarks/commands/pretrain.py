@@ -40,7 +40,7 @@ class Bounds:
 # Every numeric field of PretrainConfig, so that a value the code cannot use never reaches rendering.
 OPTION_BOUNDS: dict[str, Bounds] = {
     "scenes": Bounds(1),
-    "views": Bounds(1, note=" (1 turns the cross-style objective off)"),
+    "views": Bounds(1, note=" (1 turns the cross-style objectives off)"),
     "scene_height": Bounds(1),
     "scene_width": Bounds(1),
     "crop_size": Bounds(1),
