@@ -41,6 +41,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -103,6 +104,14 @@ class PretrainConfig:
     """A proxy_vit checkpoint to continue from ("" = random initialisation)."""
     seed: int = 0
     workers: int = 2
+
+    @property
+    def distills(self) -> bool:
+        return self.views > 1 and self.loss_weights[3] > 0
+
+    @property
+    def contrasts_regions(self) -> bool:
+        return self.views > 1 and self.region_contrast > 0
 
 
 # How the shipped checkpoint was made: stage 1 from random initialisation without the cross-style
@@ -170,20 +179,27 @@ def class_agnostic_regions(label: np.ndarray) -> np.ndarray:
     return regions
 
 
-def render_pool(cfg: PretrainConfig) -> tuple[np.ndarray, ...]:
-    """Images [N,V,H,W,3] uint8, geometry classes [N,H,W] uint8 (255 = unknown), log-depth [N,H,W] fp16,
-    and with the region contrast on, class-agnostic region ids [N,H,W] uint16."""
+class ScenePool(NamedTuple):
+    images: np.ndarray
+    """[N,V,H,W,3] uint8: V appearances of each layout."""
+    geometry: np.ndarray
+    """[N,H,W] uint8 geometry classes (255 = unknown)."""
+    depth: np.ndarray
+    """[N,H,W] fp16 log-depth."""
+    regions: np.ndarray | None
+    """[N,H,W] uint16 class-agnostic region ids, rendered only for the region contrast."""
+
+
+def render_pool(cfg: PretrainConfig) -> ScenePool:
     seeds = [PRETRAIN_SEED_BASE + cfg.seed * 10_000_000 + i for i in range(cfg.scenes)]
     chunks = [seeds[i : i + 100] for i in range(0, len(seeds), 100)]
-    job = (cfg.views, cfg.scene_height, cfg.scene_width, cfg.zoom, cfg.region_contrast > 0)
-    parts: list[list[np.ndarray]] = []
+    job = (cfg.views, cfg.scene_height, cfg.scene_width, cfg.zoom, cfg.contrasts_regions)
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
-        for chunk in tqdm(pool.map(_render_chunk, chunks, [job] * len(chunks)), total=len(chunks), desc="render", unit="chunk"):
-            parts.append(chunk)
-    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+        parts = list(tqdm(pool.map(_render_chunk, chunks, [job] * len(chunks)), total=len(chunks), desc="render", unit="chunk"))
+    return ScenePool(*(None if column[0] is None else np.concatenate(column) for column in zip(*parts, strict=True)))
 
 
-def _render_chunk(seeds: list[int], job: tuple[int, int, int, float, bool]) -> tuple[np.ndarray, ...]:
+def _render_chunk(seeds: list[int], job: tuple[int, int, int, float, bool]) -> ScenePool:
     views, height, width, zoom, with_regions = job
     lut = np.ones(256, dtype=np.uint8)  # vertical by default
     lut[list(GROUND_TRAIN_IDS)] = 0
@@ -197,8 +213,7 @@ def _render_chunk(seeds: list[int], job: tuple[int, int, int, float, bool]) -> t
         depths.append(np.log1p(np.maximum(depth, 0)).astype(np.float16))
         if with_regions:
             regions.append(class_agnostic_regions(label))
-    columns = [np.stack(images), np.stack(geometry), np.stack(depths)]
-    return (*columns, np.stack(regions)) if with_regions else tuple(columns)
+    return ScenePool(np.stack(images), np.stack(geometry), np.stack(depths), np.stack(regions) if with_regions else None)
 
 
 class PretrainHeads(nn.Module):
@@ -271,10 +286,9 @@ _MEAN = torch.tensor((123.675, 116.28, 103.53)).view(1, 3, 1, 1)
 _STD = torch.tensor((58.395, 57.12, 57.375)).view(1, 3, 1, 1)
 
 
-def _batch(pool, rng: np.random.Generator, cfg: PretrainConfig):
+def _batch(pool: ScenePool, rng: np.random.Generator, cfg: PretrainConfig):
     """(student images, teacher images, geometry, depth, regions or None): one crop and flip, two appearances."""
-    images, geometry, depth = pool[:3]
-    regions = pool[3] if len(pool) > 3 else None
+    images, geometry, depth, regions = pool
     idx = rng.integers(0, len(images), cfg.batch_size)
     if cfg.views > 1:
         student_view = rng.integers(0, cfg.views, cfg.batch_size)
@@ -360,11 +374,10 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
                               weights=cfg.init or "random").to(device)
     vit = backbone.vit
     patch = backbone.patch_size
-    distill = cfg.views > 1 and cfg.loss_weights[3] > 0
+    distill, contrast = cfg.distills, cfg.contrasts_regions
     heads = PretrainHeads(backbone.embed_dim, patch, distill=distill).to(device)
     mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim, device=device))
     nn.init.normal_(mask_token, std=0.02)
-    contrast = cfg.views > 1 and cfg.region_contrast > 0
     teacher = copy.deepcopy(backbone).requires_grad_(False).eval() if distill or contrast else None
     params = list(backbone.parameters()) + list(heads.parameters()) + [mask_token]
     if contrast:
