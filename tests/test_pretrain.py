@@ -53,12 +53,13 @@ def test_appearance_fields_are_style_fields_and_leave_the_camera_and_layout_alon
 
 
 def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
-    first, second, third = PROXY_RECIPE
+    first, second, third, fourth = PROXY_RECIPE
     assert first.views == 1 and first.loss_weights[3] == 0 and not first.init
     assert second.views == 2 and second.loss_weights[3] > 0 and second.init == "stage1"
     assert third.views == 2 and third.loss_weights[3] > 0 and third.init == "stage2"
+    assert fourth.init == "stage3" and dataclasses.replace(fourth, seed=third.seed, init=third.init) == third
     assert first.region_contrast == second.region_contrast == 0 < third.region_contrast
-    assert len({first.seed, second.seed, third.seed}) == 3  # new scenes for every stage
+    assert len({stage.seed for stage in PROXY_RECIPE}) == len(PROXY_RECIPE)  # new scenes for every stage
 
 
 def test_the_shipped_checkpoint_records_the_recipe_that_reproduces_it() -> None:
@@ -71,7 +72,7 @@ def test_the_shipped_checkpoint_records_the_recipe_that_reproduces_it() -> None:
     differing = {k for k in last if k != "init" and recorded[k] != last[k]}
     assert not differing
     stages = json.loads(shipped.with_suffix(".json").read_text())["stages"]
-    assert [s["stage"] for s in stages] == [1, 2, 3]
+    assert [s["stage"] for s in stages] == list(range(1, len(PROXY_RECIPE) + 1))
 
 
 TINY = PretrainConfig(scenes=4, views=2, scene_height=64, scene_width=96, crop_size=32, source_crop=(48, 64),
