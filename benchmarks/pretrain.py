@@ -490,13 +490,37 @@ def stage_checkpoint(out: Path, stage: int, last_stage: int) -> Path:
     return out if stage == last_stage else out.with_name(f"{out.stem}-stage{stage}{out.suffix}")
 
 
+def recorded_stages_before(init: str | Path, first_stage: int) -> list[dict]:
+    """The stages before `first_stage` as the record beside the checkpoint `init` tells them, so that a
+    recipe resumed from a checkpoint (`pretrain --stage 4 --init v4.safetensors`) records its whole
+    lineage. Empty when there is no such record, or when it is not the one written with `init` (the
+    checkpoint's own metadata names the run that wrote it: its recipe, cost and final losses)."""
+    from safetensors import safe_open
+
+    record_path = Path(init).with_suffix(".json")
+    if not record_path.is_file():
+        return []
+    stages = json.loads(record_path.read_text()).get("stages") or []
+    with safe_open(str(init), "pt") as f:
+        written_with = json.loads((f.metadata() or {}).get("dgss_bench", "null"))
+    identity = ("recipe", "train_seconds", "final")
+    if not stages or not written_with or any(stages[-1].get(k) != written_with.get(k) for k in identity):
+        return []
+    if stages[-1].get("stage") != first_stage - 1:  # `init` is not the stage this one continues
+        return []
+    return stages
+
+
 def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu", first_stage: int = 1) -> dict:
     """Run `stages` in turn, each continuing from the one before (an `init` of "stage<k>" names the
     output of stage k); the last stage writes `out`, earlier ones `<out stem>-stage<k>.safetensors`.
-    The file beside `out` (`.json`) keeps every stage's recipe, cost and loss history."""
+    The file beside `out` (`.json`) keeps every stage's recipe, cost and loss history, those before
+    `first_stage` taken from the record of the checkpoint the first stage starts from."""
     out = Path(out)
     outputs: dict[str, Path] = {}
-    reports = []
+    first_init = stages[0].init
+    # Read before training: with --overwrite the record beside `init` may be the one this run replaces.
+    reports = recorded_stages_before(first_init, first_stage) if first_init and not first_init.startswith("stage") else []
     for number, stage in enumerate(stages, start=first_stage):
         init = stage.init
         if init.startswith("stage"):

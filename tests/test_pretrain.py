@@ -20,6 +20,8 @@ from benchmarks.pretrain import (
     class_agnostic_regions,
     pool_regions,
     pretrain,
+    pretrain_recipe,
+    recorded_stages_before,
     region_weights,
     render_pool,
     scene_views,
@@ -154,3 +156,29 @@ def test_region_contrast_is_off_by_default_and_reported_when_on(tmp_path) -> Non
     assert "regions" not in off["final"] and "DetCon" not in off["objectives"]
     on = pretrain(dataclasses.replace(TINY, region_contrast=1.0), tmp_path / "on.safetensors")
     assert on["final"]["regions"] > 0 and "class-agnostic regions" in on["objectives"]
+
+
+def test_a_stage_resumed_from_a_checkpoint_records_the_stages_that_made_it(tmp_path) -> None:
+    tiny = dataclasses.replace(TINY, views=1, loss_weights=(1.0, 0.5, 0.5, 0.0))
+    first_two = tmp_path / "two.safetensors"
+    pretrain_recipe([tiny, dataclasses.replace(tiny, init="stage1", seed=1)], first_two)
+    resumed = tmp_path / "three.safetensors"
+    pretrain_recipe([dataclasses.replace(tiny, init=str(first_two), seed=2)], resumed, first_stage=3)
+    record = json.loads(resumed.with_suffix(".json").read_text())
+    assert [s["stage"] for s in record["stages"]] == [1, 2, 3]
+    assert record["stages"][:2] == json.loads(first_two.with_suffix(".json").read_text())["stages"]
+    assert record["stages"][2]["init_sha256"] == hashlib.sha256(first_two.read_bytes()).hexdigest()
+
+
+def test_a_record_not_written_with_the_checkpoint_is_not_taken_as_its_lineage(tmp_path) -> None:
+    tiny = dataclasses.replace(TINY, views=1, loss_weights=(1.0, 0.5, 0.5, 0.0))
+    start = tmp_path / "start.safetensors"
+    pretrain_recipe([tiny], start)
+    assert [s["stage"] for s in recorded_stages_before(start, first_stage=2)] == [1]
+    assert recorded_stages_before(start, first_stage=3) == []  # it made stage 1, not stage 2
+    record = json.loads(start.with_suffix(".json").read_text())
+    record["stages"][-1]["final"]["loss"] += 1.0  # another run's record left beside this checkpoint
+    start.with_suffix(".json").write_text(json.dumps(record))
+    assert recorded_stages_before(start, first_stage=2) == []
+    start.with_suffix(".json").unlink()
+    assert recorded_stages_before(start, first_stage=2) == []

@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--stage", type=int, choices=range(1, len(PROXY_RECIPE) + 1),
                         help="run only this stage of the shipped recipe (default: every stage in turn)")
-    parser.add_argument("--init", help="checkpoint a single --stage continues from (default: the stage before's output)")
+    parser.add_argument("--init", help="checkpoint a single --stage continues from (default: the stage before's output); the "
+                             "stages recorded in its .json, when written with it, head the new record")
     for field in dataclasses.fields(PretrainConfig):
         if field.type in ("int", "float", int, float):
             kind = int if field.type in ("int", int) else float
@@ -134,7 +135,7 @@ def _refuse_to_overwrite(out: Path, stages: int, first_stage: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.pretrain import PROXY_RECIPE, PretrainConfig, pretrain_recipe
+    from benchmarks.pretrain import PROXY_RECIPE, pretrain_recipe
 
     # Only the numeric fields are options of their own (`--init` is the stage's starting checkpoint, below).
     overrides = {name: getattr(args, name) for name in OPTION_BOUNDS if getattr(args, name, None) is not None}
