@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.backbones import BACKBONES, build_backbone
+from benchmarks.results import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +472,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     save_file(state, str(tmp), metadata={"dgss_bench": json.dumps(report)})
     os.chmod(tmp, 0o644)  # a shipped file: readable by everyone, like the rest of the checkout
     os.replace(tmp, out)
-    (out.with_suffix(".json")).write_text(json.dumps({**report, "history": history}, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps({**report, "history": history}, indent=2) + "\n")
     return {**report, "history": history}
 
 
@@ -529,5 +530,5 @@ def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu"
         reports.append({"stage": number, **pretrain(dataclasses.replace(stage, init=init), target, device=device)})
         outputs[f"stage{number}"] = target
     summary = {**{k: v for k, v in reports[-1].items() if k not in ("history", "stage")}, "stages": reports}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     return {k: v for k, v in summary.items() if k != "stages"}
