@@ -36,7 +36,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -50,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.backbones import BACKBONES, build_backbone
-from benchmarks.results import atomic_write_text
+from benchmarks.results import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +362,7 @@ def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None
 
 def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     """Train the proxy ViT and write its safetensors checkpoint; returns the measured costs and loss history."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_safetensors
 
     if cfg.views < 1:
         raise ValueError(f"pretraining needs at least one view of each scene, got views={cfg.views}")
@@ -467,11 +466,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
         "device": device if device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
         "final": history[-1],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata={"dgss_bench": json.dumps(report)})
-    os.chmod(tmp, 0o644)  # a shipped file: readable by everyone, like the rest of the checkout
-    os.replace(tmp, out)
+    atomic_write_bytes(out, save_safetensors(state, metadata={"dgss_bench": json.dumps(report)}))
     atomic_write_text(out.with_suffix(".json"), json.dumps({**report, "history": history}, indent=2) + "\n")
     return {**report, "history": history}
 
@@ -519,13 +514,14 @@ def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu"
     `first_stage` taken from the record of the checkpoint the first stage starts from."""
     out = Path(out)
     outputs: dict[str, Path] = {}
-    first_init = stages[0].init
-    # Read before training: with --overwrite the record beside `init` may be the one this run replaces.
-    reports = recorded_stages_before(first_init, first_stage) if first_init and not first_init.startswith("stage") else []
+    reports: list[dict] = []
     for number, stage in enumerate(stages, start=first_stage):
         init = stage.init
         if init.startswith("stage"):
             init = str(outputs[init])
+        elif init and number == first_stage:
+            # Read before this stage trains: with --overwrite its output may replace `init`'s record.
+            reports = recorded_stages_before(init, first_stage)
         target = stage_checkpoint(out, number, last_stage=first_stage + len(stages) - 1)
         reports.append({"stage": number, **pretrain(dataclasses.replace(stage, init=init), target, device=device)})
         outputs[f"stage{number}"] = target
