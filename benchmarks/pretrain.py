@@ -135,8 +135,8 @@ PROXY_RECIPE: tuple[PretrainConfig, ...] = (
     # every baseline; this one took it to 0.40 and lifted them again (docs/results.md, P7).
     PretrainConfig(scenes=2500, views=2, zoom=2.0, steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, seed=4,
                    region_contrast=1.0, init="stage4"),
-    # Stage 6: and once more. Stage 5 took the region loss from 0.89 to 0.40 and lifted every baseline's
-    # targets by 1.4-1.9, though the linear probe's gain shrank (+1.6 -> +0.6) (docs/results.md, P8).
+    # Stage 6: and once more. Stage 5 had lifted every baseline's targets by 1.4-1.9 though the linear probe's
+    # gain shrank (+1.6 -> +0.6); this round took the region loss to 0.27 and lifted them by 1.5-2.2 (P8).
     PretrainConfig(scenes=2500, views=2, zoom=2.0, steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, seed=5,
                    region_contrast=1.0, init="stage5"),
 )
