@@ -98,7 +98,8 @@ def outcomes(request, world, tmp_path_factory):
                           ("workers_below_auto", "data.num_workers=-2"), ("bad_device", "train.device=banana"),
                           ("unknown_method_table", "methods.reinn.num_tokens=5"),
                           ("method_value_type", "methods.full.no_such=1"),
-                          ("method_value_wrong_type", "methods.rein.num_tokens=abc")]:
+                          ("method_value_wrong_type", "methods.rein.num_tokens=abc"),
+                          ("head_setting_out_of_range", 'model.head_options={"class_balance": "inverse"}')]:
         add(name, [*smoke[:2], "--methods", "rein", *smoke[4:], "--set", setting])
     case = add("unused_weights", [*smoke])
     save_file({"w": torch.zeros(1)}, str(case / "vit.safetensors"))
@@ -174,6 +175,7 @@ EXPECTED = {
     "unknown_method_table": "methods.reinn: unknown method 'reinn'",
     "method_value_type": "method 'full' has no hyperparameter no_such",
     "method_value_wrong_type": "methods.rein.num_tokens must be int, got 'abc'",
+    "head_setting_out_of_range": "head 'light': class_balance must be one of none, median_frequency",
     "unused_weights": "backbone 'proxy_vitt' is not in this run",
     "missing_data_root": "synthetic-typo does not exist",
 }

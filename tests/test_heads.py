@@ -251,7 +251,7 @@ def test_upernet_is_smps_decoder_with_batch_independent_norms() -> None:
     assert "BatchNorm2d" not in norms and "GroupNorm" in norms
     original = build_head("upernet", 16, 7, channels=32, norm="batchnorm")
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in original.modules())
-    with pytest.raises(ValueError, match="norm must be one of"):
+    with pytest.raises(UserError, match="norm must be one of"):
         build_head("upernet", 16, 7, norm="layernorm")
 
 
@@ -290,5 +290,47 @@ def test_finest_level_sets_the_output_stride(name: str) -> None:
     coarse = build_head(name, 16, 3, channels=16, finest_level=1)
     assert coarse(feats).shape[-2:] == (8, 8)  # p/2
     assert coarse.loss(coarse(feats), torch.randint(0, 3, (2, 64, 64)))["loss"].isfinite()
-    with pytest.raises(ValueError, match="finest_level must be 0 or 1"):
+    with pytest.raises(UserError, match="finest_level must be 0 or 1"):
         build_head(name, 16, 3, finest_level=2)
+
+
+# -- the class-balanced cross-entropy of the per-pixel heads ------------------------------------------
+def test_median_frequency_weights_give_each_present_class_an_equal_share() -> None:
+    from benchmarks.heads.light import median_frequency_weights
+
+    labels = torch.full((2, 10, 10), 255)
+    labels[0, :5] = 0  # 50 pixels
+    labels[0, 5:, :2] = 1  # 10 pixels
+    labels[1, :2] = 2  # 20 pixels; class 3 absent, the rest ignored
+    weights = median_frequency_weights(labels, 4)
+    # frequencies 50/80, 10/80, 20/80; median 20/80 → weights 0.4, 2, 1, and 0 for the absent class
+    torch.testing.assert_close(weights, torch.tensor([0.4, 2.0, 1.0, 0.0]))
+    counts = torch.tensor([50.0, 10.0, 20.0, 0.0])
+    assert torch.allclose(weights * counts, torch.tensor([20.0, 20.0, 20.0, 0.0]))  # equal total weight per class
+    assert median_frequency_weights(torch.full((1, 4, 4), 255), 4).eq(0).all()
+
+
+@pytest.mark.parametrize("name", ["light", "upernet"])
+def test_class_balance_reweights_the_cross_entropy(name: str) -> None:
+    feats = pyramid(batch=2, size=16)
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[:, :8, :8] = 1  # a rare class: 64 of 4,096 pixels per image
+    labels[:, -4:] = 255
+    torch.manual_seed(0)
+    plain = build_head(name, 16, 3, channels=16, dropout=0.0)
+    torch.manual_seed(0)
+    balanced = build_head(name, 16, 3, channels=16, dropout=0.0, class_balance="median_frequency")
+    outputs = plain(feats)
+    torch.testing.assert_close(outputs, balanced(feats))
+    logits = plain.semantic_logits(outputs, labels.shape[-2:])
+    per_pixel = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    valid = labels != 255
+    rare, common = per_pixel[labels == 1].mean(), per_pixel[valid & (labels == 0)].mean()
+    # the two classes present have equal total weight, so the balanced loss is the mean of their mean losses
+    torch.testing.assert_close(balanced.loss(outputs, labels)["loss"], (rare + common) / 2)
+    torch.testing.assert_close(plain.loss(outputs, labels)["loss"], per_pixel[valid].mean())
+    assert set(balanced.loss(outputs, labels)) == {"loss", "loss_ce"}
+    all_ignored = balanced.loss(outputs, torch.full_like(labels, 255))["loss"]
+    assert all_ignored.item() == 0.0 and all_ignored.requires_grad
+    with pytest.raises(UserError, match="class_balance must be one of none, median_frequency"):
+        build_head(name, 16, 3, class_balance="inverse")

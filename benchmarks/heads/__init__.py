@@ -44,7 +44,10 @@ def build_head(name: str, in_channels: int | list[int], num_classes: int, **kwar
     bad = sorted(set(kwargs) - set(valid))
     if bad:
         raise UserError(f"head {name!r} has no setting {', '.join(bad)}; valid: {', '.join(valid)}")
-    return cls(in_channels, num_classes, **kwargs)
+    try:
+        return cls(in_channels, num_classes, **kwargs)
+    except ValueError as err:  # a head's constructor names the setting and its valid values
+        raise UserError(f"head {name!r}: {err} (model.head_options)") from None
 
 
 __all__ = ["HEADS", "LightHead", "Mask2FormerHead", "UPerNetHead", "available_heads", "build_head"]

@@ -1,5 +1,6 @@
 """A small FPN decode head for fast runs and ablations (the `proxy` and `smoke` presets), and what
-every per-pixel head shares (`PerPixelHead`: logits at a size, mmseg's cross-entropy).
+every per-pixel head shares (`PerPixelHead`: logits at a size, mmseg's cross-entropy, optionally
+class-balanced).
 
 Why an own FPN beside smp's UPerNet (`benchmarks/heads/upernet.py`): a lateral 1×1 + top-down sum +
 3×3 smoothing + Panoptic-FPN-style merge over a ViT pyramid whose levels share one width is a dozen
@@ -39,21 +40,59 @@ def finest_level_checked(level: int) -> int:
     return level
 
 
+CLASS_BALANCES = ("none", "median_frequency")
+CLASS_BALANCE_HELP = (
+    "weighting of the cross-entropy's classes: none (mmseg's, every pixel alike) or median_frequency "
+    "(each class of a batch weighted by the median of the present classes' pixel frequencies over its own)"
+)
+
+
+def median_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class cross-entropy weights from one batch: median(freq of the present classes) / freq(class).
+
+    Median frequency balancing (Eigen & Fergus, ICCV 2015; SegNet), with the frequencies counted over
+    the batch's labelled pixels rather than over the dataset, so it needs no pass over the data and no
+    statistics of it. A class with 1/50 of road's pixels gets 50 times road's weight: each class present
+    in the batch counts about as much as any other, as each class's mask does in Mask2Former's loss.
+    Classes absent from the batch get weight 0 (they have no pixel to weigh).
+    """
+    labelled = labels[labels != IGNORE_INDEX].long()
+    counts = torch.bincount(labelled, minlength=num_classes)[:num_classes].float()
+    weights = torch.zeros(num_classes, device=labels.device)
+    present = counts > 0
+    if present.any():
+        frequency = counts[present] / counts.sum()
+        weights[present] = frequency.median() / frequency
+    return weights
+
+
+def class_balance_checked(balance: str) -> str:
+    if balance not in CLASS_BALANCES:
+        raise ValueError(f"class_balance must be one of {', '.join(CLASS_BALANCES)} ({CLASS_BALANCE_HELP}), got {balance!r}")
+    return balance
+
+
 class PerPixelHead(nn.Module):
-    """What every per-pixel classifier head shares: logits upsampled to a size, and mmseg's loss."""
+    """What every per-pixel classifier head shares: logits upsampled to a size, and mmseg's loss
+    (with median-frequency class weights when `class_balance` says so)."""
 
     supports_queries = False
+    class_balance: str = "none"
 
     def semantic_logits(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return F.interpolate(outputs, size=tuple(size), mode="bilinear", align_corners=False)
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        # As mmseg: logits resized to the label size, then CE averaged over non-ignored pixels.
+        # As mmseg: logits resized to the label size, then CE averaged over non-ignored pixels (weighted
+        # by their classes' weights when balanced: the mean divides by the sum of the pixels' weights).
         logits = self.semantic_logits(outputs, labels.shape[-2:])
-        if (labels != IGNORE_INDEX).any():
-            ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
-        else:  # an all-ignore batch: zero loss that still touches the graph
+        if not (labels != IGNORE_INDEX).any():  # an all-ignore batch: zero loss that still touches the graph
             ce = logits.sum() * 0.0
+        elif self.class_balance == "median_frequency":
+            weights = median_frequency_weights(labels, logits.shape[1])
+            ce = F.cross_entropy(logits.float(), labels.long(), weight=weights, ignore_index=IGNORE_INDEX)
+        else:
+            ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
         return {"loss": ce, "loss_ce": ce.detach()}
 
 
@@ -61,10 +100,11 @@ class LightHead(PerPixelHead):
     """FPN over the pyramid from `finest_level` on; logits at that level, cross-entropy with ignore 255."""
 
     def __init__(self, in_channels: int | list[int], num_classes: int, channels: int = 64, dropout: float = 0.1,
-                 finest_level: int = 0):
+                 finest_level: int = 0, class_balance: str = "none"):
         super().__init__()
         ins = pyramid_channels(in_channels, "LightHead")[finest_level_checked(finest_level) :]
         self.finest_level = finest_level
+        self.class_balance = class_balance_checked(class_balance)
         self.num_classes = num_classes
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in ins)
         self.smooth = nn.ModuleList(

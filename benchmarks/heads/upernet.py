@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.heads.light import PerPixelHead, finest_level_checked, group_norm, pyramid_channels
+from benchmarks.heads.light import (
+    PerPixelHead,
+    class_balance_checked,
+    finest_level_checked,
+    group_norm,
+    pyramid_channels,
+)
 
 # smp reads encoder levels from index 2 on (stride 4); the pyramid fills those slots.
 _SKIPPED_LEVELS = 2
@@ -32,7 +38,7 @@ class UPerNetHead(PerPixelHead):
     """smp's UPerNet decoder over the pyramid from `finest_level` on; logits at that level."""
 
     def __init__(self, in_channels: int | list[int], num_classes: int, channels: int = 128, dropout: float = 0.1,
-                 norm: str = "groupnorm", finest_level: int = 0):
+                 norm: str = "groupnorm", finest_level: int = 0, class_balance: str = "none"):
         """`norm`: "groupnorm" (default) or "batchnorm" (UPerNet's own). GroupNorm because the 1×1-pooled
         PSP branch cannot be batch-normalised at a micro-batch of one, which CPU runs and per-GPU batches
         of data-parallel runs reach (and smp's "layernorm" normalises the wrong axis of a conv map)."""
@@ -41,6 +47,7 @@ class UPerNetHead(PerPixelHead):
         super().__init__()
         ins = pyramid_channels(in_channels, "UPerNetHead")[finest_level_checked(finest_level) :]
         self.finest_level = finest_level
+        self.class_balance = class_balance_checked(class_balance)
         self.num_classes = num_classes
         if norm not in NORMS:
             raise ValueError(f"UPerNetHead norm must be one of {', '.join(NORMS)}, got {norm!r}")
