@@ -77,7 +77,10 @@ class PerPixelHead(nn.Module):
     (with median-frequency class weights when `class_balance` says so)."""
 
     supports_queries = False
-    class_balance: str = "none"
+
+    def __init__(self, class_balance: str = "none"):
+        super().__init__()
+        self.class_balance = class_balance_checked(class_balance)
 
     def semantic_logits(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return F.interpolate(outputs, size=tuple(size), mode="bilinear", align_corners=False)
@@ -101,10 +104,9 @@ class LightHead(PerPixelHead):
 
     def __init__(self, in_channels: int | list[int], num_classes: int, channels: int = 64, dropout: float = 0.1,
                  finest_level: int = 0, class_balance: str = "none"):
-        super().__init__()
+        super().__init__(class_balance)
         ins = pyramid_channels(in_channels, "LightHead")[finest_level_checked(finest_level) :]
         self.finest_level = finest_level
-        self.class_balance = class_balance_checked(class_balance)
         self.num_classes = num_classes
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in ins)
         self.smooth = nn.ModuleList(
