@@ -78,8 +78,13 @@ class PerPixelHead(nn.Module):
 
     supports_queries = False
 
-    def __init__(self, class_balance: str = "none"):
+    def __init__(self, in_channels: int | list[int], num_classes: int, finest_level: int = 0, class_balance: str = "none"):
+        """Checks the settings every per-pixel head has; `level_channels` are the channels of the pyramid
+        levels the head decodes (from `finest_level` on)."""
         super().__init__()
+        self.level_channels = pyramid_channels(in_channels, type(self).__name__)[finest_level_checked(finest_level) :]
+        self.finest_level = finest_level
+        self.num_classes = num_classes
         self.class_balance = class_balance_checked(class_balance)
 
     def semantic_logits(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -104,10 +109,8 @@ class LightHead(PerPixelHead):
 
     def __init__(self, in_channels: int | list[int], num_classes: int, channels: int = 64, dropout: float = 0.1,
                  finest_level: int = 0, class_balance: str = "none"):
-        super().__init__(class_balance)
-        ins = pyramid_channels(in_channels, "LightHead")[finest_level_checked(finest_level) :]
-        self.finest_level = finest_level
-        self.num_classes = num_classes
+        super().__init__(in_channels, num_classes, finest_level, class_balance)
+        ins = self.level_channels
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in ins)
         self.smooth = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), group_norm(channels), nn.ReLU(inplace=True))

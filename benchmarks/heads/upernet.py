@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.heads.light import PerPixelHead, finest_level_checked, group_norm, pyramid_channels
+from benchmarks.heads.light import PerPixelHead, group_norm
 
 # smp reads encoder levels from index 2 on (stride 4); the pyramid fills those slots.
 _SKIPPED_LEVELS = 2
@@ -38,10 +38,8 @@ class UPerNetHead(PerPixelHead):
         of data-parallel runs reach (and smp's "layernorm" normalises the wrong axis of a conv map)."""
         from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 
-        super().__init__(class_balance)
-        ins = pyramid_channels(in_channels, "UPerNetHead")[finest_level_checked(finest_level) :]
-        self.finest_level = finest_level
-        self.num_classes = num_classes
+        super().__init__(in_channels, num_classes, finest_level, class_balance)
+        ins = self.level_channels
         if norm not in NORMS:
             raise ValueError(f"UPerNetHead norm must be one of {', '.join(NORMS)}, got {norm!r}")
         self.decoder = UPerNetDecoder(
