@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 PRETRAIN_SEED_BASE = 1_000_000_007
 GROUND_TRAIN_IDS = (0, 1, 9)  # road, sidewalk, terrain: supporting surfaces
 SKY_TRAIN_ID = 10
+_NO_REGION = 65535  # region id of ignored pixels
+_REGION_KEY = 65536  # crop i's region r is key i·65536 + r when a batch's regions are counted together
 GEOMETRY_CLASSES = ("ground", "vertical", "sky")
 
 
@@ -286,15 +288,21 @@ class RegionContrast(nn.Module):
 
 def region_weights(regions: torch.Tensor, patch: int, per_image: int, rng: np.random.Generator) -> torch.Tensor:
     """[B, K, h·w]: for up to `per_image` regions drawn from each crop (those covering at least half
-    a token), the share of every token's pixels that lie in the region; rows of absent regions are 0."""
-    b, height, width = regions.shape
-    weights = torch.zeros(b, per_image, height, width)
+    a token), the share of every token's pixels that lie in the region; rows of absent regions are 0.
+    Counted for the whole batch at once on the regions' device; only the draw is per crop (on `rng`)."""
+    b = regions.shape[0]
+    keys = regions.long() + torch.arange(b, device=regions.device).view(b, 1, 1) * _REGION_KEY
+    ids, counts = torch.unique(keys, return_counts=True)  # sorted: crop by crop, each crop's ids ascending
+    big_enough = (ids % _REGION_KEY != _NO_REGION) & (counts >= patch * patch // 2)
+    kept = ids[big_enough].cpu().numpy()
+    bounds = np.searchsorted(kept // _REGION_KEY, np.arange(b + 1))
+    drawn = np.full((b, per_image), -1, dtype=np.int64)  # -1 matches no pixel: an absent region's row stays 0
     for i in range(b):
-        ids, counts = torch.unique(regions[i], return_counts=True)
-        keep = ids[(ids != 65535) & (counts >= patch * patch // 2)].numpy()
-        drawn = rng.choice(keep, size=min(per_image, len(keep)), replace=False)
-        for k, region in enumerate(drawn):
-            weights[i, k] = (regions[i] == int(region)).float()
+        candidates = kept[bounds[i] : bounds[i + 1]] % _REGION_KEY
+        chosen = rng.choice(candidates, size=min(per_image, len(candidates)), replace=False)
+        drawn[i, : len(chosen)] = chosen
+    drawn_t = torch.from_numpy(drawn).to(regions.device)
+    weights = (regions.long()[:, None] == drawn_t[:, :, None, None]).float()
     return F.avg_pool2d(weights, patch).flatten(2)
 
 
@@ -309,9 +317,24 @@ _MEAN = torch.tensor((123.675, 116.28, 103.53)).view(1, 3, 1, 1)
 _STD = torch.tensor((58.395, 57.12, 57.375)).view(1, 3, 1, 1)
 
 
+def pool_on(pool: ScenePool, device: str | torch.device) -> ScenePool:
+    """The pool as tensors on `device`, so that each batch is cut out where it is trained on."""
+    def moved(column: np.ndarray | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        if column is None:
+            return None
+        tensor = torch.from_numpy(column)
+        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    return ScenePool(moved(pool.images), moved(pool.geometry), moved(pool.depth),
+                     moved(pool.regions.astype(np.int32)) if pool.regions is not None else None)
+
+
 def _batch(pool: ScenePool, rng: np.random.Generator, cfg: PretrainConfig):
-    """(student images, teacher images, geometry, depth, regions or None): one crop and flip, two appearances."""
+    """(student images, teacher images, geometry, depth, regions or None): one crop and flip, two appearances.
+
+    `pool` holds tensors (`pool_on`); the crops are one gather on its device."""
     images, geometry, depth, regions = pool
+    device = images.device
     idx = rng.integers(0, len(images), cfg.batch_size)
     if cfg.views > 1:
         student_view = rng.integers(0, cfg.views, cfg.batch_size)
@@ -322,24 +345,24 @@ def _batch(pool: ScenePool, rng: np.random.Generator, cfg: PretrainConfig):
     top = rng.integers(0, images.shape[2] - crop + 1, cfg.batch_size)
     left = rng.integers(0, images.shape[3] - crop + 1, cfg.batch_size)
     flip = rng.random(cfg.batch_size) < 0.5
-    students, teachers, geos, deps, regs = [], [], [], [], []
-    for i, sv, tv, y, x, f in zip(idx, student_view, teacher_view, top, left, flip, strict=True):
-        rows, cols = slice(y, y + crop), slice(x, x + crop)
-        step = -1 if f else 1
-        students.append(images[i, sv, rows, cols][:, ::step])
-        teachers.append(images[i, tv, rows, cols][:, ::step])
-        geos.append(geometry[i, rows, cols][:, ::step])
-        deps.append(depth[i, rows, cols][:, ::step])
-        if regions is not None:
-            regs.append(regions[i, rows, cols][:, ::step].astype(np.int32))
 
-    def normalised(crops: list[np.ndarray]) -> torch.Tensor:
-        return (torch.from_numpy(np.stack(crops).copy()).permute(0, 3, 1, 2).float() - _MEAN) / _STD
+    def on_device(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(values)).to(device)
 
-    student, teacher = normalised(students), normalised(teachers)
-    geometry_t = torch.from_numpy(np.stack(geos).copy()).unsqueeze(1).float()
-    depth_t = torch.from_numpy(np.stack(deps).astype(np.float32)).unsqueeze(1)
-    regions_t = torch.from_numpy(np.stack(regs)).unsqueeze(1).float() if regs else None
+    offsets = torch.arange(crop, device=device)
+    rows = (on_device(top)[:, None] + offsets)[:, :, None]  # [B, crop, 1]
+    cols = on_device(left)[:, None] + offsets
+    cols = torch.where(on_device(flip)[:, None], cols.flip(1), cols)[:, None, :]  # [B, 1, crop], mirrored where flipped
+    scene = on_device(idx)[:, None, None]
+
+    def normalised(views: np.ndarray) -> torch.Tensor:
+        crops = images[scene, on_device(views)[:, None, None], rows, cols]  # [B, crop, crop, 3]
+        return (crops.permute(0, 3, 1, 2).float() - _MEAN.to(device)) / _STD.to(device)
+
+    student, teacher = normalised(student_view), normalised(teacher_view)
+    geometry_t = geometry[scene, rows, cols].unsqueeze(1).float()
+    depth_t = depth[scene, rows, cols].unsqueeze(1).float()
+    regions_t = regions[scene, rows, cols].unsqueeze(1).float() if regions is not None else None
     if crop != cfg.crop_size:
         size = (cfg.crop_size, cfg.crop_size)
         student = F.interpolate(student, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -375,8 +398,9 @@ def _distillation_target(outputs: list[torch.Tensor], layers: int) -> torch.Tens
 
 @torch.no_grad()
 def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+    teacher_params, student_params = list(teacher.parameters()), [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
 
 def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
@@ -387,7 +411,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
         raise ValueError(f"pretraining needs at least one view of each scene, got views={cfg.views}")
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
-    pool = render_pool(cfg)
+    pool = pool_on(render_pool(cfg), device)
     render_seconds = time.perf_counter() - started
     log.info("rendered %d scenes × %d views in %.0f s", cfg.scenes, cfg.views, render_seconds)
 
@@ -423,7 +447,6 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         image, teacher_image, geometry, depth, regions = _batch(pool, rng, cfg)
-        image, teacher_image, geometry, depth = (t.to(device) for t in (image, teacher_image, geometry, depth))
         masked = torch.rand(image.shape[0], num_patches, device=device).argsort(1) < int(cfg.mask_ratio * num_patches)
 
         x = vit.patch_embed(image)  # NHWC: the backbone is built for dynamic input sizes
@@ -444,7 +467,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
             # every patch, masked or not: the student must map its appearance to the other one's features
             distill_loss = F.mse_loss(predicted_target, _distillation_target(teacher_outputs, cfg.target_layers))
         if contrast:
-            weights = region_weights(regions, patch, cfg.regions_per_image, region_rng).to(device)
+            weights = region_weights(regions, patch, cfg.regions_per_image, region_rng)
             contrast_loss = region_heads.loss(pool_regions(x, weights), pool_regions(teacher_outputs[-1], weights),
                                               teacher_projector)
         w = cfg.loss_weights

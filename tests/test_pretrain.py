@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -17,7 +18,9 @@ from benchmarks.pretrain import (
     APPEARANCE_FIELDS,
     PROXY_RECIPE,
     PretrainConfig,
+    _batch,
     class_agnostic_regions,
+    pool_on,
     pool_regions,
     pretrain,
     pretrain_recipe,
@@ -152,6 +155,38 @@ def test_region_weights_are_token_shares_of_the_regions_big_enough() -> None:
     assert pooled.shape == (2, 2)
     expected = (weights[0, :2] @ tokens[0]) / weights[0, :2].sum(1, keepdim=True)
     assert torch.allclose(pooled, expected[weights[0, :2].sum(1) > 0])
+
+
+def test_a_batch_is_each_drawn_scene_cropped_flipped_and_resized() -> None:
+    cfg = dataclasses.replace(TINY, scenes=3, batch_size=6, crop_size=48, region_contrast=1.0)
+    pool = render_pool(cfg)
+    student, teacher, geometry, depth, regions = _batch(pool_on(pool, "cpu"), np.random.default_rng(7), cfg)
+    # the same draws, in the order _batch takes them, crop by crop with numpy
+    rng = np.random.default_rng(7)
+    idx = rng.integers(0, 3, 6)
+    student_view = rng.integers(0, 2, 6)
+    teacher_view = (student_view + rng.integers(1, 2, 6)) % 2
+    crop = int(rng.integers(48, 65))
+    top, left = rng.integers(0, 64 - crop + 1, 6), rng.integers(0, 96 - crop + 1, 6)
+    flip = rng.random(6) < 0.5
+    mean, std = torch.tensor((123.675, 116.28, 103.53)).view(3, 1, 1), torch.tensor((58.395, 57.12, 57.375)).view(3, 1, 1)
+
+    def cut(array: np.ndarray, i: int) -> torch.Tensor:
+        piece = array[top[i] : top[i] + crop, left[i] : left[i] + crop]
+        return torch.from_numpy(np.ascontiguousarray(piece[:, ::-1] if flip[i] else piece))
+
+    def resized(x: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "nearest":
+            return F.interpolate(x[None, None].float(), size=(48, 48), mode="nearest")[0, 0]
+        return F.interpolate(x[None], size=(48, 48), mode="bilinear", align_corners=False, antialias=True)[0]
+
+    for i in range(6):
+        for view, batch in ((student_view[i], student), (teacher_view[i], teacher)):
+            image = (cut(pool.images[idx[i], view], i).permute(2, 0, 1).float() - mean) / std
+            assert torch.allclose(batch[i], resized(image, "bilinear"), atol=1e-5)
+        assert torch.equal(geometry[i], resized(cut(pool.geometry[idx[i]], i), "nearest").long())
+        assert torch.equal(depth[i], resized(cut(pool.depth[idx[i]].astype(np.float32), i), "nearest"))
+        assert torch.equal(regions[i], resized(cut(pool.regions[idx[i]].astype(np.int32), i), "nearest").long())
 
 
 def test_region_contrast_is_off_by_default_and_reported_when_on(tmp_path) -> None:
