@@ -155,6 +155,12 @@ PROXY_RECIPE: tuple[PretrainConfig, ...] = (
 )
 
 
+def another_round(recipe: tuple[PretrainConfig, ...] = PROXY_RECIPE) -> PretrainConfig:
+    """The stage after `recipe`: its last stage once more, continued from that stage's output on scenes
+    no stage has seen (how stages 4-7 were added); `pretrain --stage N+1` runs it."""
+    return dataclasses.replace(recipe[-1], seed=max(stage.seed for stage in recipe) + 1, init=f"stage{len(recipe)}")
+
+
 def scene_views(seed: int, views: int, height: int, width: int, zoom: float = 1.0):
     """One layout in `views` appearances: images [V,H,W,3] uint8, world labels [H,W], depth [H,W].
 

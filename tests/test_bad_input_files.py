@@ -163,6 +163,22 @@ def test_pretrain_runs_one_stage_from_the_checkpoint_given(tmp_path, capsys, pre
     assert [(stage.init, stage.steps) for stage in stages] == [(str(start), 3)]
 
 
+def test_pretrain_one_stage_past_the_recipe_is_another_round_of_its_last(tmp_path, capsys, pretraining_calls):
+    from benchmarks.pretrain import PROXY_RECIPE
+
+    start = tmp_path / "shipped.safetensors"
+    start.write_bytes(b"weights")
+    after = str(len(PROXY_RECIPE) + 1)
+    code, _, err = _cli(["pretrain", "--stage", after, "--out", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 2 and "--init" in _error_line(err) and pretraining_calls == []
+    code, _, err = _cli(["pretrain", "--stage", after, "--init", str(start), "--out", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 0, err
+    [([stage], _, first_stage)] = pretraining_calls
+    assert first_stage == len(PROXY_RECIPE) + 1 and stage.init == str(start)
+    assert stage.seed not in {s.seed for s in PROXY_RECIPE}  # new scenes
+    assert dataclasses.replace(stage, seed=PROXY_RECIPE[-1].seed, init=PROXY_RECIPE[-1].init) == PROXY_RECIPE[-1]
+
+
 def test_pretrain_out_that_is_a_folder_is_refused(tmp_path, capsys, pretraining_calls):
     code, _, err = _cli(["pretrain", "--out", str(tmp_path)], capsys)
     line = _error_line(err)

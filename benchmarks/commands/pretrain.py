@@ -71,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace the checkpoint (and its .json and stage files) if they exist; without "
                              "it an existing file stops the command before anything is rendered")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--stage", type=int, choices=range(1, len(PROXY_RECIPE) + 1),
-                        help="run only this stage of the shipped recipe (default: every stage in turn)")
+    parser.add_argument("--stage", type=int, choices=range(1, len(PROXY_RECIPE) + 2),
+                        help="run only this stage of the shipped recipe (default: every stage in turn); "
+                             f"{len(PROXY_RECIPE) + 1} runs one more round of its last stage on new scenes")
     parser.add_argument("--init", help="checkpoint a single --stage continues from (default: the stage before's output); the "
                              "stages recorded in its .json, when written with it, head the new record")
     for field in dataclasses.fields(PretrainConfig):
@@ -135,12 +136,12 @@ def _refuse_to_overwrite(out: Path, stages: int, first_stage: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.pretrain import PROXY_RECIPE, pretrain_recipe
+    from benchmarks.pretrain import PROXY_RECIPE, another_round, pretrain_recipe
 
     # Only the numeric fields are options of their own (`--init` is the stage's starting checkpoint, below).
     overrides = {name: getattr(args, name) for name in OPTION_BOUNDS if getattr(args, name, None) is not None}
     _check_overrides(overrides)
-    stages = [dataclasses.replace(stage, **overrides) for stage in PROXY_RECIPE]
+    stages = [dataclasses.replace(stage, **overrides) for stage in (*PROXY_RECIPE, another_round())]
     first = 0
     if args.stage:
         first = args.stage - 1
@@ -151,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         stages = [dataclasses.replace(stages[first], init=args.init or "")]
     elif args.init:
         raise UserError("--init goes with --stage (the full recipe starts from random initialisation)")
+    else:
+        stages = stages[: len(PROXY_RECIPE)]
     for stage in stages:
         _check_stage(stage)
     require_writable_file(args.out, "--out", SHIPPED.name)
