@@ -325,14 +325,12 @@ _STD = torch.tensor((58.395, 57.12, 57.375)).view(1, 3, 1, 1)
 
 def pool_on(pool: ScenePool, device: str | torch.device) -> ScenePool:
     """The pool as tensors on `device`, so that each batch is cut out where it is trained on."""
-    def moved(column: np.ndarray | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-        if column is None:
-            return None
-        tensor = torch.from_numpy(column)
-        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+    def moved(column: np.ndarray | None) -> torch.Tensor | None:
+        return None if column is None else torch.from_numpy(column).to(device)
 
-    return ScenePool(moved(pool.images), moved(pool.geometry), moved(pool.depth),
-                     moved(pool.regions.astype(np.int32)) if pool.regions is not None else None)
+    # int32: few torch operations take uint16 tensors
+    regions = pool.regions.astype(np.int32) if pool.regions is not None else None
+    return ScenePool(moved(pool.images), moved(pool.geometry), moved(pool.depth), moved(regions))
 
 
 def _batch(pool: ScenePool, rng: np.random.Generator, cfg: PretrainConfig):
