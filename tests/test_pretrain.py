@@ -58,7 +58,7 @@ def test_appearance_fields_are_style_fields_and_leave_the_camera_and_layout_alon
 
 
 def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
-    first, second, third, *further_rounds = PROXY_RECIPE
+    first, second, third, *further_rounds, full_size_round = PROXY_RECIPE
     assert first.views == 1 and first.loss_weights[3] == 0 and not first.init
     assert second.views == 2 and second.loss_weights[3] > 0 and second.init == "stage1"
     assert third.views == 2 and third.loss_weights[3] > 0 and third.init == "stage2"
@@ -66,6 +66,11 @@ def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
     for stage, later in enumerate(further_rounds, start=4):  # each a round of stage 3 from the one before
         assert later.init == f"stage{stage - 1}"
         assert dataclasses.replace(later, seed=third.seed, init=third.init) == third
+    # the last: that round at the fine-tuning crop (128 px), objects at the benchmark's scale, half the steps
+    assert full_size_round.init == f"stage{len(PROXY_RECIPE) - 1}"
+    changed = {f.name for f in dataclasses.fields(PretrainConfig) if getattr(full_size_round, f.name) != getattr(third, f.name)}
+    assert changed == {"init", "seed", "crop_size", "source_crop", "scene_height", "scene_width", "steps"}
+    assert full_size_round.crop_size == 128 and full_size_round.steps == third.steps // 2
     assert first.region_contrast == second.region_contrast == 0 < third.region_contrast
     assert len({stage.seed for stage in PROXY_RECIPE}) == len(PROXY_RECIPE)  # new scenes for every stage
 
