@@ -365,10 +365,11 @@ def _batch(pool: ScenePool, rng: np.random.Generator, cfg: PretrainConfig):
     cols = on_device(left)[:, None] + offsets
     cols = torch.where(on_device(flip)[:, None], cols.flip(1), cols)[:, None, :]  # [B, 1, crop], mirrored where flipped
     scene = on_device(idx)[:, None, None]
+    mean, std = _MEAN.to(device), _STD.to(device)  # once a batch, not once a view
 
     def normalised(views: np.ndarray) -> torch.Tensor:
         crops = images[scene, on_device(views)[:, None, None], rows, cols]  # [B, crop, crop, 3]
-        return (crops.permute(0, 3, 1, 2).float() - _MEAN.to(device)) / _STD.to(device)
+        return (crops.permute(0, 3, 1, 2).float() - mean) / std
 
     student, teacher = normalised(student_view), normalised(teacher_view)
     geometry_t = geometry[scene, rows, cols].unsqueeze(1).float()
