@@ -194,6 +194,29 @@ def test_weights_split_a_protocol_by_file_not_by_folder():
     assert "model.weights=[proxy_vit=random]" in " ".join(t.title for t in tables)
 
 
+def test_weights_split_a_protocol_by_content_where_the_run_recorded_it():
+    """The default checkpoint and the same file passed as model.weights (any name, any folder) are one
+    protocol once the results record what they loaded; a file of other content, or random
+    initialisation, is another, even under the default's file name."""
+    def result(seed, weights, sha256, average):
+        res = make_result("full", seed, cbm(average, 30, 20),
+                          experiment={"train": {"iters": 300}, "model": {"backbone": "proxy_vit", "weights": weights}})
+        res["provenance"] = {"weights": {"backbone": "proxy_vit", "file": "/somewhere/x.safetensors" if sha256 else None,
+                                         "sha256": sha256, "bytes": 1}}
+        return res
+
+    default = result(42, [], "ab" * 32, 40)
+    explicit = result(43, ["proxy_vit=/tmp/copy/v9.safetensors"], "ab" * 32, 42)
+    other = result(44, ["proxy_vit=/tmp/proxy_vit.safetensors"], "cd" * 32, 10)
+    random_init = result(45, ["proxy_vit=random"], None, 5)
+    tables = main_tables([default, explicit, other, random_init])
+    assert len(tables) == 3
+    rows = {t.title.split(" · ")[4].split(" (config")[0]: t.rows[0][2].plain() for t in tables}
+    assert rows == {"model.weights=[proxy_vit=sha256:abababababab]": "41.0 ± 1.4",
+                    "model.weights=[proxy_vit=sha256:cdcdcdcdcdcd]": "10.0",
+                    "model.weights=[proxy_vit=random]": "5.0"}
+
+
 def test_setting_filter_and_other_settings_have_their_own_targets():
     runs = [make_result("rein", 1, cbm(40, 30, 20)),
             make_result("rein", 1, {"bdd100k": 50.0, "mapillary": 60.0}, setting="C->BM")]

@@ -94,21 +94,27 @@ class Protocol:
         return "".join(c if c.isalnum() or c in "-_" else "_" for c in raw.replace("->", "2"))
 
 
-def protocol_fingerprint(experiment: dict[str, Any] | None) -> str:
-    """Short hash of the experiment without the settings in NON_PROTOCOL_KEYS ("" when unknown)."""
+def protocol_fingerprint(experiment: dict[str, Any] | None, loaded: dict[str, Any] | None = None) -> str:
+    """Short hash of the experiment without the settings in NON_PROTOCOL_KEYS ("" when unknown);
+    `loaded` is the provenance record of the weights the run loaded, when the result has one."""
     if not experiment:
         return ""
-    return hashlib.sha256(json.dumps(protocol_settings(experiment), sort_keys=True).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(protocol_settings(experiment, loaded), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def protocol_settings(experiment: dict[str, Any]) -> dict[str, Any]:
+def protocol_settings(experiment: dict[str, Any], loaded: dict[str, Any] | None = None) -> dict[str, Any]:
     """The experiment as the fingerprint sees it: settings that cannot change the numbers removed,
-    checkpoints named by file."""
+    checkpoints named by content where the run recorded what it loaded, else by file name."""
     payload = json.loads(json.dumps(experiment, default=str))
     model = payload.get("model")
-    if isinstance(model, dict) and model.get("weights"):
-        # Which checkpoint, not where it lies: the same file in another folder (or on another machine)
-        # is the same protocol; random initialisation or another file is not.
+    if isinstance(model, dict) and loaded and "sha256" in loaded:
+        # Which checkpoint, not how it was named: the backbone's default file and the same file
+        # passed as model.weights (from any folder) are one protocol; another file or random
+        # initialisation is not.
+        model["weights"] = [f"{loaded.get('backbone')}={_content_name(loaded.get('sha256'))}"]
+    elif isinstance(model, dict) and model.get("weights"):
+        # A result from before provenance existed: the same file in another folder (or on another
+        # machine) is the same protocol.
         model["weights"] = sorted(_weights_identity(str(entry)) for entry in model["weights"])
     for path in NON_PROTOCOL_KEYS:
         node = payload
@@ -129,9 +135,11 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _variant_labels(experiments: dict[str, dict[str, Any]], most: int = 3) -> dict[str, str]:
-    """fingerprint → "key=value, ..." over the settings in which these configurations differ."""
-    flat = {fp: _flatten(protocol_settings(exp)) for fp, exp in experiments.items()}
+def _variant_labels(results: dict[str, dict[str, Any]], most: int = 3) -> dict[str, str]:
+    """fingerprint → "key=value, ..." over the settings in which these configurations differ
+    (`results`: one result of each configuration)."""
+    flat = {fp: _flatten(protocol_settings(res.get("experiment") or {}, _loaded_weights(res)))
+            for fp, res in results.items()}
     keys = sorted({k for f in flat.values() for k in f})
     differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
 
@@ -155,13 +163,23 @@ def _weights_identity(entry: str) -> str:
     return f"{name}={PurePath(path).name or path}"
 
 
+def _content_name(sha256: str | None) -> str:
+    return f"sha256:{sha256[:12]}" if sha256 else "random"
+
+
+def _loaded_weights(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The provenance record of the weights a run loaded (None for a result written before provenance)."""
+    record = result.get("provenance")
+    return record.get("weights") if isinstance(record, dict) and isinstance(record.get("weights"), dict) else None
+
+
 def protocol_of(result: dict[str, Any]) -> Protocol:
     return Protocol(
         preset=str(result.get("preset") or "?"),
         setting=str(result.get("setting") or "?"),
         backbone=str(result.get("backbone") or "?"),
         head=str(result.get("head") or "?"),
-        fingerprint=protocol_fingerprint(result.get("experiment")),
+        fingerprint=protocol_fingerprint(result.get("experiment"), _loaded_weights(result)),
     )
 
 
@@ -194,9 +212,8 @@ def group_results(results: Iterable[dict[str, Any]]) -> dict[Protocol, list[dict
     labels: dict[str, str] = {}
     for base, prints in fingerprints.items():
         if len(prints) > 1:
-            experiments = {p.fingerprint: members[0].get("experiment") or {}
-                           for p, members in by_exact.items() if p.base == base}
-            labels.update(_variant_labels(experiments))
+            labels.update(_variant_labels({p.fingerprint: members[0]
+                                           for p, members in by_exact.items() if p.base == base}))
     grouped: dict[Protocol, list[dict[str, Any]]] = {}
     for proto, members in by_exact.items():
         if len(fingerprints[proto.base]) == 1:
