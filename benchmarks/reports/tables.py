@@ -164,6 +164,8 @@ def _weights_identity(entry: str) -> str:
 
 
 def _content_name(sha256: str | None) -> str:
+    """A checkpoint as a configuration label names it. Not `provenance.short`: a label is a key (no
+    ellipsis), and random initialisation is spelled as `model.weights` spells it, "random"."""
     return f"sha256:{sha256[:12]}" if sha256 else "random"
 
 
