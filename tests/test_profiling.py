@@ -365,20 +365,24 @@ def test_breakdown_auto_follows_the_mfu_threshold():
 
 
 def test_breakdown_on_a_gpu_counts_kernel_time_once_and_against_the_wall():
+    """Kernels once (not again through their operators, nor through the annotated ranges around them)."""
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
 
     from benchmarks.breakdown import summarize_events
 
-    def event(key, device_type, self_device_us, self_cpu_us=0.0, count=2):
+    def event(key, device_type, self_device_us, self_cpu_us=0.0, count=2, annotation=False):
         return SimpleNamespace(key=key, count=count, device_type=device_type, self_cpu_time_total=self_cpu_us,
-                               self_device_time_total=self_device_us)
+                               self_device_time_total=self_device_us, is_user_annotation=annotation)
 
     events = [  # two steps: operators carry their kernels' device time, kernels carry it again
         event("aten::mm", DeviceType.CPU, 600.0, 50.0), event("aten::add", DeviceType.CPU, 200.0, 30.0),
         event("ProfilerStep*", DeviceType.CPU, 0.0, 900.0),
         event("sm90_xmma_gemm_bf16", DeviceType.CUDA, 600.0), event("elementwise_kernel", DeviceType.CUDA, 200.0),
+        # what torch 2.11 on an H200 recorded beside the kernels: the annotated ranges on the GPU's timeline
+        event("ProfilerStep*", DeviceType.CUDA, 3000.0, annotation=True),
+        event("Optimizer.step#AdamW.step", DeviceType.CUDA, 100.0, annotation=True),
     ]
     info = summarize_events(events, on_device=True, wall_s=0.004, steps=2)
     assert info["device_busy_s_per_step"] == pytest.approx(400e-6)  # (600 + 200) µs over 2 steps, counted once
