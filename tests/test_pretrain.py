@@ -58,7 +58,7 @@ def test_appearance_fields_are_style_fields_and_leave_the_camera_and_layout_alon
 
 
 def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
-    first, second, third, *further_rounds, full_size_round = PROXY_RECIPE
+    first, second, third, *further_rounds, full_size_round, gpu_round = PROXY_RECIPE
     assert first.views == 1 and first.loss_weights[3] == 0 and not first.init
     assert second.views == 2 and second.loss_weights[3] > 0 and second.init == "stage1"
     assert third.views == 2 and third.loss_weights[3] > 0 and third.init == "stage2"
@@ -67,10 +67,15 @@ def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
         assert later.init == f"stage{stage - 1}"
         assert dataclasses.replace(later, seed=third.seed, init=third.init) == third
     # the last: that round at the fine-tuning crop (128 px), objects at the benchmark's scale, half the steps
-    assert full_size_round.init == f"stage{len(PROXY_RECIPE) - 1}"
+    assert full_size_round.init == f"stage{len(PROXY_RECIPE) - 2}"
     changed = {f.name for f in dataclasses.fields(PretrainConfig) if getattr(full_size_round, f.name) != getattr(third, f.name)}
     assert changed == {"init", "seed", "crop_size", "source_crop", "scene_height", "scene_width", "steps"}
     assert full_size_round.crop_size == 128 and full_size_round.steps == third.steps // 2
+    # then that round from its end at a GPU's scale: more scenes, 4x the batch, more steps
+    assert gpu_round.init == f"stage{len(PROXY_RECIPE) - 1}"
+    changed = {f.name for f in dataclasses.fields(PretrainConfig) if getattr(gpu_round, f.name) != getattr(full_size_round, f.name)}
+    assert changed == {"init", "seed", "scenes", "batch_size", "steps"}
+    assert gpu_round.batch_size == 4 * full_size_round.batch_size
     assert first.region_contrast == second.region_contrast == 0 < third.region_contrast
     assert len({stage.seed for stage in PROXY_RECIPE}) == len(PROXY_RECIPE)  # new scenes for every stage
 
@@ -82,7 +87,7 @@ def test_the_shipped_checkpoint_records_the_recipe_that_reproduces_it() -> None:
     with safe_open(str(shipped), "pt") as f:
         recorded = json.loads(f.metadata()["dgss_bench"])["recipe"]
     last = json.loads(json.dumps(dataclasses.asdict(PROXY_RECIPE[-1])))  # tuples as the record holds them
-    differing = {k for k in last if k != "init" and recorded[k] != last[k]}
+    differing = {k for k in last if k not in ("init", "workers") and recorded[k] != last[k]}  # workers: the machine's
     assert not differing
     stages = json.loads(shipped.with_suffix(".json").read_text())["stages"]
     assert [s["stage"] for s in stages] == list(range(1, len(PROXY_RECIPE) + 1))
@@ -103,6 +108,16 @@ def test_a_tiny_pretraining_writes_a_loadable_checkpoint_with_its_recipe(tmp_pat
     assert all(t.dtype == torch.float16 for t in load_file(str(out)).values())
     backbone = build_backbone("proxy_vit", img_size=128, weights=out)
     assert torch.equal(backbone.vit.pos_embed.half(), load_file(str(out))["pos_embed"])
+
+
+def test_the_record_names_the_machine_it_trained_on(monkeypatch) -> None:
+    from benchmarks import pretrain as pretraining
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert pretraining._machine("cpu") == "cpu (2 threads)"
+    assert pretraining._machine("cuda") == "cuda (NVIDIA H200)"
+    assert pretraining._machine("cuda:1") == "cuda:1 (NVIDIA H200)"
 
 
 def test_init_continues_from_a_checkpoint(tmp_path) -> None:
