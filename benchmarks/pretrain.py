@@ -513,6 +513,9 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
                       "depth": depth_loss.item(), "cross_style": distill_loss.item()}
             if contrast:
                 record["regions"] = contrast_loss.item()
+            # Seconds since training began, after `.item()` waited for the device: a rate read off two records
+            # leaves out the first steps' warm-up (tools/gpu-proxy sizes a round so).
+            record["seconds"] = round(time.perf_counter() - train_started, 2)
             history.append(record)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "step"})
     train_seconds = time.perf_counter() - train_started

@@ -108,6 +108,8 @@ def test_a_tiny_pretraining_writes_a_loadable_checkpoint_with_its_recipe(tmp_pat
     assert report["final"]["cross_style"] > 0 and "cross-style" in report["objectives"]
     history = json.loads(out.with_suffix(".json").read_text())["history"]
     assert [h["step"] for h in history] == [0, 1]
+    # each logged step says when it finished, so a rate can be read without the warm-up (tools/gpu-proxy)
+    assert 0 <= history[0]["seconds"] <= history[1]["seconds"] <= report["train_seconds"] + 0.05
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["dgss_bench"])["recipe"]["views"] == 2
     assert all(t.dtype == torch.float16 for t in load_file(str(out)).values())
