@@ -128,11 +128,12 @@ def _ddp_and_single(world: Path, tmp_path: Path, method: str, ddp_sets: list[str
     return json.loads(ddp_file.read_text()), json.loads(single_file.read_text())
 
 
-def _assert_same_training_and_scores(a: dict, b: dict, score_tolerance: float = 1e-3, per_class: bool = True) -> None:
+def _assert_same_training_and_scores(a: dict, b: dict, score_tolerance: float = 1e-3, per_class: bool = True,
+                                     loss_tolerance: float = 1e-5) -> None:
     assert a["batch"]["world_size"] == 2 and a["batch"]["effective"] == b["batch"]["effective"] == 2
     assert [h["iter"] for h in a["history"]] == [h["iter"] for h in b["history"]] == [1, 2, 3]
     for x, y in zip(a["history"], b["history"], strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["loss"] == pytest.approx(y["loss"], rel=loss_tolerance), f"iteration {x['iter']}"
     assert a["history"][0]["loss"] != a["history"][-1]["loss"]  # it trained
     for target, scores in b["targets"].items():
         assert a["targets"][target]["num_images"] == scores["num_images"] == 3  # each image scored once
@@ -170,8 +171,9 @@ def test_fishertune_phases_under_ddp_train_like_one_process(world, tmp_path):
                            [*phases, "methods.fishertune.estimation_batches=2"])
     # The differing selections tune a few different entries for the last step: on proxy ViT v5 that
     # moved one target's mIoU by 0.012 points (3 images) and flipped a rare class between 0 and 0.2 IoU,
-    # where the losses still agree to 1e-5; the per-class comparison stays with `full`'s test.
-    _assert_same_training_and_scores(a, b, score_tolerance=0.05, per_class=False)
+    # where the losses still agreed to 1e-5; on v11 the loss after that step (iteration 3) differs by 1.4e-5
+    # relative, so the losses are held to 1e-4. The per-class comparison stays with `full`'s test.
+    _assert_same_training_and_scores(a, b, score_tolerance=0.05, per_class=False, loss_tolerance=1e-4)
     assert a["diagnostics"]["warmup_iters"] == b["diagnostics"]["warmup_iters"] == 1
     assert a["diagnostics"]["estimation_batches"] == 1 and b["diagnostics"]["estimation_batches"] == 2
     assert a["diagnostics"]["selected_budget"] == b["diagnostics"]["selected_budget"] > 0

@@ -66,7 +66,7 @@ def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
     for stage, later in enumerate(further_rounds, start=4):  # each a round of stage 3 from the one before
         assert later.init == f"stage{stage - 1}"
         assert dataclasses.replace(later, seed=third.seed, init=third.init) == third
-    # the last: that round at the fine-tuning crop (128 px), objects at the benchmark's scale, half the steps
+    # stage 8: that round at the fine-tuning crop (128 px), objects at the benchmark's scale, half the steps
     assert full_size_round.init == f"stage{len(PROXY_RECIPE) - 3}"
     changed = {f.name for f in dataclasses.fields(PretrainConfig) if getattr(full_size_round, f.name) != getattr(third, f.name)}
     assert changed == {"init", "seed", "crop_size", "source_crop", "scene_height", "scene_width", "steps"}
