@@ -130,6 +130,12 @@ def _round_after(stage: int, seed: int) -> PretrainConfig:
     return dataclasses.replace(REGION_CONTRAST_ROUND, seed=seed, init=f"stage{stage}")
 
 
+# Stages 8 and 9 (described in the recipe below), named so that the rounds after them say only what they change.
+_FULL_SIZE_ROUND = dataclasses.replace(_round_after(7, seed=7), scene_height=192, scene_width=336,
+                                       source_crop=(96, 192), crop_size=128, steps=1500)
+_GPU_ROUND = dataclasses.replace(_FULL_SIZE_ROUND, seed=8, init="stage8", scenes=8000, batch_size=128, steps=2000)
+
+
 # How the shipped checkpoint was made: stage 1 from random initialisation without the cross-style
 # objective (the first release), stage 2 continued from it with the cross-style objective on, stage 3
 # continued from stage 2 with the region contrast added, stages 4-7 that round again, stage 8 that round at
@@ -158,20 +164,17 @@ PROXY_RECIPE: tuple[PretrainConfig, ...] = (
     # 64 tokens; this round trains at 128 pixels (256 tokens), on crops of 96-192 pixels of larger scenes
     # so that objects keep the benchmark's scale (2/3-4/3x), for half the steps (each costs ~4x on a CPU).
     # It lifted freeze's targets by 0.4 and lora's by 0.7, the linear probe by 0.7; full's source fell 0.8 (P11).
-    dataclasses.replace(_round_after(7, seed=7), scene_height=192, scene_width=336, source_crop=(96, 192),
-                        crop_size=128, steps=1500),
+    _FULL_SIZE_ROUND,
     # Stage 9 (P14): stage 8's round again at a GPU's scale (an H200, 2026-12-04, 101 s of training):
     # 8,000 new scenes and batches of 128 for 2,000 steps, 5.3x stage 8's crops. Two 700-step rounds
     # at batch 32 on the CPU had lowered every baseline (P12, P13); this one lifted freeze's and
     # lora's targets by 0.6 over 3 seeds (full's fell 0.4), the linear probe by 0.4.
-    dataclasses.replace(_round_after(8, seed=8), scene_height=192, scene_width=336, source_crop=(96, 192),
-                        crop_size=128, scenes=8000, batch_size=128, steps=2000),
+    _GPU_ROUND,
     # Stage 10 (P15): stage 9's round again on a GPU (an H200, 2026-12-04, 236 s of training), twice its
     # scenes and 2.3x its steps (the steps sized by a probe to a 300-s budget): 589,000 crops. It lowered
     # the loss to 1.00 (stage 9: 1.29), lifted the linear probe by 2.2 and freeze's and lora's targets by
     # 1.1 and 1.6 over 3 seeds (full's by 1.5), the held-out source by 0.9-1.2.
-    dataclasses.replace(_round_after(9, seed=9), scene_height=192, scene_width=336, source_crop=(96, 192),
-                        crop_size=128, scenes=16000, batch_size=128, steps=4600),
+    dataclasses.replace(_GPU_ROUND, seed=9, init="stage9", scenes=16000, steps=4600),
 )
 
 
