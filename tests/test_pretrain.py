@@ -58,7 +58,10 @@ def test_appearance_fields_are_style_fields_and_leave_the_camera_and_layout_alon
 
 
 def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
-    first, second, third, *further_rounds, full_size_round, gpu_round, longer_gpu_round = PROXY_RECIPE
+    first, second, third = PROXY_RECIPE[:3]
+    full_size_at = next(index for index, stage in enumerate(PROXY_RECIPE) if stage.crop_size == 128)
+    further_rounds = PROXY_RECIPE[3:full_size_at]
+    full_size_round, gpu_round, *longer_gpu_rounds = PROXY_RECIPE[full_size_at:]
     assert first.views == 1 and first.loss_weights[3] == 0 and not first.init
     assert second.views == 2 and second.loss_weights[3] > 0 and second.init == "stage1"
     assert third.views == 2 and third.loss_weights[3] > 0 and third.init == "stage2"
@@ -67,20 +70,22 @@ def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
         assert later.init == f"stage{stage - 1}"
         assert dataclasses.replace(later, seed=third.seed, init=third.init) == third
     # stage 8: that round at the fine-tuning crop (128 px), objects at the benchmark's scale, half the steps
-    assert full_size_round.init == f"stage{len(PROXY_RECIPE) - 3}"
+    assert full_size_round.init == f"stage{full_size_at}"
     changed = {f.name for f in dataclasses.fields(PretrainConfig) if getattr(full_size_round, f.name) != getattr(third, f.name)}
     assert changed == {"init", "seed", "crop_size", "source_crop", "scene_height", "scene_width", "steps"}
     assert full_size_round.crop_size == 128 and full_size_round.steps == third.steps // 2
     # then that round from its end at a GPU's scale: more scenes, 4x the batch, more steps
-    assert gpu_round.init == f"stage{len(PROXY_RECIPE) - 2}"
+    assert gpu_round.init == f"stage{full_size_at + 1}"
     changed = {f.name for f in dataclasses.fields(PretrainConfig) if getattr(gpu_round, f.name) != getattr(full_size_round, f.name)}
     assert changed == {"init", "seed", "scenes", "batch_size", "steps"}
     assert gpu_round.batch_size == 4 * full_size_round.batch_size
-    # and once more from its end, longer and on more scenes
-    assert longer_gpu_round.init == f"stage{len(PROXY_RECIPE) - 1}"
-    changed = {f.name for f in dataclasses.fields(PretrainConfig) if getattr(longer_gpu_round, f.name) != getattr(gpu_round, f.name)}
-    assert changed == {"init", "seed", "scenes", "steps"}
-    assert longer_gpu_round.steps > gpu_round.steps and longer_gpu_round.scenes > gpu_round.scenes
+    # and again from each one's end, every time longer and on more scenes
+    assert longer_gpu_rounds
+    for stage, (before, later) in enumerate(zip([gpu_round, *longer_gpu_rounds], longer_gpu_rounds), start=full_size_at + 3):
+        assert later.init == f"stage{stage - 1}"
+        changed = {f.name for f in dataclasses.fields(PretrainConfig) if getattr(later, f.name) != getattr(gpu_round, f.name)}
+        assert changed == {"init", "seed", "scenes", "steps"}
+        assert later.steps > before.steps and later.scenes > before.scenes
     assert first.region_contrast == second.region_contrast == 0 < third.region_contrast
     assert len({stage.seed for stage in PROXY_RECIPE}) == len(PROXY_RECIPE)  # new scenes for every stage
 
