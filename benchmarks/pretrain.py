@@ -177,7 +177,9 @@ PROXY_RECIPE: tuple[PretrainConfig, ...] = (
     dataclasses.replace(_GPU_ROUND, seed=9, init="stage9", scenes=16000, steps=4600),
     # Stage 11 (P16): the round once more on a GPU (an H200, 2026-12-04, 362 s of training), 1.5x stage 10's
     # scenes and steps (sized by a probe to a 360-s budget): 883,000 crops. It lowered the loss to 0.87
-    # (stage 10: 1.00) and lifted freeze's and lora's targets over 3 seeds (docs/results.md, P16).
+    # (stage 10: 1.00), lifted the linear probe by 2.4 and freeze's and lora's targets by 1.1 and 1.6 over
+    # 3 seeds (full's by 1.5), the held-out source by 1.0-2.3; the 18 methods' order moved further from the
+    # papers' (rho over the 8 0.55 -> 0.35; docs/results.md, P16).
     dataclasses.replace(_GPU_ROUND, seed=10, init="stage10", scenes=24000, steps=6900),
 )
 
