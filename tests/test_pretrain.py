@@ -81,7 +81,7 @@ def test_the_shipped_recipe_continues_each_stage_from_the_one_before() -> None:
     assert gpu_round.batch_size == 4 * full_size_round.batch_size
     # and again from each one's end, every time longer and on more scenes
     assert longer_gpu_rounds
-    for stage, (before, later) in enumerate(zip([gpu_round, *longer_gpu_rounds], longer_gpu_rounds), start=full_size_at + 3):
+    for stage, (before, later) in enumerate(zip([gpu_round, *longer_gpu_rounds[:-1]], longer_gpu_rounds, strict=True), start=full_size_at + 3):
         assert later.init == f"stage{stage - 1}"
         changed = {f.name for f in dataclasses.fields(PretrainConfig) if getattr(later, f.name) != getattr(gpu_round, f.name)}
         assert changed == {"init", "seed", "scenes", "steps"}
