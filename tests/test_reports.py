@@ -336,6 +336,23 @@ def test_the_proxy_beside_the_published_vfm_it_stands_in_for():
     assert "dinov2_vitl14" in text and "No published numbers" not in text
 
 
+def test_the_proxy_table_gives_rho_seed_by_seed_as_a_one_seed_run_would_see_it():
+    # published DINOv2-L averages: rein 64.3, lora 62.7, full 61.7, freeze 61.1
+    by_seed = {1: {"rein": 35, "lora": 30, "full": 25, "freeze": 20},    # the papers' order: ρ = 1
+               2: {"lora": 36, "rein": 30, "full": 25, "freeze": 20},    # rein and lora swapped: ρ = 1 − 6·2/60 = 0.8
+               3: {"full": 31, "rein": 30, "lora": 20}}                   # three methods: d² = 1+1+4, ρ = 1 − 36/24
+    runs = [make_result(method, seed, cbm(value, value, value)) for seed, methods in by_seed.items()
+            for method, value in methods.items()]
+    runs.append(make_result("ia3", 1, cbm(50, 50, 50)))  # no published row: in no ρ
+    (table,) = [t for t in published_tables(runs) if "beside the published" in t.title]
+    notes = " ".join(table.notes)
+    assert "ρ of each seed alone: 1.00 (seed 1), 0.80 (seed 2), -0.50 (seed 3, 3 methods)." in notes
+    one_seed = [r for r in runs if r["seed"] == 1]
+    (table,) = [t for t in published_tables(one_seed) if "beside the published" in t.title]
+    assert "Spearman ρ = 1.00 over the 4 methods" in " ".join(table.notes)
+    assert "each seed alone" not in " ".join(table.notes)
+
+
 def with_role(result: dict, role: str) -> dict:
     return dict(result, method=dict(result["method"], role=role))
 

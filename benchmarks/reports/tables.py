@@ -10,8 +10,8 @@ that can change the numbers (see `protocol_fingerprint`); seeds of one protocol 
 - the published numbers (results/published.csv) beside the harness's, with the difference
   (harness − published), for the (setting, backbone, method) triples both have;
 - for a proxy backbone (one that stands in for a VFM the papers use, `PROXY_STANDS_IN_FOR`), the
-  published averages of the VFM it stands in for beside the proxy's, both ranks and Spearman's ρ:
-  how far the proxy's ordering of the methods can be trusted.
+  published averages of the VFM it stands in for beside the proxy's, both ranks and Spearman's ρ (of
+  the seed means, and of each seed alone): how far the proxy's ordering of the methods can be trusted.
 
 Every table renders as Markdown, LaTeX (booktabs) or HTML; CSV output is the tidy numeric frame
 behind the tables (full precision, mean and std in separate columns, one row per method).
@@ -321,6 +321,19 @@ def summary_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
     keys = ["preset", "setting", "backbone", "head", "config"]
     frame = frame.sort_values(keys + ["average"], ascending=[True] * len(keys) + [False], na_position="last")
     return frame.reset_index(drop=True)
+
+
+def seed_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per finished run: the protocol's keys, method, seed and target average (what
+    `summary_frame` aggregates over seeds)."""
+    rows = []
+    for proto, members in group_results(results).items():
+        finished, _ = split_runs(members)
+        for res in finished:
+            rows.append({"preset": proto.preset, "setting": proto.setting, "backbone": proto.backbone,
+                         "head": proto.head, "config": proto.fingerprint, "method": method_name(res),
+                         "seed": res.get("seed"), "average": _average(res)})
+    return pd.DataFrame(rows, columns=["preset", "setting", "backbone", "head", "config", "method", "seed", "average"])
 
 
 def per_class_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -664,7 +677,7 @@ def published_tables(results: Iterable[dict[str, Any]], published: pd.DataFrame 
     if setting is not None:
         summary = summary[summary["setting"] == setting]
     comparison = comparison_frame(summary, published)
-    stand_in = proxy_rank_tables(summary, published)
+    stand_in = proxy_rank_tables(summary, published, seed_frame(results))
     if comparison.empty and not stand_in:
         have = sorted(set(zip(published["setting"], published["backbone"], strict=False)))
         ran = sorted(set(zip(summary["setting"], summary["backbone"], strict=False)))
@@ -708,11 +721,13 @@ def rank_agreement(ours: pd.Series, theirs: pd.Series) -> float:
     return float(ours.rank().corr(theirs.rank()))
 
 
-def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame) -> list[Table]:
+def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame, seeds: pd.DataFrame | None = None) -> list[Table]:
     """For each protocol on a proxy backbone: the published averages of the VFM it stands in for,
-    the proxy's, both ranks (1 = best) and Spearman's ρ over the methods both have."""
+    the proxy's, both ranks (1 = best) and Spearman's ρ over the methods both have; with `seeds`
+    (`seed_frame`) and several seeds, ρ of each seed's runs alone too."""
     tables = []
-    for key, group in summary.groupby(["preset", "setting", "backbone", "head", "config"], sort=True):
+    keys = ["preset", "setting", "backbone", "head", "config"]
+    for key, group in summary.groupby(keys, sort=True):
         reference = PROXY_STANDS_IN_FOR.get(key[2])
         if reference is None:
             continue
@@ -740,11 +755,31 @@ def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame) -> list[Ta
         notes = [f"Spearman ρ = {rho:.2f} over the {len(both)} methods with a published {reference} average "
                  f"({key[1]}); 1 = the proxy orders them as the papers do." if not math.isnan(rho) else
                  f"Too few methods ({len(both)}) with a published {reference} average for a rank correlation."]
+        if seeds is not None and not seeds.empty:
+            runs = seeds[(seeds[keys] == pd.Series(key, index=keys)).all(axis=1)]
+            notes.append(per_seed_rank_note(runs, both[["method", "average_paper"]]))
         notes.append(inverted_u_note(group))
         proto = Protocol(*key)
         tables.append(Table(title=f"{proto.title}: the proxy beside the published {reference}", header=header,
                             rows=rows, align="l" + "r" * (len(header) - 1), notes=[n for n in notes if n]))
     return tables
+
+
+def per_seed_rank_note(runs: pd.DataFrame, papers: pd.DataFrame) -> str:
+    """Spearman's ρ of each seed's runs alone against the published averages: what a one-seed table
+    (the default `run`) would have shown, and so how much of the seed-mean ρ the seeds agree on."""
+    runs = runs.dropna(subset=["average", "seed"]).merge(papers, on="method")
+    if runs["seed"].nunique() < 2:
+        return ""
+    every = papers["method"].nunique()
+    parts = []
+    for seed, members in runs.groupby("seed", sort=True):
+        rho = rank_agreement(members["average"], members["average_paper"])
+        if math.isnan(rho):
+            continue
+        count = "" if len(members) == every else f", {len(members)} methods"
+        parts.append(f"{rho:.2f} (seed {seed}{count})")
+    return f"ρ of each seed alone: {', '.join(parts)}." if len(parts) > 1 else ""
 
 
 def inverted_u_note(group: pd.DataFrame) -> str:
