@@ -47,6 +47,8 @@ PROXY_STANDS_IN_FOR = {"proxy_vit": "dinov2_vitl14"}
 
 TARGET_LABELS = {"cityscapes": "Citys.", "bdd100k": "BDD", "mapillary": "Map.", "acdc": "ACDC"}
 MISSING = "—"
+#: The numeric frames' columns that name a protocol; grouping a frame by them gives `Protocol(*key)`.
+PROTOCOL_COLUMNS = ["preset", "setting", "backbone", "head", "config"]
 
 # Settings that cannot change a run's numbers (where files live, how many loader workers, how often
 # to log) or that are a matrix axis the table already shows (seed, backbone). Two runs whose
@@ -80,6 +82,12 @@ class Protocol:
     @property
     def base(self) -> tuple[str, str, str, str]:
         return (self.preset, self.setting, self.backbone, self.head)
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """The protocol as the numeric frames' leading columns (`PROTOCOL_COLUMNS`)."""
+        return {"preset": self.preset, "setting": self.setting, "backbone": self.backbone, "head": self.head,
+                "config": self.fingerprint}
 
     @property
     def title(self) -> str:
@@ -300,8 +308,7 @@ def summary_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
             params = [(r.get("params") or {}).get("backbone_trainable") for r in runs]
             params = [p for p in params if p is not None]
             row: dict[str, Any] = {
-                "preset": proto.preset, "setting": proto.setting, "backbone": proto.backbone,
-                "head": proto.head, "config": proto.fingerprint, "method": method, "role": method_role(runs[0]),
+                **proto.columns, "method": method, "role": method_role(runs[0]),
                 "seeds": len(runs),
                 # Runs of one configuration from different weight files or data: a row to read apart.
                 "provenances": len({provenance.identity(r.get("provenance")) for r in runs} - {""}),
@@ -318,8 +325,8 @@ def summary_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    keys = ["preset", "setting", "backbone", "head", "config"]
-    frame = frame.sort_values(keys + ["average"], ascending=[True] * len(keys) + [False], na_position="last")
+    frame = frame.sort_values([*PROTOCOL_COLUMNS, "average"], ascending=[True] * len(PROTOCOL_COLUMNS) + [False],
+                              na_position="last")
     return frame.reset_index(drop=True)
 
 
@@ -330,10 +337,8 @@ def seed_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
     for proto, members in group_results(results).items():
         finished, _ = split_runs(members)
         for res in finished:
-            rows.append({"preset": proto.preset, "setting": proto.setting, "backbone": proto.backbone,
-                         "head": proto.head, "config": proto.fingerprint, "method": method_name(res),
-                         "seed": res.get("seed"), "average": _average(res)})
-    return pd.DataFrame(rows, columns=["preset", "setting", "backbone", "head", "config", "method", "seed", "average"])
+            rows.append({**proto.columns, "method": method_name(res), "seed": res.get("seed"), "average": _average(res)})
+    return pd.DataFrame(rows, columns=[*PROTOCOL_COLUMNS, "method", "seed", "average"])
 
 
 def per_class_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -355,8 +360,7 @@ def per_class_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
         for (method, target, cls), values in collected.items():
             mean, std = _mean_std(values)
             rows.append({
-                "preset": proto.preset, "setting": proto.setting, "backbone": proto.backbone,
-                "head": proto.head, "config": proto.fingerprint, "method": method, "target": target,
+                **proto.columns, "method": method, "target": target,
                 "class": cls, "class_index": order[(method, target, cls)], "iou": mean, "iou_std": std,
                 "seeds": len(values),
             })
@@ -387,7 +391,7 @@ def comparison_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataF
     merged = summary.merge(published, on=["setting", "backbone", "method"], how="inner", suffixes=("", "_pub"))
     rows = []
     for _, row in merged.iterrows():
-        out: dict[str, Any] = {k: row[k] for k in ("preset", "setting", "backbone", "head", "config", "method", "seeds")}
+        out: dict[str, Any] = {k: row[k] for k in (*PROTOCOL_COLUMNS, "method", "seeds")}
         metrics = ["trainable_params_m"] + [t for t in TARGET_LABELS if t in summary.columns] + ["average"]
         for metric in metrics:
             ours = row.get(metric, math.nan)
@@ -638,16 +642,16 @@ def per_class_tables(results: Iterable[dict[str, Any]], setting: str | None = No
     frame = per_class_frame(results)
     if frame.empty:
         return tables
-    ranking = summary_frame(results)
-    keys = ["preset", "setting", "backbone", "head", "config"]
-    for key, group in frame.groupby(keys, sort=True):
+    # each protocol's methods, best average first (summary_frame's order)
+    ranked_methods = {key: rows["method"].tolist() for key, rows in summary_frame(results).groupby(PROTOCOL_COLUMNS)}
+    for key, group in frame.groupby(PROTOCOL_COLUMNS, sort=True):
         proto = Protocol(*key)
         if setting is not None and proto.setting != setting:
             continue
+        ranked = ranked_methods.get(key, [])
         for target in targets_of(proto.setting, [{"targets": {t: {}}} for t in group["target"].unique()]):
             sub = group[group["target"] == target]
             classes = sub.sort_values("class_index").drop_duplicates("class")["class"].tolist()
-            ranked = ranking[(ranking[keys] == pd.Series(dict(zip(keys, key, strict=False)))).all(axis=1)]["method"].tolist()
             methods = [m for m in ranked if m in set(sub["method"])]
             header = ["Method"] + classes + ["mIoU"]
             rows = []
@@ -685,8 +689,7 @@ def published_tables(results: Iterable[dict[str, Any]], published: pd.DataFrame 
                 f"published ones exist for {', '.join(f'{s} {b}' for s, b in have)}.")
         return [Table(title="Published vs harness", header=["Note"], rows=[[text_cell(note)]], align="l")]
     tables = stand_in
-    keys = ["preset", "setting", "backbone", "head", "config"]
-    for key, group in (comparison.groupby(keys, sort=True) if not comparison.empty else ()):
+    for key, group in (comparison.groupby(PROTOCOL_COLUMNS, sort=True) if not comparison.empty else ()):
         proto = Protocol(*key)
         metrics = [t for t in TARGET_LABELS
                    if f"{t}_harness" in group.columns and group[f"{t}_harness"].notna().any()]
@@ -726,8 +729,8 @@ def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame, seeds: pd.
     the proxy's, both ranks (1 = best) and Spearman's ρ over the methods both have; with `seeds`
     (`seed_frame`) and several seeds, ρ of each seed's runs alone too."""
     tables = []
-    keys = ["preset", "setting", "backbone", "head", "config"]
-    for key, group in summary.groupby(keys, sort=True):
+    runs_of = dict(tuple(seeds.groupby(PROTOCOL_COLUMNS))) if seeds is not None else {}
+    for key, group in summary.groupby(PROTOCOL_COLUMNS, sort=True):
         reference = PROXY_STANDS_IN_FOR.get(key[2])
         if reference is None:
             continue
@@ -755,9 +758,8 @@ def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame, seeds: pd.
         notes = [f"Spearman ρ = {rho:.2f} over the {len(both)} methods with a published {reference} average "
                  f"({key[1]}); 1 = the proxy orders them as the papers do." if not math.isnan(rho) else
                  f"Too few methods ({len(both)}) with a published {reference} average for a rank correlation."]
-        if seeds is not None and not seeds.empty:
-            runs = seeds[(seeds[keys] == pd.Series(key, index=keys)).all(axis=1)]
-            notes.append(per_seed_rank_note(runs, both[["method", "average_paper"]]))
+        if key in runs_of:
+            notes.append(per_seed_rank_note(runs_of[key], both[["method", "average_paper"]]))
         notes.append(inverted_u_note(group))
         proto = Protocol(*key)
         tables.append(Table(title=f"{proto.title}: the proxy beside the published {reference}", header=header,
