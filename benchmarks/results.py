@@ -33,7 +33,8 @@ Schema (version 1), the only thing reports and regression checks read:
                   "eval_seconds_per_image": {"cityscapes": float, ...}},  # per target, as scored
       "diagnostics": {...},                  # the method's own (e.g. FisherTune's selection)
       "environment": {"python": str, "torch": str, ..., "device_name": str, "git_commit": str,
-                      "git_dirty": bool, "hostname": str},
+                      "git_dirty": bool, "git_dirty_paths": [str, ...],  # what `git status` listed
+                      "hostname": str},
       "timings": {"started": iso, "finished": iso, "train_s": float, "eval_s": float,
                   "data_wait_s": float}     # the part of train_s spent waiting for batches
     }

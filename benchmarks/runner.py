@@ -110,7 +110,7 @@ def environment(device: torch.device) -> dict[str, Any]:
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
             versions[package] = None
-    commit, dirty = _git_state()
+    commit, dirty_paths = git_state(PROJECT_ROOT)
     return {
         "python": platform.python_version(),
         **versions,
@@ -119,19 +119,36 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),
         "git_commit": commit,
-        "git_dirty": dirty,
+        "git_dirty": None if dirty_paths is None else bool(dirty_paths),
+        "git_dirty_paths": dirty_paths,
     }
 
 
-def _git_state() -> tuple[str | None, bool | None]:
+# A dirty tree is usually a doc or a note; which paths were dirty tells a reader whether the code the run
+# executed is the commit's. Capped so a checkout full of untracked files cannot bloat every result file.
+MAX_DIRTY_PATHS = 20
+
+
+def git_state(root: Path) -> tuple[str | None, list[str] | None]:
+    """(HEAD commit, the paths `git status` lists as changed or untracked), or (None, None) outside a checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        status = subprocess.run(["git", "status", "--porcelain", "-z"], cwd=root, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None, None
-    if commit.returncode != 0:
+    if commit.returncode != 0 or status.returncode != 0:
         return None, None
-    return commit.stdout.strip(), bool(status.stdout.strip())
+    paths = []
+    entries = iter(status.stdout.split("\0"))
+    for entry in entries:
+        if not entry:
+            continue
+        paths.append(entry[3:])
+        if {"R", "C"} & set(entry[:2]):  # a rename or copy: -z puts its source path in the next entry
+            next(entries, None)
+    if len(paths) > MAX_DIRTY_PATHS:
+        paths = paths[:MAX_DIRTY_PATHS] + [f"... and {len(paths) - MAX_DIRTY_PATHS} more"]
+    return commit.stdout.strip(), paths
 
 
 def _now() -> str:

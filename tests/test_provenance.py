@@ -199,3 +199,60 @@ def test_evaluation_during_training_without_a_source_holdout_is_refused():
 
     with pytest.raises(UserError, match="never a target"):
         load_experiment("smoke", ["train.eval_interval=10", "data.source_holdout=0"])
+
+
+# -- the checkout a run came from ---------------------------------------------------------------------
+def _git(root: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True,
+                   capture_output=True)
+
+
+def test_git_state_names_the_dirty_paths_renames_once(tmp_path):
+    from benchmarks.runner import git_state
+
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "old name.md").write_text("notes\n")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-q", "-m", "first")
+    commit, paths = git_state(tmp_path)
+    assert len(commit) == 40 and paths == []
+
+    (tmp_path / "code.py").write_text("a = 2\n")
+    (tmp_path / "untracked.txt").write_text("x\n")
+    _git(tmp_path, "mv", "old name.md", "new name.md")
+    _, paths = git_state(tmp_path)
+    assert sorted(paths) == ["code.py", "new name.md", "untracked.txt"]
+
+
+def test_git_state_caps_the_list_and_says_how_many_more(tmp_path):
+    from benchmarks.runner import MAX_DIRTY_PATHS, git_state
+
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "a").write_text("a\n")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-q", "-m", "first")
+    for i in range(MAX_DIRTY_PATHS + 3):
+        (tmp_path / f"f{i:02d}").write_text("x\n")
+    _, paths = git_state(tmp_path)
+    assert len(paths) == MAX_DIRTY_PATHS + 1 and paths[-1] == "... and 3 more"
+
+
+def test_git_state_outside_a_checkout_is_unknown(tmp_path):
+    from benchmarks.runner import git_state
+
+    assert git_state(tmp_path) == (None, None)
+
+
+def test_report_lists_the_dirty_paths_of_a_run():
+    from benchmarks.reports.html import render_report
+    from tests.test_reports import make_result
+
+    clean = make_result("lora", 42, {"cityscapes": 40.0})
+    dirty = make_result("lora", 43, {"cityscapes": 41.0})
+    dirty["environment"] = {**dirty["environment"], "git_dirty": True, "git_dirty_paths": ["docs/results.md"]}
+    page = render_report([clean, dirty])
+    assert "1 run(s): torch 2.x, device_name cpu, git_commit abc, git_dirty True (docs/results.md)" in page
+    assert "1 run(s): torch 2.x, device_name cpu, git_commit abc, git_dirty False<" in page

@@ -66,6 +66,8 @@ def _environment_lines(results: list[dict[str, Any]]) -> list[str]:
         env = res.get("environment") or {}
         keys = ("torch", "device_name", "git_commit", "git_dirty")
         text = ", ".join(f"{k} {env[k]}" for k in keys if k in env)
+        if env.get("git_dirty_paths"):
+            text += f" ({', '.join(env['git_dirty_paths'])})"
         if text:
             seen[text] = seen.get(text, 0) + 1
     return [f"{count} run(s): {text}" for text, count in seen.items()]
