@@ -133,7 +133,8 @@ def git_state(root: Path) -> tuple[str | None, list[str] | None]:
     """(HEAD commit, the paths `git status` lists as changed or untracked), or (None, None) outside a checkout."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        status = subprocess.run(["git", "status", "--porcelain", "-z"], cwd=root, capture_output=True, text=True, timeout=5)
+        status = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=normal"], cwd=root,
+                                capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None, None
     if commit.returncode != 0 or status.returncode != 0:

@@ -240,8 +240,10 @@ def test_git_state_caps_the_list_and_says_how_many_more(tmp_path):
     assert len(paths) == MAX_DIRTY_PATHS + 1 and paths[-1] == "... and 3 more"
 
 
-def test_git_state_outside_a_checkout_is_unknown(tmp_path):
+def test_git_state_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
     from benchmarks.runner import git_state
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # even if the temp dir lies in a checkout
 
     assert git_state(tmp_path) == (None, None)
 
