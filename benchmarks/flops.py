@@ -12,7 +12,6 @@ dense bf16 peak (`PEAK_BF16_TFLOPS`), on GPUs only.
 from __future__ import annotations
 
 import logging
-import platform
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from benchmarks.config import Experiment
 from benchmarks.method import build_method
+from benchmarks.resources import cpu_name
 from benchmarks.synthetic_inputs import eval_image_size, window_count, without_weight_files
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+    return cpu_name()
 
 
 def run_profile_extras(exp: Experiment, method_name: str, profile: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -29,6 +30,34 @@ AUTO = -1
 """`data.num_workers = -1`: sized to the machine (the default)."""
 GPU_WORKERS_MAX = 8
 """Loader workers per GPU process at most when sized automatically (the paper preset's 8)."""
+
+
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model, the vector instructions torch dispatches to, and AMX where present, e.g.
+    "Intel(R) Xeon(R) Processor (AVX512, AMX)".
+
+    Two CPUs can give the same seed different numbers (their kernels differ) and bf16 is fast only with
+    AMX, so a result names the CPU itself; `platform.machine()` alone says "x86_64" for all of them.
+    """
+    import torch
+
+    model, flags = "", ""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = value
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "cpu"
+    features = [torch.backends.cpu.get_cpu_capability()]
+    if "amx_bf16" in flags.split():
+        features.append("AMX")
+    return f"{model} ({', '.join(features)})"
 
 
 def available_cpus() -> int:

@@ -24,6 +24,7 @@ import torch
 from benchmarks import plugins, provenance, resources
 from benchmarks.config import PROJECT_ROOT, SETTINGS, EvalConfig, Experiment
 from benchmarks.errors import UserError
+from benchmarks.flops import device_name
 from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
 from benchmarks.model import NUM_CLASSES, build_model, effective_weights, weights_for
 from benchmarks.results import (
@@ -115,7 +116,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         **versions,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),
         "git_commit": commit,

@@ -473,3 +473,14 @@ def test_the_profile_times_inference_as_a_run_scores_the_method(name, windows, m
     assert row["status"] == "ok", row.get("error")
     expected = windows or exp.eval.batch_windows
     assert seen == [expected] and row["eval_batch_windows"] == expected
+
+
+def test_a_cpu_never_borrows_a_gpu_peak_by_its_model_name(monkeypatch):
+    import torch
+
+    from benchmarks.reports import profiles as profile_module
+
+    monkeypatch.setattr(profile_module, "device_name", lambda device: "AMD A10-7850K APU (AVX2)")
+    assert profile_module.environment_summary(torch.device("cpu"))["peak_bf16_tflops"] is None
+    monkeypatch.setattr(profile_module, "device_name", lambda device: "NVIDIA H200")
+    assert profile_module.environment_summary(torch.device("cuda"))["peak_bf16_tflops"] == 989.0

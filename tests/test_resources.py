@@ -77,3 +77,32 @@ def test_no_shipped_preset_fixes_a_loader_worker_count_above_the_machine_sizing(
         assert plan(exp.data.num_workers, "cpu", cpus=2, env={}).workers == 1
         assert plan(exp.data.num_workers, "cuda", cpus=16, env={}).workers == 8
     assert load_experiment("smoke").data.num_workers == 0  # loads in the process: no worker at all
+
+
+def test_cpu_name_gives_the_model_the_vector_level_and_amx(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks.resources import cpu_name
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n"
+                       "\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f amx_bf16\n")
+    assert cpu_name(str(cpuinfo)) == "Intel(R) Xeon(R) Processor (AVX512, AMX)"
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cpuinfo.write_text("model name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 amx_tile_not_bf16\n")
+    assert cpu_name(str(cpuinfo)) == "AMD EPYC 7B13 (AVX2)"
+
+
+def test_cpu_name_without_cpuinfo_falls_back_to_the_platform(tmp_path, monkeypatch):
+    import platform
+
+    import torch
+
+    from benchmarks.resources import cpu_name
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert cpu_name(str(tmp_path / "missing")) == "arm64 (DEFAULT)"
