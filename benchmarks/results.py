@@ -32,7 +32,9 @@ Schema (version 1), the only thing reports and regression checks read:
                   "mfu": float | null,          # mfu only where the device's peak is known (CUDA)
                   "eval_seconds_per_image": {"cityscapes": float, ...}},  # per target, as scored
       "diagnostics": {...},                  # the method's own (e.g. FisherTune's selection)
-      "environment": {"python": str, "torch": str, ..., "device_name": str, "git_commit": str,
+      "environment": {"python": str, "torch": str, ...,
+                      "device_name": str,            # a GPU's name; a CPU's model, vector level, AMX
+                      "git_commit": str,
                       "git_dirty": bool, "git_dirty_paths": [str, ...],  # what `git status` listed
                       "hostname": str},
       "timings": {"started": iso, "finished": iso, "train_s": float, "eval_s": float,
