@@ -51,8 +51,13 @@ PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
 )
 
 
-def peak_bf16_flops(device_name: str) -> float | None:
-    """Dense bf16 peak in FLOP/s for a device name, or None when the table does not know it."""
+def peak_bf16_flops(device_name: str, device: str = "cuda") -> float | None:
+    """Dense bf16 peak in FLOP/s for a device name, or None when the table does not know it.
+
+    The table holds GPUs: on any other `device` the answer is None, so a CPU's model name ("AMD A10-7850K")
+    never borrows a GPU's peak."""
+    if not str(device).startswith("cuda"):
+        return None
     name = device_name.lower()
     for words, tflops in PEAK_BF16_TFLOPS:
         if all(re.search(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])", name) for w in words):
@@ -228,9 +233,7 @@ def run_profile_extras(exp: Experiment, method_name: str, profile: dict[str, Any
 
 def model_flops_utilisation(profile: dict[str, Any]) -> float | None:
     """Training FLOPs per second over the device's dense bf16 peak (GPUs in the table only)."""
-    if not str(profile.get("device", "")).startswith("cuda"):
-        return None
-    peak = peak_bf16_flops(profile.get("device_name", ""))
+    peak = peak_bf16_flops(profile.get("device_name", ""), profile.get("device", ""))
     flops, speed = profile.get("flops_train_step_per_image"), profile.get("train_images_per_s")
     if not (peak and flops and speed):
         return None

@@ -99,9 +99,7 @@ def environment_summary(device: torch.device | None) -> dict[str, Any]:
     if device is not None:
         info["device"] = str(device)
         info["device_name"] = device_name(device)
-        # the table holds GPUs; a CPU's model name ("AMD A10-7850K") must not borrow one's peak
-        gpu_peak = peak_bf16_flops(info["device_name"]) if device.type == "cuda" else None
-        info["peak_bf16_tflops"] = (gpu_peak or 0) / 1e12 or None
+        info["peak_bf16_tflops"] = (peak_bf16_flops(info["device_name"], str(device)) or 0) / 1e12 or None
     with contextlib.suppress(OSError):
         info["load_average"] = list(os.getloadavg())
     return info

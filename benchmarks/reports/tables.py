@@ -729,7 +729,7 @@ def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame, seeds: pd.
     the proxy's, both ranks (1 = best) and Spearman's ρ over the methods both have; with `seeds`
     (`seed_frame`) and several seeds, ρ of each seed's runs alone too."""
     tables = []
-    runs_of = dict(tuple(seeds.groupby(PROTOCOL_COLUMNS))) if seeds is not None else {}
+    runs_of = {key: runs for key, runs in seeds.groupby(PROTOCOL_COLUMNS)} if seeds is not None else {}
     for key, group in summary.groupby(PROTOCOL_COLUMNS, sort=True):
         reference = PROXY_STANDS_IN_FOR.get(key[2])
         if reference is None:
