@@ -49,6 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.backbones import BACKBONES, build_backbone
+from benchmarks.resources import cpu_name
 from benchmarks.results import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -552,9 +553,9 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
 
 def _machine(device: str) -> str:
     """The device as the record names it: a GPU by its model (the first GPU round said only "cuda"), the CPU
-    by the threads it trained with."""
+    by its model, as result files name it, and the threads it trained with."""
     if device == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
+        return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
     if str(device).startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)

@@ -126,8 +126,9 @@ def test_the_record_names_the_machine_it_trained_on(monkeypatch) -> None:
     from benchmarks import pretrain as pretraining
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(pretraining, "cpu_name", lambda: "AMD EPYC 7B13 (AVX2)")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    assert pretraining._machine("cpu") == "cpu (2 threads)"
+    assert pretraining._machine("cpu") == "cpu (AMD EPYC 7B13 (AVX2), 2 threads)"
     assert pretraining._machine("cuda") == "cuda (NVIDIA H200)"
     assert pretraining._machine("cuda:1") == "cuda:1 (NVIDIA H200)"
 
