@@ -11,6 +11,8 @@ and the other jobs get the cores) — on an idle machine spinning is faster, so 
 
 What the user gives wins: `data.num_workers` ≥ 0 (or `run --num-workers N`), and
 `OMP_NUM_THREADS` for the threads.
+
+Also here: what the machine is, as result files and profiles record it (`cpu_name`, `package_versions`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,23 @@ AUTO = -1
 """`data.num_workers = -1`: sized to the machine (the default)."""
 GPU_WORKERS_MAX = 8
 """Loader workers per GPU process at most when sized automatically (the paper preset's 8)."""
+
+
+RECORDED_PACKAGES = ("torch", "torchvision", "timm", "transformers", "peft", "torchmetrics", "numpy")
+"""The packages whose versions a result and a profile record: those that compute a number in them."""
+
+
+def package_versions(packages: tuple[str, ...] = RECORDED_PACKAGES) -> dict[str, str | None]:
+    """Installed version of each package, None where it is not installed."""
+    import importlib.metadata as md
+
+    versions: dict[str, str | None] = {}
+    for package in packages:
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:

@@ -103,18 +103,10 @@ def experiment_for(exp: Experiment, spec: RunSpec) -> Experiment:
 
 # -- environment ------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = {}
-    for package in ("torch", "torchvision", "timm", "transformers", "peft", "torchmetrics", "numpy"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
     commit, dirty_paths = git_state(PROJECT_ROOT)
     return {
         "python": platform.python_version(),
-        **versions,
+        **resources.package_versions(),
         "device": str(device),
         "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),

@@ -106,3 +106,13 @@ def test_cpu_name_without_cpuinfo_falls_back_to_the_platform(tmp_path, monkeypat
     monkeypatch.setattr(platform, "processor", lambda: "")
     monkeypatch.setattr(platform, "machine", lambda: "arm64")
     assert cpu_name(str(tmp_path / "missing")) == "arm64 (DEFAULT)"
+
+
+def test_package_versions_names_missing_packages_none_and_covers_what_results_record():
+    import importlib.metadata as md
+
+    from benchmarks.resources import RECORDED_PACKAGES, package_versions
+
+    versions = package_versions(("torch", "no-such-package-dgss"))
+    assert versions == {"torch": md.version("torch"), "no-such-package-dgss": None}
+    assert tuple(package_versions()) == RECORDED_PACKAGES

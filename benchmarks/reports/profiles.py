@@ -18,6 +18,7 @@ import torch
 
 from benchmarks.config import Experiment
 from benchmarks.flops import device_name, peak_bf16_flops
+from benchmarks.resources import package_versions
 
 
 def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
@@ -86,15 +87,7 @@ def output_stem(preset: str, device_label: str, when: dt.date | None = None) -> 
 
 
 def environment_summary(device: torch.device | None) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = {}
-    for package in ("torch", "timm", "transformers", "peft"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
-    info: dict[str, Any] = {"python": platform.python_version(), **versions, "machine": platform.machine(),
+    info: dict[str, Any] = {"python": platform.python_version(), **package_versions(), "machine": platform.machine(),
                             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if device is not None:
         info["device"] = str(device)
