@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.config import Experiment
 from benchmarks.method import build_method
-from benchmarks.resources import cpu_name
+from benchmarks.resources import device_name
 from benchmarks.synthetic_inputs import eval_image_size, window_count, without_weight_files
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
 )
 
 
-def peak_bf16_flops(device_name: str, device: str = "cuda") -> float | None:
+def peak_bf16_flops(device_name: str, device: str) -> float | None:
     """Dense bf16 peak in FLOP/s for a device name, or None when the table does not know it.
 
     The table holds GPUs: on any other `device` the answer is None, so a CPU's model name ("AMD A10-7850K")
@@ -207,12 +207,6 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
         "flops_eval_per_image": forward * windows,
         "flops_counted_with": how,
     }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
 
 
 def run_profile_extras(exp: Experiment, method_name: str, profile: dict[str, Any]) -> dict[str, Any]:

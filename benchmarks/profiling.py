@@ -36,9 +36,10 @@ import torch
 from benchmarks import plugins
 from benchmarks.config import Experiment, experiment_from_dict
 from benchmarks.errors import UserError
-from benchmarks.flops import count_flops, device_name, model_flops_utilisation
+from benchmarks.flops import count_flops, model_flops_utilisation
 from benchmarks.memory import current_rss_mb, is_out_of_memory, peak_memory, reset_peak_memory
 from benchmarks.method import build_method, use_method_files
+from benchmarks.resources import device_name
 from benchmarks.synthetic_inputs import eval_image_size, window_count, without_weight_files
 from benchmarks.timing import summarize, time_inference, time_training_steps
 

@@ -8,7 +8,8 @@ A result, a checkpoint and a regression baseline carry the same provenance recor
 
 "method" is there only for a method from outside the repository (`benchmarks.plugins.method_origin`:
 a `--method-file`'s content hash, or an installed plugin's entry point, distribution and version);
-a built-in method is traced by the git commit in the result's environment.
+a built-in method is traced by the git commit in the result's environment (`git_state`: the commit and
+the paths that differed from it).
 
 Weights are fingerprinted by content (sha256). Hashing a 1.2 GB DINOv2-L file takes seconds, so the
 digest is cached by (path, size, modification time) in the user's cache folder: a file is hashed once
@@ -23,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -143,3 +145,31 @@ def identity(record: dict[str, Any] | None) -> str:
     weights = (record.get("weights") or {}).get("sha256")
     data = {split: fp.get("sha256") for split, fp in (record.get("data") or {}).items()}
     return hashlib.sha256(json.dumps([weights, data], sort_keys=True).encode()).hexdigest()[:8]
+
+
+# A dirty tree is usually a doc or a note; which paths were dirty tells a reader whether the code the run
+# executed is the commit's. Capped so a checkout full of untracked files cannot bloat every result file.
+MAX_DIRTY_PATHS = 20
+
+
+def git_state(root: Path) -> tuple[str | None, list[str] | None]:
+    """(HEAD commit, the paths `git status` lists as changed or untracked), or (None, None) outside a checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        status = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=normal"], cwd=root,
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if commit.returncode != 0 or status.returncode != 0:
+        return None, None
+    paths = []
+    entries = iter(status.stdout.split("\0"))
+    for entry in entries:
+        if not entry:
+            continue
+        paths.append(entry[3:])
+        if {"R", "C"} & set(entry[:2]):  # a rename or copy: -z puts its source path in the next entry
+            next(entries, None)
+    if len(paths) > MAX_DIRTY_PATHS:
+        paths = paths[:MAX_DIRTY_PATHS] + [f"... and {len(paths) - MAX_DIRTY_PATHS} more"]
+    return commit.stdout.strip(), paths

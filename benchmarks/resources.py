@@ -12,7 +12,8 @@ and the other jobs get the cores) — on an idle machine spinning is faster, so 
 What the user gives wins: `data.num_workers` ≥ 0 (or `run --num-workers N`), and
 `OMP_NUM_THREADS` for the threads.
 
-Also here: what the machine is, as result files and profiles record it (`cpu_name`, `package_versions`).
+Also here: what the machine is, as result files and profiles record it (`device_name`, `cpu_name`,
+`package_versions`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     if "amx_bf16" in flags.split():
         features.append("AMX")
     return f"{model} ({', '.join(features)})"
+
+
+def device_name(device) -> str:
+    """What a result calls the device it ran on: a GPU's name, or the CPU's (`cpu_name`)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
 
 
 def available_cpus() -> int:

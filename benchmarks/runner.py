@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import platform
 import socket
-import subprocess
 import time
 import traceback
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ import torch
 from benchmarks import plugins, provenance, resources
 from benchmarks.config import PROJECT_ROOT, SETTINGS, EvalConfig, Experiment
 from benchmarks.errors import UserError
-from benchmarks.flops import device_name
 from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
 from benchmarks.model import NUM_CLASSES, build_model, effective_weights, weights_for
 from benchmarks.results import (
@@ -103,46 +101,18 @@ def experiment_for(exp: Experiment, spec: RunSpec) -> Experiment:
 
 # -- environment ------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
-    commit, dirty_paths = git_state(PROJECT_ROOT)
+    commit, dirty_paths = provenance.git_state(PROJECT_ROOT)
     return {
         "python": platform.python_version(),
         **resources.package_versions(),
         "device": str(device),
-        "device_name": device_name(device),
+        "device_name": resources.device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),
         "git_commit": commit,
         "git_dirty": None if dirty_paths is None else bool(dirty_paths),
         "git_dirty_paths": dirty_paths,
     }
-
-
-# A dirty tree is usually a doc or a note; which paths were dirty tells a reader whether the code the run
-# executed is the commit's. Capped so a checkout full of untracked files cannot bloat every result file.
-MAX_DIRTY_PATHS = 20
-
-
-def git_state(root: Path) -> tuple[str | None, list[str] | None]:
-    """(HEAD commit, the paths `git status` lists as changed or untracked), or (None, None) outside a checkout."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        status = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=normal"], cwd=root,
-                                capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    if commit.returncode != 0 or status.returncode != 0:
-        return None, None
-    paths = []
-    entries = iter(status.stdout.split("\0"))
-    for entry in entries:
-        if not entry:
-            continue
-        paths.append(entry[3:])
-        if {"R", "C"} & set(entry[:2]):  # a rename or copy: -z puts its source path in the next entry
-            next(entries, None)
-    if len(paths) > MAX_DIRTY_PATHS:
-        paths = paths[:MAX_DIRTY_PATHS] + [f"... and {len(paths) - MAX_DIRTY_PATHS} more"]
-    return commit.stdout.strip(), paths
 
 
 def _now() -> str:

@@ -57,7 +57,7 @@ def batch(exp, size: int = 2, seed: int = 0):
      ("NVIDIA L4", 121), ("NVIDIA L40S", 362), ("NVIDIA A10G", 70), ("NVIDIA GeForce GTX 1080", None)],
 )
 def test_peak_flops_table_matches_device_names(name, tflops):
-    peak = flops.peak_bf16_flops(name)
+    peak = flops.peak_bf16_flops(name, "cuda")
     assert (peak / 1e12 if peak else None) == tflops
 
 

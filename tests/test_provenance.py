@@ -210,7 +210,7 @@ def _git(root: Path, *args: str) -> None:
 
 
 def test_git_state_names_the_dirty_paths_renames_once(tmp_path):
-    from benchmarks.runner import git_state
+    from benchmarks.provenance import git_state
 
     _git(tmp_path, "init", "-q")
     (tmp_path / "code.py").write_text("a = 1\n")
@@ -228,7 +228,7 @@ def test_git_state_names_the_dirty_paths_renames_once(tmp_path):
 
 
 def test_git_state_caps_the_list_and_says_how_many_more(tmp_path):
-    from benchmarks.runner import MAX_DIRTY_PATHS, git_state
+    from benchmarks.provenance import MAX_DIRTY_PATHS, git_state
 
     _git(tmp_path, "init", "-q")
     (tmp_path / "a").write_text("a\n")
@@ -241,7 +241,7 @@ def test_git_state_caps_the_list_and_says_how_many_more(tmp_path):
 
 
 def test_git_state_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
-    from benchmarks.runner import git_state
+    from benchmarks.provenance import git_state
 
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # even if the temp dir lies in a checkout
 

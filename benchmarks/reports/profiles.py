@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from benchmarks.config import Experiment
-from benchmarks.flops import device_name, peak_bf16_flops
-from benchmarks.resources import package_versions
+from benchmarks.flops import peak_bf16_flops
+from benchmarks.resources import device_name, package_versions
 
 
 def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
