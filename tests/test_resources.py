@@ -116,3 +116,11 @@ def test_package_versions_names_missing_packages_none_and_covers_what_results_re
     versions = package_versions(("torch", "no-such-package-dgss"))
     assert versions == {"torch": md.version("torch"), "no-such-package-dgss": None}
     assert tuple(package_versions()) == RECORDED_PACKAGES
+    # what a result file and a profile header record, both from that one list
+    import torch
+
+    from benchmarks.reports.profiles import environment_summary
+    from benchmarks.runner import environment
+
+    for recorded in (environment(torch.device("cpu")), environment_summary(torch.device("cpu"))):
+        assert {package: recorded[package] for package in RECORDED_PACKAGES} == package_versions()
