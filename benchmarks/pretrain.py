@@ -90,6 +90,12 @@ class PretrainConfig:
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_steps: int = 150
+    head_warmup_steps: int = 0
+    """Steps at the start in which the backbone holds still and only the freshly initialised objective heads
+    (and the mask token) learn; the backbone's own warm-up starts after them. A round continued from a
+    trained checkpoint starts its heads fresh (the checkpoint is the backbone alone), and fresh heads first
+    send the backbone large, uninformed gradients: on a CPU, two short rounds lowered every baseline (P12,
+    P13). Training the heads first is LP-FT's remedy (Kumar et al. 2022); 0 = off, as every shipped stage."""
     mask_ratio: float = 0.4
     loss_weights: tuple[float, float, float, float] = (1.0, 0.5, 0.5, 1.0)
     """Weights of (masked pixels, geometry classes, depth, cross-style distillation)."""
@@ -438,6 +444,15 @@ def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
 
+def _learning_rate(cfg: PretrainConfig, step: int, progress: float, backbone: bool) -> float:
+    """Linear warm-up, then cosine decay over the whole round; the backbone's warm-up begins only after
+    `head_warmup_steps` (its rate is 0 before), the heads' at step 0."""
+    warm_from = cfg.head_warmup_steps if backbone else 0
+    if step < warm_from:
+        return 0.0
+    return cfg.lr * min(1.0, (step + 1 - warm_from) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     """Train the proxy ViT and write its safetensors checkpoint; returns the measured costs and loss history."""
     from safetensors.torch import save as save_safetensors
@@ -467,9 +482,15 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
         teacher_projector = copy.deepcopy(region_heads.projector).requires_grad_(False)
         params += list(region_heads.parameters())
         region_rng = np.random.default_rng([cfg.seed, 1])  # its own stream: the batches are drawn as without it
-    decay = [p for p in params if p.ndim > 1 and p is not mask_token]
-    no_decay = [p for p in params if p.ndim <= 1 or p is mask_token]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    backbone_params = {id(p) for p in backbone.parameters()}
+    groups = []
+    for is_backbone in (True, False):  # AdamW updates each parameter alone: the split changes no value
+        members = [p for p in params if (id(p) in backbone_params) == is_backbone]
+        groups += [{"params": [p for p in members if p.ndim > 1 and p is not mask_token],
+                    "weight_decay": cfg.weight_decay, "backbone": is_backbone},
+                   {"params": [p for p in members if p.ndim <= 1 or p is mask_token],
+                    "weight_decay": 0.0, "backbone": is_backbone}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     grid = (cfg.crop_size // patch, cfg.crop_size // patch)
     num_patches = grid[0] * grid[1]
@@ -478,9 +499,8 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     bar = tqdm(range(cfg.steps), desc="pretrain", unit="it")
     for step in bar:
         progress = step / cfg.steps
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = _learning_rate(cfg, step, progress, group["backbone"])
         image, teacher_image, geometry, depth, regions = _batch(pool, rng, cfg)
         masked = torch.rand(image.shape[0], num_patches, device=device).argsort(1) < int(cfg.mask_ratio * num_patches)
 

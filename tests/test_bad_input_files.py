@@ -218,6 +218,7 @@ def test_pretrain_option_below_its_range_is_one_line(tmp_path, capsys, pretraini
     ("--zoom", "0", "above 0"),
     ("--crop-size", "36", "multiple of 8"),
     ("--scene-height", "100", "128"),
+    ("--head-warmup-steps", "3000", "below --steps"),  # every stage of the recipe runs fewer steps than that
 ])
 def test_pretrain_option_out_of_range_is_one_line(tmp_path, capsys, pretraining_calls, option, value,
                                                   expected):

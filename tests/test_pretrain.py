@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from benchmarks.pretrain import (
     PROXY_RECIPE,
     PretrainConfig,
     _batch,
+    _learning_rate,
     class_agnostic_regions,
     pool_on,
     pool_regions,
@@ -97,7 +99,9 @@ def test_the_shipped_checkpoint_records_the_recipe_that_reproduces_it() -> None:
     with safe_open(str(shipped), "pt") as f:
         recorded = json.loads(f.metadata()["dgss_bench"])["recipe"]
     last = json.loads(json.dumps(dataclasses.asdict(PROXY_RECIPE[-1])))  # tuples as the record holds them
-    differing = {k for k in last if k not in ("init", "workers") and recorded[k] != last[k]}  # workers: the machine's
+    defaults = json.loads(json.dumps(dataclasses.asdict(PretrainConfig())))
+    # A field added after the checkpoint was made reproduces it only at its default (the behaviour before it).
+    differing = {k for k in last if k not in ("init", "workers") and recorded.get(k, defaults[k]) != last[k]}  # workers: the machine's
     assert not differing
     stages = json.loads(shipped.with_suffix(".json").read_text())["stages"]
     assert [s["stage"] for s in stages] == list(range(1, len(PROXY_RECIPE) + 1))
@@ -152,6 +156,31 @@ def test_one_view_turns_the_cross_style_objectives_off(tmp_path) -> None:
     # nor are regions rendered that nothing would use
     assert render_pool(dataclasses.replace(TINY, views=1, region_contrast=1.0)).regions is None
     assert render_pool(dataclasses.replace(TINY, region_contrast=1.0)).regions is not None
+
+
+def test_head_warmup_holds_the_backbone_still_and_then_warms_it_up() -> None:
+    cfg = dataclasses.replace(TINY, steps=100, lr=1.0, warmup_steps=10, head_warmup_steps=20)
+    rates = {backbone: [_learning_rate(cfg, step, step / cfg.steps, backbone) for step in range(cfg.steps)]
+             for backbone in (True, False)}
+    assert rates[True][:20] == [0.0] * 20 and min(rates[False][:20]) > 0  # the heads learn from the first step
+    assert rates[True][20] == pytest.approx(rates[False][20] / 10)  # the backbone's own warm-up: a tenth in
+    assert rates[True][29:] == rates[False][29:]  # warmed up, both follow the one cosine decay
+    off = dataclasses.replace(cfg, head_warmup_steps=0)
+    assert [_learning_rate(off, s, s / 100, True) for s in range(100)] == rates[False]  # 0: the schedule before
+
+
+def test_head_warmup_trains_the_heads_but_not_the_backbone(tmp_path) -> None:
+    start = tmp_path / "start.safetensors"
+    pretrain(TINY, start)
+    continued = {}
+    for head_warmup in (0, TINY.steps):  # the whole round: the backbone never learns (the command refuses that)
+        out = tmp_path / f"warmup{head_warmup}.safetensors"
+        report = pretrain(dataclasses.replace(TINY, init=str(start), seed=1, head_warmup_steps=head_warmup), out)
+        assert report["recipe"]["head_warmup_steps"] == head_warmup and math.isfinite(report["final"]["loss"])
+        continued[head_warmup] = load_file(str(out))
+    before = load_file(str(start))
+    assert all(torch.equal(before[k], continued[TINY.steps][k]) for k in before)
+    assert not all(torch.equal(before[k], continued[0][k]) for k in before)  # without it the same round moves it
 
 
 @pytest.mark.parametrize("views", [0, -1])

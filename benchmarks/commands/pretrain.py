@@ -51,6 +51,7 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "weight_decay": Bounds(0),
     # The warm-up divides by it; 1 already means none (the first step is at the full learning rate).
     "warmup_steps": Bounds(1, note=" (1 means no warm-up)"),
+    "head_warmup_steps": Bounds(0, note=" (0 means the backbone learns from the first step)"),
     "mask_ratio": Bounds(0, low_allowed=False, high=1),
     "target_layers": Bounds(1),
     "region_contrast": Bounds(0),
@@ -113,6 +114,9 @@ def _check_stage(stage: PretrainConfig) -> None:
         if getattr(stage, name) < largest_crop:
             raise UserError(f"{_option(name)} {getattr(stage, name)}: must be at least {largest_crop}, "
                             "the largest crop taken from a scene")
+    if stage.head_warmup_steps >= stage.steps:
+        raise UserError(f"--head-warmup-steps {stage.head_warmup_steps}: must be below --steps ({stage.steps}); "
+                        "the backbone would never learn")
     patches = (stage.crop_size // patch) ** 2
     if int(stage.mask_ratio * patches) < 1:
         raise UserError(f"--mask-ratio {stage.mask_ratio:g}: masks none of the {patches} patches of a "
