@@ -27,6 +27,11 @@ semantic labels. Its objectives:
 The checkpoint is the timm state dict of `proxy_vit`, stored fp16 as safetensors with its recipe
 in the metadata. `python -m benchmarks pretrain` reproduces it (`--init` continues from a checkpoint,
 which is how the shipped one was made: see `PROXY_RECIPE`).
+
+A round outlives its process: about once a minute it writes its whole state (student, teacher, heads,
+optimiser, random streams, history) beside its output as `<out stem>.resume.pt`, and the same command run
+again continues from there to the checkpoint an uninterrupted round writes. A round of the GPU rounds'
+size takes about 15 hours on two CPU cores, longer than a session or a lent GPU's 10-minute call.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.backbones import BACKBONES, build_backbone
+from benchmarks.checkpoint import atomic_torch_save
+from benchmarks.errors import UserError
 from benchmarks.resources import cpu_name
 from benchmarks.results import atomic_write_bytes, atomic_write_text
 
@@ -453,12 +460,57 @@ def _learning_rate(cfg: PretrainConfig, step: int, progress: float, backbone: bo
     return cfg.lr * min(1.0, (step + 1 - warm_from) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
-    """Train the proxy ViT and write its safetensors checkpoint; returns the measured costs and loss history."""
+ROUND_STATE_FORMAT = 1
+# How often a round writes its state: a minute of work is what an interruption may cost, and a state is
+# written in well under a second (about 60 MB for the proxy: student, teacher, heads and AdamW's moments).
+STATE_EVERY_SECONDS = 60.0
+
+
+def round_state_path(out: Path) -> Path:
+    """Where the round that writes `out` keeps its state until it finishes."""
+    return Path(out).with_suffix(".resume.pt")
+
+
+def _recipe_identity(cfg: PretrainConfig) -> dict:
+    """What a resumed round must share with the one that wrote the state (`workers` is the machine's)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "workers"}))
+
+
+def read_round_state(path: Path, cfg: PretrainConfig) -> dict:
+    """The state an interrupted round of `cfg` left at `path`; one line naming the file when it is not that."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} refused: it holds pickled Python objects, not an interrupted pretraining round's "
+                        "tensors; delete it if you did not write it") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({type(err).__name__}); delete it to start the round afresh") from None
+    if not isinstance(state, dict) or state.get("format") != ROUND_STATE_FORMAT:
+        raise UserError(f"{path} is not an interrupted pretraining round's state; delete it or pass another --out")
+    wanted = _recipe_identity(cfg)
+    differing = sorted(k for k in wanted if state["recipe"].get(k) != wanted[k])
+    if differing:
+        raise UserError(f"{path} is an interrupted round of another recipe (it differs in {', '.join(differing)}); "
+                        "run that recipe again to finish it, or delete the file to start this one")
+    if state["init_sha256"] != (_sha256(cfg.init) if cfg.init else None):
+        raise UserError(f"{path} is an interrupted round from another --init checkpoint; delete it to start this one")
+    return state
+
+
+def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
+             state_every_seconds: float = STATE_EVERY_SECONDS) -> dict:
+    """Train the proxy ViT and write its safetensors checkpoint; returns the measured costs and loss history.
+
+    A round interrupted after its first state was written continues from that state when run again with the
+    same recipe, `init` and `out` (the state file is deleted once the checkpoint is written)."""
     from safetensors.torch import save as save_safetensors
 
     if cfg.views < 1:
         raise ValueError(f"pretraining needs at least one view of each scene, got views={cfg.views}")
+    state_path = round_state_path(out)
+    resumed = read_round_state(state_path, cfg) if state_path.is_file() else None
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     pool = pool_on(render_pool(cfg), device)
@@ -494,9 +546,44 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     rng = np.random.default_rng(cfg.seed)
     grid = (cfg.crop_size // patch, cfg.crop_size // patch)
     num_patches = grid[0] * grid[1]
-    history = []
-    train_started = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="pretrain", unit="it")
+    # Everything a step changes, by name: what the state holds and a resumed round restores.
+    modules = {"student": vit, "heads": heads, "teacher": teacher}
+    if contrast:
+        modules.update(region_heads=region_heads, teacher_projector=teacher_projector)
+    streams = {"batches": rng, **({"regions": region_rng} if contrast else {})}
+    history, first_step, trained_before, resumed_at = [], 0, 0.0, []
+    if resumed is not None:
+        for name, module in modules.items():
+            if module is not None:
+                module.load_state_dict(resumed["modules"][name])
+        with torch.no_grad():
+            mask_token.copy_(resumed["mask_token"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        for name, stream in streams.items():
+            stream.bit_generator.state = json.loads(resumed["streams"][name])
+        torch.set_rng_state(resumed["torch_rng"])
+        if resumed["device_rng"] is not None and str(device).startswith("cuda"):
+            torch.cuda.set_rng_state(resumed["device_rng"], device)
+        first_step, history = resumed["step"], resumed["history"]
+        trained_before, render_seconds = resumed["train_seconds"], resumed["render_seconds"] + render_seconds
+        resumed_at = [*resumed["resumed_at_steps"], first_step]
+        log.info("resuming the round at step %d of %d from %s", first_step, cfg.steps, state_path)
+
+    def write_state(next_step: int, seconds: float) -> None:
+        atomic_torch_save({
+            "format": ROUND_STATE_FORMAT, "recipe": _recipe_identity(cfg),
+            "init_sha256": _sha256(cfg.init) if cfg.init else None, "step": next_step,
+            "modules": {name: module.state_dict() for name, module in modules.items() if module is not None},
+            "mask_token": mask_token.detach().clone(), "optimizer": optimizer.state_dict(),
+            "streams": {name: json.dumps(stream.bit_generator.state) for name, stream in streams.items()},
+            "torch_rng": torch.get_rng_state(),
+            "device_rng": torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None,
+            "history": history, "train_seconds": seconds, "render_seconds": render_seconds,
+            "resumed_at_steps": resumed_at,
+        }, state_path)
+
+    train_started = last_state = time.perf_counter()
+    bar = tqdm(range(first_step, cfg.steps), desc="pretrain", unit="it", initial=first_step, total=cfg.steps)
     for step in bar:
         progress = step / cfg.steps
         for group in optimizer.param_groups:
@@ -545,10 +632,13 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
                 record["regions"] = contrast_loss.item()
             # Seconds since training began, after `.item()` waited for the device: a rate read off two records
             # leaves out the first steps' warm-up (tools/gpu-proxy sizes a round so).
-            record["seconds"] = round(time.perf_counter() - train_started, 2)
+            record["seconds"] = round(trained_before + time.perf_counter() - train_started, 2)
             history.append(record)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "step"})
-    train_seconds = time.perf_counter() - train_started
+        if step < cfg.steps - 1 and time.perf_counter() - last_state >= state_every_seconds:
+            write_state(step + 1, trained_before + time.perf_counter() - train_started)
+            last_state = time.perf_counter()
+    train_seconds = trained_before + time.perf_counter() - train_started
 
     # The student is what ships (the teacher is its slow average; at the end they nearly agree).
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in vit.state_dict().items()}
@@ -566,8 +656,11 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
         "device": _machine(device),
         "final": history[-1],
     }
+    if resumed_at:  # a round run whole records exactly what it did before rounds could resume
+        report["resumed_at_steps"] = resumed_at
     atomic_write_bytes(out, save_safetensors(state, metadata={"dgss_bench": json.dumps(report)}))
     atomic_write_text(out.with_suffix(".json"), json.dumps({**report, "history": history}, indent=2) + "\n")
+    state_path.unlink(missing_ok=True)
     return {**report, "history": history}
 
 

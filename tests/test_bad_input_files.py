@@ -179,6 +179,23 @@ def test_pretrain_one_stage_past_the_recipe_is_another_round_of_its_last(tmp_pat
     assert dataclasses.replace(stage, seed=PROXY_RECIPE[-1].seed, init=PROXY_RECIPE[-1].init) == PROXY_RECIPE[-1]
 
 
+def test_pretrain_beside_another_recipes_interrupted_round_is_one_line_and_keeps_it(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import benchmarks.pretrain as pretrain
+
+    monkeypatch.setattr(pretrain, "render_pool", lambda cfg: pytest.fail("rendering started"))
+    out = tmp_path / "round.safetensors"
+    state = pretrain.round_state_path(out)
+    recipe = pretrain._recipe_identity(pretrain.PROXY_RECIPE[0])
+    torch.save({"format": pretrain.ROUND_STATE_FORMAT, "recipe": recipe, "init_sha256": None}, state)
+    written = state.read_bytes()
+    code, _, err = _cli(["pretrain", "--stage", "1", "--out", str(out), "--steps", "7"], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(state) in line and "differs in steps" in line, line
+    assert state.read_bytes() == written and not out.exists()
+
+
 def test_pretrain_out_that_is_a_folder_is_refused(tmp_path, capsys, pretraining_calls):
     code, _, err = _cli(["pretrain", "--out", str(tmp_path)], capsys)
     line = _error_line(err)

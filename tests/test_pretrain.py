@@ -29,6 +29,7 @@ from benchmarks.pretrain import (
     recorded_stages_before,
     region_weights,
     render_pool,
+    round_state_path,
     scene_views,
 )
 from datasets.synthetic import Style
@@ -181,6 +182,66 @@ def test_head_warmup_trains_the_heads_but_not_the_backbone(tmp_path) -> None:
     before = load_file(str(start))
     assert all(torch.equal(before[k], continued[TINY.steps][k]) for k in before)
     assert not all(torch.equal(before[k], continued[0][k]) for k in before)  # without it the same round moves it
+
+
+ROUND = dataclasses.replace(TINY, steps=4, warmup_steps=2, region_contrast=1.0)  # every stream a step draws from
+
+
+def _interrupted_at(step: int, cfg: PretrainConfig, out, monkeypatch) -> None:
+    """Run `cfg` with a state written after every step, killed as step `step` draws its batch."""
+    from benchmarks import pretrain as pretraining
+
+    calls, batch = [], pretraining._batch
+
+    def batch_until_killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > step:
+            raise KeyboardInterrupt
+        return batch(*args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pretraining, "_batch", batch_until_killed)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg, out, state_every_seconds=0)
+
+
+def test_an_interrupted_round_resumes_to_the_checkpoint_of_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
+    whole = pretrain(ROUND, tmp_path / "whole.safetensors")
+    out = tmp_path / "resumed.safetensors"
+    _interrupted_at(2, ROUND, out, monkeypatch)
+    assert round_state_path(out).is_file() and not out.exists()
+    resumed = pretrain(ROUND, out)
+    before, after = load_file(str(tmp_path / "whole.safetensors")), load_file(str(out))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed["history"]] == \
+           [{k: v for k, v in r.items() if k != "seconds"} for r in whole["history"]]
+    assert resumed["resumed_at_steps"] == [2] and "resumed_at_steps" not in whole
+    assert not round_state_path(out).exists()  # the checkpoint holds what is worth keeping
+
+
+def test_a_state_of_another_recipe_is_refused_and_kept(tmp_path, monkeypatch) -> None:
+    from benchmarks.errors import UserError
+
+    out = tmp_path / "round.safetensors"
+    _interrupted_at(1, ROUND, out, monkeypatch)
+    state = round_state_path(out).read_bytes()
+    with pytest.raises(UserError, match=r"another recipe \(it differs in lr\)"):
+        pretrain(dataclasses.replace(ROUND, lr=5e-4), out)
+    assert round_state_path(out).read_bytes() == state and not out.exists()
+
+
+class _RunsWhenUnpickled:
+    def __reduce__(self):
+        return (pytest.fail, ("the state file's pickled object was run",))
+
+
+def test_a_state_file_of_pickled_objects_is_refused_unrun(tmp_path) -> None:
+    from benchmarks.errors import UserError
+
+    out = tmp_path / "round.safetensors"
+    torch.save({"format": 1, "recipe": _RunsWhenUnpickled()}, round_state_path(out))
+    with pytest.raises(UserError, match="refused: it holds pickled Python objects"):
+        pretrain(ROUND, out)
 
 
 @pytest.mark.parametrize("views", [0, -1])
