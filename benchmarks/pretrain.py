@@ -31,7 +31,7 @@ which is how the shipped one was made: see `PROXY_RECIPE`).
 A round outlives its process: about once a minute it writes its whole state (student, teacher, heads,
 optimiser, random streams, history) beside its output as `<out stem>.resume.pt`, and the same command run
 again continues from there to the checkpoint an uninterrupted round writes. A round of the GPU rounds'
-size takes about 15 hours on two CPU cores, longer than a session or a lent GPU's 10-minute call.
+size takes 10-15 hours on two CPU cores (docs/results.md), longer than a session or a lent GPU's 10-minute call.
 """
 
 from __future__ import annotations
@@ -462,7 +462,7 @@ def _learning_rate(cfg: PretrainConfig, step: int, progress: float, backbone: bo
 
 ROUND_STATE_FORMAT = 1
 # How often a round writes its state: a minute of work is what an interruption may cost, and a state is
-# written in well under a second (about 60 MB for the proxy: student, teacher, heads and AdamW's moments).
+# written in well under a second (50 MB for the proxy: student, teacher, heads and AdamW's moments).
 STATE_EVERY_SECONDS = 60.0
 
 
@@ -494,7 +494,7 @@ def read_round_state(path: Path, cfg: PretrainConfig) -> dict:
     if differing:
         raise UserError(f"{path} is an interrupted round of another recipe (it differs in {', '.join(differing)}); "
                         "run that recipe again to finish it, or delete the file to start this one")
-    if state["init_sha256"] != (_sha256(cfg.init) if cfg.init else None):
+    if state["init_sha256"] != _init_sha256(cfg):
         raise UserError(f"{path} is an interrupted round from another --init checkpoint; delete it to start this one")
     return state
 
@@ -511,6 +511,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
         raise ValueError(f"pretraining needs at least one view of each scene, got views={cfg.views}")
     state_path = round_state_path(out)
     resumed = read_round_state(state_path, cfg) if state_path.is_file() else None
+    init_sha256 = _init_sha256(cfg)
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     pool = pool_on(render_pool(cfg), device)
@@ -551,7 +552,8 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
     if contrast:
         modules.update(region_heads=region_heads, teacher_projector=teacher_projector)
     streams = {"batches": rng, **({"regions": region_rng} if contrast else {})}
-    history, first_step, trained_before, resumed_at = [], 0, 0.0, []
+    history, first_step, trained_before = [], 0, 0.0
+    segments = [{"from_step": 0, "device": _machine(device)}]  # one per process that trained the round
     if resumed is not None:
         for name, module in modules.items():
             if module is not None:
@@ -566,20 +568,20 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
             torch.cuda.set_rng_state(resumed["device_rng"], device)
         first_step, history = resumed["step"], resumed["history"]
         trained_before, render_seconds = resumed["train_seconds"], resumed["render_seconds"] + render_seconds
-        resumed_at = [*resumed["resumed_at_steps"], first_step]
+        segments = [*resumed["segments"], {"from_step": first_step, "device": _machine(device)}]
         log.info("resuming the round at step %d of %d from %s", first_step, cfg.steps, state_path)
 
     def write_state(next_step: int, seconds: float) -> None:
         atomic_torch_save({
             "format": ROUND_STATE_FORMAT, "recipe": _recipe_identity(cfg),
-            "init_sha256": _sha256(cfg.init) if cfg.init else None, "step": next_step,
+            "init_sha256": init_sha256, "step": next_step,
             "modules": {name: module.state_dict() for name, module in modules.items() if module is not None},
             "mask_token": mask_token.detach().clone(), "optimizer": optimizer.state_dict(),
             "streams": {name: json.dumps(stream.bit_generator.state) for name, stream in streams.items()},
             "torch_rng": torch.get_rng_state(),
             "device_rng": torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None,
             "history": history, "train_seconds": seconds, "render_seconds": render_seconds,
-            "resumed_at_steps": resumed_at,
+            "segments": segments,
         }, state_path)
 
     train_started = last_state = time.perf_counter()
@@ -646,7 +648,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
         "backbone": "proxy_vit",
         "timm_kwargs": BACKBONES["proxy_vit"].timm_kwargs,
         "recipe": asdict(cfg),
-        "init_sha256": _sha256(cfg.init) if cfg.init else None,
+        "init_sha256": init_sha256,
         "objectives": "SimMIM masked pixels + geometric classes (ground/vertical/sky) + log-depth"
                       + (" + cross-style self-distillation (EMA teacher)" if distill else "")
                       + (" + cross-style contrast of class-agnostic regions (DetCon)" if contrast else "")
@@ -656,8 +658,8 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
         "device": _machine(device),
         "final": history[-1],
     }
-    if resumed_at:  # a round run whole records exactly what it did before rounds could resume
-        report["resumed_at_steps"] = resumed_at
+    if len(segments) > 1:  # a round run whole records exactly what it did before rounds could resume
+        report["segments"] = segments
     atomic_write_bytes(out, save_safetensors(state, metadata={"dgss_bench": json.dumps(report)}))
     atomic_write_text(out.with_suffix(".json"), json.dumps({**report, "history": history}, indent=2) + "\n")
     state_path.unlink(missing_ok=True)
@@ -672,6 +674,10 @@ def _machine(device: str) -> str:
     if str(device).startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
+
+
+def _init_sha256(cfg: PretrainConfig) -> str | None:
+    return _sha256(cfg.init) if cfg.init else None
 
 
 def _sha256(path: str | Path) -> str:

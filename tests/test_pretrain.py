@@ -215,7 +215,9 @@ def test_an_interrupted_round_resumes_to_the_checkpoint_of_an_uninterrupted_one(
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed["history"]] == \
            [{k: v for k, v in r.items() if k != "seconds"} for r in whole["history"]]
-    assert resumed["resumed_at_steps"] == [2] and "resumed_at_steps" not in whole
+    machine = whole["device"]
+    assert resumed["segments"] == [{"from_step": 0, "device": machine}, {"from_step": 2, "device": machine}]
+    assert "segments" not in whole
     assert not round_state_path(out).exists()  # the checkpoint holds what is worth keeping
 
 
