@@ -170,7 +170,7 @@ def test_head_warmup_holds_the_backbone_still_and_then_warms_it_up() -> None:
     assert [_learning_rate(off, s, s / 100, True) for s in range(100)] == rates[False]  # 0: the schedule before
 
 
-def test_head_warmup_trains_the_heads_but_not_the_backbone(tmp_path) -> None:
+def test_head_warmup_holds_the_backbone_where_it_started(tmp_path) -> None:
     start = tmp_path / "start.safetensors"
     pretrain(TINY, start)
     continued = {}
