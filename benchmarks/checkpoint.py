@@ -171,18 +171,24 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's payload; a file with pickled objects is refused without running any of it."""
+def load_plain(path: Path, what: str, remove: Path) -> Any:
+    """`torch.load` with `weights_only=True`: a file with pickled objects is refused without running any of it.
+    Either failure is one line naming the file (`what` it is) and `remove`, what the user deletes to start afresh."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(
-            f"checkpoint {path} refused: it holds pickled Python objects, not plain tensors ({first[:120]}); "
-            f"delete {path.parent} if you did not write it"
+            f"{what} {path} refused: it holds pickled Python objects, not plain tensors ({first[:120]}); "
+            f"delete {remove} if you did not write it"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); delete {path.parent} to start afresh") from None
+        raise UserError(f"{what} {path} is unreadable ({type(err).__name__}: {err}); delete {remove} to start afresh") from None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's payload; a file with pickled objects is refused without running any of it."""
+    payload = load_plain(path, "checkpoint", path.parent)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise UserError(f"checkpoint {path} is not a DGSS-Bench checkpoint (format {FORMAT_VERSION}); delete {path.parent}")
     return payload

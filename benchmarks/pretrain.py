@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -54,9 +55,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.backbones import BACKBONES, build_backbone
-from benchmarks.checkpoint import atomic_torch_save
+from benchmarks.checkpoint import atomic_torch_save, load_plain
 from benchmarks.errors import UserError
-from benchmarks.resources import cpu_name
+from benchmarks.resources import device_name
 from benchmarks.results import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -466,17 +467,25 @@ ROUND_STATE_FORMAT = 1
 STATE_EVERY_SECONDS = 60.0
 
 
-def _return_free_memory() -> None:
-    """Hand the allocator's free pages back to the system (glibc only; elsewhere nothing). A CPU round at batch
-    128 allocates tensors of a new size every step (crops of 96-192 pixels) and glibc keeps what they leave in
-    its heap: without this, a round's resident memory grew by about 120 MB a minute (docs/results.md, P26)."""
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None elsewhere (looked up once: `find_library` runs `ldconfig`)."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def _return_free_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc only; elsewhere nothing). A CPU round at batch
+    128 allocates tensors of a new size every step (crops of 96-192 pixels) and glibc keeps what they leave in
+    its heap: without this, a round's resident memory grew by about 120 MB a minute (docs/results.md, P26)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def round_state_path(out: Path) -> Path:
@@ -491,15 +500,7 @@ def _recipe_identity(cfg: PretrainConfig) -> dict:
 
 def read_round_state(path: Path, cfg: PretrainConfig) -> dict:
     """The state an interrupted round of `cfg` left at `path`; one line naming the file when it is not that."""
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} refused: it holds pickled Python objects, not an interrupted pretraining round's "
-                        "tensors; delete it if you did not write it") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"{path} is unreadable ({type(err).__name__}); delete it to start the round afresh") from None
+    state = load_plain(path, "pretraining state", path)
     if not isinstance(state, dict) or state.get("format") != ROUND_STATE_FORMAT:
         raise UserError(f"{path} is not an interrupted pretraining round's state; delete it or pass another --out")
     wanted = _recipe_identity(cfg)
@@ -566,7 +567,8 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
         modules.update(region_heads=region_heads, teacher_projector=teacher_projector)
     streams = {"batches": rng, **({"regions": region_rng} if contrast else {})}
     history, first_step, trained_before = [], 0, 0.0
-    segments = [{"from_step": 0, "device": _machine(device)}]  # one per process that trained the round
+    machine = _machine(device)
+    segments = [{"from_step": 0, "device": machine}]  # one per process that trained the round
     if resumed is not None:
         for name, module in modules.items():
             if module is not None:
@@ -581,7 +583,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
             torch.cuda.set_rng_state(resumed["device_rng"], device)
         first_step, history = resumed["step"], resumed["history"]
         trained_before, render_seconds = resumed["train_seconds"], resumed["render_seconds"] + render_seconds
-        segments = [*resumed["segments"], {"from_step": first_step, "device": _machine(device)}]
+        segments = [*resumed["segments"], {"from_step": first_step, "device": machine}]
         log.info("resuming the round at step %d of %d from %s", first_step, cfg.steps, state_path)
 
     def write_state(next_step: int, seconds: float) -> None:
@@ -652,7 +654,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "step"})
         if step < cfg.steps - 1 and time.perf_counter() - last_state >= state_every_seconds:
             write_state(step + 1, trained_before + time.perf_counter() - train_started)
-            if device == "cpu":
+            if torch.device(device).type == "cpu":
                 _return_free_memory()
             last_state = time.perf_counter()
     train_seconds = trained_before + time.perf_counter() - train_started
@@ -670,7 +672,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
                       + "; no semantic labels",
         "render_seconds": round(render_seconds, 1),
         "train_seconds": round(train_seconds, 1),
-        "device": _machine(device),
+        "device": machine,
         "final": history[-1],
     }
     if len(segments) > 1:  # a round run whole records exactly what it did before rounds could resume
@@ -682,13 +684,13 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
 
 
 def _machine(device: str) -> str:
-    """The device as the record names it: a GPU by its model (the first GPU round said only "cuda"), the CPU
-    by its model, as result files name it, and the threads it trained with."""
-    if device == "cpu":
-        return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
-    if str(device).startswith("cuda"):
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
+    """The device as the record names it: by its model, as result files name it (the first GPU round said only
+    "cuda"), and a CPU with the threads it trained with."""
+    kind, name = torch.device(device).type, device_name(device)
+    if name == kind:  # nothing to add to "mps"
+        return str(device)
+    threads = f", {torch.get_num_threads()} threads" if kind == "cpu" else ""
+    return f"{device} ({name}{threads})"
 
 
 def _init_sha256(cfg: PretrainConfig) -> str | None:

@@ -81,12 +81,14 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 def device_name(device) -> str:
-    """What a result calls the device it ran on: a GPU's name, or the CPU's (`cpu_name`)."""
+    """What a result calls the device it ran on: a GPU's name, the CPU's (`cpu_name`), or another kind's
+    (`mps`) by that kind, not by the CPU beside it."""
     import torch
 
-    if torch.device(device).type == "cuda":
+    kind = torch.device(device).type
+    if kind == "cuda":
         return torch.cuda.get_device_name(device)
-    return cpu_name()
+    return cpu_name() if kind == "cpu" else kind
 
 
 def available_cpus() -> int:

@@ -129,13 +129,15 @@ def test_a_tiny_pretraining_writes_a_loadable_checkpoint_with_its_recipe(tmp_pat
 
 def test_the_record_names_the_machine_it_trained_on(monkeypatch) -> None:
     from benchmarks import pretrain as pretraining
+    from benchmarks import resources
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(pretraining, "cpu_name", lambda: "AMD EPYC 7B13 (AVX2)")
+    monkeypatch.setattr(resources, "cpu_name", lambda: "AMD EPYC 7B13 (AVX2)")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert pretraining._machine("cpu") == "cpu (AMD EPYC 7B13 (AVX2), 2 threads)"
     assert pretraining._machine("cuda") == "cuda (NVIDIA H200)"
     assert pretraining._machine("cuda:1") == "cuda:1 (NVIDIA H200)"
+    assert pretraining._machine("mps") == "mps"  # not named by the CPU beside it
 
 
 def test_init_continues_from_a_checkpoint(tmp_path) -> None:

@@ -124,3 +124,15 @@ def test_package_versions_names_missing_packages_none_and_covers_what_results_re
 
     for recorded in (environment(torch.device("cpu")), environment_summary(torch.device("cpu"))):
         assert {package: recorded[package] for package in RECORDED_PACKAGES} == package_versions()
+
+
+def test_device_name_names_a_gpu_by_model_a_cpu_by_model_and_another_kind_by_its_kind(monkeypatch):
+    import torch
+
+    from benchmarks import resources
+
+    monkeypatch.setattr(resources, "cpu_name", lambda: "Intel(R) Xeon(R) Processor (AVX512, AMX)")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert resources.device_name(torch.device("cpu")) == "Intel(R) Xeon(R) Processor (AVX512, AMX)"
+    assert resources.device_name("cuda:0") == "NVIDIA H200"
+    assert resources.device_name("mps") == "mps"  # not the CPU beside it
