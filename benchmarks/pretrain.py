@@ -524,6 +524,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
     if cfg.views < 1:
         raise ValueError(f"pretraining needs at least one view of each scene, got views={cfg.views}")
     state_path = round_state_path(out)
+    device_kind = torch.device(device).type
     resumed = read_round_state(state_path, cfg) if state_path.is_file() else None
     init_sha256 = _init_sha256(cfg)
     torch.manual_seed(cfg.seed)
@@ -579,7 +580,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
         for name, stream in streams.items():
             stream.bit_generator.state = json.loads(resumed["streams"][name])
         torch.set_rng_state(resumed["torch_rng"])
-        if resumed["device_rng"] is not None and str(device).startswith("cuda"):
+        if resumed["device_rng"] is not None and device_kind == "cuda":
             torch.cuda.set_rng_state(resumed["device_rng"], device)
         first_step, history = resumed["step"], resumed["history"]
         trained_before, render_seconds = resumed["train_seconds"], resumed["render_seconds"] + render_seconds
@@ -594,7 +595,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
             "mask_token": mask_token.detach().clone(), "optimizer": optimizer.state_dict(),
             "streams": {name: json.dumps(stream.bit_generator.state) for name, stream in streams.items()},
             "torch_rng": torch.get_rng_state(),
-            "device_rng": torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None,
+            "device_rng": torch.cuda.get_rng_state(device) if device_kind == "cuda" else None,
             "history": history, "train_seconds": seconds, "render_seconds": render_seconds,
             "segments": segments,
         }, state_path)
@@ -654,7 +655,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "step"})
         if step < cfg.steps - 1 and time.perf_counter() - last_state >= state_every_seconds:
             write_state(step + 1, trained_before + time.perf_counter() - train_started)
-            if torch.device(device).type == "cpu":
+            if device_kind == "cpu":
                 _return_free_memory()
             last_state = time.perf_counter()
     train_seconds = trained_before + time.perf_counter() - train_started
