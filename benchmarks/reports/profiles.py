@@ -92,7 +92,8 @@ def environment_summary(device: torch.device | None) -> dict[str, Any]:
     if device is not None:
         info["device"] = str(device)
         info["device_name"] = device_name(device)
-        info["peak_bf16_tflops"] = (peak_bf16_flops(info["device_name"], str(device)) or 0) / 1e12 or None
+        peak = peak_bf16_flops(info["device_name"], str(device))
+        info["peak_bf16_tflops"] = None if peak is None else peak / 1e12
     with contextlib.suppress(OSError):
         info["load_average"] = list(os.getloadavg())
     return info
