@@ -513,6 +513,121 @@ def read_round_state(path: Path, cfg: PretrainConfig) -> dict:
     return state
 
 
+class _Learner:
+    """Everything a pretraining step changes: the student, its objective heads and mask token, the EMA teacher
+    of the cross-style objectives, their optimiser, and the random streams that draw batches and regions.
+    `state_dict` is what a round's state holds of it and `load_state_dict` restores; `train_step` is one step
+    of the recipe."""
+
+    def __init__(self, cfg: PretrainConfig, device: str):
+        # The order of construction is the order in which the torch stream draws the initial weights.
+        # Built at the benchmark's input size so the position grid is the one fine-tuning uses; the
+        # smaller pretraining inputs see it interpolated.
+        self.cfg = cfg
+        self.backbone = build_backbone("proxy_vit", img_size=BACKBONES["proxy_vit"].native_img_size,
+                                       weights=cfg.init or "random").to(device)
+        self.patch = patch = self.backbone.patch_size
+        dim = self.backbone.embed_dim
+        self.heads = PretrainHeads(dim, patch, distill=cfg.distills).to(device)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim, device=device))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.teacher = (copy.deepcopy(self.backbone).requires_grad_(False).eval()
+                        if cfg.distills or cfg.contrasts_regions else None)
+        self.params = list(self.backbone.parameters()) + list(self.heads.parameters()) + [self.mask_token]
+        self.region_heads = self.teacher_projector = None
+        if cfg.contrasts_regions:
+            self.region_heads = RegionContrast(dim, temperature=cfg.contrast_temperature).to(device)
+            self.teacher_projector = copy.deepcopy(self.region_heads.projector).requires_grad_(False)
+            self.params += list(self.region_heads.parameters())
+        self.optimizer = torch.optim.AdamW(self._parameter_groups(), lr=cfg.lr)
+        # The regions have their own stream, so that the batches are drawn as without the region contrast.
+        self.streams = {"batches": np.random.default_rng(cfg.seed),
+                        **({"regions": np.random.default_rng([cfg.seed, 1])} if cfg.contrasts_regions else {})}
+        self.grid = (cfg.crop_size // patch, cfg.crop_size // patch)
+        self.device = device
+
+    def _parameter_groups(self) -> list[dict]:
+        """Backbone and heads apart (the backbone may warm up later), each with and without weight decay; AdamW
+        updates each parameter alone, so the split changes no value."""
+        backbone_params = {id(p) for p in self.backbone.parameters()}
+        groups = []
+        for is_backbone in (True, False):
+            members = [p for p in self.params if (id(p) in backbone_params) == is_backbone]
+            groups += [{"params": [p for p in members if p.ndim > 1 and p is not self.mask_token],
+                        "weight_decay": self.cfg.weight_decay, "backbone": is_backbone},
+                       {"params": [p for p in members if p.ndim <= 1 or p is self.mask_token],
+                        "weight_decay": 0.0, "backbone": is_backbone}]
+        return groups
+
+    def _modules(self) -> dict[str, nn.Module]:
+        named = {"student": self.backbone.vit, "heads": self.heads, "teacher": self.teacher,
+                 "region_heads": self.region_heads, "teacher_projector": self.teacher_projector}
+        return {name: module for name, module in named.items() if module is not None}
+
+    def state_dict(self) -> dict:
+        return {"modules": {name: module.state_dict() for name, module in self._modules().items()},
+                "mask_token": self.mask_token.detach().clone(), "optimizer": self.optimizer.state_dict(),
+                "streams": {name: json.dumps(stream.bit_generator.state) for name, stream in self.streams.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, module in self._modules().items():
+            module.load_state_dict(state["modules"][name])
+        with torch.no_grad():
+            self.mask_token.copy_(state["mask_token"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, stream in self.streams.items():
+            stream.bit_generator.state = json.loads(state["streams"][name])
+
+    def train_step(self, pool: ScenePool, step: int) -> dict[str, torch.Tensor]:
+        """One step of the recipe on a batch drawn from `pool`; returns its losses by name ("loss" is their sum)."""
+        cfg, backbone, vit, patch, grid = self.cfg, self.backbone, self.backbone.vit, self.patch, self.grid
+        progress = step / cfg.steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = _learning_rate(cfg, step, progress, group["backbone"])
+        image, teacher_image, geometry, depth, regions = _batch(pool, self.streams["batches"], cfg)
+        num_patches = grid[0] * grid[1]
+        masked = (torch.rand(image.shape[0], num_patches, device=self.device).argsort(1)
+                  < int(cfg.mask_ratio * num_patches))
+
+        x = vit.patch_embed(image)  # NHWC: the backbone is built for dynamic input sizes
+        x = torch.where(masked.view(-1, *grid, 1), self.mask_token.to(x.dtype).expand_as(x), x)
+        x = vit.norm_pre(vit._pos_embed(x))
+        x = _block_outputs(backbone, x)[-1][:, backbone.num_prefix_tokens :]
+        pixels, geo_logits, depth_pred, predicted_target = self.heads(x, grid)
+
+        target = F.unfold(image, patch, stride=patch)  # [B, 3·p·p, N]
+        target = (target - target.mean(1, keepdim=True)) / (target.var(1, keepdim=True) + 1e-6).sqrt()
+        predicted = F.unfold(pixels, patch, stride=patch)
+        losses = {"pixels": ((predicted - target).abs().mean(1) * masked).sum() / masked.sum(),
+                  "geometry": F.cross_entropy(geo_logits, geometry, ignore_index=255),
+                  "depth": F.l1_loss(depth_pred[:, 0], depth),
+                  "cross_style": torch.zeros((), device=self.device)}
+        teacher_outputs = _teacher_patch_outputs(self.teacher, teacher_image) if self.teacher is not None else None
+        if cfg.distills:
+            # every patch, masked or not: the student must map its appearance to the other one's features
+            losses["cross_style"] = F.mse_loss(predicted_target,
+                                               _distillation_target(teacher_outputs, cfg.target_layers))
+        if cfg.contrasts_regions:
+            weights = region_weights(regions, patch, cfg.regions_per_image, self.streams["regions"])
+            losses["regions"] = self.region_heads.loss(pool_regions(x, weights),
+                                                       pool_regions(teacher_outputs[-1], weights),
+                                                       self.teacher_projector)
+        w = cfg.loss_weights
+        loss = (w[0] * losses["pixels"] + w[1] * losses["geometry"] + w[2] * losses["depth"]
+                + w[3] * losses["cross_style"] + cfg.region_contrast * losses.get("regions", 0.0))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 3.0)
+        self.optimizer.step()
+        if self.teacher is not None:
+            low, high = cfg.teacher_momentum
+            momentum = high - (high - low) * 0.5 * (1 + math.cos(math.pi * progress))
+            _ema_update(self.teacher, backbone, momentum)
+            if self.region_heads is not None:
+                _ema_update(self.teacher_projector, self.region_heads.projector, momentum)
+        return {"loss": loss, **losses}
+
+
 def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
              state_every_seconds: float = STATE_EVERY_SECONDS) -> dict:
     """Train the proxy ViT and write its safetensors checkpoint; returns the measured costs and loss history.
@@ -533,52 +648,12 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
     render_seconds = time.perf_counter() - started
     log.info("rendered %d scenes × %d views in %.0f s", cfg.scenes, cfg.views, render_seconds)
 
-    # Built at the benchmark's input size so the position grid is the one fine-tuning uses; the
-    # smaller pretraining inputs see it interpolated.
-    backbone = build_backbone("proxy_vit", img_size=BACKBONES["proxy_vit"].native_img_size,
-                              weights=cfg.init or "random").to(device)
-    vit = backbone.vit
-    patch = backbone.patch_size
-    distill, contrast = cfg.distills, cfg.contrasts_regions
-    heads = PretrainHeads(backbone.embed_dim, patch, distill=distill).to(device)
-    mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim, device=device))
-    nn.init.normal_(mask_token, std=0.02)
-    teacher = copy.deepcopy(backbone).requires_grad_(False).eval() if distill or contrast else None
-    params = list(backbone.parameters()) + list(heads.parameters()) + [mask_token]
-    if contrast:
-        region_heads = RegionContrast(backbone.embed_dim, temperature=cfg.contrast_temperature).to(device)
-        teacher_projector = copy.deepcopy(region_heads.projector).requires_grad_(False)
-        params += list(region_heads.parameters())
-        region_rng = np.random.default_rng([cfg.seed, 1])  # its own stream: the batches are drawn as without it
-    backbone_params = {id(p) for p in backbone.parameters()}
-    groups = []
-    for is_backbone in (True, False):  # AdamW updates each parameter alone: the split changes no value
-        members = [p for p in params if (id(p) in backbone_params) == is_backbone]
-        groups += [{"params": [p for p in members if p.ndim > 1 and p is not mask_token],
-                    "weight_decay": cfg.weight_decay, "backbone": is_backbone},
-                   {"params": [p for p in members if p.ndim <= 1 or p is mask_token],
-                    "weight_decay": 0.0, "backbone": is_backbone}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    rng = np.random.default_rng(cfg.seed)
-    grid = (cfg.crop_size // patch, cfg.crop_size // patch)
-    num_patches = grid[0] * grid[1]
-    # Everything a step changes, by name: what the state holds and a resumed round restores.
-    modules = {"student": vit, "heads": heads, "teacher": teacher}
-    if contrast:
-        modules.update(region_heads=region_heads, teacher_projector=teacher_projector)
-    streams = {"batches": rng, **({"regions": region_rng} if contrast else {})}
+    learner = _Learner(cfg, device)
     history, first_step, trained_before = [], 0, 0.0
     machine = _machine(device)
     segments = [{"from_step": 0, "device": machine}]  # one per process that trained the round
     if resumed is not None:
-        for name, module in modules.items():
-            if module is not None:
-                module.load_state_dict(resumed["modules"][name])
-        with torch.no_grad():
-            mask_token.copy_(resumed["mask_token"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        for name, stream in streams.items():
-            stream.bit_generator.state = json.loads(resumed["streams"][name])
+        learner.load_state_dict(resumed)
         torch.set_rng_state(resumed["torch_rng"])
         if resumed["device_rng"] is not None and device_kind == "cuda":
             torch.cuda.set_rng_state(resumed["device_rng"], device)
@@ -590,10 +665,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
     def write_state(next_step: int, seconds: float) -> None:
         atomic_torch_save({
             "format": ROUND_STATE_FORMAT, "recipe": _recipe_identity(cfg),
-            "init_sha256": init_sha256, "step": next_step,
-            "modules": {name: module.state_dict() for name, module in modules.items() if module is not None},
-            "mask_token": mask_token.detach().clone(), "optimizer": optimizer.state_dict(),
-            "streams": {name: json.dumps(stream.bit_generator.state) for name, stream in streams.items()},
+            "init_sha256": init_sha256, "step": next_step, **learner.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "device_rng": torch.cuda.get_rng_state(device) if device_kind == "cuda" else None,
             "history": history, "train_seconds": seconds, "render_seconds": render_seconds,
@@ -603,51 +675,9 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
     train_started = last_state = time.perf_counter()
     bar = tqdm(range(first_step, cfg.steps), desc="pretrain", unit="it", initial=first_step, total=cfg.steps)
     for step in bar:
-        progress = step / cfg.steps
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(cfg, step, progress, group["backbone"])
-        image, teacher_image, geometry, depth, regions = _batch(pool, rng, cfg)
-        masked = torch.rand(image.shape[0], num_patches, device=device).argsort(1) < int(cfg.mask_ratio * num_patches)
-
-        x = vit.patch_embed(image)  # NHWC: the backbone is built for dynamic input sizes
-        x = torch.where(masked.view(-1, *grid, 1), mask_token.to(x.dtype).expand_as(x), x)
-        x = vit.norm_pre(vit._pos_embed(x))
-        x = _block_outputs(backbone, x)[-1][:, backbone.num_prefix_tokens :]
-        pixels, geo_logits, depth_pred, predicted_target = heads(x, grid)
-
-        target = F.unfold(image, patch, stride=patch)  # [B, 3·p·p, N]
-        target = (target - target.mean(1, keepdim=True)) / (target.var(1, keepdim=True) + 1e-6).sqrt()
-        predicted = F.unfold(pixels, patch, stride=patch)
-        pixel_loss = ((predicted - target).abs().mean(1) * masked).sum() / masked.sum()
-        geometry_loss = F.cross_entropy(geo_logits, geometry, ignore_index=255)
-        depth_loss = F.l1_loss(depth_pred[:, 0], depth)
-        teacher_outputs = _teacher_patch_outputs(teacher, teacher_image) if teacher is not None else None
-        distill_loss = contrast_loss = torch.zeros((), device=device)
-        if distill:
-            # every patch, masked or not: the student must map its appearance to the other one's features
-            distill_loss = F.mse_loss(predicted_target, _distillation_target(teacher_outputs, cfg.target_layers))
-        if contrast:
-            weights = region_weights(regions, patch, cfg.regions_per_image, region_rng)
-            contrast_loss = region_heads.loss(pool_regions(x, weights), pool_regions(teacher_outputs[-1], weights),
-                                              teacher_projector)
-        w = cfg.loss_weights
-        loss = (w[0] * pixel_loss + w[1] * geometry_loss + w[2] * depth_loss + w[3] * distill_loss
-                + cfg.region_contrast * contrast_loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        optimizer.step()
-        if teacher is not None:
-            low, high = cfg.teacher_momentum
-            momentum = high - (high - low) * 0.5 * (1 + math.cos(math.pi * progress))
-            _ema_update(teacher, backbone, momentum)
-            if contrast:
-                _ema_update(teacher_projector, region_heads.projector, momentum)
+        losses = learner.train_step(pool, step)
         if step % 50 == 0 or step == cfg.steps - 1:
-            record = {"step": step, "loss": loss.item(), "pixels": pixel_loss.item(), "geometry": geometry_loss.item(),
-                      "depth": depth_loss.item(), "cross_style": distill_loss.item()}
-            if contrast:
-                record["regions"] = contrast_loss.item()
+            record = {"step": step, **{name: value.item() for name, value in losses.items()}}
             # Seconds since training began, after `.item()` waited for the device: a rate read off two records
             # leaves out the first steps' warm-up (tools/gpu-proxy sizes a round so).
             record["seconds"] = round(trained_before + time.perf_counter() - train_started, 2)
@@ -661,15 +691,15 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu",
     train_seconds = trained_before + time.perf_counter() - train_started
 
     # The student is what ships (the teacher is its slow average; at the end they nearly agree).
-    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in vit.state_dict().items()}
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in learner.backbone.vit.state_dict().items()}
     report = {
         "backbone": "proxy_vit",
         "timm_kwargs": BACKBONES["proxy_vit"].timm_kwargs,
         "recipe": asdict(cfg),
         "init_sha256": init_sha256,
         "objectives": "SimMIM masked pixels + geometric classes (ground/vertical/sky) + log-depth"
-                      + (" + cross-style self-distillation (EMA teacher)" if distill else "")
-                      + (" + cross-style contrast of class-agnostic regions (DetCon)" if contrast else "")
+                      + (" + cross-style self-distillation (EMA teacher)" if cfg.distills else "")
+                      + (" + cross-style contrast of class-agnostic regions (DetCon)" if cfg.contrasts_regions else "")
                       + "; no semantic labels",
         "render_seconds": round(render_seconds, 1),
         "train_seconds": round(train_seconds, 1),
