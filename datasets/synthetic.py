@@ -27,9 +27,11 @@ Public API beyond the benchmark world:
 from __future__ import annotations
 
 import colorsys
+import functools
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -381,334 +383,426 @@ VEHICLE_COLOURS: tuple[RGB, ...] = ((200, 200, 205), (30, 30, 35), (150, 20, 25)
                                     (230, 230, 230), (60, 90, 60), (180, 150, 60), (90, 20, 80))
 
 
-def _layout(cv: _Canvas, rng: np.random.Generator, st: Style) -> None:
-    """Draw one street scene onto the canvas (ground, façades, street furniture, agents)."""
-    pal = st.palette
-    u = rng.uniform
-    col = lambda name, j=st.colour_jitter: _jitter(rng, pal[name], j)  # noqa: E731
-    road_w = u(*st.road_width)
-    rl, rr = -road_w * u(0.35, 0.65), 0.0
-    rr = rl + road_w
-    sw_l, sw_r = u(*st.sidewalk), u(*st.sidewalk)
-    zfar = 400.0
-    # nearest ground depth in view (bottom image row), with margin
-    znear = max(0.3, 0.5 * cv.f * cv.cam_h / max(cv.h - cv.yh, 1.0))
-    highway = rng.random() < st.guard_rail_prob
+@dataclass(frozen=True)
+class _Street:
+    """Where one scene's street lies, in metres across (X) from the camera."""
 
-    # --- background: sky is the canvas fill; a far skyline or tree line at the end of the street
-    horizon_y = cv.yh
-    if rng.random() < 0.7:
+    left: float  # the road's edges
+    right: float
+    lanes: int
+    lane_width: float
+    outer_left: float  # where the sidewalks (a highway's shoulders) end and the roadside begins
+    outer_right: float
+    highway: bool
+    tram_x: float | None  # the rails' centre line where a tram runs, else None
+
+    def lane_x(self, rng: np.random.Generator) -> float:
+        """Somewhere near the middle of a random lane."""
+        return self.left + self.lane_width * (int(rng.integers(self.lanes)) + 0.5) + rng.uniform(-0.3, 0.3)
+
+
+_FAR_GROUND = 400.0  # metres: ground strips run to here, past the skyline
+
+
+class _StreetScene:
+    """One street scene drawn onto a canvas: the ground and the skyline, façades, roadside barriers, then the
+    street's objects far to near.
+
+    Every random draw comes from the one generator, in the order the scene is drawn: a seed renders the same
+    scene only as long as that order holds (`WORLD_VERSION` changes when it does not). Objects draw where they
+    stand when they are placed, and their sizes and colours when they are painted, far to near."""
+
+    def __init__(self, cv: _Canvas, rng: np.random.Generator, st: Style) -> None:
+        self.cv, self.rng, self.st = cv, rng, st
+        self.u = rng.uniform
+
+    def colour(self, name: str, jitter: float | None = None) -> RGB:
+        """The palette's colour of a world class, jittered (by the style's amount unless `jitter` is given)."""
+        return _jitter(self.rng, self.st.palette[name], self.st.colour_jitter if jitter is None else jitter)
+
+    def draw(self) -> None:
+        street = self.ground()
+        self.facades(street)
+        self.barriers(street)
+        for _, paint in sorted(self.objects(street), key=lambda item: -item[0]):
+            paint()
+
+    # -- the ground ---------------------------------------------------------------------------------------
+    def ground(self) -> _Street:
+        """Plan the street, draw the skyline at its far end, then everything on the ground: terrain, road, lane
+        markings, a crosswalk, tram rails, curbs and sidewalks."""
+        cv, rng, st, u = self.cv, self.rng, self.st, self.u
+        road_width = u(*st.road_width)
+        left = -road_width * u(0.35, 0.65)
+        right = left + road_width
+        sidewalk_left, sidewalk_right = u(*st.sidewalk), u(*st.sidewalk)
+        # nearest ground depth in view (bottom image row), with margin
+        near = max(0.3, 0.5 * cv.f * cv.cam_h / max(cv.h - cv.yh, 1.0))
+        highway = rng.random() < st.guard_rail_prob
+
+        self.skyline()
+        # ground everywhere first (terrain), then the street
+        cv.ground(-400, 400, near, _FAR_GROUND, "terrain", self.colour("terrain"))
+        cv.ground(left, right, near, _FAR_GROUND, "road", self.colour("road", 0.08))
+        lanes = max(1, int(road_width // 3.3))
+        lane_width = road_width / lanes
+        self.lane_markings(left, right, lanes, lane_width, near)
+        if rng.random() < 0.35:
+            self.crosswalk(left, right)
+        tram_x = None
+        if rng.random() < st.train_prob:  # rails in the road (rail track is ignored in every encoding)
+            tram_x = left + road_width * u(0.3, 0.7)
+            for dx in (-0.75, 0.75):
+                cv.ground(tram_x + dx - 0.06, tram_x + dx + 0.06, near, _FAR_GROUND, "rail track",
+                          self.colour("rail track"))
+
+        curb_colour = self.colour("curb", 0.05)  # drawn on a highway too, unused there: the order of draws holds
+        if highway:
+            outer_left, outer_right = left - 1.0, right + 1.0
+        else:
+            outer_left, outer_right = left - 0.25 - sidewalk_left, right + 0.25 + sidewalk_right
+            cv.ground(left - 0.25, left, near, _FAR_GROUND, "curb", curb_colour)
+            cv.ground(right, right + 0.25, near, _FAR_GROUND, "curb", curb_colour)
+            cv.ground(outer_left, left - 0.25, near, _FAR_GROUND, "sidewalk", self.colour("sidewalk", 0.08))
+            cv.ground(right + 0.25, outer_right, near, _FAR_GROUND, "sidewalk", self.colour("sidewalk", 0.08))
+        return _Street(left, right, lanes, lane_width, outer_left, outer_right, highway, tram_x)
+
+    def skyline(self) -> None:
+        """Sometimes a far row of buildings or trees at the end of the street (the sky is the canvas's fill)."""
+        if self.rng.random() >= 0.7:
+            return
         x = -120.0
         while x < 120.0:
-            bw, bh = u(8, 30), u(5, 45)
-            cls = "building" if rng.random() < 0.7 else "vegetation"
-            cv.rect(x, x + bw, 0, bh, 250.0, cls, _scale(col(cls), 0.9))
-            x += bw + (u(0, 10) if rng.random() < 0.3 else 0)
-    # ground everywhere first (terrain), then the street
-    cv.ground(-400, 400, znear, zfar, "terrain", col("terrain"))
-    del horizon_y
+            width, height = self.u(8, 30), self.u(5, 45)
+            cls = "building" if self.rng.random() < 0.7 else "vegetation"
+            self.cv.rect(x, x + width, 0, height, 250.0, cls, _scale(self.colour(cls), 0.9))
+            x += width + (self.u(0, 10) if self.rng.random() < 0.3 else 0)
 
-    # --- ground strips
-    cv.ground(rl, rr, znear, zfar, "road", col("road", 0.08))
-    lanes = max(1, int(road_w // 3.3))
-    lane_w = road_w / lanes
-    mark_col = col("lane marking", 0.05)
-    for i in range(1, lanes):
-        x = rl + i * lane_w
-        dashed = rng.random() < 0.7
-        z = u(1, 4)
-        while z < 150:
-            ln = u(2.5, 4.0) if dashed else 150
-            cv.ground(x - 0.08, x + 0.08, z, min(z + ln, 150), "lane marking", mark_col)
-            z += ln + (u(4, 7) if dashed else 0)
-    for x in (rl + 0.25, rr - 0.25):  # edge lines
-        if rng.random() < 0.6:
-            cv.ground(x - 0.07, x + 0.07, znear, 150, "lane marking", mark_col)
-    if rng.random() < 0.35:  # crosswalk
-        z0 = u(6, 30)
-        cw = col("crosswalk", 0.05)
-        x = rl + 0.3
-        while x < rr - 0.5:
-            cv.ground(x, x + 0.5, z0, z0 + 3.5, "crosswalk", cw)
+    def lane_markings(self, left: float, right: float, lanes: int, lane_width: float, near: float) -> None:
+        """Lines between the lanes (mostly dashed) and, sometimes, along the road's edges."""
+        rng, u = self.rng, self.u
+        marking = self.colour("lane marking", 0.05)
+        for i in range(1, lanes):
+            x = left + i * lane_width
+            dashed = rng.random() < 0.7
+            z = u(1, 4)
+            while z < 150:
+                length = u(2.5, 4.0) if dashed else 150
+                self.cv.ground(x - 0.08, x + 0.08, z, min(z + length, 150), "lane marking", marking)
+                z += length + (u(4, 7) if dashed else 0)
+        for x in (left + 0.25, right - 0.25):
+            if rng.random() < 0.6:
+                self.cv.ground(x - 0.07, x + 0.07, near, 150, "lane marking", marking)
+
+    def crosswalk(self, left: float, right: float) -> None:
+        z = self.u(6, 30)
+        stripe = self.colour("crosswalk", 0.05)
+        x = left + 0.3
+        while x < right - 0.5:
+            self.cv.ground(x, x + 0.5, z, z + 3.5, "crosswalk", stripe)
             x += 1.0
-    tram = rng.random() < st.train_prob
-    if tram:  # rails in the road (rail track is ignored in every encoding)
-        xc = rl + road_w * u(0.3, 0.7)
-        for dx in (-0.75, 0.75):
-            cv.ground(xc + dx - 0.06, xc + dx + 0.06, znear, zfar, "rail track", col("rail track"))
 
-    curb_col = col("curb", 0.05)
-    if not highway:
-        cv.ground(rl - 0.25, rl, znear, zfar, "curb", curb_col)
-        cv.ground(rr, rr + 0.25, znear, zfar, "curb", curb_col)
-        cv.ground(rl - 0.25 - sw_l, rl - 0.25, znear, zfar, "sidewalk", col("sidewalk", 0.08))
-        cv.ground(rr + 0.25, rr + 0.25 + sw_r, znear, zfar, "sidewalk", col("sidewalk", 0.08))
-    out_l, out_r = rl - 0.25 - sw_l, rr + 0.25 + sw_r
-    if highway:
-        out_l, out_r = rl - 1.0, rr + 1.0
+    # -- along the street ---------------------------------------------------------------------------------
+    def facades(self, street: _Street) -> None:
+        """Each side's buildings beyond an optional terrain strip; the gaps between them hold trees."""
+        for sign, edge in ((-1, street.outer_left), (1, street.outer_right)):
+            setback = self.u(0.5, 4.0) if self.rng.random() < self.st.terrain_prob else 0.0
+            x = edge + sign * setback
+            z = self.u(2, 10)
+            slabs = []
+            while z < 160:
+                length = self.u(8, 35)
+                if self.rng.random() < self.st.building_prob and not street.highway:
+                    slabs.append((z, z + length, self.u(*self.st.building_height)))
+                elif self.rng.random() < 0.7:  # a gap with trees behind
+                    self.trees_behind(x, sign, z, length)
+                z += length + (self.u(0, 8) if self.rng.random() < 0.3 else 0)
+            for z0, z1, height in reversed(slabs):
+                self.building(x, sign, z0, z1, height)
 
-    # --- façades along the street (beyond an optional terrain strip)
-    shade = st.shadow
-    for sign, edge in ((-1, out_l), (1, out_r)):
-        setback = u(0.5, 4.0) if rng.random() < st.terrain_prob else 0.0
-        xb = edge + sign * setback
-        z = u(2, 10)
-        slabs = []
-        while z < 160:
-            length = u(8, 35)
-            if rng.random() < st.building_prob and not highway:
-                slabs.append((z, z + length, u(*st.building_height)))
-            elif rng.random() < 0.7:  # a gap with trees behind
-                for _ in range(int(rng.integers(1, 4))):
-                    tz = z + u(0, length)
-                    tx = xb + sign * u(1, 6)
-                    th = u(5, 12)
-                    c = cv.p(tx, th * 0.7, tz)
-                    r = cv.f * u(2.5, 5) / tz
-                    cv.ellipse((c[0] - r, c[1] - r * 1.2, c[0] + r, c[1] + r * 1.2), "vegetation", col("vegetation"), tz)
-            z += length + (u(0, 8) if rng.random() < 0.3 else 0)
-        for z0, z1, hb in reversed(slabs):
-            bc = _scale(col("building"), 1.0 - shade * 0.5)
-            cv.side(xb, 0, hb, z0, z1, "building", bc, slices=3)
-            # window grid (image detail only, label stays building)
-            win = _scale(bc, 0.45) if rng.random() < 0.7 else _scale(bc, 1.4)
-            rows = int(hb // 3.2)
-            nz = int((z1 - z0) // 3.0)
-            if rows and nz and cv.f * 1.0 / z0 > 1.5:
-                for r in range(rows):
-                    y0 = 1.2 + r * 3.2
-                    for k in range(nz):
-                        za = z0 + 0.8 + k * 3.0
-                        lit = rng.random() < 0.3
-                        cv.side(xb - sign * 0.01, y0, y0 + 1.6, za, za + 1.4, "building", win)
-                        if lit:
-                            a, b = cv.p(xb, y0 + 1.6, za), cv.p(xb, y0, za + 1.4)
-                            cv.de.rectangle((min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1])), fill=90)
-            # building front edge facing the street (a face at z0)
-            cv.poly([cv.p(xb, 0, z0), cv.p(xb, hb, z0), cv.p(xb + sign * 8, hb, z0), cv.p(xb + sign * 8, 0, z0)],
-                    "building", _scale(bc, 0.85), z0)
+    def trees_behind(self, x: float, sign: int, z: float, length: float) -> None:
+        for _ in range(int(self.rng.integers(1, 4))):
+            tree_z = z + self.u(0, length)
+            tree_x = x + sign * self.u(1, 6)
+            crown_height = self.u(5, 12)
+            c = self.cv.p(tree_x, crown_height * 0.7, tree_z)
+            r = self.cv.f * self.u(2.5, 5) / tree_z
+            self.cv.ellipse((c[0] - r, c[1] - r * 1.2, c[0] + r, c[1] + r * 1.2), "vegetation",
+                            self.colour("vegetation"), tree_z)
 
-    # --- walls, fences, guard rails along the outer sidewalk edge (in front of façades)
-    for sign, edge in ((-1, out_l), (1, out_r)):
-        if highway:
-            gc = col("guard rail", 0.05)
-            cv.side(edge + 0.6 * -sign, 0.3, 0.8, 2.0, 200, "guard rail", gc, slices=4)
-            continue
-        z = u(3, 15)
-        while z < 90:
-            length = u(5, 25)
-            kind = rng.random()
-            if kind < st.wall_prob * 0.5:
-                cv.side(edge - sign * 0.1, 0, u(0.8, 2.5), z, z + length, "wall", col("wall"), slices=2)
-            elif kind < (st.wall_prob + st.fence_prob) * 0.5:
-                fh = u(0.9, 2.0)
-                fc = col("fence")
-                cv.side(edge - sign * 0.1, 0, fh, z, z + length, "fence", fc, slices=2)
-                bars = _scale(fc, 0.6)
-                for zz in np.arange(z, z + length, 0.6):
-                    a, b = cv.p(edge - sign * 0.1, fh, zz), cv.p(edge - sign * 0.1, 0, zz)
-                    cv.dc.line([a, b], fill=bars, width=1)
-            z += length + u(2, 15)
+    def building(self, x: float, sign: int, z0: float, z1: float, height: float) -> None:
+        """A façade from depth z0 to z1 with a grid of windows (some lit at night), and its street-facing edge."""
+        cv = self.cv
+        wall = _scale(self.colour("building"), 1.0 - self.st.shadow * 0.5)
+        cv.side(x, 0, height, z0, z1, "building", wall, slices=3)
+        # windows are image detail only: their label stays building
+        window = _scale(wall, 0.45) if self.rng.random() < 0.7 else _scale(wall, 1.4)
+        rows = int(height // 3.2)
+        columns = int((z1 - z0) // 3.0)
+        if rows and columns and cv.f * 1.0 / z0 > 1.5:
+            for r in range(rows):
+                y0 = 1.2 + r * 3.2
+                for k in range(columns):
+                    za = z0 + 0.8 + k * 3.0
+                    lit = self.rng.random() < 0.3
+                    cv.side(x - sign * 0.01, y0, y0 + 1.6, za, za + 1.4, "building", window)
+                    if lit:
+                        a, b = cv.p(x, y0 + 1.6, za), cv.p(x, y0, za + 1.4)
+                        cv.de.rectangle((min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1])), fill=90)
+        cv.poly([cv.p(x, 0, z0), cv.p(x, height, z0), cv.p(x + sign * 8, height, z0), cv.p(x + sign * 8, 0, z0)],
+                "building", _scale(wall, 0.85), z0)
 
-    # --- objects sorted far → near: (z, draw function)
-    items: list[tuple[float, Any]] = []
+    def barriers(self, street: _Street) -> None:
+        """Walls and fences along the outer sidewalk edge, in front of the façades; guard rails on a highway."""
+        cv, u = self.cv, self.u
+        for sign, edge in ((-1, street.outer_left), (1, street.outer_right)):
+            if street.highway:
+                cv.side(edge + 0.6 * -sign, 0.3, 0.8, 2.0, 200, "guard rail", self.colour("guard rail", 0.05), slices=4)
+                continue
+            x = edge - sign * 0.1
+            z = u(3, 15)
+            while z < 90:
+                length = u(5, 25)
+                kind = self.rng.random()
+                if kind < self.st.wall_prob * 0.5:
+                    cv.side(x, 0, u(0.8, 2.5), z, z + length, "wall", self.colour("wall"), slices=2)
+                elif kind < (self.st.wall_prob + self.st.fence_prob) * 0.5:
+                    height = u(0.9, 2.0)
+                    fence = self.colour("fence")
+                    cv.side(x, 0, height, z, z + length, "fence", fence, slices=2)
+                    bars = _scale(fence, 0.6)
+                    for bar_z in np.arange(z, z + length, 0.6):
+                        cv.dc.line([cv.p(x, height, bar_z), cv.p(x, 0, bar_z)], fill=bars, width=1)
+                z += length + u(2, 15)
 
-    def add(z: float, fn: Any) -> None:
-        items.append((z, fn))
+    # -- the street's objects: placed now, painted far to near ------------------------------------------
+    def objects(self, street: _Street) -> list[tuple[float, Callable[[], None]]]:
+        """(depth, painter) of every pole, tree, person, vehicle and two-wheeler: where each stands is drawn
+        now, how it looks when it is painted."""
+        rng, st, u = self.rng, self.st, self.u
+        items: list[tuple[float, Callable[[], None]]] = []
 
-    def n_of(rate: float) -> int:
-        return int(rng.poisson(rate))
+        def count(rate: float) -> int:
+            return int(rng.poisson(rate))
 
-    # poles with traffic lights / signs, street lights, utility poles
-    for _ in range(n_of(st.pole_rate) + 1):
-        sign = -1 if rng.random() < 0.5 else 1
-        x = (rl - 0.6) if sign < 0 else (rr + 0.6)
-        z = u(4, 70)
-        kind = rng.choice(["light", "sign", "sign", "street", "utility", "light"])
+        def side() -> int:
+            return -1 if rng.random() < 0.5 else 1
 
-        def draw_pole(x: float = x, z: float = z, kind: str = kind, sign: int = sign) -> None:
-            ph = u(3.0, 5.0) if kind in ("light", "sign") else u(6.0, 9.0)
-            pc = col("utility pole" if kind == "utility" else "pole", 0.1)
-            cls = {"street": "street light", "utility": "utility pole"}.get(kind, "pole")
-            cv.rect(x - 0.08, x + 0.08, 0, ph, z, cls, pc)
-            if kind == "light":
-                hx = x - sign * u(0, 2.5)  # may hang over the road on an arm
-                if hx != x:
-                    cv.rect(min(x, hx), max(x, hx), ph - 0.15, ph, z, "pole", pc)
-                x0, y0, x1, y1 = cv.rect(hx - 0.18, hx + 0.18, ph - 1.0, ph, z - 0.05, "traffic light", col("traffic light", 0.05))
-                lamp = int(rng.integers(3))
-                lc = [(230, 40, 30), (240, 180, 30), (40, 220, 90)][lamp]
-                r = (x1 - x0) * 0.35
-                cy = y0 + (y1 - y0) * (0.2 + 0.3 * lamp)
-                cv.dc.ellipse((x0 + (x1 - x0) / 2 - r, cy - r, x0 + (x1 - x0) / 2 + r, cy + r), fill=lc)
-                cv.glow((x0 + (x1 - x0) / 2 - r, cy - r, x0 + (x1 - x0) / 2 + r, cy + r), 255)
-            elif kind == "sign":
-                s = u(0.5, 0.9)
-                c = cv.p(x, ph - s / 2, z - 0.05)
-                r = cv.f * s / 2 / z
-                sc = col("traffic sign", 0.25) if rng.random() < 0.7 else _jitter(rng, (200, 30, 30), 0.1)
-                shape = rng.integers(3)
-                if shape == 0:
-                    cv.ellipse((c[0] - r, c[1] - r, c[0] + r, c[1] + r), "traffic sign", sc, z - 0.05)
-                    cv.dc.ellipse((c[0] - r * 0.6, c[1] - r * 0.6, c[0] + r * 0.6, c[1] + r * 0.6), fill=(235, 235, 235))
-                elif shape == 1:
-                    cv.poly([(c[0], c[1] - r), (c[0] + r, c[1] + r * 0.8), (c[0] - r, c[1] + r * 0.8)], "traffic sign", sc, z - 0.05)
-                else:
-                    cv.poly([(c[0] - r, c[1] - r * 0.7), (c[0] + r, c[1] - r * 0.7), (c[0] + r, c[1] + r * 0.7),
-                             (c[0] - r, c[1] + r * 0.7)], "traffic sign", sc, z - 0.05)
-            elif kind == "street":
-                hx = x - sign * 1.5
-                cv.rect(min(x, hx), max(x, hx), ph - 0.12, ph, z, "street light", pc)
-                a, b = cv.p(hx - 0.3, ph, z), cv.p(hx + 0.3, ph - 0.25, z)
-                cv.ellipse((a[0], a[1], b[0], b[1]), "street light", (230, 230, 200), z)
-                cv.glow((a[0] - 2, a[1] - 2, b[0] + 2, b[1] + 2), 255)
+        # poles with traffic lights or signs, street lights, utility poles
+        for _ in range(count(st.pole_rate) + 1):
+            sign = side()
+            x = (street.left - 0.6) if sign < 0 else (street.right + 0.6)
+            z = u(4, 70)
+            kind = rng.choice(["light", "sign", "sign", "street", "utility", "light"])
+            items.append((z, functools.partial(self.pole, x, z, kind, sign)))
+        # trees on the sidewalk or verge, some with a hedge
+        for _ in range(count(st.tree_rate)):
+            sign = side()
+            x = (street.outer_left + u(0.3, 1.2)) if sign < 0 else (street.outer_right - u(0.3, 1.2))
+            z = u(4, 90)
+            items.append((z, functools.partial(self.tree, x, z)))
+            if rng.random() < 0.4:
+                items.append((z + 0.5, functools.partial(self.hedge, x, z)))
+        # people, mostly on the sidewalks, some crossing; some in pairs
+        for _ in range(count(st.person_rate)):
+            if rng.random() < 0.8 and not street.highway:
+                sign = side()
+                x = (u(street.outer_left + 0.3, street.left - 0.5) if sign < 0
+                     else u(street.right + 0.5, street.outer_right - 0.3))
+            else:
+                x = u(street.left + 0.5, street.right - 0.5)
+            z = u(3.5, 45)
+            items.append((z, functools.partial(self.person, x, z)))
+            if rng.random() < 0.25:
+                items.append((z + 0.3, functools.partial(self.companion, x, z)))
+        # cars in the lanes or parked at the kerb, sometimes a truck, a bus, a tram on its rails
+        for _ in range(count(st.car_rate)):
+            if rng.random() < 0.35 and not street.highway:
+                x = street.left + 1.1 if rng.random() < 0.5 else street.right - 1.1
+            else:
+                x = street.lane_x(rng)
+            z = u(4, 70)
+            items.append((z, functools.partial(self.vehicle, x, z, "car")))
+        for kind in ("truck", "bus"):
+            if rng.random() < st.big_vehicle_prob:
+                z = u(8, 60)
+                items.append((z, functools.partial(self.vehicle, street.lane_x(rng), z, kind)))
+        if street.tram_x is not None:
+            z = u(10, 70)
+            items.append((z, functools.partial(self.tram, street.tram_x, z)))
+        # two-wheelers with riders, near the kerb or in a lane; sometimes a bicycle parked on the sidewalk
+        for _ in range(int(rng.random() < st.two_wheeler_prob) + int(rng.random() < st.two_wheeler_prob * 0.4)):
+            motor = rng.random() < 0.5
+            x = (street.left + u(0.5, 1.2)) if rng.random() < 0.5 else (street.right - u(0.5, 1.2))
+            if rng.random() < 0.4:
+                x = street.lane_x(rng)
+            z = u(4, 35)
+            items.append((z, functools.partial(self.two_wheeler, x, z, motor)))
+        if rng.random() < 0.35 and not street.highway:
+            x = (u(street.outer_left + 0.3, street.left - 0.3) if rng.random() < 0.5
+                 else u(street.right + 0.3, street.outer_right - 0.3))
+            z = u(4, 25)
+            items.append((z, functools.partial(self.parked_bicycle, x, z)))
+        return items
 
-        add(z, draw_pole)
+    def pole(self, x: float, z: float, kind: str, sign: int) -> None:
+        """A pole by the road: with a traffic light (which may hang over the road on an arm) or a sign, a
+        street light, or a utility pole."""
+        cv, u = self.cv, self.u
+        height = u(3.0, 5.0) if kind in ("light", "sign") else u(6.0, 9.0)
+        pole = self.colour("utility pole" if kind == "utility" else "pole", 0.1)
+        cls = {"street": "street light", "utility": "utility pole"}.get(kind, "pole")
+        cv.rect(x - 0.08, x + 0.08, 0, height, z, cls, pole)
+        if kind == "light":
+            hang_x = x - sign * u(0, 2.5)
+            if hang_x != x:
+                cv.rect(min(x, hang_x), max(x, hang_x), height - 0.15, height, z, "pole", pole)
+            x0, y0, x1, y1 = cv.rect(hang_x - 0.18, hang_x + 0.18, height - 1.0, height, z - 0.05, "traffic light",
+                                     self.colour("traffic light", 0.05))
+            lamp = int(self.rng.integers(3))
+            lamp_colour = [(230, 40, 30), (240, 180, 30), (40, 220, 90)][lamp]
+            r = (x1 - x0) * 0.35
+            cy = y0 + (y1 - y0) * (0.2 + 0.3 * lamp)
+            lit = (x0 + (x1 - x0) / 2 - r, cy - r, x0 + (x1 - x0) / 2 + r, cy + r)
+            cv.dc.ellipse(lit, fill=lamp_colour)
+            cv.glow(lit, 255)
+        elif kind == "sign":
+            self.traffic_sign(x, z, height)
+        elif kind == "street":
+            arm_x = x - sign * 1.5
+            cv.rect(min(x, arm_x), max(x, arm_x), height - 0.12, height, z, "street light", pole)
+            a, b = cv.p(arm_x - 0.3, height, z), cv.p(arm_x + 0.3, height - 0.25, z)
+            cv.ellipse((a[0], a[1], b[0], b[1]), "street light", (230, 230, 200), z)
+            cv.glow((a[0] - 2, a[1] - 2, b[0] + 2, b[1] + 2), 255)
 
-    # trees on the sidewalk / verge
-    for _ in range(n_of(st.tree_rate)):
-        sign = -1 if rng.random() < 0.5 else 1
-        x = (out_l + u(0.3, 1.2)) if sign < 0 else (out_r - u(0.3, 1.2))
-        z = u(4, 90)
+    def traffic_sign(self, x: float, z: float, pole_height: float) -> None:
+        """A round, triangular or rectangular sign at the top of a pole."""
+        cv = self.cv
+        size = self.u(0.5, 0.9)
+        c = cv.p(x, pole_height - size / 2, z - 0.05)
+        r = cv.f * size / 2 / z
+        face = self.colour("traffic sign", 0.25) if self.rng.random() < 0.7 else _jitter(self.rng, (200, 30, 30), 0.1)
+        shape = self.rng.integers(3)
+        if shape == 0:
+            cv.ellipse((c[0] - r, c[1] - r, c[0] + r, c[1] + r), "traffic sign", face, z - 0.05)
+            cv.dc.ellipse((c[0] - r * 0.6, c[1] - r * 0.6, c[0] + r * 0.6, c[1] + r * 0.6), fill=(235, 235, 235))
+        elif shape == 1:
+            cv.poly([(c[0], c[1] - r), (c[0] + r, c[1] + r * 0.8), (c[0] - r, c[1] + r * 0.8)], "traffic sign", face,
+                    z - 0.05)
+        else:
+            cv.poly([(c[0] - r, c[1] - r * 0.7), (c[0] + r, c[1] - r * 0.7), (c[0] + r, c[1] + r * 0.7),
+                     (c[0] - r, c[1] + r * 0.7)], "traffic sign", face, z - 0.05)
 
-        def draw_tree(x: float = x, z: float = z) -> None:
-            th = u(2.0, 4.0)
-            cv.rect(x - 0.15, x + 0.15, 0, th, z, "vegetation", _jitter(rng, (90, 70, 50), 0.2))
-            c = cv.p(x, th + u(1.0, 2.5), z)
-            r = cv.f * u(1.2, 3.0) / z
-            vc = col("vegetation")
-            for _k in range(4):
-                dx, dy = rng.normal(0, r * 0.4, 2)
-                cv.ellipse((c[0] + dx - r, c[1] + dy - r * 0.9, c[0] + dx + r, c[1] + dy + r * 0.9), "vegetation",
-                           _jitter(rng, vc, 0.1), z)
+    def tree(self, x: float, z: float) -> None:
+        cv, u = self.cv, self.u
+        trunk_height = u(2.0, 4.0)
+        cv.rect(x - 0.15, x + 0.15, 0, trunk_height, z, "vegetation", _jitter(self.rng, (90, 70, 50), 0.2))
+        c = cv.p(x, trunk_height + u(1.0, 2.5), z)
+        r = cv.f * u(1.2, 3.0) / z
+        leaves = self.colour("vegetation")
+        for _ in range(4):
+            dx, dy = self.rng.normal(0, r * 0.4, 2)
+            cv.ellipse((c[0] + dx - r, c[1] + dy - r * 0.9, c[0] + dx + r, c[1] + dy + r * 0.9), "vegetation",
+                       _jitter(self.rng, leaves, 0.1), z)
 
-        add(z, draw_tree)
-        if rng.random() < 0.4:  # a hedge
-            add(z + 0.5, lambda x=x, z=z, sign=sign: cv.side(x, 0, u(0.6, 1.4), z, z + u(2, 8), "vegetation", col("vegetation")))
+    def hedge(self, x: float, z: float) -> None:
+        self.cv.side(x, 0, self.u(0.6, 1.4), z, z + self.u(2, 8), "vegetation", self.colour("vegetation"))
 
-    # people on sidewalks (and some crossing)
-    def person_at(x: float, z: float, cls: str = "person", height: float | None = None, base_y: float = 0.0) -> None:
-        hgt = height if height is not None else u(1.5, 1.9)
-        clothes = _jitter(rng, pal[cls] if rng.random() < 0.5 else VEHICLE_COLOURS[int(rng.integers(len(VEHICLE_COLOURS)))], 0.3)
-        legs = _jitter(rng, (40, 45, 60), 0.3)
-        skin = _jitter(rng, (200, 160, 130), 0.2)
-        wd = 0.25 * hgt / 1.7
-        if base_y == 0.0:  # legs
-            cv.rect(x - wd, x - 0.02, 0, hgt * 0.48, z, cls, legs)
-            cv.rect(x + 0.02, x + wd, 0, hgt * 0.48, z, cls, legs)
-        cv.rect(x - wd * 1.1, x + wd * 1.1, base_y + hgt * 0.45, base_y + hgt * 0.85, z, cls, clothes)
-        c = cv.p(x, base_y + hgt * 0.92, z)
-        r = cv.f * 0.11 * hgt / 1.7 / z
+    def person(self, x: float, z: float, cls: str = "person", height: float | None = None, base_y: float = 0.0) -> None:
+        """A standing person (legs, torso, head); seated on a two-wheeler (`base_y` > 0), without the legs."""
+        cv = self.cv
+        height = height if height is not None else self.u(1.5, 1.9)
+        clothes = _jitter(self.rng, self.st.palette[cls] if self.rng.random() < 0.5
+                          else VEHICLE_COLOURS[int(self.rng.integers(len(VEHICLE_COLOURS)))], 0.3)
+        legs = _jitter(self.rng, (40, 45, 60), 0.3)
+        skin = _jitter(self.rng, (200, 160, 130), 0.2)
+        half_width = 0.25 * height / 1.7
+        if base_y == 0.0:
+            cv.rect(x - half_width, x - 0.02, 0, height * 0.48, z, cls, legs)
+            cv.rect(x + 0.02, x + half_width, 0, height * 0.48, z, cls, legs)
+        cv.rect(x - half_width * 1.1, x + half_width * 1.1, base_y + height * 0.45, base_y + height * 0.85, z, cls,
+                clothes)
+        c = cv.p(x, base_y + height * 0.92, z)
+        r = cv.f * 0.11 * height / 1.7 / z
         cv.ellipse((c[0] - r, c[1] - r * 1.2, c[0] + r, c[1] + r * 1.2), cls, skin, z)
 
-    for _ in range(n_of(st.person_rate)):
-        if rng.random() < 0.8 and not highway:
-            sign = -1 if rng.random() < 0.5 else 1
-            x = u(out_l + 0.3, rl - 0.5) if sign < 0 else u(rr + 0.5, out_r - 0.3)
-        else:
-            x = u(rl + 0.5, rr - 0.5)
-        z = u(3.5, 45)
-        add(z, lambda x=x, z=z: person_at(x, z))
-        if rng.random() < 0.25:  # groups
-            add(z + 0.3, lambda x=x, z=z: person_at(x + u(-0.7, 0.7), z + 0.3))
+    def companion(self, x: float, z: float) -> None:
+        """A second person just behind the one at (x, z)."""
+        self.person(x + self.u(-0.7, 0.7), z + 0.3)
 
-    # vehicles
-    def lane_x() -> float:
-        return rl + lane_w * (int(rng.integers(lanes)) + 0.5) + u(-0.3, 0.3)
-
-    def car(x: float, z: float, kind: str = "car") -> None:
-        dims = {"car": (u(1.7, 1.95), u(1.4, 1.7), u(4.0, 4.8)), "truck": (u(2.3, 2.6), u(2.8, 3.8), u(6, 10)),
-                "bus": (2.55, u(3.0, 3.4), u(11, 13))}[kind]
-        wd, hh, ln = dims
-        base = VEHICLE_COLOURS[int(rng.integers(len(VEHICLE_COLOURS)))] if kind == "car" and rng.random() < 0.6 else pal[kind]
-        c = _jitter(rng, base, st.colour_jitter)
-        x0, y0, x1, y1 = cv.box(x - wd / 2, x + wd / 2, hh, z, z + ln, kind, c, 0.25 + shade)
-        glass = _jitter(rng, (50, 60, 75), 0.1)
+    def vehicle(self, x: float, z: float, kind: str) -> None:
+        """A car, truck or bus seen from behind: its box, rear window, tail lights (lit at night) and wheels."""
+        cv, u = self.cv, self.u
+        # Every kind's size is drawn, whatever the kind: the world's scenes are made with this order of draws.
+        sizes = {"car": (u(1.7, 1.95), u(1.4, 1.7), u(4.0, 4.8)), "truck": (u(2.3, 2.6), u(2.8, 3.8), u(6, 10)),
+                 "bus": (2.55, u(3.0, 3.4), u(11, 13))}
+        width, height, length = sizes[kind]
+        base = (VEHICLE_COLOURS[int(self.rng.integers(len(VEHICLE_COLOURS)))]
+                if kind == "car" and self.rng.random() < 0.6 else self.st.palette[kind])
+        body = _jitter(self.rng, base, self.st.colour_jitter)
+        x0, y0, x1, y1 = cv.box(x - width / 2, x + width / 2, height, z, z + length, kind, body, 0.25 + self.st.shadow)
+        glass = _jitter(self.rng, (50, 60, 75), 0.1)
         bw, bh = x1 - x0, y1 - y0
         if kind == "car":
             cv.dc.rectangle((x0 + bw * 0.12, y0 + bh * 0.08, x1 - bw * 0.12, y0 + bh * 0.42), fill=glass)
         elif kind == "bus":
             cv.dc.rectangle((x0 + bw * 0.08, y0 + bh * 0.1, x1 - bw * 0.08, y0 + bh * 0.45), fill=glass)
             if x1 < cv.cx or x0 > cv.cx:  # window band along the visible side
-                xs = x + wd / 2 if x < cv.cam_x else x - wd / 2
-                cv.side(xs, hh * 0.55, hh * 0.85, z + 0.5, z + ln - 0.5, "bus", glass)
+                side_x = x + width / 2 if x < cv.cam_x else x - width / 2
+                cv.side(side_x, height * 0.55, height * 0.85, z + 0.5, z + length - 0.5, "bus", glass)
         else:
-            cv.dc.rectangle((x0 + bw * 0.1, y0 + bh * 0.05, x1 - bw * 0.1, y0 + bh * 0.25), fill=_scale(c, 0.8))
-        lamp = (220, 30, 30)
-        lw = max(1.0, bw * 0.12)
-        for lx in (x0 + bw * 0.04, x1 - bw * 0.04 - lw):
-            cv.dc.rectangle((lx, y0 + bh * 0.55, lx + lw, y0 + bh * 0.65), fill=lamp)
-            cv.de.rectangle((lx, y0 + bh * 0.55, lx + lw, y0 + bh * 0.65), fill=200)
-        ww = bw * 0.14
-        cv.dc.rectangle((x0, y1 - bh * 0.12, x0 + ww, y1), fill=(15, 15, 15))
-        cv.dc.rectangle((x1 - ww, y1 - bh * 0.12, x1, y1), fill=(15, 15, 15))
+            cv.dc.rectangle((x0 + bw * 0.1, y0 + bh * 0.05, x1 - bw * 0.1, y0 + bh * 0.25), fill=_scale(body, 0.8))
+        lamp_width = max(1.0, bw * 0.12)
+        for lamp_x in (x0 + bw * 0.04, x1 - bw * 0.04 - lamp_width):
+            lamp = (lamp_x, y0 + bh * 0.55, lamp_x + lamp_width, y0 + bh * 0.65)
+            cv.dc.rectangle(lamp, fill=(220, 30, 30))
+            cv.de.rectangle(lamp, fill=200)
+        wheel_width = bw * 0.14
+        cv.dc.rectangle((x0, y1 - bh * 0.12, x0 + wheel_width, y1), fill=(15, 15, 15))
+        cv.dc.rectangle((x1 - wheel_width, y1 - bh * 0.12, x1, y1), fill=(15, 15, 15))
 
-    for _ in range(n_of(st.car_rate)):
-        if rng.random() < 0.35 and not highway:  # parked at the kerb
-            x = rl + 1.1 if rng.random() < 0.5 else rr - 1.1
-        else:
-            x = lane_x()
-        z = u(4, 70)
-        add(z, lambda x=x, z=z: car(x, z))
-    if rng.random() < st.big_vehicle_prob:
-        z = u(8, 60)
-        x = lane_x()
-        add(z, lambda x=x, z=z: car(x, z, "truck"))
-    if rng.random() < st.big_vehicle_prob:
-        z = u(8, 60)
-        x = lane_x()
-        add(z, lambda x=x, z=z: car(x, z, "bus"))
-    if tram:
-        z = u(10, 70)
+    def tram(self, x: float, z: float) -> None:
+        """A tram on the rails centred at x: its box, a front window and the pantograph."""
+        body = self.colour("train")
+        self.cv.box(x - 1.3, x + 1.3, self.u(3.2, 3.8), z, z + self.u(25, 40), "train", body, 0.25 + self.st.shadow)
+        self.cv.rect(x - 1.0, x + 1.0, 2.0, 3.0, z - 0.02, "train", _jitter(self.rng, (50, 60, 75), 0.1))
+        self.cv.rect(x - 0.05, x + 0.05, 3.2, 5.0, z + 1, "train", _scale(body, 0.5))
 
-        def draw_tram(z: float = z) -> None:
-            tc = col("train")
-            cv.box(xc - 1.3, xc + 1.3, u(3.2, 3.8), z, z + u(25, 40), "train", tc, 0.25 + shade)
-            cv.rect(xc - 1.0, xc + 1.0, 2.0, 3.0, z - 0.02, "train", _jitter(rng, (50, 60, 75), 0.1))
-            cv.rect(xc - 0.05, xc + 0.05, 3.2, 5.0, z + 1, "train", _scale(tc, 0.5))  # pantograph
-
-        add(z, draw_tram)
-
-    # two-wheelers with riders
-    def two_wheeler(x: float, z: float, motor: bool) -> None:
-        frame_cls = "motorcycle" if motor else "bicycle"
-        fc = _jitter(rng, pal[frame_cls], 0.3)
-        r = (0.33 if motor else 0.34)
-        wheel_w = 0.12 if motor else 0.05
-        # seen from behind: one wheel rectangle plus a frame; from the side-ish: draw two wheels offset
+    def two_wheeler(self, x: float, z: float, motor: bool) -> None:
+        """A motorcycle or bicycle seen from behind, nearly end-on: two wheels, the frame, and its rider."""
+        cv = self.cv
+        frame_cls, rider_cls = ("motorcycle", "motorcyclist") if motor else ("bicycle", "rider")
+        frame = _jitter(self.rng, self.st.palette[frame_cls], 0.3)
+        r = 0.33 if motor else 0.34
+        tube_width = 0.12 if motor else 0.05
         for dz in (0.0, 1.3 if motor else 1.1):
             c = cv.p(x, r, z + dz)
             pr = cv.f * r / (z + dz)
-            cv.ellipse((c[0] - max(pr * 0.4, 0.6), c[1] - pr, c[0] + max(pr * 0.4, 0.6), c[1] + pr), frame_cls, (20, 20, 20), z + dz)
-        cv.rect(x - (0.35 if motor else 0.2), x + (0.35 if motor else 0.2), 0.35, 0.9 if motor else 0.8, z + 0.6, frame_cls, fc)
-        cv.line([cv.p(x, 0.9, z + 0.6), cv.p(x, 1.05, z + 0.2)], frame_cls, fc, z + 0.3, max(1, cv.f * wheel_w / z))
-        person_at(x, z + 0.5, "motorcyclist" if motor else "rider", height=u(1.6, 1.85), base_y=0.35)
-        # rider's legs along the frame
-        cv.rect(x - 0.15, x + 0.15, 0.3, 0.95, z + 0.45, "motorcyclist" if motor else "rider", _jitter(rng, (40, 45, 60), 0.3))
+            cv.ellipse((c[0] - max(pr * 0.4, 0.6), c[1] - pr, c[0] + max(pr * 0.4, 0.6), c[1] + pr), frame_cls,
+                       (20, 20, 20), z + dz)
+        half_width = 0.35 if motor else 0.2
+        cv.rect(x - half_width, x + half_width, 0.35, 0.9 if motor else 0.8, z + 0.6, frame_cls, frame)
+        cv.line([cv.p(x, 0.9, z + 0.6), cv.p(x, 1.05, z + 0.2)], frame_cls, frame, z + 0.3,
+                max(1, cv.f * tube_width / z))
+        self.person(x, z + 0.5, rider_cls, height=self.u(1.6, 1.85), base_y=0.35)
+        # the rider's legs along the frame
+        cv.rect(x - 0.15, x + 0.15, 0.3, 0.95, z + 0.45, rider_cls, _jitter(self.rng, (40, 45, 60), 0.3))
 
-    n_tw = int(rng.random() < st.two_wheeler_prob) + int(rng.random() < st.two_wheeler_prob * 0.4)
-    for _ in range(n_tw):
-        motor = rng.random() < 0.5
-        x = (rl + u(0.5, 1.2)) if rng.random() < 0.5 else (rr - u(0.5, 1.2))
-        if rng.random() < 0.4:
-            x = lane_x()
-        z = u(4, 35)
-        add(z, lambda x=x, z=z, motor=motor: two_wheeler(x, z, motor))
-    if rng.random() < 0.35 and not highway:  # parked bicycles on the sidewalk
-        x = u(out_l + 0.3, rl - 0.3) if rng.random() < 0.5 else u(rr + 0.3, out_r - 0.3)
-        z = u(4, 25)
+    def parked_bicycle(self, x: float, z: float) -> None:
+        """A bicycle standing side-on on the sidewalk."""
+        cv = self.cv
+        frame = self.colour("bicycle", 0.3)
+        for dz in (0.0, 1.0):
+            c, pr = cv.p(x, 0.34, z + dz), cv.f * 0.34 / (z + dz)
+            cv.ellipse((c[0] - max(pr * 0.5, 0.6), c[1] - pr, c[0] + max(pr * 0.5, 0.6), c[1] + pr), "bicycle", frame,
+                       z + dz)
+        cv.line([cv.p(x, 0.34, z), cv.p(x, 0.9, z + 0.5), cv.p(x, 0.34, z + 1.0)], "bicycle", frame, z + 0.5,
+                max(1, cv.f * 0.05 / z))
 
-        def parked_bike(x: float = x, z: float = z) -> None:
-            bc = col("bicycle", 0.3)
-            for dz in (0.0, 1.0):
-                c, pr = cv.p(x, 0.34, z + dz), cv.f * 0.34 / (z + dz)
-                cv.ellipse((c[0] - max(pr * 0.5, 0.6), c[1] - pr, c[0] + max(pr * 0.5, 0.6), c[1] + pr), "bicycle", bc, z + dz)
-            cv.line([cv.p(x, 0.34, z), cv.p(x, 0.9, z + 0.5), cv.p(x, 0.34, z + 1.0)], "bicycle", bc, z + 0.5, max(1, cv.f * 0.05 / z))
 
-        add(z, parked_bike)
-
-    for _, fn in sorted(items, key=lambda t: -t[0]):
-        fn()
+def _layout(cv: _Canvas, rng: np.random.Generator, st: Style) -> None:
+    """Draw one street scene onto the canvas (ground, façades, street furniture, agents)."""
+    _StreetScene(cv, rng, st).draw()
 
 
 def _value_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
