@@ -623,7 +623,7 @@ class _Learner:
             low, high = cfg.teacher_momentum
             momentum = high - (high - low) * 0.5 * (1 + math.cos(math.pi * progress))
             _ema_update(self.teacher, backbone, momentum)
-            if self.region_heads is not None:
+            if cfg.contrasts_regions:
                 _ema_update(self.teacher_projector, self.region_heads.projector, momentum)
         return {"loss": loss, **losses}
 

@@ -663,9 +663,9 @@ class _StreetScene:
             lamp_colour = [(230, 40, 30), (240, 180, 30), (40, 220, 90)][lamp]
             r = (x1 - x0) * 0.35
             cy = y0 + (y1 - y0) * (0.2 + 0.3 * lamp)
-            lit = (x0 + (x1 - x0) / 2 - r, cy - r, x0 + (x1 - x0) / 2 + r, cy + r)
-            cv.dc.ellipse(lit, fill=lamp_colour)
-            cv.glow(lit, 255)
+            lamp_box = (x0 + (x1 - x0) / 2 - r, cy - r, x0 + (x1 - x0) / 2 + r, cy + r)
+            cv.dc.ellipse(lamp_box, fill=lamp_colour)
+            cv.glow(lamp_box, 255)
         elif kind == "sign":
             self.traffic_sign(x, z, height)
         elif kind == "street":
