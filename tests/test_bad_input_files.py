@@ -163,6 +163,20 @@ def test_pretrain_runs_one_stage_from_the_checkpoint_given(tmp_path, capsys, pre
     assert [(stage.init, stage.steps) for stage in stages] == [(str(start), 3)]
 
 
+def test_pretrain_amp_reaches_the_stage_and_an_unknown_precision_is_refused(tmp_path, capsys, pretraining_calls):
+    start = tmp_path / "start.safetensors"
+    start.write_bytes(b"weights")
+    base = ["pretrain", "--stage", "2", "--init", str(start), "--out", str(tmp_path / "x.safetensors")]
+    code, _, err = _cli([*base, "--amp", "bf16"], capsys)
+    assert code == 0, err
+    assert [stage.amp for stage in pretraining_calls[0][0]] == ["bf16"]
+    code, _, err = _cli(base, capsys)
+    assert code == 0 and [stage.amp for stage in pretraining_calls[1][0]] == ["none"]  # as every shipped stage
+    with pytest.raises(SystemExit) as refused:  # argparse's own usage error
+        _cli([*base, "--amp", "fp16"], capsys)
+    assert refused.value.code == 2 and "--amp" in capsys.readouterr().err and len(pretraining_calls) == 2
+
+
 def test_pretrain_one_stage_past_the_recipe_is_another_round_of_its_last(tmp_path, capsys, pretraining_calls):
     from benchmarks.pretrain import PROXY_RECIPE
 

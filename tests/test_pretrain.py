@@ -186,6 +186,32 @@ def test_head_warmup_holds_the_backbone_where_it_started(tmp_path) -> None:
     assert not all(torch.equal(before[k], continued[0][k]) for k in before)  # without it the same round moves it
 
 
+def _output_dtypes(module: torch.nn.Module) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    module.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
+    return seen
+
+
+def test_amp_bf16_runs_the_forward_in_bf16_and_keeps_the_weights_fp32(tmp_path) -> None:
+    from benchmarks.pretrain import _Learner
+
+    cfg = dataclasses.replace(TINY, region_contrast=1.0)
+    pool = pool_on(render_pool(cfg), "cpu")
+    computed = {}
+    for amp in ("none", "bf16"):
+        torch.manual_seed(0)
+        learner = _Learner(dataclasses.replace(cfg, amp=amp), "cpu")
+        dtypes = _output_dtypes(learner.backbone.vit.blocks[0].attn.qkv)
+        teacher_dtypes = _output_dtypes(learner.teacher.vit.blocks[0].attn.qkv)
+        losses = learner.train_step(pool, 0)
+        assert math.isfinite(losses["loss"].item())
+        assert {p.dtype for p in learner.params} == {torch.float32}  # the optimiser updates fp32 weights
+        computed[amp] = (set(dtypes), set(teacher_dtypes), losses["loss"].item())
+    assert computed["none"][:2] == ({torch.float32}, {torch.float32})
+    assert computed["bf16"][:2] == ({torch.bfloat16}, {torch.bfloat16})
+    assert computed["bf16"][2] == pytest.approx(computed["none"][2], rel=0.05)  # the same step, rounded
+
+
 ROUND = dataclasses.replace(TINY, steps=4, warmup_steps=2, region_contrast=1.0)  # every stream a step draws from
 
 

@@ -62,6 +62,9 @@ OPTION_BOUNDS: dict[str, Bounds] = {
 }
 
 
+AMP_CHOICES = ("none", "bf16")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from benchmarks.pretrain import PROXY_RECIPE, PretrainConfig
 
@@ -77,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{len(PROXY_RECIPE) + 1} runs one more round of its last stage on new scenes")
     parser.add_argument("--init", help="checkpoint a single --stage continues from (default: the stage before's output); the "
                              "stages recorded in its .json, when written with it, head the new record")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default=None,
+                        help="bf16: forward passes under bf16 autocast (2.3× faster a step on a CPU with AMX; "
+                             "slower on one without a bf16 matrix unit); default none (fp32), as every shipped stage")
     for field in dataclasses.fields(PretrainConfig):
         if field.type in ("int", "float", int, float):
             kind = int if field.type in ("int", int) else float
@@ -145,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     # Only the numeric fields are options of their own (`--init` is the stage's starting checkpoint, below).
     overrides = {name: getattr(args, name) for name in OPTION_BOUNDS if getattr(args, name, None) is not None}
     _check_overrides(overrides)
+    if args.amp is not None:
+        overrides["amp"] = args.amp
     stages = [dataclasses.replace(stage, **overrides) for stage in (*PROXY_RECIPE, another_round())]
     first = 0
     if args.stage:
