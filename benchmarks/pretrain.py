@@ -79,6 +79,10 @@ APPEARANCE_FIELDS = (
 )
 
 
+AMP_CHOICES = ("none", "bf16")
+"""A round's precisions: fp32, or forward passes under bf16 autocast (`PretrainConfig.amp`)."""
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     scenes: int = 2500
@@ -126,6 +130,10 @@ class PretrainConfig:
     without a bf16 matrix unit emulates it, slower than fp32). "none" (fp32) made every shipped stage."""
     seed: int = 0
     workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_CHOICES:  # an unknown precision would otherwise train in fp32 without a word
+            raise ValueError(f"amp={self.amp!r} is not one of {', '.join(AMP_CHOICES)}")
 
     @property
     def distills(self) -> bool:

@@ -210,6 +210,8 @@ def test_amp_bf16_runs_the_forward_in_bf16_and_keeps_the_weights_fp32(tmp_path) 
     assert computed["none"][:2] == ({torch.float32}, {torch.float32})
     assert computed["bf16"][:2] == ({torch.bfloat16}, {torch.bfloat16})
     assert computed["bf16"][2] == pytest.approx(computed["none"][2], rel=0.05)  # the same step, rounded
+    with pytest.raises(ValueError, match="fp16"):  # not a silent fp32 round
+        dataclasses.replace(cfg, amp="fp16")
 
 
 ROUND = dataclasses.replace(TINY, steps=4, warmup_steps=2, region_contrast=1.0)  # every stream a step draws from

@@ -62,11 +62,8 @@ OPTION_BOUNDS: dict[str, Bounds] = {
 }
 
 
-AMP_CHOICES = ("none", "bf16")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from benchmarks.pretrain import PROXY_RECIPE, PretrainConfig
+    from benchmarks.pretrain import AMP_CHOICES, PROXY_RECIPE, PretrainConfig
 
     parser.add_argument("--out", type=Path, default=SHIPPED,
                         help=f"the checkpoint to write (default: the shipped one, {SHIPPED}); earlier "
