@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", help="checkpoint a single --stage continues from (default: the stage before's output); the "
                              "stages recorded in its .json, when written with it, head the new record")
     parser.add_argument("--amp", choices=AMP_CHOICES, default=None,
-                        help="bf16: forward passes under bf16 autocast (2.3× faster a step on a CPU with AMX; "
+                        help="bf16: forward passes under bf16 autocast (about 2× faster a step on a CPU with AMX; "
                              "slower on one without a bf16 matrix unit); default none (fp32), as every shipped stage")
     for field in dataclasses.fields(PretrainConfig):
         if field.type in ("int", "float", int, float):
