@@ -192,7 +192,7 @@ def _output_dtypes(module: torch.nn.Module) -> list[torch.dtype]:
     return seen
 
 
-def test_amp_bf16_runs_the_forward_in_bf16_and_keeps_the_weights_fp32(tmp_path) -> None:
+def test_amp_bf16_runs_the_forward_in_bf16_and_keeps_the_weights_fp32() -> None:
     from benchmarks.pretrain import _Learner
 
     cfg = dataclasses.replace(TINY, region_contrast=1.0)
