@@ -127,7 +127,8 @@ class PretrainConfig:
     """"bf16": the forward passes (student, teacher, heads, losses) run under bf16 autocast, as fine-tuning's
     `train.amp=bf16`; parameters, optimiser and EMA teacher stay fp32. It pays on a GPU's tensor cores or a CPU's
     AMX unit (stage 11's round on the Intel Xeon box with AMX: 2.3× less time a step in a 12-step probe, 1.8–2.0×
-    over two hours against an fp32 round; a CPU without a bf16 matrix unit emulates it, slower than fp32). "none" (fp32) made every shipped stage."""
+    over two hours against an fp32 round; a CPU without a bf16 matrix unit emulates it, slower than fp32).
+    "none" (fp32) made every shipped stage."""
     seed: int = 0
     workers: int = 2
 
@@ -558,6 +559,7 @@ class _Learner:
                         **({"regions": np.random.default_rng([cfg.seed, 1])} if cfg.contrasts_regions else {})}
         self.grid = (cfg.crop_size // patch, cfg.crop_size // patch)
         self.device = device
+        self.autocast_device = torch.device(device).type  # once, not on every step
 
     def _parameter_groups(self) -> list[dict]:
         """Backbone and heads apart (the backbone may warm up later), each with and without weight decay; AdamW
@@ -597,7 +599,7 @@ class _Learner:
         progress = step / cfg.steps
         for group in self.optimizer.param_groups:
             group["lr"] = _learning_rate(cfg, step, progress, group["backbone"])
-        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+        with torch.autocast(self.autocast_device, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             loss, losses = self._losses(pool)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
