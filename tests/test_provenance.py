@@ -120,7 +120,8 @@ def _result(seed: int, weights_sha: str) -> dict:
 
 
 def test_the_table_marks_a_row_whose_runs_come_from_different_weights():
-    from benchmarks.reports.tables import main_tables, render
+    from benchmarks.reports.render import render
+    from benchmarks.reports.tables import main_tables
 
     same = render(main_tables([_result(42, "a" * 64), _result(43, "a" * 64)]))
     mixed = render(main_tables([_result(42, "a" * 64), _result(43, "b" * 64)]))

@@ -14,20 +14,21 @@ import pytest
 
 from benchmarks.errors import UserError
 from benchmarks.reports import plots as plots_module
-from benchmarks.reports.html import render_report, write_report
-from benchmarks.reports.tables import (
+from benchmarks.reports.frames import (
     PUBLISHED_CSV,
-    build_tables,
     comparison_frame,
-    leaderboard,
     load_published,
-    main_tables,
     per_class_frame,
+    summary_frame,
+)
+from benchmarks.reports.html import render_report, write_report
+from benchmarks.reports.render import render_latex, render_markdown
+from benchmarks.reports.tables import (
+    build_tables,
+    leaderboard,
+    main_tables,
     per_class_tables,
     published_tables,
-    render_latex,
-    render_markdown,
-    summary_frame,
 )
 from benchmarks.results import iter_results, write_result
 
@@ -358,7 +359,7 @@ def with_role(result: dict, role: str) -> dict:
 
 
 def test_the_inverted_u_finds_the_baselines_by_the_role_a_result_records_not_by_name():
-    from benchmarks.reports.tables import inverted_u_note, summary_frame
+    from benchmarks.reports.tables import inverted_u_note
 
     rows = [with_source(with_role(make_result("every_weight", 1, cbm(20, 20, 20), params=5_000_000), "full fine-tuning"), 60.0),
             with_source(with_role(make_result("head_only", 1, cbm(30, 30, 30), params=0), "frozen backbone"), 40.0),
@@ -507,7 +508,7 @@ def test_report_command_writes_index(tmp_path, runs, capsys):
 
 
 def test_latex_renderer_escapes_specials():
-    from benchmarks.reports.tables import Table, text_cell
+    from benchmarks.reports.render import Table, text_cell
 
     out = render_latex(Table("a_b & c", ["x%", "y"], [[text_cell("m_1 #2"), text_cell("$5")]]))
     assert r"m\_1 \#2 & \$5 \\" in out and r"x\% & y \\" in out
@@ -521,7 +522,7 @@ def test_settings_that_leave_a_runs_identity_leave_its_protocol_too():
     """A result written before a setting existed (or with another loader or checkpoint cadence) sits
     in the same table as the rest: every NOT_HASHED field is outside the table's fingerprint."""
     from benchmarks.config import NOT_HASHED, load_experiment
-    from benchmarks.reports.tables import protocol_fingerprint
+    from benchmarks.reports.grouping import protocol_fingerprint
 
     experiment = load_experiment("smoke", []).to_dict()
     for section, name in NOT_HASHED:

@@ -15,17 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import UserError
+from benchmarks.reports.frames import load_published
+from benchmarks.reports.grouping import Protocol, group_results, split_runs
 from benchmarks.reports.plots import Plot, make_plots, save_plots
-from benchmarks.reports.tables import (
-    Protocol,
-    group_results,
-    load_published,
-    main_tables,
-    per_class_tables,
-    published_tables,
-    render_html,
-    split_runs,
-)
+from benchmarks.reports.render import render_html
+from benchmarks.reports.tables import main_tables, per_class_tables, published_tables
 from benchmarks.results import atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Figures are built on `matplotlib.figure.Figure` directly, never through pyplot, so drawing a report
 touches no global backend state (safe inside a test run or a process that also uses pyplot).
 
-One set of figures per protocol (see `tables.group_results`): average mIoU against backbone-side
+One set of figures per protocol (see `grouping.group_results`): average mIoU against backbone-side
 trainable parameters, per-class IoU heatmaps, training loss and target mIoU against iterations
 (when the runs recorded "history"/"evaluations"), and speed/memory per method (from "profile").
 A figure whose data no run recorded is skipped, never drawn empty.
@@ -23,13 +23,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from benchmarks.reports.tables import (
+from benchmarks.reports.frames import per_class_frame, summary_frame
+from benchmarks.reports.grouping import (
     Protocol,
     group_results,
     method_name,
-    per_class_frame,
     split_runs,
-    summary_frame,
     target_label,
     targets_of,
 )
