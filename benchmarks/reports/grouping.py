@@ -17,6 +17,7 @@ from typing import Any
 
 from benchmarks.config import NOT_HASHED, SETTINGS
 
+#: Every target a table knows, in column order, with the papers' short header for it.
 TARGET_LABELS = {"cityscapes": "Citys.", "bdd100k": "BDD", "mapillary": "Map.", "acdc": "ACDC"}
 #: The numeric frames' columns that name a protocol; grouping a frame by them gives `Protocol(*key)`.
 PROTOCOL_COLUMNS = ["preset", "setting", "backbone", "head", "config"]
@@ -35,8 +36,6 @@ NON_PROTOCOL_KEYS: tuple[tuple[str, ...], ...] = (
     ("eval", "batch_windows"),
     *NOT_HASHED,  # what leaves the run's own identity (workers, preflight, log and checkpoint cadence)
 )
-
-
 
 
 @dataclass(frozen=True, order=True)
