@@ -2,10 +2,18 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
-from benchmarks.results import SCHEMA_VERSION, atomic_write_text, iter_results, read_result, write_result
+from benchmarks.results import (
+    SCHEMA_VERSION,
+    atomic_write_text,
+    iter_results,
+    load_result,
+    read_result,
+    write_result,
+)
 
 # The fields every reader relies on (benchmarks.results.REQUIRED_FIELDS), for a run still going.
 RUNNING = {"schema": SCHEMA_VERSION, "status": "running", "method": {"name": "m"}, "preset": "smoke",
@@ -39,3 +47,14 @@ def test_foreign_and_broken_files_are_ignored(tmp_path):
     (tmp_path / "broken.json").write_text('{"schema": 1, ')
     write_result(tmp_path / "ok.json", {**RUNNING, "run_id": "ok"})
     assert [r["run_id"] for r in iter_results([tmp_path])] == ["ok"]
+
+
+def test_the_run_files_kept_in_the_repository_stay_readable():
+    """docs/results.md cites the runs under results/proxy-runs; `table --runs` must keep reading them
+    as the schema moves, each one finished and naming the weight file it ran by checksum."""
+    kept = sorted((Path(__file__).resolve().parent.parent / "results" / "proxy-runs").rglob("*.json"))
+    assert kept, "results/proxy-runs holds no run files"
+    for path in kept:
+        result = load_result(path)  # raises on a file the current schema cannot read
+        assert result is not None and result["status"] == "finished", path
+        assert len(result["provenance"]["weights"]["sha256"]) == 64, path
