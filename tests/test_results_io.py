@@ -2,10 +2,10 @@
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
+from benchmarks.config import PROJECT_ROOT
 from benchmarks.results import (
     SCHEMA_VERSION,
     atomic_write_text,
@@ -52,7 +52,7 @@ def test_foreign_and_broken_files_are_ignored(tmp_path):
 def test_the_run_files_kept_in_the_repository_stay_readable():
     """docs/results.md cites the runs under results/proxy-runs; `table --runs` must keep reading them
     as the schema moves, each one finished and naming the weight file it ran by checksum."""
-    kept = sorted((Path(__file__).resolve().parent.parent / "results" / "proxy-runs").rglob("*.json"))
+    kept = sorted((PROJECT_ROOT / "results" / "proxy-runs").rglob("*.json"))
     assert kept, "results/proxy-runs holds no run files"
     for path in kept:
         result = load_result(path)  # raises on a file the current schema cannot read
