@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from benchmarks import resources
 from benchmarks.config import EvalConfig, Experiment, TrainConfig
 from benchmarks.errors import UserError
-from benchmarks.method import EMA, Method, TrainContext
+from benchmarks.method import EMA, CosineWeightDecay, Method, TrainContext
 from benchmarks.metrics import confusion_metric, iou_from_confusion, miou_percent
 from benchmarks.model import SegModel
 
@@ -129,6 +129,27 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torc
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
 
 
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """A checkpoint's optimiser state in place of the fresh one: its groups replace the fresh groups,
+    keys and all, so a checkpoint from before `lr_mult`/`initial_weight_decay` existed gets them here."""
+    optimizer.load_state_dict(saved)
+    for group in optimizer.param_groups:
+        group.setdefault("lr_mult", 1.0)
+        group.setdefault("initial_weight_decay", group["weight_decay"])
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+                    weight_decay_schedule: CosineWeightDecay | None) -> float:
+    """Each group's learning rate (and weight decay, where the method schedules it) for `step`, from the
+    values the group started with; returns the poly factor, for the log."""
+    factor = poly_lr_factor(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+        if weight_decay_schedule is not None:
+            group["weight_decay"] = weight_decay_schedule.value(group["initial_weight_decay"], step, cfg.iters)
+    return factor
+
+
 # -- the training stream ----------------------------------------------------------------------------
 class SourceStream(Sampler[list[tuple[int, int]]]):
     """Micro-batches of (index, augmentation seed), a pure function of (seed, position).
@@ -222,6 +243,16 @@ class ParameterEMA:
     seeds it and every later optimiser step folds the weights in. Frozen parameters never change, so
     they need no average; buffers are the model's own, as mmengine's EMA without `update_buffers`.
     """
+
+    @classmethod
+    def declared_by(cls, method: Method, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    total_iters: int) -> ParameterEMA | None:
+        """The average `method.ema()` asks for, over the parameters the optimiser updates; None if it asks none."""
+        spec = method.ema()
+        if spec is None:
+            return None
+        optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return cls(spec, {n: p for n, p in model.named_parameters() if id(p) in optimised}, total_iters)
 
     def __init__(self, spec: EMA, named: dict[str, torch.nn.Parameter], total_iters: int):
         if not (0.0 < spec.decay < 1.0 and 0.0 <= spec.start_fraction <= 1.0 and spec.reference_iters >= 0):
@@ -340,6 +371,26 @@ class CheckpointCadence:
         return step + max(1, math.ceil(max(wait_seconds, 0.0) / max(step_seconds, 1e-9)))
 
 
+class RunningLoss:
+    """The mean training loss between two log lines. The sum stays on the device, so a step has no
+    host-device sync; `take_mean` syncs once (and averages over the process group through `reduce`)."""
+
+    def __init__(self, device: torch.device, reduce: Callable[[torch.Tensor], torch.Tensor]):
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+        self.reduce = reduce
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach().float()
+        self.count += 1
+
+    def take_mean(self) -> float:
+        mean = self.reduce(self.total / max(self.count, 1)).item()
+        self.total.zero_()
+        self.count = 0
+        return mean
+
+
 @dataclass
 class TrainHooks:
     """Callbacks from the runner: periodic evaluation and checkpointing, kept out of the loop body."""
@@ -373,16 +424,10 @@ def train(
         compile_model(model)
     optimizer = build_optimizer(method.param_groups(model, cfg.weight_decay), cfg, device)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)  # the saved groups replace the fresh ones, keys and all
-        for group in optimizer.param_groups:  # a checkpoint from before these keys had no schedule on them
-            group.setdefault("lr_mult", 1.0)
-            group.setdefault("initial_weight_decay", group["weight_decay"])
+        restore_optimizer(optimizer, optimizer_state)
     weight_decay_schedule = method.weight_decay_schedule()
-    ema_spec = method.ema()
-    ema = None
-    if ema_spec is not None:
-        optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        ema = ParameterEMA(ema_spec, {n: p for n, p in model.named_parameters() if id(p) in optimised}, cfg.iters)
+    ema = ParameterEMA.declared_by(method, model, optimizer, cfg.iters)
+    if ema is not None:
         ema.load_state_dict(state.ema)
         state.ema = None  # the live average is `ema`; a checkpoint writes it back
 
@@ -422,9 +467,7 @@ def train(
         method.before_training(ctx)
         model.train()
 
-    # Loss sums stay on the device between logging steps: no host-device sync inside a step.
-    running_loss = torch.zeros((), device=device)
-    running_count = 0
+    running_loss = RunningLoss(device, reduce=distributed.all_reduce_mean_)
     bar = tqdm(total=cfg.iters, initial=state.step, disable=not progress, desc=method.name, unit="it", dynamic_ncols=True)
     started = time.perf_counter()
     cadence = CheckpointCadence(cfg.checkpoint_interval, state.step, share=distributed.broadcast_object)
@@ -444,18 +487,13 @@ def train(
     while state.step < cfg.iters:
         step = state.step
         method.on_step(step, ctx)
-        factor = poly_lr_factor(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-            if weight_decay_schedule is not None:
-                group["weight_decay"] = weight_decay_schedule.value(group["initial_weight_decay"], step, cfg.iters)
+        factor = apply_schedules(optimizer, step, cfg, weight_decay_schedule)
         optimizer.zero_grad(set_to_none=True)
         for micro in range(cfg.grad_accum):
             with distributed.accumulation_context(forward_loss, last=micro == cfg.grad_accum - 1):
                 loss = loss_of(next_batch())
                 (loss / cfg.grad_accum).backward()
-            running_loss += loss.detach().float()
-            running_count += 1
+            running_loss.add(loss)
         optimizer.step()
         method.after_optimizer_step(step, ctx)
         state.step += 1
@@ -463,13 +501,11 @@ def train(
             ema.update(state.step)
 
         if state.step % cfg.log_interval == 0 or state.step == cfg.iters:
-            mean_loss = distributed.all_reduce_mean_(running_loss / max(running_count, 1)).item()
+            mean_loss = running_loss.take_mean()
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(f"loss became {mean_loss} by iteration {state.step} (lr {cfg.lr * factor:.3g})")
             state.history.append({"iter": state.step, "loss": mean_loss, "lr": cfg.lr * factor})
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{cfg.lr * factor:.2e}")
-            running_loss.zero_()
-            running_count = 0
         bar.update(1)
         if hooks.evaluate and cfg.eval_interval and state.step % cfg.eval_interval == 0 and state.step < cfg.iters:
             with ema.swapped_in() if ema is not None else contextlib.nullcontext():

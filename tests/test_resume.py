@@ -72,6 +72,26 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
 
 
+def test_an_optimiser_state_saved_before_the_schedule_keys_resumes_on_its_schedule():
+    from benchmarks.config import TrainConfig
+    from benchmarks.protocol import apply_schedules, build_optimizer, restore_optimizer
+
+    cfg = TrainConfig(iters=10, lr=1e-3, weight_decay=0.05)
+    weights = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    saved = build_optimizer([{"params": [weights[0]]}, {"params": [weights[1]], "weight_decay": 0.0}],
+                            cfg, torch.device("cpu")).state_dict()
+    for group in saved["param_groups"]:  # as written before lr_mult and initial_weight_decay existed
+        del group["lr_mult"], group["initial_weight_decay"]
+    fresh = build_optimizer([{"params": [weights[0]], "lr_mult": 10.0}, {"params": [weights[1]]}], cfg,
+                            torch.device("cpu"))
+    restore_optimizer(fresh, saved)
+    assert [g["lr_mult"] for g in fresh.param_groups] == [1.0, 1.0]  # the saved groups, not the fresh ones
+    assert [g["initial_weight_decay"] for g in fresh.param_groups] == [0.05, 0.0]
+    factor = apply_schedules(fresh, 5, cfg, None)
+    assert factor == pytest.approx(0.5 ** 0.9)
+    assert [g["lr"] for g in fresh.param_groups] == pytest.approx([1e-3 * factor] * 2)
+
+
 def test_a_killed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     checkpoint.atomic_torch_save({"value": torch.tensor(1)}, path)
