@@ -130,8 +130,9 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torc
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """A checkpoint's optimiser state in place of the fresh one: its groups replace the fresh groups,
-    keys and all, so a checkpoint from before `lr_mult`/`initial_weight_decay` existed gets them here."""
+    """A checkpoint's optimiser state in place of the fresh one. Its groups replace the fresh groups, keys
+    and all, so one saved before `lr_mult`/`initial_weight_decay` existed gets them here: 1 and the group's
+    weight decay, the values such a run trained with."""
     optimizer.load_state_dict(saved)
     for group in optimizer.param_groups:
         group.setdefault("lr_mult", 1.0)
