@@ -50,7 +50,7 @@ def make_result(method: str, seed: int, miou: dict[str, float], *, backbone: str
         "status": status, "failure": failure, "preset": preset, "setting": setting, "source": "gtav",
         "method": {"name": method, "paper": "", "hyperparameters": {}},
         "backbone": backbone, "head": head, "seed": seed,
-        "experiment": experiment or {"preset": preset, "train": {"iters": 300, "seed": seed}, "model": {"backbone": backbone}},
+        "experiment": experiment or {"preset": preset, "train": {"seed": seed}, "model": {"backbone": backbone}},
         "params": {"backbone_trainable": params, "backbone_added": 0, "backbone_pretrained": 5_000_000,
                    "head_total": 10_000, "head_trainable": 10_000},
         "targets": targets if status == "finished" else {},
@@ -170,12 +170,28 @@ def test_protocols_never_mix_in_one_table():
 
 
 def test_seed_and_paths_do_not_split_a_protocol():
-    experiments = [{"train": {"iters": 300, "seed": s}, "data": {"root": f"/mnt/{s}"}, "run": {"results_dir": str(s)}}
+    experiments = [{"train": {"seed": s}, "data": {"root": f"/mnt/{s}"}, "run": {"results_dir": str(s)}}
                    for s in (1, 2)]
     runs = [make_result("rein", s, cbm(40 + s, 30, 20), experiment=e) for s, e in zip((1, 2), experiments, strict=True)]
     tables = main_tables(runs)
     assert len(tables) == 1 and "config" not in tables[0].title
     assert tables[0].rows[0][2].plain() == "41.5 ± 0.7"
+
+
+def test_a_table_of_runs_that_depart_from_their_preset_says_how_even_alone():
+    from benchmarks.config import load_experiment
+
+    preset = json.loads(json.dumps(load_experiment("proxy").to_dict()))
+    cropped = copy.deepcopy(preset)
+    cropped["data"]["crop_size"] = cropped["model"]["img_size"] = cropped["eval"]["crop_size"] = 96
+    cropped["data"]["root"] = "/elsewhere"  # where the files live is no departure
+    [as_preset] = main_tables([make_result("lora", 42, cbm(40, 30, 20), experiment=preset)])
+    [departed] = main_tables([make_result("lora", 42, cbm(40, 30, 20), experiment=cropped)])
+    assert as_preset.title == "G->CBM · proxy_vit · light head · preset proxy: mIoU (%)"
+    assert departed.title.startswith("G->CBM · proxy_vit · light head · preset proxy · "
+                                      "data.crop_size=96, eval.crop_size=96, model.img_size=96 (config ")
+    [published] = published_tables([make_result("lora", 42, cbm(40, 30, 20), experiment=cropped)])
+    assert "· config " in published.title  # the fingerprint travels to every table of those runs
 
 
 def test_weights_split_a_protocol_by_file_not_by_folder():

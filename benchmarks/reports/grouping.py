@@ -8,6 +8,7 @@ this package all group by it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from benchmarks.config import NOT_HASHED, SETTINGS
+from benchmarks.config import NOT_HASHED, SETTINGS, available_presets, load_experiment
 
 #: Every target a table knows, in column order, with the papers' short header for it.
 TARGET_LABELS = {"cityscapes": "Citys.", "bdd100k": "BDD", "mapillary": "Map.", "acdc": "ACDC"}
@@ -121,7 +122,30 @@ def _variant_labels(results: dict[str, dict[str, Any]], most: int = 3) -> dict[s
             for fp, res in results.items()}
     keys = sorted({k for f in flat.values() for k in f})
     differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
+    return {fp: _settings_label(settings, differing, most) for fp, settings in flat.items()}
 
+
+def preset_departures(result: dict[str, Any], most: int = 3) -> str:
+    """"key=value, ..." over the settings in which a run's experiment departs from its preset as the preset
+    reads today, so a table of `--set` runs says so even alone; "" where it does not depart, or its preset is
+    not one of the project's. Weights are left to the multi-configuration labels (a preset names no file for
+    most backbones), and a setting the result does not record is not counted (a file older than it)."""
+    experiment, preset = result.get("experiment"), result.get("preset")
+    if not experiment or preset not in available_presets():
+        return ""
+    ours = _flatten(protocol_settings(experiment))
+    theirs = _preset_settings(str(preset))
+    differing = [k for k in sorted(ours) if k != "model.weights" and k in theirs
+                 and json.dumps(ours[k], sort_keys=True) != json.dumps(theirs[k], sort_keys=True)]
+    return _settings_label(ours, differing, most) if differing else ""
+
+
+@functools.cache
+def _preset_settings(preset: str) -> dict[str, Any]:
+    return _flatten(protocol_settings(load_experiment(preset).to_dict()))
+
+
+def _settings_label(settings: dict[str, Any], keys: list[str], most: int) -> str:
     def show(value: Any) -> str:
         if value is None:
             return "unset"
@@ -129,11 +153,8 @@ def _variant_labels(results: dict[str, dict[str, Any]], most: int = 3) -> dict[s
             return "[" + ", ".join(map(str, value)) + "]"
         return str(value)
 
-    labels = {}
-    for fp, settings in flat.items():
-        parts = [f"{k}={show(settings.get(k))}" for k in differing[:most]]
-        labels[fp] = ", ".join(parts) + (f", +{len(differing) - most} more" if len(differing) > most else "")
-    return labels
+    parts = [f"{k}={show(settings.get(k))}" for k in keys[:most]]
+    return ", ".join(parts) + (f", +{len(keys) - most} more" if len(keys) > most else "")
 
 
 def _weights_identity(entry: str) -> str:
@@ -182,8 +203,9 @@ def method_role(result: dict[str, Any]) -> str:
 
 
 def group_results(results: Iterable[dict[str, Any]]) -> dict[Protocol, list[dict[str, Any]]]:
-    """Results by protocol; fingerprints are kept only where a (preset, setting, backbone, head)
-    holds more than one configuration, so ordinary tables get short titles."""
+    """Results by protocol; fingerprints are kept only where a (preset, setting, backbone, head) holds more
+    than one configuration or its one departs from the preset (`preset_departures`), so ordinary tables get
+    short titles."""
     by_exact: dict[Protocol, list[dict[str, Any]]] = {}
     for res in results:
         by_exact.setdefault(protocol_of(res), []).append(res)
@@ -198,7 +220,8 @@ def group_results(results: Iterable[dict[str, Any]]) -> dict[Protocol, list[dict
     grouped: dict[Protocol, list[dict[str, Any]]] = {}
     for proto, members in by_exact.items():
         if len(fingerprints[proto.base]) == 1:
-            proto = Protocol(*proto.base)
+            departures = preset_departures(members[0])
+            proto = dataclasses.replace(proto, variant=departures) if departures else Protocol(*proto.base)
         else:
             proto = dataclasses.replace(proto, variant=labels.get(proto.fingerprint, ""))
         grouped.setdefault(proto, []).extend(members)
