@@ -190,6 +190,12 @@ def test_a_table_of_runs_that_depart_from_their_preset_says_how_even_alone():
     assert as_preset.title == "G->CBM · proxy_vit · light head · preset proxy: mIoU (%)"
     assert departed.title.startswith("G->CBM · proxy_vit · light head · preset proxy · "
                                       "data.crop_size=96, eval.crop_size=96, model.img_size=96 (config ")
+    retuned = copy.deepcopy(preset)
+    retuned["methods"] = {"lora": {"rank": 4}}
+    [retuned_table] = main_tables([make_result("lora", 42, cbm(40, 30, 20), experiment=retuned)])
+    assert "· methods.lora.rank=4 (config " in retuned_table.title
+    older = {"preset": "proxy", "train": {"seed": 42}, "model": {"backbone": "proxy_vit"}}  # records fewer settings
+    assert main_tables([make_result("lora", 42, cbm(40, 30, 20), experiment=older)])[0].title == as_preset.title
     [published] = published_tables([make_result("lora", 42, cbm(40, 30, 20), experiment=cropped)])
     assert "· config " in published.title  # the fingerprint travels to every table of those runs
 

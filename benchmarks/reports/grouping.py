@@ -129,14 +129,15 @@ def preset_departures(result: dict[str, Any], most: int = 3) -> str:
     """"key=value, ..." over the settings in which a run's experiment departs from its preset as the preset
     reads today, so a table of `--set` runs says so even alone; "" where it does not depart, or its preset is
     not one of the project's. Weights are left to the multi-configuration labels (a preset names no file for
-    most backbones), and a setting the result does not record is not counted (a file older than it)."""
+    most backbones); a setting the result does not record is not counted (a file older than the setting), one
+    the preset does not name is (a method's hyperparameter set for the run)."""
     experiment, preset = result.get("experiment"), result.get("preset")
     if not experiment or preset not in available_presets():
         return ""
     ours = _flatten(protocol_settings(experiment))
     theirs = _preset_settings(str(preset))
-    differing = [k for k in sorted(ours) if k != "model.weights" and k in theirs
-                 and json.dumps(ours[k], sort_keys=True) != json.dumps(theirs[k], sort_keys=True)]
+    differing = [k for k in sorted(ours) if k != "model.weights" and ours[k] != {}  # an emptied section names nothing
+                 and json.dumps(ours[k], sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True)]
     return _settings_label(ours, differing, most) if differing else ""
 
 
