@@ -200,6 +200,30 @@ def test_a_table_of_runs_that_depart_from_their_preset_says_how_even_alone():
     assert "· config " in published.title  # the fingerprint travels to every table of those runs
 
 
+def test_a_table_of_runs_on_other_weights_than_their_preset_says_so_even_alone():
+    """Weights count by content: the shipped checkpoint under any file name is the preset's, another file
+    or random initialisation is a departure that a table of those runs alone names."""
+    from benchmarks.backbones import get_spec
+    from benchmarks.provenance import file_sha256
+
+    shipped = file_sha256(get_spec("proxy_vit").default_weights)
+
+    def run(weights, sha256):
+        res = make_result("lora", 42, cbm(40, 30, 20), experiment={
+            "preset": "proxy", "train": {"seed": 42}, "model": {"backbone": "proxy_vit", "weights": weights}})
+        res["provenance"] = {"weights": {"backbone": "proxy_vit", "file": "/x/vit.safetensors" if sha256 else None,
+                                         "sha256": sha256, "bytes": 1}}
+        return res
+
+    [as_preset] = main_tables([run([], shipped)])
+    assert as_preset.title == "G->CBM · proxy_vit · light head · preset proxy: mIoU (%)"
+    assert main_tables([run(["proxy_vit=/copy/of/shipped.safetensors"], shipped)])[0].title == as_preset.title
+    [other] = main_tables([run(["proxy_vit=/x/vit.safetensors"], "cd" * 32)])
+    assert "· preset proxy · model.weights=[proxy_vit=sha256:cdcdcdcdcdcd] (config " in other.title
+    [random_init] = main_tables([run(["proxy_vit=random"], None)])
+    assert "· preset proxy · model.weights=[proxy_vit=random] (config " in random_init.title
+
+
 def test_weights_split_a_protocol_by_file_not_by_folder():
     """Random initialisation and another checkpoint are other protocols; the same file elsewhere is not."""
     def experiment(weights):

@@ -13,10 +13,11 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from benchmarks.config import NOT_HASHED, SETTINGS, available_presets, load_experiment
+from benchmarks.errors import UserError
 
 #: Every target a table knows, in column order, with the papers' short header for it.
 TARGET_LABELS = {"cityscapes": "Citys.", "bdd100k": "BDD", "mapillary": "Map.", "acdc": "ACDC"}
@@ -128,22 +129,47 @@ def _variant_labels(results: dict[str, dict[str, Any]], most: int = 3) -> dict[s
 def preset_departures(result: dict[str, Any], most: int = 3) -> str:
     """"key=value, ..." over the settings in which a run's experiment departs from its preset as the preset
     reads today, so a table of `--set` runs says so even alone; "" where it does not depart, or its preset is
-    not one of the project's. Weights are left to the multi-configuration labels (a preset names no file for
-    most backbones); a setting the result does not record is not counted (a file older than the setting), one
-    the preset does not name is (a method's hyperparameter set for the run)."""
+    not one of the project's. A setting the result does not record is not counted (a file older than the
+    setting), one the preset does not name is (a method's hyperparameter set for the run). Weights count by
+    content, where the run recorded what it loaded and the preset means a file on this machine
+    (`_preset_checkpoint`)."""
     experiment, preset = result.get("experiment"), result.get("preset")
     if not experiment or preset not in available_presets():
         return ""
-    ours = _flatten(protocol_settings(experiment))
+    loaded = _loaded_weights(result)
+    ours = _flatten(protocol_settings(experiment, loaded))
     theirs = _preset_settings(str(preset))
-    differing = [k for k in sorted(ours) if k != "model.weights" and ours[k] != {}  # an emptied section names nothing
+    differing = [k for k in ours if k != "model.weights" and ours[k] != {}  # an emptied section names nothing
                  and json.dumps(ours[k], sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True)]
-    return _settings_label(ours, differing, most) if differing else ""
+    if loaded and "sha256" in loaded:
+        expected = _preset_checkpoint(str(preset), str(loaded.get("backbone")))
+        if expected is not None and expected != _content_name(loaded["sha256"]):
+            differing.append("model.weights")
+    return _settings_label(ours, sorted(differing), most) if differing else ""
 
 
 @functools.cache
 def _preset_settings(preset: str) -> dict[str, Any]:
     return _flatten(protocol_settings(load_experiment(preset).to_dict()))
+
+
+@functools.cache
+def _preset_checkpoint(preset: str, backbone: str) -> str | None:
+    """The checkpoint the preset's runs of `backbone` load, named as a configuration label names it ("random"
+    where the preset asks for random initialisation); None where the preset leaves the file to the user (a
+    backbone that ships none) or the file it means is not on this machine: nothing to compare a run with."""
+    from benchmarks.backbones import get_spec
+    from benchmarks.model import weights_for
+    from benchmarks.provenance import file_sha256
+
+    given = weights_for(load_experiment(preset), backbone)
+    if given == "random":
+        return _content_name(None)
+    try:
+        path = Path(given).expanduser() if given else get_spec(backbone).default_weights
+    except UserError:  # a backbone this version does not register: nothing to compare with
+        return None
+    return _content_name(file_sha256(path)) if path is not None and path.is_file() else None
 
 
 def _settings_label(settings: dict[str, Any], keys: list[str], most: int) -> str:
