@@ -9,13 +9,17 @@ A command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
+import os
 import pkgutil
+import subprocess
 import sys
 
 from benchmarks import commands
 from benchmarks.errors import UserError, user_line
+from benchmarks.resources import RestartWithPassiveWaiting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RestartWithPassiveWaiting:
+        pass  # outside the handler, so the interrupted run's frames (and loader workers) are freed first
+    return restart_with_passive_waiting(sys.argv[1:] if argv is None else argv)
+
+
+def restart_with_passive_waiting(argv: list[str]) -> int:
+    """The same command in a new process whose OpenMP threads wait passively (`RestartWithPassiveWaiting`);
+    its exit code is this one's."""
+    gc.collect()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.call([sys.executable, "-m", "benchmarks", *argv], env=env)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,11 @@ class TrainState:
     """The part of `train_seconds` spent waiting for the next batch (all of its loading with no loader workers)."""
     stray_label_pixels: int = 0
     """Source label pixels ignored (255) for values outside their encoding (`datasets.base.map_label`)."""
+    unlogged_loss_sum: float = 0.0
+    unlogged_loss_count: int = 0
+    """The losses since the last log line (`RunningLoss`) as of the checkpoint: one saved between two log lines
+    (by training time, or for a restart) would otherwise resume into another logged mean. Rank 0's under
+    torchrun, where the other ranks' partial sums are not saved."""
     ema: dict[str, torch.Tensor] | None = None
     """The weight average (`ParameterEMA.state_dict`) as of the last checkpoint; None before it starts."""
     model_selection: str = "final"
@@ -376,10 +381,15 @@ class RunningLoss:
     """The mean training loss between two log lines. The sum stays on the device, so a step has no
     host-device sync; `take_mean` syncs once (and averages over the process group through `reduce`)."""
 
-    def __init__(self, device: torch.device, reduce: Callable[[torch.Tensor], torch.Tensor]):
-        self.total = torch.zeros((), device=device)
-        self.count = 0
+    def __init__(self, device: torch.device, reduce: Callable[[torch.Tensor], torch.Tensor], total: float = 0.0,
+                 count: int = 0):
+        self.total = torch.tensor(total, dtype=torch.float32, device=device)
+        self.count = count
         self.reduce = reduce
+
+    def pending(self) -> tuple[float, int]:
+        """The sum and count since the last `take_mean` (one sync), for a checkpoint."""
+        return self.total.item(), self.count
 
     def add(self, loss: torch.Tensor) -> None:
         self.total += loss.detach().float()
@@ -399,6 +409,9 @@ class TrainHooks:
     evaluate: Callable[[int], float] | None = None
     """Scores the held-out source pairs every `train.eval_interval` iterations (never a target)."""
     checkpoint: Callable[[TrainState, torch.optim.Optimizer], None] | None = None
+    interrupt: Callable[[], BaseException | None] | None = None
+    """Asked after every iteration; an exception it returns is raised once the run's checkpoint is saved (a
+    restart the process needs: `resources.RestartWithPassiveWaiting`), so the run resumes exactly."""
 
 
 def train(
@@ -468,7 +481,8 @@ def train(
         method.before_training(ctx)
         model.train()
 
-    running_loss = RunningLoss(device, reduce=distributed.all_reduce_mean_)
+    running_loss = RunningLoss(device, reduce=distributed.all_reduce_mean_, total=state.unlogged_loss_sum,
+                               count=state.unlogged_loss_count)
     bar = tqdm(total=cfg.iters, initial=state.step, disable=not progress, desc=method.name, unit="it", dynamic_ncols=True)
     started = time.perf_counter()
     cadence = CheckpointCadence(cfg.checkpoint_interval, state.step, share=distributed.broadcast_object)
@@ -480,6 +494,7 @@ def train(
         state.train_seconds += now - started
         trained_here += now - started
         state.ema = ema.state_dict() if ema is not None else None
+        state.unlogged_loss_sum, state.unlogged_loss_count = running_loss.pending()
         hooks.checkpoint(state, optimizer)
         state.ema = None
         started = time.perf_counter()
@@ -515,6 +530,10 @@ def train(
             model.train()
         if hooks.checkpoint and cadence.due(state.step, trained_here + time.perf_counter() - started):
             save_checkpoint()
+        if hooks.checkpoint and hooks.interrupt and state.step < cfg.iters and (stop := hooks.interrupt()):
+            save_checkpoint()
+            bar.close()
+            raise stop
     if hooks.checkpoint and cadence.final_due(state.step, trained_here + time.perf_counter() - started):
         save_checkpoint()
     bar.close()

@@ -7,7 +7,9 @@ share: measured on 2 cores with 2 workers and a competing 2-thread job, see docs
 So on a CPU the default is one loader worker beside as many intra-op threads as the process may use
 (a worker only decodes and crops, a small part of a step); and when other work already runs on the
 machine as a run starts, OpenMP's threads wait passively (they sleep rather than spin, so the worker
-and the other jobs get the cores) — on an idle machine spinning is faster, so it stays.
+and the other jobs get the cores) — on an idle machine spinning is faster, so it stays. OpenMP reads its
+policy once per process, so when other work arrives later, `run` saves the run's checkpoint and restarts
+itself with passive waiting (`ArrivalWatch`, `RestartWithPassiveWaiting`); the run resumes exactly.
 
 What the user gives wins: `data.num_workers` ≥ 0 (or `run --num-workers N`), and
 `OMP_NUM_THREADS` for the threads.
@@ -24,6 +26,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks.errors import UserError
 
@@ -135,6 +138,90 @@ def choose_wait_policy(env: dict[str, str] | None = None, busy: float | None = N
         env["OMP_WAIT_POLICY"] = "PASSIVE"
         return "PASSIVE"
     return None
+
+
+def tasks_running_besides_ours(root: str = "/proc") -> int:
+    """Runnable tasks on the machine that are not this process's threads or its children's (the loader
+    workers): /proc/stat's procs_running less ours in state R, read back to back."""
+    def own_running(pid: str) -> int:
+        running = 0
+        try:
+            tasks = list(Path(root, pid, "task").iterdir())
+        except OSError:  # a child that ended meanwhile
+            return 0
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+                children = (task / "children").read_text().split() if pid == "self" else []
+            except OSError:  # the task ended between listing and reading
+                continue
+            running += stat[stat.rfind(")") + 2] == "R"
+            running += sum(own_running(child) for child in children)
+        return running
+
+    with open(Path(root, "stat")) as f:
+        total = next((int(line.split()[1]) for line in f if line.startswith("procs_running")), 1)
+    return max(0, total - own_running("self"))
+
+
+class RestartWithPassiveWaiting(BaseException):
+    """Raised by training, after it saved the run's checkpoint, when other work has come to share the cores of
+    a process whose OpenMP threads spin. The CLI runs the command again with passive waiting, which OpenMP
+    reads only as a process starts; finished runs are skipped and this one resumes from its checkpoint.
+    A BaseException, like KeyboardInterrupt, so the runner does not record the run as failed."""
+
+
+class ArrivalWatch:
+    """Whether other work now shares the cores of a process that chose spinning on an idle machine: asked
+    after every training step, it looks at most every `interval` seconds (reading /proc `samples` times,
+    20 ms apart), and only work seen at `needed` looks in a row counts, so a passing command does not
+    restart a run.
+
+    Spinning beside a job that arrived later made a proxy training step 9–13× slower and the job 3–16×
+    slower; passive waiting 1.6–1.7× (docs/performance.md, "Threads and loader workers on a CPU")."""
+
+    def __init__(self, interval: float = 15.0, needed: int = 2, samples: int = 3,
+                 read=tasks_running_besides_ours, clock=time.monotonic, pause=time.sleep):
+        self.interval, self.needed, self.samples = interval, needed, samples
+        self.read, self.clock, self.pause = read, clock, pause
+        self.next_check = clock() + interval
+        self.seen = 0
+
+    def other_work_arrived(self) -> bool:
+        now = self.clock()
+        if now < self.next_check:
+            return False
+        self.next_check = now + self.interval
+        counts = []
+        for i in range(self.samples):
+            if i:
+                self.pause(0.02)
+            try:
+                counts.append(self.read())
+            except OSError:  # no /proc here: nothing to watch
+                return False
+        self.seen = self.seen + 1 if statistics.median(counts) >= 1 else 0
+        return self.seen >= self.needed
+
+
+_arrival_watch: ArrivalWatch | None = None
+
+
+def watch_for_arrivals(env: dict[str, str] | None = None) -> bool:
+    """Called by the CLI after `choose_wait_policy`: if this process's OpenMP threads will spin because the
+    machine was idle (no policy given, none set), training watches for work that arrives later."""
+    global _arrival_watch
+    env = os.environ if env is None else env
+    if env.get("OMP_WAIT_POLICY") or env.get("GOMP_SPINCOUNT"):
+        return False
+    _arrival_watch = ArrivalWatch()
+    return True
+
+
+def arrival_watch(device_type: str, world_size: int) -> ArrivalWatch | None:
+    """The process's watch for a training run on `device_type`; None on a GPU, under torchrun (one process of
+    several cannot restart alone) or where the CLI set none up (a library call, a test)."""
+    return _arrival_watch if device_type == "cpu" and world_size == 1 else None
 
 
 @dataclass(frozen=True)

@@ -301,7 +301,17 @@ def _train(run: RunContext, model: Any, method: Method, data: RunData, amp: Any,
             )
         distributed.barrier()
 
-    hooks = TrainHooks(evaluate=score_source_heldout if data.heldout is not None else None, checkpoint=save_checkpoint)
+    watch = resources.arrival_watch(run.device.type, world.world_size)
+
+    def restart_if_work_arrived() -> BaseException | None:
+        if watch is not None and watch.other_work_arrived():
+            log.warning("other work now shares the CPU cores, and this process's OpenMP threads spin (chosen on an "
+                        "idle machine): saving %s's checkpoint to go on with passive waiting", result["run_id"])
+            return resources.RestartWithPassiveWaiting()
+        return None
+
+    hooks = TrainHooks(evaluate=score_source_heldout if data.heldout is not None else None, checkpoint=save_checkpoint,
+                       interrupt=restart_if_work_arrived if watch is not None else None)
     return train(model, method, data.source, exp, run.device, state=state, optimizer_state=optimizer_state,
                  hooks=hooks, progress=run.progress, num_workers=workers)
 

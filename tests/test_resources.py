@@ -65,6 +65,60 @@ def test_waiting_is_passive_only_when_other_work_runs() -> None:
     assert others_running(read=lambda: next(reads), interval=0) == 2
 
 
+def test_work_that_arrives_counts_only_when_seen_at_consecutive_checks():
+    from benchmarks.resources import ArrivalWatch
+
+    now = [0.0]
+    reads = iter([1, 1, 0,  0, 0, 1,  2, 2, 2,  1, 2, 1])
+    watch = ArrivalWatch(interval=10, needed=2, samples=3, read=lambda: next(reads), clock=lambda: now[0],
+                         pause=lambda seconds: None)
+    assert not watch.other_work_arrived()  # not yet due: nothing read
+    now[0] = 10
+    assert not watch.other_work_arrived()  # median 1: seen once
+    now[0] = 15
+    assert not watch.other_work_arrived()  # not due
+    now[0] = 20
+    assert not watch.other_work_arrived()  # median 0: a passing command, forgotten
+    now[0] = 30
+    assert not watch.other_work_arrived()  # seen once again
+    now[0] = 40
+    assert watch.other_work_arrived()  # seen twice in a row
+    assert next(reads, None) is None
+
+
+def test_the_tasks_counted_leave_out_this_process_and_its_loader_workers(tmp_path):
+    from benchmarks.resources import tasks_running_besides_ours
+
+    def task(pid: str, tid: str, comm: str, state: str, children: str | None = None) -> None:
+        folder = tmp_path / pid / "task" / tid
+        folder.mkdir(parents=True)
+        (folder / "stat").write_text(f"{tid} ({comm}) {state} 1 1 1 0 -1\n")
+        if children is not None:
+            (folder / "children").write_text(children)
+
+    (tmp_path / "stat").write_text("cpu  1 2 3\nprocs_running 6\nprocs_blocked 0\n")
+    task("self", "100", "python", "R", children="200 ")
+    task("self", "101", "omp) R thread", "S", children="")  # a name with ") R" in it: the state follows the last ")"
+    task("self", "102", "python", "R", children="")
+    task("200", "200", "pt_data_worker", "R")
+    assert tasks_running_besides_ours(str(tmp_path)) == 3
+    (tmp_path / "stat").write_text("procs_running 2\n")
+    assert tasks_running_besides_ours(str(tmp_path)) == 0  # never below none
+
+
+def test_only_a_spinning_run_process_on_a_cpu_watches_for_arrivals(monkeypatch):
+    from benchmarks import resources
+
+    monkeypatch.setattr(resources, "_arrival_watch", None)
+    assert resources.arrival_watch("cpu", 1) is None  # a library call or a test: the CLI set none up
+    assert not resources.watch_for_arrivals({"OMP_WAIT_POLICY": "PASSIVE"})
+    assert not resources.watch_for_arrivals({"GOMP_SPINCOUNT": "0"})
+    assert resources.arrival_watch("cpu", 1) is None
+    assert resources.watch_for_arrivals({})
+    assert isinstance(resources.arrival_watch("cpu", 1), resources.ArrivalWatch)
+    assert resources.arrival_watch("cuda", 1) is None and resources.arrival_watch("cpu", 2) is None
+
+
 def test_no_shipped_preset_fixes_a_loader_worker_count_above_the_machine_sizing():
     # A fixed count in a preset would override the sizing: 8 workers beside 2 intra-op threads on a 2-core
     # CPU is the oversubscription docs/performance.md measured.

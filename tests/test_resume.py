@@ -169,6 +169,55 @@ def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch
     assert not checkpoint.checkpoint_dir(path).exists()  # deleted once the run finished
 
 
+def test_a_run_that_restarts_for_passive_waiting_resumes_to_the_same_result(world, tmp_path, monkeypatch):
+    """Work arriving on the cores of a process whose OpenMP threads spin: the run saves its checkpoint, the
+    command runs again with passive waiting (here in this process, standing in for the new one) and the run
+    resumes to the uninterrupted result, with nothing recorded as failed. The checkpoint falls between two log
+    lines (iteration 3 of every 2nd), so the loss logged at 4 holds a loss from before the restart."""
+    from benchmarks import cli, resources
+
+    class ArrivesAtTheThirdStep:
+        asked = 0
+
+        def other_work_arrived(self) -> bool:
+            self.asked += 1
+            return self.asked == 3
+
+    args = ["run", "--preset", "smoke", "--methods", "full", "--data-root", str(world), "--no-progress",
+            "--set", "train.iters=4", "--set", "data.eval_limit=1"]
+    monkeypatch.setattr(resources, "_arrival_watch", None)
+    assert cli.main([*args, "--results-dir", str(tmp_path / "reference")]) == 0
+    restarts = []
+
+    def restart_here(argv):
+        restarts.append(argv)
+        monkeypatch.setattr(resources, "_arrival_watch", None)  # the new process waits passively: nothing to watch
+        return cli.main(argv)
+
+    monkeypatch.setattr(cli, "restart_with_passive_waiting", restart_here)
+    monkeypatch.setattr(resources, "_arrival_watch", ArrivesAtTheThirdStep())
+    argv = [*args, "--results-dir", str(tmp_path / "restarted")]
+    assert cli.main(argv) == 0
+    assert restarts == [argv]
+    (ref_file,) = (tmp_path / "reference").rglob("*.json")
+    (res_file,) = (tmp_path / "restarted").rglob("*.json")
+    ref, res = json.loads(ref_file.read_text()), json.loads(res_file.read_text())
+    assert res["status"] == "finished" and res["resumed_from_iter"] == 3
+    assert _comparable(res) == _comparable(ref)
+
+
+def test_the_restart_is_the_same_command_with_passive_waiting(monkeypatch):
+    from benchmarks import cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda command, env: calls.append((command, env)) or 7)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cli.restart_with_passive_waiting(["run", "--methods", "all"]) == 7  # its exit code is the command's
+    [(command, env)] = calls
+    assert command == [sys.executable, "-m", "benchmarks", "run", "--methods", "all"]
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == "2"
+
+
 def test_diverged_run_is_failed_and_keeps_its_last_good_checkpoint(world, tmp_path):
     from benchmarks.results import read_result
     from benchmarks.runner import RunSpec, execute_run, experiment_for
