@@ -177,8 +177,9 @@ class ArrivalWatch:
     20 ms apart), and only work seen at `needed` looks in a row counts, so a passing command does not
     restart a run.
 
-    Spinning beside a job that arrived later made a proxy training step 9–13× slower and the job 3–16×
-    slower; passive waiting 1.6–1.7× (docs/performance.md, "Threads and loader workers on a CPU")."""
+    Beside a 2-thread job that arrived after the start, a proxy training step of a spinning process took
+    9–13× its idle time, of a passive one 2.1–2.3× (the fair share is 2×; docs/performance.md, "Threads and
+    loader workers on a CPU")."""
 
     def __init__(self, interval: float = 15.0, needed: int = 2, samples: int = 3,
                  read=tasks_running_besides_ours, clock=time.monotonic, pause=time.sleep):
