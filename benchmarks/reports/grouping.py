@@ -158,18 +158,18 @@ def _preset_checkpoint(preset: str, backbone: str) -> str | None:
     """The checkpoint the preset's runs of `backbone` load, named as a configuration label names it ("random"
     where the preset asks for random initialisation); None where the preset leaves the file to the user (a
     backbone that ships none) or the file it means is not on this machine: nothing to compare a run with."""
-    from benchmarks.backbones import get_spec
-    from benchmarks.model import weights_for
+    from benchmarks.model import effective_weights, weights_for
     from benchmarks.provenance import file_sha256
 
-    given = weights_for(load_experiment(preset), backbone)
-    if given == "random":
+    exp = load_experiment(preset)
+    if weights_for(exp, backbone) == "random":
         return _content_name(None)
     try:
-        path = Path(given).expanduser() if given else get_spec(backbone).default_weights
+        path = effective_weights(exp, backbone)  # the file given, else the shipped default where it is present
     except UserError:  # a backbone this version does not register: nothing to compare with
         return None
-    return _content_name(file_sha256(path)) if path is not None and path.is_file() else None
+    file = Path(path).expanduser() if path else None
+    return _content_name(file_sha256(file)) if file is not None and file.is_file() else None
 
 
 def _settings_label(settings: dict[str, Any], keys: list[str], most: int) -> str:
