@@ -1,13 +1,13 @@
 import sys
 
-from benchmarks.resources import choose_wait_policy, watch_for_arrivals
+from benchmarks.resources import choose_wait_policy, watch_wait_policy
 
 # Before torch is imported (its OpenMP runtime reads the policy once), and only for the commands that
 # train or time models: reading the machine's state takes 0.2 s that `list` or `table` need not pay.
 if sys.argv[1:2] and sys.argv[1] in ("run", "check", "profile", "pretrain"):
     choose_wait_policy()
-    if sys.argv[1] == "run":  # a matrix can take an hour: work that arrives meanwhile must not meet spinning threads
-        watch_for_arrivals()
+    if sys.argv[1] == "run":  # a matrix can take an hour, and the machine's load can change meanwhile
+        watch_wait_policy()
 
 from benchmarks.cli import main  # noqa: E402
 

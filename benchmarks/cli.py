@@ -14,12 +14,13 @@ import importlib
 import logging
 import os
 import pkgutil
+import signal
 import subprocess
 import sys
 
 from benchmarks import commands
 from benchmarks.errors import UserError, user_line
-from benchmarks.resources import RestartWithPassiveWaiting
+from benchmarks.resources import WAIT_POLICY_CHOSEN, WAIT_RESTARTS, RestartForWaitPolicy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,17 +65,48 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except RestartWithPassiveWaiting:
-        pass  # outside the handler, so the interrupted run's frames (and loader workers) are freed first
-    return restart_with_passive_waiting(sys.argv[1:] if argv is None else argv)
+    except RestartForWaitPolicy as restart:
+        passive = restart.passive  # restarted outside the handler, so the run's frames (and loader workers) go first
+    return restart_with_wait_policy(sys.argv[1:] if argv is None else argv, passive)
 
 
-def restart_with_passive_waiting(argv: list[str]) -> int:
-    """The same command in a new process whose OpenMP threads wait passively (`RestartWithPassiveWaiting`);
-    its exit code is this one's."""
+RESTART_EXIT_CODES = {True: 75, False: 76}
+"""How a restarted process asks the first one to start the next: for passive waiting, for spinning. No
+command exits with these otherwise."""
+
+
+def restart_with_wait_policy(argv: list[str], passive: bool) -> int:
+    """The same command in a new process whose OpenMP threads wait passively, or spin (`RestartForWaitPolicy`);
+    its exit code is this one's. The first process starts every later one, so however often a command restarts,
+    one process waits beside the one that runs."""
     gc.collect()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.call([sys.executable, "-m", "benchmarks", *argv], env=env)
+    if WAIT_RESTARTS in os.environ:
+        return RESTART_EXIT_CODES[passive]
+    restarts = 0
+    while True:
+        restarts += 1
+        env = {name: value for name, value in os.environ.items() if name not in ("OMP_WAIT_POLICY", WAIT_POLICY_CHOSEN)}
+        env[WAIT_RESTARTS] = str(restarts)
+        if passive:
+            env.update({"OMP_WAIT_POLICY": "PASSIVE", WAIT_POLICY_CHOSEN: "1"})
+        code = run_to_its_end([sys.executable, "-m", "benchmarks", *argv], env)
+        if code not in RESTART_EXIT_CODES.values():
+            return code
+        passive = code == RESTART_EXIT_CODES[True]
+
+
+def run_to_its_end(command: list[str], env: dict[str, str]) -> int:
+    """The restarted process's exit code. Ctrl-C reaches it from the terminal (one process group) and it stops
+    itself, saying so in one line, so this process only waits; a SIGTERM sent to this process alone is passed on."""
+    child = subprocess.Popen(command, env=env)
+    # Set after the child started: an ignored SIGINT is inherited, and Python then raises no KeyboardInterrupt.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

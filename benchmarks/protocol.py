@@ -411,7 +411,7 @@ class TrainHooks:
     checkpoint: Callable[[TrainState, torch.optim.Optimizer], None] | None = None
     interrupt: Callable[[], BaseException | None] | None = None
     """Asked after every iteration; an exception it returns is raised once the run's checkpoint is saved (a
-    restart the process needs: `resources.RestartWithPassiveWaiting`), so the run resumes exactly."""
+    restart the process needs: `resources.RestartForWaitPolicy`), so the run resumes exactly."""
 
 
 def train(

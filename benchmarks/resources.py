@@ -9,7 +9,8 @@ So on a CPU the default is one loader worker beside as many intra-op threads as 
 machine as a run starts, OpenMP's threads wait passively (they sleep rather than spin, so the worker
 and the other jobs get the cores) — on an idle machine spinning is faster, so it stays. OpenMP reads its
 policy once per process, so when other work arrives later, `run` saves the run's checkpoint and restarts
-itself with passive waiting (`ArrivalWatch`, `RestartWithPassiveWaiting`); the run resumes exactly.
+itself with passive waiting, and when the work it waited passively for has gone, with spinning again
+(`WaitPolicyWatch`, `RestartForWaitPolicy`); the run resumes exactly.
 
 What the user gives wins: `data.num_workers` ≥ 0 (or `run --num-workers N`), and
 `OMP_NUM_THREADS` for the threads.
@@ -36,6 +37,16 @@ AUTO = -1
 """`data.num_workers = -1`: sized to the machine (the default)."""
 GPU_WORKERS_MAX = 8
 """Loader workers per GPU process at most when sized automatically (the paper preset's 8)."""
+
+
+WAIT_POLICY_CHOSEN = "BENCHMARKS_WAIT_POLICY_CHOSEN"
+"""Set beside `OMP_WAIT_POLICY` when this harness chose it (the machine was busy), so a process can tell its
+own choice, which it may revise, from the user's, which it never does."""
+WAIT_RESTARTS = "BENCHMARKS_WAIT_RESTARTS"
+"""How many times the command restarted for its wait policy; set in each restarted process."""
+MAX_WAIT_RESTARTS = 4
+"""A restarted process at this count no longer returns to spinning: a job that comes and goes every minute or
+two would otherwise cost a restart each time. Arrivals are always watched, so the count ends in passive waiting."""
 
 
 RECORDED_PACKAGES = ("torch", "torchvision", "timm", "transformers", "peft", "torchmetrics", "numpy")
@@ -136,6 +147,7 @@ def choose_wait_policy(env: dict[str, str] | None = None, busy: float | None = N
     busy = others_running() if busy is None else busy
     if busy >= 1:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env[WAIT_POLICY_CHOSEN] = "1"
         return "PASSIVE"
     return None
 
@@ -164,34 +176,51 @@ def tasks_running_besides_ours(root: str = "/proc") -> int:
     return max(0, total - own_running("self"))
 
 
-class RestartWithPassiveWaiting(BaseException):
-    """Raised by training, after it saved the run's checkpoint, when other work has come to share the cores of
-    a process whose OpenMP threads spin. The CLI runs the command again with passive waiting, which OpenMP
-    reads only as a process starts; finished runs are skipped and this one resumes from its checkpoint.
-    A BaseException, like KeyboardInterrupt, so the runner does not record the run as failed."""
+class RestartForWaitPolicy(BaseException):
+    """Raised by training, after it saved the run's checkpoint, when the machine's load no longer suits the
+    process's OpenMP wait policy, which OpenMP reads only as a process starts: other work has come to share
+    the cores of a process whose threads spin (`passive` True), or the work a passive process made room for
+    has gone (`passive` False). The CLI runs the command again with the policy wanted; finished runs are
+    skipped and this one resumes from its checkpoint. A BaseException, like KeyboardInterrupt, so the runner
+    does not record the run as failed."""
+
+    def __init__(self, passive: bool):
+        super().__init__("passive" if passive else "spinning")
+        self.passive = passive
 
 
-class ArrivalWatch:
-    """Whether other work now shares the cores of a process that chose spinning on an idle machine: asked
-    after every training step, it looks at most every `interval` seconds (reading /proc `samples` times,
-    20 ms apart), and only work seen at `needed` looks in a row counts, so a passing command does not
-    restart a run.
+LOOKS_FOR_AN_ARRIVAL = 2
+"""Looks in a row that must see other work before a spinning process restarts: one could be a passing
+command. Beside a job that arrived, a spinning step took 9–13× its idle time, so the watch is quick."""
+LOOKS_FOR_A_DEPARTURE = 4
+"""Looks in a row that must see no other work before a passive process restarts to spin: passive waiting
+costs 26–31 % of an idle step, a restart a few seconds, and a job that paused briefly should not be left."""
+
+
+class WaitPolicyWatch:
+    """Whether the machine's load has turned against the process's wait policy, for a process whose policy
+    the harness chose (`watch_wait_policy`). Asked after every training step, it looks at most every
+    `interval` seconds (reading /proc `samples` times, 20 ms apart, the median counting); a spinning process
+    restarts once other work is seen at `LOOKS_FOR_AN_ARRIVAL` looks in a row, a passive one once none is seen
+    at `LOOKS_FOR_A_DEPARTURE` looks in a row.
 
     Beside a 2-thread job that arrived after the start, a proxy training step of a spinning process took
-    9–13× its idle time, of a passive one 2.1–2.3× (the fair share is 2×; docs/performance.md, "Threads and
-    loader workers on a CPU")."""
+    9–13× its idle time, of a passive one 2.1–2.3× (the fair share is 2×); alone, passive waiting cost
+    26–31 % (docs/performance.md, "Threads and loader workers on a CPU")."""
 
-    def __init__(self, interval: float = 15.0, needed: int = 2, samples: int = 3,
+    def __init__(self, passive: bool, interval: float = 15.0, needed: int | None = None, samples: int = 3,
                  read=tasks_running_besides_ours, clock=time.monotonic, pause=time.sleep):
-        self.interval, self.needed, self.samples = interval, needed, samples
+        self.passive = passive
+        self.needed = needed or (LOOKS_FOR_A_DEPARTURE if passive else LOOKS_FOR_AN_ARRIVAL)
+        self.interval, self.samples = interval, samples
         self.read, self.clock, self.pause = read, clock, pause
         self.next_check = clock() + interval
         self.seen = 0
 
-    def other_work_arrived(self) -> bool:
+    def restart_due(self) -> RestartForWaitPolicy | None:
         now = self.clock()
         if now < self.next_check:
-            return False
+            return None
         self.next_check = now + self.interval
         counts = []
         for i in range(self.samples):
@@ -200,29 +229,34 @@ class ArrivalWatch:
             try:
                 counts.append(self.read())
             except OSError:  # no /proc here: nothing to watch
-                return False
-        self.seen = self.seen + 1 if statistics.median(counts) >= 1 else 0
-        return self.seen >= self.needed
+                return None
+        other_work = statistics.median(counts) >= 1
+        self.seen = self.seen + 1 if other_work != self.passive else 0
+        return RestartForWaitPolicy(passive=not self.passive) if self.seen >= self.needed else None
 
 
-_arrival_watch: ArrivalWatch | None = None
+_wait_policy_watch: WaitPolicyWatch | None = None
 
 
-def watch_for_arrivals(env: dict[str, str] | None = None) -> bool:
-    """Called by the CLI after `choose_wait_policy`: if this process's OpenMP threads will spin because the
-    machine was idle (no policy given, none set), training watches for work that arrives later."""
-    global _arrival_watch
+def watch_wait_policy(env: dict[str, str] | None = None) -> bool:
+    """Called by the CLI after `choose_wait_policy`: when the harness, not the user, decided how this process's
+    OpenMP threads wait, training watches whether the machine's load still suits that decision. A process
+    already restarted `MAX_WAIT_RESTARTS` times keeps passive waiting for good."""
+    global _wait_policy_watch
     env = os.environ if env is None else env
-    if env.get("OMP_WAIT_POLICY") or env.get("GOMP_SPINCOUNT"):
+    if env.get("GOMP_SPINCOUNT") or (env.get("OMP_WAIT_POLICY") and not env.get(WAIT_POLICY_CHOSEN)):
         return False
-    _arrival_watch = ArrivalWatch()
+    passive = bool(env.get("OMP_WAIT_POLICY"))
+    if passive and int(env.get(WAIT_RESTARTS) or 0) >= MAX_WAIT_RESTARTS:
+        return False
+    _wait_policy_watch = WaitPolicyWatch(passive)
     return True
 
 
-def arrival_watch(device_type: str, world_size: int) -> ArrivalWatch | None:
+def wait_policy_watch(device_type: str, world_size: int) -> WaitPolicyWatch | None:
     """The process's watch for a training run on `device_type`; None on a GPU, under torchrun (one process of
     several cannot restart alone) or where the CLI set none up (a library call, a test)."""
-    return _arrival_watch if device_type == "cpu" and world_size == 1 else None
+    return _wait_policy_watch if device_type == "cpu" and world_size == 1 else None
 
 
 @dataclass(frozen=True)

@@ -301,17 +301,20 @@ def _train(run: RunContext, model: Any, method: Method, data: RunData, amp: Any,
             )
         distributed.barrier()
 
-    watch = resources.arrival_watch(run.device.type, world.world_size)
+    watch = resources.wait_policy_watch(run.device.type, world.world_size)
 
-    def restart_if_work_arrived() -> BaseException | None:
-        if watch is not None and watch.other_work_arrived():
+    def restart_if_the_load_changed() -> BaseException | None:
+        restart = watch.restart_due() if watch is not None else None
+        if restart is not None and restart.passive:
             log.warning("other work now shares the CPU cores, and this process's OpenMP threads spin (chosen on an "
                         "idle machine): saving %s's checkpoint to go on with passive waiting", result["run_id"])
-            return resources.RestartWithPassiveWaiting()
-        return None
+        elif restart is not None:
+            log.warning("the other work this process's OpenMP threads waited passively for has gone: saving %s's "
+                        "checkpoint to go on with spinning threads, faster on an idle machine", result["run_id"])
+        return restart
 
     hooks = TrainHooks(evaluate=score_source_heldout if data.heldout is not None else None, checkpoint=save_checkpoint,
-                       interrupt=restart_if_work_arrived if watch is not None else None)
+                       interrupt=restart_if_the_load_changed if watch is not None else None)
     return train(model, method, data.source, exp, run.device, state=state, optimizer_state=optimizer_state,
                  hooks=hooks, progress=run.progress, num_workers=workers)
 

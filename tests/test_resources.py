@@ -54,36 +54,76 @@ def test_the_run_records_and_uses_the_plan(tmp_path, monkeypatch) -> None:
 
 
 def test_waiting_is_passive_only_when_other_work_runs() -> None:
-    from benchmarks.resources import choose_wait_policy, others_running
+    from benchmarks.resources import WAIT_POLICY_CHOSEN, choose_wait_policy, others_running
 
     env: dict[str, str] = {}
     assert choose_wait_policy(env, busy=0) is None and "OMP_WAIT_POLICY" not in env
     assert choose_wait_policy(env, busy=2) == "PASSIVE" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env[WAIT_POLICY_CHOSEN] == "1"  # ours, so the process may revise it
     given = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert choose_wait_policy(given, busy=5) is None and given["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert choose_wait_policy(given, busy=5) is None and given == {"OMP_WAIT_POLICY": "ACTIVE"}
     reads = iter([3, 1, 3, 3, 2])  # ourselves plus a competitor, one sample caught between slices
     assert others_running(read=lambda: next(reads), interval=0) == 2
 
 
-def test_work_that_arrives_counts_only_when_seen_at_consecutive_checks():
-    from benchmarks.resources import ArrivalWatch
+def _watch(passive: bool, reads: list[int], now: list[float]):
+    from benchmarks.resources import WaitPolicyWatch
 
+    remaining = iter(reads)
+    return WaitPolicyWatch(passive, interval=10, samples=3, read=lambda: next(remaining), clock=lambda: now[0],
+                           pause=lambda seconds: None), remaining
+
+
+def test_work_that_arrives_counts_only_when_seen_at_consecutive_checks():
     now = [0.0]
-    reads = iter([1, 1, 0,  0, 0, 1,  2, 2, 2,  1, 2, 1])
-    watch = ArrivalWatch(interval=10, needed=2, samples=3, read=lambda: next(reads), clock=lambda: now[0],
-                         pause=lambda seconds: None)
-    assert not watch.other_work_arrived()  # not yet due: nothing read
+    watch, reads = _watch(False, [1, 1, 0,  0, 0, 1,  2, 2, 2,  1, 2, 1], now)
+    assert watch.restart_due() is None  # not yet due: nothing read
     now[0] = 10
-    assert not watch.other_work_arrived()  # median 1: seen once
+    assert watch.restart_due() is None  # median 1: seen once
     now[0] = 15
-    assert not watch.other_work_arrived()  # not due
+    assert watch.restart_due() is None  # not due
     now[0] = 20
-    assert not watch.other_work_arrived()  # median 0: a passing command, forgotten
+    assert watch.restart_due() is None  # median 0: a passing command, forgotten
     now[0] = 30
-    assert not watch.other_work_arrived()  # seen once again
+    assert watch.restart_due() is None  # seen once again
     now[0] = 40
-    assert watch.other_work_arrived()  # seen twice in a row
+    restart = watch.restart_due()  # seen twice in a row
+    assert restart is not None and restart.passive
     assert next(reads, None) is None
+
+
+def test_a_passive_process_returns_to_spinning_only_after_consecutive_looks_see_no_other_work():
+    now = [0.0]
+    quiet, busy = [0, 0, 1], [2, 2, 0]  # medians 0 and 2
+    watch, reads = _watch(True, quiet * 3 + busy + quiet * 3 + quiet, now)
+    for look in range(1, 8):  # three quiet looks, a busy one (the job only paused), three quiet again
+        now[0] = 10 * look
+        assert watch.restart_due() is None
+    now[0] = 80
+    restart = watch.restart_due()  # the fourth quiet look in a row
+    assert restart is not None and not restart.passive
+    assert next(reads, None) is None
+
+
+def test_only_a_run_process_whose_wait_policy_the_harness_chose_watches(monkeypatch):
+    from benchmarks import resources
+    from benchmarks.resources import MAX_WAIT_RESTARTS, WAIT_POLICY_CHOSEN, WAIT_RESTARTS, WaitPolicyWatch
+
+    monkeypatch.setattr(resources, "_wait_policy_watch", None)
+    assert resources.wait_policy_watch("cpu", 1) is None  # a library call or a test: the CLI set none up
+    assert not resources.watch_wait_policy({"OMP_WAIT_POLICY": "PASSIVE"})  # the user's
+    assert not resources.watch_wait_policy({"GOMP_SPINCOUNT": "0"})
+    chosen_passive = {"OMP_WAIT_POLICY": "PASSIVE", WAIT_POLICY_CHOSEN: "1"}
+    assert not resources.watch_wait_policy({**chosen_passive, WAIT_RESTARTS: str(MAX_WAIT_RESTARTS)})
+    assert resources.wait_policy_watch("cpu", 1) is None
+
+    assert resources.watch_wait_policy({**chosen_passive, WAIT_RESTARTS: str(MAX_WAIT_RESTARTS - 1)})
+    watch = resources.wait_policy_watch("cpu", 1)
+    assert isinstance(watch, WaitPolicyWatch) and watch.passive
+    assert resources.watch_wait_policy({WAIT_RESTARTS: str(MAX_WAIT_RESTARTS + 1)})  # spinning: always watched
+    watch = resources.wait_policy_watch("cpu", 1)
+    assert isinstance(watch, WaitPolicyWatch) and not watch.passive
+    assert resources.wait_policy_watch("cuda", 1) is None and resources.wait_policy_watch("cpu", 2) is None
 
 
 def test_the_tasks_counted_leave_out_this_process_and_its_loader_workers(tmp_path):
@@ -104,19 +144,6 @@ def test_the_tasks_counted_leave_out_this_process_and_its_loader_workers(tmp_pat
     assert tasks_running_besides_ours(str(tmp_path)) == 3
     (tmp_path / "stat").write_text("procs_running 2\n")
     assert tasks_running_besides_ours(str(tmp_path)) == 0  # never below none
-
-
-def test_only_a_spinning_run_process_on_a_cpu_watches_for_arrivals(monkeypatch):
-    from benchmarks import resources
-
-    monkeypatch.setattr(resources, "_arrival_watch", None)
-    assert resources.arrival_watch("cpu", 1) is None  # a library call or a test: the CLI set none up
-    assert not resources.watch_for_arrivals({"OMP_WAIT_POLICY": "PASSIVE"})
-    assert not resources.watch_for_arrivals({"GOMP_SPINCOUNT": "0"})
-    assert resources.arrival_watch("cpu", 1) is None
-    assert resources.watch_for_arrivals({})
-    assert isinstance(resources.arrival_watch("cpu", 1), resources.ArrivalWatch)
-    assert resources.arrival_watch("cuda", 1) is None and resources.arrival_watch("cpu", 2) is None
 
 
 def test_no_shipped_preset_fixes_a_loader_worker_count_above_the_machine_sizing():

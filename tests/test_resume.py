@@ -169,36 +169,38 @@ def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch
     assert not checkpoint.checkpoint_dir(path).exists()  # deleted once the run finished
 
 
-def test_a_run_that_restarts_for_passive_waiting_resumes_to_the_same_result(world, tmp_path, monkeypatch):
-    """Work arriving on the cores of a process whose OpenMP threads spin: the run saves its checkpoint, the
-    command runs again with passive waiting (here in this process, standing in for the new one) and the run
-    resumes to the uninterrupted result, with nothing recorded as failed. The checkpoint falls between two log
-    lines (iteration 3 of every 2nd), so the loss logged at 4 holds a loss from before the restart."""
+@pytest.mark.parametrize("passive", [True, False], ids=["work-arrived", "work-left"])
+def test_a_run_that_restarts_for_its_wait_policy_resumes_to_the_same_result(world, tmp_path, monkeypatch, passive):
+    """Work arriving on the cores of a process whose OpenMP threads spin, or leaving those of a passive one: the
+    run saves its checkpoint, the command runs again with the other policy (here in this process, standing in
+    for the new one) and the run resumes to the uninterrupted result, with nothing recorded as failed. The
+    checkpoint falls between two log lines (iteration 3 of every 2nd), so the loss logged at 4 holds a loss
+    from before the restart."""
     from benchmarks import cli, resources
 
-    class ArrivesAtTheThirdStep:
+    class ChangesAtTheThirdStep:
         asked = 0
 
-        def other_work_arrived(self) -> bool:
+        def restart_due(self) -> resources.RestartForWaitPolicy | None:
             self.asked += 1
-            return self.asked == 3
+            return resources.RestartForWaitPolicy(passive) if self.asked == 3 else None
 
     args = ["run", "--preset", "smoke", "--methods", "full", "--data-root", str(world), "--no-progress",
             "--set", "train.iters=4", "--set", "data.eval_limit=1"]
-    monkeypatch.setattr(resources, "_arrival_watch", None)
+    monkeypatch.setattr(resources, "_wait_policy_watch", None)
     assert cli.main([*args, "--results-dir", str(tmp_path / "reference")]) == 0
     restarts = []
 
-    def restart_here(argv):
-        restarts.append(argv)
-        monkeypatch.setattr(resources, "_arrival_watch", None)  # the new process waits passively: nothing to watch
+    def restart_here(argv, wanted):
+        restarts.append((argv, wanted))
+        monkeypatch.setattr(resources, "_wait_policy_watch", None)  # the new process's watch sees no change
         return cli.main(argv)
 
-    monkeypatch.setattr(cli, "restart_with_passive_waiting", restart_here)
-    monkeypatch.setattr(resources, "_arrival_watch", ArrivesAtTheThirdStep())
+    monkeypatch.setattr(cli, "restart_with_wait_policy", restart_here)
+    monkeypatch.setattr(resources, "_wait_policy_watch", ChangesAtTheThirdStep())
     argv = [*args, "--results-dir", str(tmp_path / "restarted")]
     assert cli.main(argv) == 0
-    assert restarts == [argv]
+    assert restarts == [(argv, passive)]
     (ref_file,) = (tmp_path / "reference").rglob("*.json")
     (res_file,) = (tmp_path / "restarted").rglob("*.json")
     ref, res = json.loads(ref_file.read_text()), json.loads(res_file.read_text())
@@ -206,16 +208,50 @@ def test_a_run_that_restarts_for_passive_waiting_resumes_to_the_same_result(worl
     assert _comparable(res) == _comparable(ref)
 
 
-def test_the_restart_is_the_same_command_with_passive_waiting(monkeypatch):
+def test_the_first_process_restarts_the_command_with_the_policy_each_restarted_one_asks_for(monkeypatch):
     from benchmarks import cli
+    from benchmarks.resources import WAIT_POLICY_CHOSEN, WAIT_RESTARTS
 
+    exits = iter([cli.RESTART_EXIT_CODES[False], cli.RESTART_EXIT_CODES[True], 7])
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda command, env: calls.append((command, env)) or 7)
+    monkeypatch.setattr(cli, "run_to_its_end", lambda command, env: calls.append((command, env)) or next(exits))
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert cli.restart_with_passive_waiting(["run", "--methods", "all"]) == 7  # its exit code is the command's
-    [(command, env)] = calls
-    assert command == [sys.executable, "-m", "benchmarks", "run", "--methods", "all"]
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == "2"
+    monkeypatch.delenv(WAIT_RESTARTS, raising=False)
+    assert cli.restart_with_wait_policy(["run", "--methods", "all"], passive=True) == 7  # the last one's exit code
+    assert [command for command, _ in calls] == [[sys.executable, "-m", "benchmarks", "run", "--methods", "all"]] * 3
+    policies = [(env.get("OMP_WAIT_POLICY"), env.get(WAIT_POLICY_CHOSEN), env[WAIT_RESTARTS]) for _, env in calls]
+    assert policies == [("PASSIVE", "1", "1"), (None, None, "2"), ("PASSIVE", "1", "3")]
+    assert all(env["OMP_NUM_THREADS"] == "2" for _, env in calls)
+
+    calls.clear()
+    monkeypatch.setenv(WAIT_RESTARTS, "2")  # a restarted process asks the first one, and starts nothing itself
+    assert cli.restart_with_wait_policy(["run"], passive=False) == cli.RESTART_EXIT_CODES[False]
+    assert calls == []
+
+
+def test_ctrl_c_while_a_restarted_process_runs_stops_both_with_one_line(tmp_path):
+    """The first process only waits while a restarted one runs; Ctrl-C (SIGINT to the terminal's process group)
+    stops the restarted one, whose exit code and one line are the command's, with no traceback from either."""
+    ready = tmp_path / "ready"
+    child = f"""
+import pathlib, signal, sys, time
+pathlib.Path({str(ready)!r}).write_text("")
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
+    parent = f"import sys; from benchmarks import cli; sys.exit(cli.run_to_its_end([sys.executable, '-c', {child!r}], {{}}))"
+    first = subprocess.Popen([sys.executable, "-c", parent], stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGINT)
+    _, stderr = first.communicate(timeout=30)
+    assert first.returncode == 130
+    assert stderr.strip() == "interrupted"
 
 
 def test_diverged_run_is_failed_and_keeps_its_last_good_checkpoint(world, tmp_path):
