@@ -234,8 +234,8 @@ class TrainState:
     unlogged_loss_sum: float = 0.0
     unlogged_loss_count: int = 0
     """The losses since the last log line (`RunningLoss`) as of the checkpoint: one saved between two log lines
-    (by training time, or for a restart) would otherwise resume into another logged mean. Rank 0's under
-    torchrun, where the other ranks' partial sums are not saved."""
+    (by training time, or for a restart) would otherwise resume into another logged mean. Under torchrun the
+    ranks' average, from which every rank resumes."""
     ema: dict[str, torch.Tensor] | None = None
     """The weight average (`ParameterEMA.state_dict`) as of the last checkpoint; None before it starts."""
     model_selection: str = "final"
@@ -388,8 +388,10 @@ class RunningLoss:
         self.reduce = reduce
 
     def pending(self) -> tuple[float, int]:
-        """The sum and count since the last `take_mean` (one sync), for a checkpoint."""
-        return self.total.item(), self.count
+        """The sum and count since the last `take_mean`, for a checkpoint (one sync; a collective under torchrun).
+        The sum is averaged over the process group: every rank has run as many steps, so each resuming from that
+        average logs the same mean as the uninterrupted run, whose logged mean is the average of the ranks'."""
+        return self.reduce(self.total.clone()).item(), self.count
 
     def add(self, loss: torch.Tensor) -> None:
         self.total += loss.detach().float()

@@ -57,6 +57,57 @@ class _Toy(nn.Module):
         return {"loss": nn.functional.cross_entropy(self.used(images), labels)}
 
 
+def test_a_checkpoint_between_log_lines_resumes_every_rank_into_the_uninterrupted_logged_mean():
+    """Two ranks (threads meeting at a barrier stand in for the process group) log every 3rd step and checkpoint
+    after the 2nd; rank 0 writes the checkpoint. Resumed from it, both log the mean the uninterrupted run logs;
+    rank 0's own partial sum, restored on both ranks, would log 2.67 instead of 4."""
+    import threading
+
+    from benchmarks.protocol import RunningLoss
+
+    meeting, shared = threading.Barrier(2), [0.0, 0.0]
+
+    def group_mean(rank: int):
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            shared[rank] = tensor.item()
+            meeting.wait()
+            mean = sum(shared) / 2
+            meeting.wait()  # both have read before either writes again
+            return tensor.fill_(mean)
+        return reduce
+
+    losses = {0: [1.0, 2.0, 3.0], 1: [5.0, 6.0, 7.0]}
+    logged: dict[str, list[float]] = {"uninterrupted": [0.0, 0.0], "resumed": [0.0, 0.0]}
+    checkpoint: dict[str, tuple[float, int]] = {}
+
+    def rank_runs(rank: int) -> None:
+        reduce = group_mean(rank)
+        uninterrupted = RunningLoss(torch.device("cpu"), reduce)
+        for loss in losses[rank]:
+            uninterrupted.add(torch.tensor(loss))
+        logged["uninterrupted"][rank] = uninterrupted.take_mean()
+
+        before = RunningLoss(torch.device("cpu"), reduce)
+        for loss in losses[rank][:2]:
+            before.add(torch.tensor(loss))
+        pending = before.pending()  # a collective: every rank asks
+        if rank == 0:
+            checkpoint["unlogged"] = pending  # rank 0 writes the file every rank resumes from
+        meeting.wait()
+        total, count = checkpoint["unlogged"]
+        after = RunningLoss(torch.device("cpu"), reduce, total=total, count=count)
+        after.add(torch.tensor(losses[rank][2]))
+        logged["resumed"][rank] = after.take_mean()
+
+    threads = [threading.Thread(target=rank_runs, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert logged["uninterrupted"] == [4.0, 4.0]
+    assert logged["resumed"] == pytest.approx([4.0, 4.0])
+
+
 @pytest.fixture
 def group_of_one(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
