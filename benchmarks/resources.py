@@ -282,6 +282,11 @@ def plan(num_workers: int, device_type: str, cpus: int | None = None, env: dict[
         workers, why = min(1, cpus - 1), f"auto: {cpus} cores, training on the CPU"
     source = "OMP_NUM_THREADS" if threads_given else "cores"
     waiting = env.get("OMP_WAIT_POLICY") or "spinning (OpenMP default)"
+    if env.get("OMP_WAIT_POLICY") and env.get(WAIT_POLICY_CHOSEN):
+        waiting += " (chosen: other work was running)"
+    restarts = int(env.get(WAIT_RESTARTS) or 0)
+    if restarts:
+        waiting += f", restart {restarts} of the command for the machine's load"
     return CpuPlan(threads=threads, workers=workers,
                    reason=f"{threads} threads ({source}), {workers} loader workers ({why}), OpenMP waits: {waiting}")
 

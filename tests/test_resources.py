@@ -27,6 +27,16 @@ def test_what_the_user_gives_wins() -> None:
     assert plan(-1, "cpu", cpus=4, env={"OMP_NUM_THREADS": "junk"}).threads == 4
 
 
+def test_the_plan_says_whose_wait_policy_it_is_and_after_how_many_restarts() -> None:
+    from benchmarks.resources import WAIT_POLICY_CHOSEN, WAIT_RESTARTS
+
+    assert plan(-1, "cpu", cpus=2, env={}).reason.endswith("OpenMP waits: spinning (OpenMP default)")
+    assert plan(-1, "cpu", cpus=2, env={"OMP_WAIT_POLICY": "PASSIVE"}).reason.endswith("OpenMP waits: PASSIVE")
+    chosen = {"OMP_WAIT_POLICY": "PASSIVE", WAIT_POLICY_CHOSEN: "1", WAIT_RESTARTS: "3"}
+    assert plan(-1, "cpu", cpus=2, env=chosen).reason.endswith(
+        "OpenMP waits: PASSIVE (chosen: other work was running), restart 3 of the command for the machine's load")
+
+
 def test_a_negative_count_other_than_auto_is_a_user_error() -> None:
     with pytest.raises(UserError, match="data.num_workers=-2"):
         plan(-2, "cpu", cpus=2, env={})
