@@ -96,14 +96,16 @@ def restart_with_wait_policy(argv: list[str], passive: bool) -> int:
 
 
 def run_to_its_end(command: list[str], env: dict[str, str]) -> int:
-    """The restarted process's exit code. Ctrl-C reaches it from the terminal (one process group) and it stops
-    itself, saying so in one line, so this process only waits; a SIGTERM sent to this process alone is passed on."""
+    """The restarted process's exit code (128 + the signal's number, as a shell reports it, if a signal ended it).
+    Ctrl-C reaches it from the terminal (one process group) and it stops itself, saying so in one line, so this
+    process only waits; a SIGTERM sent to this process alone is passed on."""
     child = subprocess.Popen(command, env=env)
     # Set after the child started: an ignored SIGINT is inherited, and Python then raises no KeyboardInterrupt.
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))}
     try:
-        return child.wait()
+        code = child.wait()
+        return code if code >= 0 else 128 - code
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -254,6 +254,18 @@ except KeyboardInterrupt:
     assert stderr.strip() == "interrupted"
 
 
+def test_a_sigterm_to_the_first_process_ends_the_restarted_one_and_is_reported_as_a_shell_would(tmp_path):
+    ready = tmp_path / "ready"
+    child = f"import pathlib, time; pathlib.Path({str(ready)!r}).write_text(''); time.sleep(60)"
+    parent = f"import sys; from benchmarks import cli; sys.exit(cli.run_to_its_end([sys.executable, '-c', {child!r}], {{}}))"
+    first = subprocess.Popen([sys.executable, "-c", parent], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)  # to the first process alone: passed on, so the sleeping one ends too
+    assert first.wait(timeout=30) == 128 + signal.SIGTERM
+
+
 def test_diverged_run_is_failed_and_keeps_its_last_good_checkpoint(world, tmp_path):
     from benchmarks.results import read_result
     from benchmarks.runner import RunSpec, execute_run, experiment_for
