@@ -9,6 +9,7 @@ A command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import importlib
 import logging
@@ -80,6 +81,7 @@ def restart_with_wait_policy(argv: list[str], passive: bool) -> int:
     its exit code is this one's. The first process starts every later one, so however often a command restarts,
     one process waits beside the one that runs."""
     gc.collect()
+    release_freed_heap()
     if WAIT_RESTARTS in os.environ:
         return RESTART_EXIT_CODES[passive]
     restarts = 0
@@ -93,6 +95,15 @@ def restart_with_wait_policy(argv: list[str], passive: bool) -> int:
         if code not in RESTART_EXIT_CODES.values():
             return code
         passive = code == RESTART_EXIT_CODES[True]
+
+
+def release_freed_heap() -> None:
+    """Hands the heap freed by the interrupted run back to the system (glibc keeps it otherwise), so the first
+    process, which waits while the restarted one runs, holds little more than its libraries."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def run_to_its_end(command: list[str], env: dict[str, str]) -> int:
