@@ -227,3 +227,26 @@ def test_device_name_names_a_gpu_by_model_a_cpu_by_model_and_another_kind_by_its
     assert resources.device_name(torch.device("cpu")) == "Intel(R) Xeon(R) Processor (AVX512, AMX)"
     assert resources.device_name("cuda:0") == "NVIDIA H200"
     assert resources.device_name("mps") == "mps"  # not the CPU beside it
+
+
+def test_both_entry_points_choose_the_wait_policy_before_a_training_command_runs(monkeypatch):
+    """`python -m benchmarks` and the installed `dgss-bench` script go through the same `entry`, which reads the
+    machine's state (before torch loads) only for the commands that train."""
+    import sys
+    from pathlib import Path
+
+    from benchmarks import __main__ as entry_point
+    from benchmarks import cli
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'dgss-bench = "benchmarks.__main__:entry"' in pyproject
+    calls: list[str] = []
+    monkeypatch.setattr(entry_point, "choose_wait_policy", lambda: calls.append("choose"))
+    monkeypatch.setattr(entry_point, "watch_wait_policy", lambda: calls.append("watch"))
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 0)
+    for argv, expected in ([["run", "--methods", "lora"], ["choose", "watch", "main"]],
+                           [["check"], ["choose", "main"]],
+                           [["table"], ["main"]]):
+        calls.clear()
+        monkeypatch.setattr(sys, "argv", ["dgss-bench", *argv])
+        assert entry_point.entry() == 0 and calls == expected
