@@ -9,19 +9,21 @@ A command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib
 import logging
 import os
 import pkgutil
 import signal
-import subprocess
 import sys
+import time
+from pathlib import Path
 
 from benchmarks import commands
 from benchmarks.errors import UserError, user_line
 from benchmarks.resources import WAIT_POLICY_CHOSEN, WAIT_RESTARTS, RestartForWaitPolicy
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,55 +73,56 @@ def main(argv: list[str] | None = None) -> int:
     return restart_with_wait_policy(sys.argv[1:] if argv is None else argv, passive)
 
 
-RESTART_EXIT_CODES = {True: 75, False: 76}
-"""How a restarted process asks the first one to start the next: for passive waiting, for spinning. No
-command exits with these otherwise."""
-
-
 def restart_with_wait_policy(argv: list[str], passive: bool) -> int:
-    """The same command in a new process whose OpenMP threads wait passively, or spin (`RestartForWaitPolicy`);
-    its exit code is this one's. The first process starts every later one, so however often a command restarts,
-    one process waits beside the one that runs."""
-    gc.collect()
-    release_freed_heap()
-    if WAIT_RESTARTS in os.environ:
-        return RESTART_EXIT_CODES[passive]
-    restarts = 0
-    while True:
-        restarts += 1
-        env = {name: value for name, value in os.environ.items() if name not in ("OMP_WAIT_POLICY", WAIT_POLICY_CHOSEN)}
-        env[WAIT_RESTARTS] = str(restarts)
-        if passive:
-            env.update({"OMP_WAIT_POLICY": "PASSIVE", WAIT_POLICY_CHOSEN: "1"})
-        code = run_to_its_end([sys.executable, "-m", "benchmarks", *argv], env)
-        if code not in RESTART_EXIT_CODES.values():
-            return code
-        passive = code == RESTART_EXIT_CODES[True]
+    """Replaces this process with the same command whose OpenMP threads wait passively, or spin
+    (`RestartForWaitPolicy`): the pid, the terminal's signals and the exit code stay the command's, and none of
+    this process's memory stays behind. Its loader workers end first (they watch their parent by its pid, which
+    the new program keeps); one that has not ended within `WORKERS_GRACE_S` is stopped."""
+    gc.collect()  # the interrupted run's frames, and with them its data loader, whose workers then end
+    stop_children(own_children(), grace_s=WORKERS_GRACE_S)
+    env = {name: value for name, value in os.environ.items() if name not in ("OMP_WAIT_POLICY", WAIT_POLICY_CHOSEN)}
+    env[WAIT_RESTARTS] = str(int(os.environ.get(WAIT_RESTARTS) or 0) + 1)
+    if passive:
+        env.update({"OMP_WAIT_POLICY": "PASSIVE", WAIT_POLICY_CHOSEN: "1"})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], env)
+    return 1  # not reached: execve returns only by raising
 
 
-def release_freed_heap() -> None:
-    """Hands the heap freed by the interrupted run back to the system (glibc keeps it otherwise), so the first
-    process, which waits while the restarted one runs, holds little more than its libraries."""
+WORKERS_GRACE_S = 10.0
+"""How long a loader worker has to end after its loader is freed (torch's own shutdown waits 5 s per worker)."""
+
+
+def own_children(proc: str = "/proc/self/task") -> list[int]:
+    """The pids of this process's children, from every thread's list."""
+    children: list[int] = []
+    for task in Path(proc).iterdir():
+        try:
+            children += [int(pid) for pid in (task / "children").read_text().split()]
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return children
+
+
+def stop_children(pids: list[int], grace_s: float) -> None:
+    """Waits up to `grace_s` in all for the children to end, then kills those that have not."""
+    deadline = time.monotonic() + grace_s
+    for pid in pids:
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.05)
+        if _running(pid):
+            log.warning("stopping child process %d, still running %.0f s after its run was interrupted", pid, grace_s)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def _running(pid: int) -> bool:
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def run_to_its_end(command: list[str], env: dict[str, str]) -> int:
-    """The restarted process's exit code (128 + the signal's number, as a shell reports it, if a signal ended it).
-    Ctrl-C reaches it from the terminal (one process group) and it stops itself, saying so in one line, so this
-    process only waits; a SIGTERM sent to this process alone is passed on."""
-    child = subprocess.Popen(command, env=env)
-    # Set after the child started: an ignored SIGINT is inherited, and Python then raises no KeyboardInterrupt.
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))}
-    try:
-        code = child.wait()
-        return code if code >= 0 else 128 - code
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        ended, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # reaped already (torch joins its workers)
+        return False
+    return ended == 0
 
 
 if __name__ == "__main__":

@@ -208,62 +208,45 @@ def test_a_run_that_restarts_for_its_wait_policy_resumes_to_the_same_result(worl
     assert _comparable(res) == _comparable(ref)
 
 
-def test_the_first_process_restarts_the_command_with_the_policy_each_restarted_one_asks_for(monkeypatch):
+@pytest.mark.parametrize("passive", [True, False], ids=["to-passive", "to-spinning"])
+def test_the_restart_replaces_the_process_with_the_same_command_and_the_policy_wanted(monkeypatch, passive):
     from benchmarks import cli
     from benchmarks.resources import WAIT_POLICY_CHOSEN, WAIT_RESTARTS
 
-    exits = iter([cli.RESTART_EXIT_CODES[False], cli.RESTART_EXIT_CODES[True], 7])
-    calls = []
-    monkeypatch.setattr(cli, "run_to_its_end", lambda command, env: calls.append((command, env)) or next(exits))
+    class Replaced(Exception):
+        pass
+
+    def execve(path, args, env):
+        raise Replaced(path, args, env)
+
+    monkeypatch.setattr(cli.os, "execve", execve)
+    monkeypatch.setattr(cli, "own_children", lambda: [])
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.delenv(WAIT_RESTARTS, raising=False)
-    assert cli.restart_with_wait_policy(["run", "--methods", "all"], passive=True) == 7  # the last one's exit code
-    assert [command for command, _ in calls] == [[sys.executable, "-m", "benchmarks", "run", "--methods", "all"]] * 3
-    policies = [(env.get("OMP_WAIT_POLICY"), env.get(WAIT_POLICY_CHOSEN), env[WAIT_RESTARTS]) for _, env in calls]
-    assert policies == [("PASSIVE", "1", "1"), (None, None, "2"), ("PASSIVE", "1", "3")]
-    assert all(env["OMP_NUM_THREADS"] == "2" for _, env in calls)
-
-    calls.clear()
-    monkeypatch.setenv(WAIT_RESTARTS, "2")  # a restarted process asks the first one, and starts nothing itself
-    assert cli.restart_with_wait_policy(["run"], passive=False) == cli.RESTART_EXIT_CODES[False]
-    assert calls == []
-
-
-def test_ctrl_c_while_a_restarted_process_runs_stops_both_with_one_line(tmp_path):
-    """The first process only waits while a restarted one runs; Ctrl-C (SIGINT to the terminal's process group)
-    stops the restarted one, whose exit code and one line are the command's, with no traceback from either."""
-    ready = tmp_path / "ready"
-    child = f"""
-import pathlib, signal, sys, time
-pathlib.Path({str(ready)!r}).write_text("")
-try:
-    time.sleep(60)
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
-"""
-    parent = f"import sys; from benchmarks import cli; sys.exit(cli.run_to_its_end([sys.executable, '-c', {child!r}], {{}}))"
-    first = subprocess.Popen([sys.executable, "-c", parent], stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    deadline = time.monotonic() + 30
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGINT)
-    _, stderr = first.communicate(timeout=30)
-    assert first.returncode == 130
-    assert stderr.strip() == "interrupted"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the harness's choice, so the restart may change it
+    monkeypatch.setenv(WAIT_POLICY_CHOSEN, "1")
+    monkeypatch.setenv(WAIT_RESTARTS, "2")
+    with pytest.raises(Replaced) as replaced:
+        cli.restart_with_wait_policy(["run", "--methods", "all"], passive=passive)
+    path, args, env = replaced.value.args
+    assert path == sys.executable and args == [sys.executable, "-m", "benchmarks", "run", "--methods", "all"]
+    assert env[WAIT_RESTARTS] == "3" and env["OMP_NUM_THREADS"] == "2"
+    policy = (env.get("OMP_WAIT_POLICY"), env.get(WAIT_POLICY_CHOSEN))
+    assert policy == (("PASSIVE", "1") if passive else (None, None))
 
 
-def test_a_sigterm_to_the_first_process_ends_the_restarted_one_and_is_reported_as_a_shell_would(tmp_path):
-    ready = tmp_path / "ready"
-    child = f"import pathlib, time; pathlib.Path({str(ready)!r}).write_text(''); time.sleep(60)"
-    parent = f"import sys; from benchmarks import cli; sys.exit(cli.run_to_its_end([sys.executable, '-c', {child!r}], {{}}))"
-    first = subprocess.Popen([sys.executable, "-c", parent], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    deadline = time.monotonic() + 30
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    first.send_signal(signal.SIGTERM)  # to the first process alone: passed on, so the sleeping one ends too
-    assert first.wait(timeout=30) == 128 + signal.SIGTERM
+def test_children_still_running_at_the_restart_are_waited_for_then_stopped():
+    from benchmarks import cli
+
+    lingering = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ending = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        assert {lingering.pid, ending.pid} <= set(cli.own_children())
+        started = time.monotonic()
+        cli.stop_children([ending.pid, lingering.pid], grace_s=1.0)
+        assert time.monotonic() - started < 30
+        assert {lingering.pid, ending.pid}.isdisjoint(cli.own_children())  # ended and reaped: no zombie left
+    finally:
+        lingering.kill()
 
 
 def test_diverged_run_is_failed_and_keeps_its_last_good_checkpoint(world, tmp_path):
