@@ -97,7 +97,11 @@ WORKERS_GRACE_S = 10.0
 def own_children(proc: str = "/proc/self/task") -> list[int]:
     """The pids of this process's children, from every thread's list."""
     children: list[int] = []
-    for task in Path(proc).iterdir():
+    try:
+        tasks = list(Path(proc).iterdir())
+    except OSError:  # no /proc: then no watch restarts a run either (`resources.WaitPolicyWatch`)
+        return children
+    for task in tasks:
         try:
             children += [int(pid) for pid in (task / "children").read_text().split()]
         except OSError:  # a thread that ended meanwhile
