@@ -17,11 +17,11 @@ import pkgutil
 import signal
 import sys
 import time
-from pathlib import Path
+from typing import NoReturn
 
 from benchmarks import commands
 from benchmarks.errors import UserError, user_line
-from benchmarks.resources import WAIT_POLICY_CHOSEN, WAIT_RESTARTS, RestartForWaitPolicy
+from benchmarks.resources import WAIT_POLICY_CHOSEN, WAIT_RESTARTS, RestartForWaitPolicy, child_pids
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     return restart_with_wait_policy(sys.argv[1:] if argv is None else argv, passive)
 
 
-def restart_with_wait_policy(argv: list[str], passive: bool) -> int:
+def restart_with_wait_policy(argv: list[str], passive: bool) -> NoReturn:
     """Replaces this process with the same command whose OpenMP threads wait passively, or spin
     (`RestartForWaitPolicy`): the pid, the terminal's signals and the exit code stay the command's, and none of
     this process's memory stays behind. Its loader workers end first (they watch their parent by its pid, which
     the new program keeps); one that has not ended within `WORKERS_GRACE_S` is stopped."""
     gc.collect()  # the interrupted run's frames, and with them its data loader, whose workers then end
-    stop_children(own_children(), grace_s=WORKERS_GRACE_S)
+    stop_children([int(pid) for pid in child_pids()], grace_s=WORKERS_GRACE_S)
     env = {name: value for name, value in os.environ.items() if name not in ("OMP_WAIT_POLICY", WAIT_POLICY_CHOSEN)}
     env[WAIT_RESTARTS] = str(int(os.environ.get(WAIT_RESTARTS) or 0) + 1)
     if passive:
@@ -87,26 +87,10 @@ def restart_with_wait_policy(argv: list[str], passive: bool) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], env)
-    return 1  # not reached: execve returns only by raising
 
 
 WORKERS_GRACE_S = 10.0
 """How long a loader worker has to end after its loader is freed (torch's own shutdown waits 5 s per worker)."""
-
-
-def own_children(proc: str = "/proc/self/task") -> list[int]:
-    """The pids of this process's children, from every thread's list."""
-    children: list[int] = []
-    try:
-        tasks = list(Path(proc).iterdir())
-    except OSError:  # no /proc: then no watch restarts a run either (`resources.WaitPolicyWatch`)
-        return children
-    for task in tasks:
-        try:
-            children += [int(pid) for pid in (task / "children").read_text().split()]
-        except OSError:  # a thread that ended meanwhile
-            continue
-    return children
 
 
 def stop_children(pids: list[int], grace_s: float) -> None:

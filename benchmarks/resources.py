@@ -152,28 +152,40 @@ def choose_wait_policy(env: dict[str, str] | None = None, busy: float | None = N
     return None
 
 
+def _tasks(pid: str, root: str) -> list[Path]:
+    try:
+        return list(Path(root, pid, "task").iterdir())
+    except OSError:  # a process that ended meanwhile, or no /proc
+        return []
+
+
+def child_pids(pid: str = "self", root: str = "/proc") -> list[str]:
+    """The children of every thread of `pid` (this process by default)."""
+    children: list[str] = []
+    for task in _tasks(pid, root):
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:  # the thread ended between listing and reading
+            continue
+    return children
+
+
 def tasks_running_besides_ours(root: str = "/proc") -> int:
     """Runnable tasks on the machine that are not this process's threads or its children's (the loader
     workers): /proc/stat's procs_running less ours in state R, read back to back."""
-    def own_running(pid: str) -> int:
-        running = 0
-        try:
-            tasks = list(Path(root, pid, "task").iterdir())
-        except OSError:  # a child that ended meanwhile
-            return 0
-        for task in tasks:
+    def running(pid: str) -> int:
+        count = 0
+        for task in _tasks(pid, root):
             try:
                 stat = (task / "stat").read_text()
-                children = (task / "children").read_text().split() if pid == "self" else []
             except OSError:  # the task ended between listing and reading
                 continue
-            running += stat[stat.rfind(")") + 2] == "R"
-            running += sum(own_running(child) for child in children)
-        return running
+            count += stat[stat.rfind(")") + 2] == "R"
+        return count
 
     with open(Path(root, "stat")) as f:
         total = next((int(line.split()[1]) for line in f if line.startswith("procs_running")), 1)
-    return max(0, total - own_running("self"))
+    return max(0, total - running("self") - sum(running(child) for child in child_pids("self", root)))
 
 
 class RestartForWaitPolicy(BaseException):
@@ -208,10 +220,10 @@ class WaitPolicyWatch:
     9–13× its idle time, of a passive one 2.1–2.3× (the fair share is 2×); alone, passive waiting cost
     26–31 % (docs/performance.md, "Threads and loader workers on a CPU")."""
 
-    def __init__(self, passive: bool, interval: float = 15.0, needed: int | None = None, samples: int = 3,
+    def __init__(self, passive: bool, interval: float = 15.0, samples: int = 3,
                  read=tasks_running_besides_ours, clock=time.monotonic, pause=time.sleep):
         self.passive = passive
-        self.needed = needed or (LOOKS_FOR_A_DEPARTURE if passive else LOOKS_FOR_AN_ARRIVAL)
+        self.needed = LOOKS_FOR_A_DEPARTURE if passive else LOOKS_FOR_AN_ARRIVAL
         self.interval, self.samples = interval, samples
         self.read, self.clock, self.pause = read, clock, pause
         self.next_check = clock() + interval

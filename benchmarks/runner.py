@@ -304,7 +304,7 @@ def _train(run: RunContext, model: Any, method: Method, data: RunData, amp: Any,
     watch = resources.wait_policy_watch(run.device.type, world.world_size)
 
     def restart_if_the_load_changed() -> BaseException | None:
-        restart = watch.restart_due() if watch is not None else None
+        restart = watch.restart_due()
         if restart is not None and restart.passive:
             log.warning("other work now shares the CPU cores, and this process's OpenMP threads spin (chosen on an "
                         "idle machine): saving %s's checkpoint to go on with passive waiting", result["run_id"])

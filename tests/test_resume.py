@@ -220,7 +220,7 @@ def test_the_restart_replaces_the_process_with_the_same_command_and_the_policy_w
         raise Replaced(path, args, env)
 
     monkeypatch.setattr(cli.os, "execve", execve)
-    monkeypatch.setattr(cli, "own_children", lambda: [])
+    monkeypatch.setattr(cli, "child_pids", lambda: [])
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the harness's choice, so the restart may change it
     monkeypatch.setenv(WAIT_POLICY_CHOSEN, "1")
@@ -236,15 +236,16 @@ def test_the_restart_replaces_the_process_with_the_same_command_and_the_policy_w
 
 def test_children_still_running_at_the_restart_are_waited_for_then_stopped():
     from benchmarks import cli
+    from benchmarks.resources import child_pids
 
     lingering = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     ending = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
-        assert {lingering.pid, ending.pid} <= set(cli.own_children())
+        assert {str(lingering.pid), str(ending.pid)} <= set(child_pids())
         started = time.monotonic()
         cli.stop_children([ending.pid, lingering.pid], grace_s=1.0)
         assert time.monotonic() - started < 30
-        assert {lingering.pid, ending.pid}.isdisjoint(cli.own_children())  # ended and reaped: no zombie left
+        assert {str(lingering.pid), str(ending.pid)}.isdisjoint(child_pids())  # ended and reaped: no zombie left
     finally:
         lingering.kill()
 
