@@ -341,6 +341,15 @@ def test_published_side_by_side_with_differences():
     assert "Rein (CVPR 2024) Table 3" in text
 
 
+def test_the_published_source_column_is_the_citation_even_when_the_runs_scored_a_held_out_source():
+    runs = [with_source(make_result("rein", 1, cbm(65.0, 60.4, 66.1), backbone="dinov2_vitl14", params=2_990_081,
+                                    preset="paper", head="mask2former"), 70.0)]
+    comparison = comparison_frame(summary_frame(runs), load_published()).set_index("method")
+    assert comparison.loc["rein", "source"] == "Rein (CVPR 2024) Table 3"
+    row = [c.plain() for c in published_tables(runs)[0].rows[0]]
+    assert row[-2:] == ["Rein (CVPR 2024) Table 3", "reprinted by later papers"]
+
+
 def test_published_missing_values_show_a_dash():
     runs = [make_result("fishertune", 1, cbm(60, 60, 60), backbone="dinov2_vitl14", params=15_210_000)]
     table = published_tables(runs)[0]

@@ -140,7 +140,9 @@ def comparison_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataF
     """
     if summary.empty:
         return pd.DataFrame()
-    merged = summary.merge(published, on=["setting", "backbone", "method"], how="inner", suffixes=("", "_pub"))
+    # published.csv's `source` is the citation; the summary's is the held-out source score.
+    citations = published.rename(columns={"source": "citation"})
+    merged = summary.merge(citations, on=["setting", "backbone", "method"], how="inner", suffixes=("", "_pub"))
     rows = []
     for _, row in merged.iterrows():
         out: dict[str, Any] = {k: row[k] for k in (*PROTOCOL_COLUMNS, "method", "seeds")}
@@ -152,7 +154,7 @@ def comparison_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataF
             out[f"{name}_published"] = theirs
             out[f"{name}_harness"] = ours
             out[f"{name}_delta"] = ours - theirs if _is_number(ours) and _is_number(theirs) else math.nan
-        out["source"], out["verified"] = row["source"], row["verified"]
+        out["source"], out["verified"] = row["citation"], row["verified"]
         rows.append(out)
     return pd.DataFrame(rows)
 
