@@ -295,9 +295,9 @@ def test_csv_is_the_numbers_at_full_precision(runs, tmp_path):
 
 def test_per_class_table_means_and_best(runs):
     runs = [
-        make_result("a", 1, cbm(10, 10, 10), per_class={"cityscapes": {"road": 90.0, "sidewalk": None, "car": 20.0}}),
-        make_result("a", 2, cbm(10, 10, 10), per_class={"cityscapes": {"road": 80.0, "sidewalk": None, "car": 40.0}}),
-        make_result("b", 1, cbm(12, 10, 10), per_class={"cityscapes": {"road": 70.0, "sidewalk": 5.0, "car": 50.0}}),
+        make_result("a", 1, cbm(55, 10, 10), per_class={"cityscapes": {"road": 90.0, "sidewalk": None, "car": 20.0}}),
+        make_result("a", 2, cbm(60, 10, 10), per_class={"cityscapes": {"road": 80.0, "sidewalk": None, "car": 40.0}}),
+        make_result("b", 1, cbm(125 / 3, 10, 10), per_class={"cityscapes": {"road": 70.0, "sidewalk": 5.0, "car": 50.0}}),
     ]
     frame = per_class_frame(runs).set_index(["method", "target", "class"])
     assert frame.loc[("a", "cityscapes", "road"), "iou"] == pytest.approx(85.0)
@@ -308,8 +308,17 @@ def test_per_class_table_means_and_best(runs):
     assert rows["a"][1].plain() == "85.0" and rows["a"][1].bold
     assert rows["a"][2].plain() == "—"
     assert rows["b"][3].plain() == "50.0" and rows["b"][3].bold
-    assert rows["a"][4].plain() == "57.5"  # mean of the classes present: (85 + 30) / 2
+    assert rows["a"][4].plain() == "57.5"  # the mean of the runs' mIoU: (55 + 60) / 2
     assert len(per_class_tables(runs)) == 3  # one per target
+
+
+def test_the_per_class_miou_is_the_main_tables_where_a_class_is_absent_from_one_seed_only():
+    runs = [make_result("a", 1, cbm(80, 10, 10), per_class={"cityscapes": {"road": 80.0, "sidewalk": None}}),
+            make_result("a", 2, cbm(40, 10, 10), per_class={"cityscapes": {"road": 80.0, "sidewalk": 0.0}})]
+    table = next(t for t in per_class_tables(runs) if t.title.endswith("on cityscapes"))
+    main = summary_frame(runs).set_index("method")
+    assert main.loc["a", "cityscapes"] == pytest.approx(60.0)
+    assert table.rows[0][-1].plain() == "60.0"  # not 40.0, the mean of the classes' seed means (80 and 0)
 
 
 # -- published numbers ----------------------------------------------------------------------------

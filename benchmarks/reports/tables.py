@@ -152,8 +152,13 @@ def per_class_tables(results: Iterable[dict[str, Any]], setting: str | None = No
     frame = per_class_frame(results)
     if frame.empty:
         return tables
+    summary = summary_frame(results)
     # each protocol's methods, best average first (summary_frame's order)
-    ranked_methods = {key: rows["method"].tolist() for key, rows in summary_frame(results).groupby(PROTOCOL_COLUMNS)}
+    ranked_methods = {key: rows["method"].tolist() for key, rows in summary.groupby(PROTOCOL_COLUMNS)}
+    # The mIoU column is the main table's: the mean of each run's mIoU. The mean of the classes' seed means
+    # differs from it where a class is absent from one seed's set and present in another's.
+    target_means = {(*key, row["method"]): row for key, rows in summary.groupby(PROTOCOL_COLUMNS)
+                    for _, row in rows.iterrows()}
     for key, group in frame.groupby(PROTOCOL_COLUMNS, sort=True):
         proto = Protocol(*key)
         if setting is not None and proto.setting != setting:
@@ -170,8 +175,7 @@ def per_class_tables(results: Iterable[dict[str, Any]], setting: str | None = No
                 cells = [text_cell(method)]
                 for cls in classes:
                     cells.append(Cell(_nan_to_none(by_class["iou"].get(cls, math.nan))))
-                present = [v for v in by_class["iou"].tolist() if not math.isnan(v)]
-                cells.append(Cell(sum(present) / len(present) if present else None))
+                cells.append(Cell(_nan_to_none(target_means[(*key, method)].get(target, math.nan))))
                 rows.append(cells)
             table = Table(title=f"{proto.title}: per-class IoU (%) on {target}", header=header, rows=rows,
                           notes=["Mean over seeds; — marks a class absent from predictions and labels of the whole set."])
