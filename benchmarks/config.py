@@ -274,6 +274,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("auto", "none", "bf16", "fp16"),
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+#: The precision of a run's forward passes for each `train.amp` but "auto" (`trained_precision`).
+AMP_PRECISION = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def trained_precision(amp: str, device_type: str) -> str:
+    """What `train.amp` means on a device ("cuda", "cpu", ...): "auto" is bf16 autocast on CUDA, fp32 elsewhere.
+    Torch-free, so that reports can tell an fp32 run from a bf16 one by what its result records."""
+    if amp == "auto":
+        return "bfloat16" if device_type == "cuda" else "float32"
+    if amp not in AMP_PRECISION:
+        raise UserError(f"train.amp={amp!r} is not one of {', '.join(CHOICES['train.amp'])}")
+    return AMP_PRECISION[amp]
 
 
 def validate(exp: Experiment) -> None:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from benchmarks import resources
-from benchmarks.config import EvalConfig, Experiment, TrainConfig
+from benchmarks.config import EvalConfig, Experiment, TrainConfig, trained_precision
 from benchmarks.errors import UserError
 from benchmarks.method import EMA, CosineWeightDecay, Method, TrainContext
 from benchmarks.metrics import confusion_metric, iou_from_confusion, miou_percent
@@ -50,12 +50,9 @@ def select_device(name: str) -> torch.device:
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    choices = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in choices:
-        raise UserError(f"train.amp={amp!r} is not one of auto, none, bf16, fp16")
-    return choices[amp]
+    """The autocast dtype `train.amp` means on `device` (None: fp32, no autocast)."""
+    precision = trained_precision(amp, device.type)
+    return None if precision == "float32" else getattr(torch, precision)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

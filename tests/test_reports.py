@@ -615,3 +615,22 @@ def test_the_table_says_how_much_of_the_spread_is_seed_noise():
     (table,) = main_tables(rows)
     assert note in table.notes
     assert seed_noise_note(summary_frame(rows[:2] + rows[-1:])) == ""  # one method with seeds: no spread to weigh
+
+
+def test_runs_in_bf16_on_cuda_and_fp32_on_a_cpu_are_two_protocols_one_of_auto_and_none_on_a_cpu_is_one():
+    from benchmarks.config import load_experiment
+
+    def run_of(seed: int, device: str, amp: str) -> dict:
+        experiment = load_experiment("proxy", [f"train.amp={amp}", f"train.seed={seed}"]).to_dict()
+        result = make_result("rein", seed, cbm(40.0 + seed, 30.0, 20.0), experiment=experiment)
+        result["environment"] = {**result["environment"], "device": device}
+        return result
+
+    mixed = summary_frame([run_of(1, "cpu", "auto"), run_of(2, "cuda:0", "auto")])
+    assert len(mixed) == 2 and set(mixed["seeds"]) == {1}
+    assert mixed["config"].nunique() == 2
+    same = summary_frame([run_of(1, "cpu", "auto"), run_of(2, "cpu", "none")])
+    assert len(same) == 1 and same["seeds"].iloc[0] == 2
+    assert len(summary_frame([run_of(1, "cuda", "auto"), run_of(2, "cpu", "bf16")])) == 1
+    titles = [t.title for t in main_tables([run_of(1, "cpu", "auto"), run_of(2, "cuda:0", "auto")])]
+    assert any("train.amp=bfloat16" in t for t in titles) and any("train.amp=float32" in t for t in titles)

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from benchmarks.config import NOT_HASHED, SETTINGS, available_presets, load_experiment
+from benchmarks.config import (
+    CHOICES,
+    NOT_HASHED,
+    SETTINGS,
+    available_presets,
+    load_experiment,
+    trained_precision,
+)
 from benchmarks.errors import UserError
 
 #: Every target a table knows, in column order, with the papers' short header for it.
@@ -26,7 +33,8 @@ PROTOCOL_COLUMNS = ["preset", "setting", "backbone", "head", "config"]
 
 # Settings that cannot change a run's numbers (where files live, how many loader workers, how often
 # to log) or that are a matrix axis the table already shows (seed, backbone). Two runs whose
-# experiments differ only here belong to the same protocol.
+# experiments differ only here belong to the same protocol. The device changes them through the
+# precision `train.amp=auto` means on it, which `protocol_settings` puts in its place.
 NON_PROTOCOL_KEYS: tuple[tuple[str, ...], ...] = (
     ("run",),
     ("preset",),
@@ -75,18 +83,27 @@ class Protocol:
         return "".join(c if c.isalnum() or c in "-_" else "_" for c in raw.replace("->", "2"))
 
 
-def protocol_fingerprint(experiment: dict[str, Any] | None, loaded: dict[str, Any] | None = None) -> str:
+def protocol_fingerprint(experiment: dict[str, Any] | None, loaded: dict[str, Any] | None = None,
+                         device: str | None = None) -> str:
     """Short hash of the experiment without the settings in NON_PROTOCOL_KEYS ("" when unknown);
-    `loaded` is the provenance record of the weights the run loaded, when the result has one."""
+    `loaded` is the provenance record of the weights the run loaded, `device` the device it ran on, when the
+    result has them."""
     if not experiment:
         return ""
-    return hashlib.sha256(json.dumps(protocol_settings(experiment, loaded), sort_keys=True).encode()).hexdigest()[:8]
+    settings = protocol_settings(experiment, loaded, device)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def protocol_settings(experiment: dict[str, Any], loaded: dict[str, Any] | None = None) -> dict[str, Any]:
+def protocol_settings(experiment: dict[str, Any], loaded: dict[str, Any] | None = None,
+                      device: str | None = None) -> dict[str, Any]:
     """The experiment as the fingerprint sees it: settings that cannot change the numbers removed,
-    checkpoints named by content where the run recorded what it loaded, else by file name."""
+    checkpoints named by content where the run recorded what it loaded, else by file name, and with `device`
+    `train.amp` as the precision it meant there ("auto" is bf16 on CUDA and fp32 on a CPU: `train.device` is
+    not a protocol setting, the precision is)."""
     payload = json.loads(json.dumps(experiment, default=str))
+    train = payload.get("train")
+    if device and isinstance(train, dict) and train.get("amp") in CHOICES["train.amp"]:
+        train["amp"] = trained_precision(train["amp"], device.split(":")[0])
     model = payload.get("model")
     if isinstance(model, dict) and loaded and "sha256" in loaded:
         # Which checkpoint, not how it was named: the backbone's default file and the same file
@@ -119,7 +136,7 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _variant_labels(results: dict[str, dict[str, Any]], most: int = 3) -> dict[str, str]:
     """fingerprint → "key=value, ..." over the settings in which these configurations differ
     (`results`: one result of each configuration)."""
-    flat = {fp: _flatten(protocol_settings(res.get("experiment") or {}, _loaded_weights(res)))
+    flat = {fp: _flatten(protocol_settings(res.get("experiment") or {}, _loaded_weights(res), _device(res)))
             for fp, res in results.items()}
     keys = sorted({k for f in flat.values() for k in f})
     differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
@@ -202,13 +219,20 @@ def _loaded_weights(result: dict[str, Any]) -> dict[str, Any] | None:
     return record.get("weights") if isinstance(record, dict) and isinstance(record.get("weights"), dict) else None
 
 
+def _device(result: dict[str, Any]) -> str | None:
+    """The device a run trained on, as its result records it (None for a result written before it did)."""
+    environment = result.get("environment")
+    device = environment.get("device") if isinstance(environment, dict) else None
+    return str(device) if device else None
+
+
 def protocol_of(result: dict[str, Any]) -> Protocol:
     return Protocol(
         preset=str(result.get("preset") or "?"),
         setting=str(result.get("setting") or "?"),
         backbone=str(result.get("backbone") or "?"),
         head=str(result.get("head") or "?"),
-        fingerprint=protocol_fingerprint(result.get("experiment"), _loaded_weights(result)),
+        fingerprint=protocol_fingerprint(result.get("experiment"), _loaded_weights(result), _device(result)),
     )
 
 
