@@ -634,3 +634,16 @@ def test_runs_in_bf16_on_cuda_and_fp32_on_a_cpu_are_two_protocols_one_of_auto_an
     assert len(summary_frame([run_of(1, "cuda", "auto"), run_of(2, "cpu", "bf16")])) == 1
     titles = [t.title for t in main_tables([run_of(1, "cpu", "auto"), run_of(2, "cuda:0", "auto")])]
     assert any("train.amp=bfloat16" in t for t in titles) and any("train.amp=float32" in t for t in titles)
+
+
+def test_a_row_whose_runs_record_different_method_hyperparameters_is_marked():
+    def rein(seed: int, rank: int, params: int) -> dict:
+        result = make_result("rein", seed, cbm(40.0, 30.0, 20.0), params=params)
+        result["method"]["hyperparameters"] = {"num_tokens": 100, "rank": rank}
+        return result
+
+    same = render_markdown(main_tables([rein(1, 16, 2_990_081), rein(2, 16, 2_990_081)])[0])
+    assert "†" not in same
+    for other in (rein(2, 4, 2_990_081), rein(2, 16, 1_000)):  # another default, or another parameter count
+        text = render_markdown(main_tables([rein(1, 16, 2_990_081), other])[0])
+        assert "| rein † |" in text and "different method hyperparameters" in text

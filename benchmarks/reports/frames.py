@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,6 +65,8 @@ def summary_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "seeds": len(runs),
                 # Runs of one configuration from different weight files or data: a row to read apart.
                 "provenances": len({provenance.identity(r.get("provenance")) for r in runs} - {""}),
+                # Or from method code that differed: other defaults, or another count of trainable parameters.
+                "method_versions": len({_method_version(r) for r in runs} - {None}),
                 "trainable_params_m": (sum(params) / len(params) / 1e6) if params else math.nan,
             }
             if has_source_score(finished):
@@ -80,6 +83,17 @@ def summary_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
     frame = frame.sort_values([*PROTOCOL_COLUMNS, "average"], ascending=[True] * len(PROTOCOL_COLUMNS) + [False],
                               na_position="last")
     return frame.reset_index(drop=True)
+
+
+def _method_version(result: dict[str, Any]) -> str | None:
+    """The method's recorded hyperparameters and trainable parameter count, as one comparable string (None
+    where the result records neither)."""
+    method = result.get("method")
+    hyperparameters = method.get("hyperparameters") if isinstance(method, dict) else None
+    trainable = (result.get("params") or {}).get("backbone_trainable")
+    if hyperparameters is None and trainable is None:
+        return None
+    return json.dumps([hyperparameters, trainable], sort_keys=True, default=str)
 
 
 def seed_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:

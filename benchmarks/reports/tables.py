@@ -97,11 +97,13 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
         if several_seeds:
             header.append("Seeds")
         rows = []
-        mixed = False
+        mixed = other_code = False
         for _, row in summary.iterrows():
             name = row["method"]
             if row["provenances"] > 1:
                 name, mixed = f"{name} ‡", True
+            if row["method_versions"] > 1:
+                name, other_code = f"{name} †", True
             cells = [text_cell(name), text_cell(format_params_m(row["trainable_params_m"]))]
             for metric in source + targets + ["average"]:
                 cells.append(Cell(_nan_to_none(row[metric]), _nan_to_none(row[f"{metric}_std"])))
@@ -120,6 +122,9 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
         if mixed:
             notes.append("‡ its runs come from different weight files or data (their results' `provenance` "
                          "differs): not one measurement; compare them apart.")
+        if other_code:
+            notes.append("† its runs record different method hyperparameters or trainable parameter counts (the "
+                         "method's code changed between them): not one measurement; compare them apart.")
         notes.extend(_unfinished_notes(unfinished))
         table = Table(title=f"{proto.title}: mIoU (%)", header=header, rows=rows, notes=notes)
         mark_best(table, range(2 + len(source), 2 + len(source) + len(targets) + 1))
