@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Any], torch.Tensor]
+#: Below this Spearman ρ between the variational excess precision and the squared gradients, a run warns.
+POSTERIOR_AGREEMENT_WARNING = 0.5
 ESTIMATORS = ("empirical", "variational")
 NORMALISATIONS = ("mean", "max", "none")
 CANDIDATE_SETS = ("all", "matrices")
@@ -177,6 +179,19 @@ def empirical_fisher(
     return fisher
 
 
+class VariationalEstimate(NamedTuple):
+    excess: dict[str, list[torch.Tensor]]
+    """Λ − τ⁻² per loss and candidate tensor."""
+    agreement: dict[str, float]
+    """Per loss, Spearman ρ between the excess precision and the mean squared gradient the ELBO steps saw, on
+    a fixed sample of entries: near 1 where the posterior found the Fisher's order, near 0 where it did not
+    move from its start (where the ranking is then noise)."""
+
+
+#: Entries per tensor whose squared gradients `variational_excess_precision` keeps to measure its agreement.
+AGREEMENT_ENTRIES_PER_TENSOR = 256
+
+
 def variational_excess_precision(
     params: Sequence[torch.Tensor],
     batches: Iterable[Any],
@@ -185,7 +200,7 @@ def variational_excess_precision(
     data_size: float,
     lr: float,
     init_std: float,
-) -> dict[str, list[torch.Tensor]]:
+) -> VariationalEstimate:
     """Learn a diagonal Gaussian posterior q = N(θ̂, Λ⁻¹) per loss and return Λ − τ⁻² per entry.
 
     Prior N(θ_pretrained, τ²I) with θ̂ = θ_pretrained = the current values (the backbone has not
@@ -195,12 +210,20 @@ def variational_excess_precision(
     n·L(θ̂ + ε/√Λ) + KL(q‖p) with one reparameterised sample ε ~ N(0, I) and one backward; the
     gradient of the sample with respect to φ is applied by hand (chain rule through σ = Λ^{-1/2}),
     so `loss_fn` may use the model as it is.
+
+    Where n·F is far below τ⁻² (a real network at the default constants), the posterior is the prior's
+    almost everywhere, a reparameterised gradient cannot resolve n·F against τ⁻² within a few steps, and the
+    excess stays near its start: `agreement` says so (docs/fishertune.md, "Known limitation").
     """
     prior_precision = 1.0 / prior_variance
     init = math.log(init_std ** -2 - prior_precision)
     log_excess = {key: [torch.full_like(p, init, dtype=torch.float32) for p in params] for key in loss_fns}
     optimisers = {key: torch.optim.Adam(phis, lr=lr) for key, phis in log_excess.items()}
     mean = [p.detach().clone() for p in params]
+    picker = torch.Generator().manual_seed(0)
+    watched = [torch.randperm(p.numel(), generator=picker)[:AGREEMENT_ENTRIES_PER_TENSOR].to(p.device)
+               for p in params]
+    squared = {key: [torch.zeros(len(w), device=w.device) for w in watched] for key in loss_fns}
     steps = 0
     try:
         for batch in batches:
@@ -215,6 +238,9 @@ def variational_excess_precision(
                 with torch.no_grad():
                     for p, theta in zip(params, mean, strict=True):
                         p.copy_(theta)
+                    for seen, entries, grad in zip(squared[key], watched, grads, strict=True):
+                        if grad is not None:
+                            seen.add_(grad.detach().flatten()[entries].float().square())
                     for phi, noise, grad in zip(phis, noises, grads, strict=True):
                         excess = phi.exp()
                         precision = prior_precision + excess
@@ -232,7 +258,31 @@ def variational_excess_precision(
                 p.copy_(theta)
     if steps == 0:
         raise ValueError("variational_excess_precision needs at least one batch")
-    return {key: [phi.detach().exp_() for phi in phis] for key, phis in log_excess.items()}
+    excess = {key: [phi.detach().exp_() for phi in phis] for key, phis in log_excess.items()}
+    agreement = {
+        key: rank_correlation(torch.cat([e.flatten()[w] for e, w in zip(excess[key], watched, strict=True)]),
+                              torch.cat(squared[key]))
+        for key in loss_fns
+    }
+    return VariationalEstimate(excess, agreement)
+
+
+def _warn_if_the_posterior_did_not_find_the_fisher(agreement: dict[str, float]) -> None:
+    worst = min(agreement.values())
+    if not worst >= POSTERIOR_AGREEMENT_WARNING:  # NaN warns too
+        log.warning(
+            "fishertune: the variational posterior ranks the entries with Spearman ρ %.2f against the squared "
+            "gradients its steps saw (1 = their order): it stayed near its start, so the selection is close to "
+            "random. Use estimator=empirical (the default), or more variational_steps / a larger variational_lr "
+            "(docs/fishertune.md, \"Known limitation\")", worst)
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's ρ of two 1-D tensors (ties broken by position: the values are continuous)."""
+    ranks = [v.double().argsort().argsort().double() for v in (a.cpu(), b.cpu())]
+    if len(ranks[0]) < 2:
+        return math.nan
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
 
 
 def domain_related_fisher(
@@ -422,6 +472,7 @@ class FisherTune(Method):
         losses = {"clean": ctx.loss, "perturbed": perturbed_loss}
         _synchronize(ctx.device)
         started = time.perf_counter()
+        agreement = None
         try:
             if cfg.estimator == "empirical":
                 batches = (ctx.next_batch() for _ in range(cfg.estimation_batches))
@@ -429,11 +480,12 @@ class FisherTune(Method):
                 offset, gamma = 0.0, 1.0
             else:
                 batches = (ctx.next_batch() for _ in range(cfg.variational_steps or cfg.estimation_batches))
-                stats = variational_excess_precision(
+                stats, agreement = variational_excess_precision(
                     self._params, batches, losses, cfg.prior_variance, cfg.variational_data_size,
                     cfg.variational_lr, cfg.variational_init_std,
                 )
                 offset, gamma = 1.0 / cfg.prior_variance, cfg.gamma
+                _warn_if_the_posterior_did_not_find_the_fisher(agreement)
             _average_across_processes(stats)
             # Tensor by tensor, freeing the statistics as they are used: peak memory stays near two
             # copies of the backbone (the DR-FIM scores plus the concatenation inside the ranking).
@@ -460,7 +512,7 @@ class FisherTune(Method):
             for p in self._params:
                 p.requires_grad_(False)
             model.train(was_training)
-        self._record_estimation(drf_sums, fisher_sums, blocks, seconds, ctx)
+        self._record_estimation(drf_sums, fisher_sums, blocks, seconds, ctx, agreement)
 
     def _record_estimation(
         self,
@@ -469,6 +521,7 @@ class FisherTune(Method):
         blocks: list[int],
         seconds: float,
         ctx: TrainContext,
+        agreement: dict[str, float] | None,
     ) -> None:
         cfg = self.config
         batches = cfg.estimation_batches if cfg.estimator == "empirical" else cfg.variational_steps or cfg.estimation_batches
@@ -496,6 +549,8 @@ class FisherTune(Method):
             "fisher_mass_by_block": fisher["block"],
             "fisher_mass_by_kind": fisher["kind"],
         }
+        if agreement is not None:
+            self._diagnostics["variational_fisher_agreement"] = {k: round(v, 4) for k, v in agreement.items()}
         self._diagnostics.update(self._selection_breakdown())
         log.info(
             "fishertune: DR-FIM (%s) over %d candidate entries in %.1fs; top kinds %s",

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+import methods.fishertune as fishertune_module
 from benchmarks.backbones import BackboneSpec, build_backbone
 from benchmarks.config import load_experiment
 from benchmarks.errors import UserError
@@ -135,13 +136,38 @@ def test_variational_precision_reaches_the_quadratic_optimum():
     def loss(_):
         return 0.5 * (curvature * theta.square()).sum()
 
-    excess = variational_excess_precision(
+    estimate = variational_excess_precision(
         [theta], range(600), {"clean": loss}, prior_variance=1.0, data_size=2.0, lr=0.05, init_std=0.1,
-    )["clean"][0]
+    )
+    excess = estimate.excess["clean"][0]
     log_ratio = (excess / (2.0 * curvature)).log()
     assert abs(float(log_ratio.mean())) < 0.15
     assert float(torch.corrcoef(torch.stack([excess.log(), curvature.log()]))[0, 1]) > 0.8
     assert torch.equal(theta, torch.zeros(400))  # the mean is put back exactly
+    # The squared gradients at the samples, h²/Λ, follow h: the converged posterior agrees with them.
+    assert estimate.agreement["clean"] > 0.8
+
+
+def test_a_posterior_that_stays_at_its_start_says_so_and_the_method_warns(caplog):
+    # The default constants on a real network, in small: n·h far below τ⁻², few steps, every entry
+    # moves alike, and the order of the excess has nothing to do with the curvature's.
+    torch.manual_seed(0)
+    theta = torch.zeros(400, requires_grad=True)
+    curvature = torch.linspace(1e-6, 1e-5, 400)[torch.randperm(400)]
+
+    def loss(_):
+        return 0.5 * (curvature * theta.square()).sum() + (curvature * theta).sum()
+
+    estimate = variational_excess_precision(
+        [theta], range(20), {"clean": loss}, prior_variance=1e-2, data_size=1.0, lr=0.05, init_std=1e-3,
+    )
+    assert abs(estimate.agreement["clean"]) < 0.3
+    with caplog.at_level("WARNING", logger="methods.fishertune"):
+        fishertune_module._warn_if_the_posterior_did_not_find_the_fisher(estimate.agreement)
+    assert "selection is close to random" in caplog.text
+    caplog.clear()
+    fishertune_module._warn_if_the_posterior_did_not_find_the_fisher({"clean": 0.9, "perturbed": 0.8})
+    assert not caplog.text
 
 
 def test_feature_perturbation_follows_dsu_and_spares_prefix_tokens():
@@ -264,6 +290,11 @@ def test_both_estimators_run_through_the_protocol_with_diagnostics(estimator):
     assert sum(info["selected_by_block"].values()) == method.budget()
     assert 0.0 <= info["domain_term_share"] <= 1.0
     assert info["selected_at_last_step"] == method.selected
+    if estimator == "variational":
+        assert set(info["variational_fisher_agreement"]) == {"clean", "perturbed"}
+        assert all(-1.0 <= v <= 1.0 for v in info["variational_fisher_agreement"].values())
+    else:
+        assert "variational_fisher_agreement" not in info
 
 
 def test_parameter_kinds_split_the_fused_qkv_into_thirds():
