@@ -38,10 +38,13 @@ the same as a table):
 What the released reshape computes: the [N, B, C] rows (one token of one image each, C wide) are
 laid end to end into h×h maps. When 2h divides C every row fills an even number of map rows, so no
 2×2 block straddles two rows: the wavelet runs over each token's own channels (pairing channels
-c, c+1 and c, c+h) and tokens and images stay independent. That holds wherever the harness runs it
-by default (DINOv2-L/16 at 512: h = 32, C = 1024, each token a 32×32 image of its channels; the
-proxy and smoke presets: h = 16 and 8, C = 192), so there the released FADA is a per-token channel
-wavelet, not a spatial one. Where 2h does not divide C, blocks straddle neighbouring rows, which
+c, c+1 and c, c+h) and, while the 4·C filters are alike (at initialisation), tokens and images stay
+independent. That holds wherever the harness runs it by default (DINOv2-L/16 at 512: h = 32, C = 1024,
+each token a 32×32 image of its channels; the proxy and smoke presets: h = 16 and 8, C = 192), so there
+the released FADA is a per-token channel wavelet, not a spatial one. Which channel's filter a token's
+values meet follows its flat place in [N, B, C], so once the filters differ (they train) an image's
+refinement depends on its index in the batch and the batch size: training (batch 4) and the one-image
+evaluation meet other filters, as in the release. Where 2h does not divide C, blocks straddle neighbouring rows, which
 alternate between images: a training batch's images then mix, and evaluation runs one image at a
 time, as the released slide inference runs one window at a time. The paper reports 11.65M
 trainable parameters; neither reading reproduces that (docs/methods.md lists what was tried).

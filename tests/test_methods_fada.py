@@ -249,6 +249,20 @@ def test_released_works_per_token_exactly_when_twice_the_grid_side_divides_the_w
         assert changed[[0, 2]].any()  # another image moved
 
 
+def test_released_filters_once_trained_make_a_token_depend_on_its_place_in_the_batch():
+    """Per token only while its 4·C Haar filters are alike: which channel's filter a token's values meet
+    follows its flat place in the [N, B, C] tensor, so once they differ (they train) an image's delta
+    depends on its index in the batch and the batch size, and training (batch 4) and the one-image
+    evaluation see other filters."""
+    adapter = standalone("token_first", dim=16).train()  # N = 16: h = 4, 2h divides C
+    f = torch.randn(3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(adapter.feature_delta(0, f)[:1], adapter.feature_delta(0, f[:1]), atol=1e-6)
+        adapter.wavelet.weight.add_(0.05 * torch.randn_like(adapter.wavelet.weight))
+        in_batch, alone = adapter.feature_delta(0, f)[:1], adapter.feature_delta(0, f[:1])
+    assert (in_batch - alone).abs().max() > 1e-3
+
+
 # -- grids -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [(24, 40), (40, 24), (24, 24)])
 def test_paper_variant_takes_non_square_and_odd_grids_through_the_backbone(size):
