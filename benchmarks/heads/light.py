@@ -1,6 +1,6 @@
 """A small FPN decode head for fast runs and ablations (the `proxy` and `smoke` presets), and what
-every per-pixel head shares (`PerPixelHead`: logits at a size, mmseg's cross-entropy, optionally
-class-balanced).
+every per-pixel head shares (`PerPixelHead`: logits at a size, a cross-entropy over the non-ignored
+pixels, optionally class-balanced).
 
 Why an own FPN beside smp's UPerNet (`benchmarks/heads/upernet.py`): a lateral 1×1 + top-down sum +
 3×3 smoothing + Panoptic-FPN-style merge over a ViT pyramid whose levels share one width is a dozen
@@ -73,8 +73,8 @@ def class_balance_checked(balance: str) -> str:
 
 
 class PerPixelHead(nn.Module):
-    """What every per-pixel classifier head shares: logits upsampled to a size, and mmseg's loss
-    (with median-frequency class weights when `class_balance` says so)."""
+    """What every per-pixel classifier head shares: logits upsampled to a size, and a cross-entropy over the
+    non-ignored pixels (with median-frequency class weights when `class_balance` says so)."""
 
     supports_queries = False
 
@@ -91,8 +91,10 @@ class PerPixelHead(nn.Module):
         return F.interpolate(outputs, size=tuple(size), mode="bilinear", align_corners=False)
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        # As mmseg: logits resized to the label size, then CE averaged over non-ignored pixels (weighted
-        # by their classes' weights when balanced: the mean divides by the sum of the pixels' weights).
+        # Logits resized to the label size, as mmseg does, then CE averaged over the non-ignored pixels
+        # (weighted by their classes' weights when balanced: the mean divides by the sum of the pixels'
+        # weights). That is mmseg's `avg_non_ignore=True`; its default divides by every pixel, ignored ones
+        # included, a per-batch scale of the loss that AdamW's normalisation mostly absorbs.
         logits = self.semantic_logits(outputs, labels.shape[-2:])
         if not (labels != IGNORE_INDEX).any():  # an all-ignore batch: zero loss that still touches the graph
             ce = logits.sum() * 0.0

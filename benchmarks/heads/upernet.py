@@ -4,7 +4,8 @@ segmentation-models-pytorch's maintained decoder.
 smp's `UPerNetDecoder` takes an encoder's feature list from stride 1 upward and uses the levels from
 stride 4 on; a ViT pyramid has exactly those four levels (p/4, p/2, p, 2p), so they are passed in the
 slots smp reads and the two slots it skips stay empty. The decoder's PSP pooling on the coarsest level,
-FPN laterals and fusion are smp's own; this file adds only the classifier and mmseg's loss.
+FPN laterals and fusion are smp's own; this file adds only the classifier and the
+per-pixel heads' loss (`PerPixelHead`).
 """
 
 from __future__ import annotations
