@@ -48,6 +48,10 @@ class DataConfig:
     max_long_edge: int = 2048
     cat_max_ratio: float = 0.75
     photometric: bool = True
+    resize: str = "cv2"
+    """How images (bilinear) and labels (nearest) are resized in training and for inference: "cv2", mmcv's
+    default backend and so the reference pipeline's (no antialiasing when shrinking), or "pillow"
+    (antialiased; what the proxy and smoke presets were calibrated with)."""
     num_workers: int = -1
     """Data-loader workers; -1 = sized to the machine (`benchmarks.resources`: 1 on a CPU, up to 8 with a GPU)."""
     preflight: str = "sample"
@@ -143,8 +147,9 @@ class Experiment:
 
     def config_hash(self) -> str:
         """Stable over key order; the matrix fields are excluded so adding a method keeps old runs, and
-        so are the settings that cannot change a run's numbers (`NOT_HASHED`)."""
-        payload = self.to_dict()
+        so are the settings that cannot change a run's numbers (`NOT_HASHED`) and the settings added since
+        results were first written, where they keep what those results did (`ADDED_SETTINGS`)."""
+        payload = without_added_settings_at_their_old_behaviour(self.to_dict())
         payload.pop("run")
         payload.pop("preset")
         for section, name in NOT_HASHED:
@@ -162,6 +167,24 @@ class Experiment:
 NOT_HASHED: tuple[tuple[str, str], ...] = (
     ("data", "num_workers"), ("data", "preflight"), ("train", "log_interval"), ("train", "checkpoint_interval"),
 )
+
+# Settings added after results were first written, with the value that does what every result written
+# before them did: at that value a setting leaves a run's identity (its config hash, the table's
+# fingerprint) as it was, so those results still count as finished runs of the same configuration.
+ADDED_SETTINGS: dict[tuple[str, str], Any] = {
+    ("data", "resize"): "pillow",
+}
+
+
+def without_added_settings_at_their_old_behaviour(experiment: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an experiment dict without the `ADDED_SETTINGS` that hold their old behaviour's value."""
+    payload = json.loads(json.dumps(experiment, default=str))
+    for (section, name), old in ADDED_SETTINGS.items():
+        values = payload.get(section)
+        if isinstance(values, dict) and values.get(name, old) == old:
+            values.pop(name, None)
+    return payload
+
 
 SECTION_TYPES: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig, "run": RunConfig,
@@ -272,6 +295,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.preflight": ("sample", "full", "off"),
     "model.patch_resample": ("bicubic", "timm"),
     "train.amp": ("auto", "none", "bf16", "fp16"),
+    "data.resize": ("cv2", "pillow"),
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 #: The precision of a run's forward passes for each `train.amp` but "auto" (`trained_precision`).

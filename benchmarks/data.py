@@ -85,6 +85,7 @@ def source_dataset(exp: Experiment, source: str, root: Path) -> Dataset:
         max_long_edge=cfg.max_long_edge,
         cat_max_ratio=cfg.cat_max_ratio,
         photometric=cfg.photometric,
+        resize=cfg.resize,
     )
     return SegmentationDataset(_lenient(adapter), transform, limit=cfg.train_limit or None, pairs=train_pairs)
 
@@ -97,7 +98,7 @@ def source_heldout_dataset(exp: Experiment, source: str, root: Path) -> Dataset 
     if not exp.data.source_holdout:
         return None
     adapter, _, heldout_pairs = _source_split(exp, source, root)
-    transform = eval_transform_for(adapter, tuple(exp.eval.fit_size))
+    transform = eval_transform_for(adapter, tuple(exp.eval.fit_size), resize=exp.data.resize)
     return SegmentationDataset(_lenient(adapter), transform, pairs=heldout_pairs)
 
 
@@ -111,7 +112,7 @@ def target_dataset(exp: Experiment, target: str, root: Path) -> Dataset:
     prep = cls.eval_preparation
     adapter = cls(root, cls.default_eval_split, **({"half_resolution": True} if prep.half_resolution else {}))
     eval_cfg: EvalConfig = exp.eval
-    transform = eval_transform_for(adapter, tuple(eval_cfg.fit_size))
+    transform = eval_transform_for(adapter, tuple(eval_cfg.fit_size), resize=exp.data.resize)
     return SegmentationDataset(_lenient(adapter), transform, limit=exp.data.eval_limit or None)
 
 

@@ -25,12 +25,36 @@ STD = (58.395, 57.12, 57.375)
 # --------------------------------------------------------------------------------------------------
 
 
-def resize_pair(image: np.ndarray, label: np.ndarray | None, size_wh: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize image bilinear and label nearest to (w, h)."""
+#: How images are resized (bilinear) and labels (nearest): "cv2" is mmcv's default backend, what the
+#: reference pipeline runs (no antialiasing when shrinking; OpenCV's nearest samples floor(x·scale));
+#: "pillow" antialiases when shrinking and samples pixel centres (what the proxy and smoke presets were
+#: calibrated with).
+RESIZE_BACKENDS = ("cv2", "pillow")
+
+
+def resize_pair(image: np.ndarray, label: np.ndarray | None, size_wh: tuple[int, int],
+                backend: str = "cv2") -> tuple[np.ndarray, np.ndarray | None]:
+    """Resize image bilinear and label nearest to (w, h) with `backend` (`RESIZE_BACKENDS`)."""
+    if backend == "cv2":
+        import cv2
+
+        def bilinear(array: np.ndarray) -> np.ndarray:
+            return cv2.resize(array, size_wh, interpolation=cv2.INTER_LINEAR)
+
+        def nearest(array: np.ndarray) -> np.ndarray:
+            return cv2.resize(array, size_wh, interpolation=cv2.INTER_NEAREST)
+    elif backend == "pillow":
+        def bilinear(array: np.ndarray) -> np.ndarray:
+            return np.asarray(Image.fromarray(array).resize(size_wh, Image.BILINEAR))
+
+        def nearest(array: np.ndarray) -> np.ndarray:
+            return np.asarray(Image.fromarray(array).resize(size_wh, Image.NEAREST))
+    else:
+        raise ValueError(f"resize backend {backend!r} is not one of {', '.join(RESIZE_BACKENDS)}")
     if (image.shape[1], image.shape[0]) != size_wh:
-        image = np.asarray(Image.fromarray(image).resize(size_wh, Image.BILINEAR))
+        image = bilinear(np.ascontiguousarray(image))
     if label is not None and (label.shape[1], label.shape[0]) != size_wh:
-        label = np.asarray(Image.fromarray(label).resize(size_wh, Image.NEAREST))
+        label = nearest(np.ascontiguousarray(label))
     return image, label
 
 
@@ -161,8 +185,10 @@ class TrainTransform:
         photometric: bool = True,
         mean: Sequence[float] = MEAN,
         std: Sequence[float] = STD,
+        resize: str = "cv2",
     ) -> None:
         self.crop_size = int(crop_size)
+        self.resize = resize
         self.scale_base = int(scale_base)
         self.scale_steps = tuple(scale_steps)
         self.short_edges = tuple(int(scale_base * x * 0.1) for x in self.scale_steps)
@@ -183,7 +209,7 @@ class TrainTransform:
         short = self.short_edges[int(rng.integers(len(self.short_edges)))]
         h, w = image.shape[:2]
         new_h, new_w = short_edge_size(h, w, short, self.max_long_edge)
-        image, label = resize_pair(image, label, (new_w, new_h))
+        image, label = resize_pair(image, label, (new_w, new_h), self.resize)
 
         box = self._crop_box(new_h, new_w, rng)
         if self.cat_max_ratio < 1.0:
@@ -219,23 +245,26 @@ class EvalTransform:
     The label is NOT resized: predictions are resized to the label and scored at its resolution.
     """
 
-    def __init__(self, fit_size: tuple[int, int] | None, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> None:
+    def __init__(self, fit_size: tuple[int, int] | None, mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
+                 resize: str = "cv2") -> None:
         self.fit_size = None if fit_size is None else (int(fit_size[0]), int(fit_size[1]))
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.resize = resize
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fit_size is not None:
             new_h, new_w = fit_size(image.shape[0], image.shape[1], self.fit_size)
-            image, _ = resize_pair(image, None, (new_w, new_h))
+            image, _ = resize_pair(image, None, (new_w, new_h), self.resize)
         return to_tensor(image, self.mean, self.std), label_tensor(label)
 
 
 def eval_transform_for(adapter: object, fit: tuple[int, int] | None, mean: Sequence[float] = MEAN,
-                       std: Sequence[float] = STD) -> EvalTransform:
-    """The eval transform a target's `eval_preparation` asks for, with the (configurable) fit box."""
+                       std: Sequence[float] = STD, resize: str = "cv2") -> EvalTransform:
+    """The eval transform a target's `eval_preparation` asks for, with the (configurable) fit box and
+    resize backend."""
     prep = getattr(adapter, "eval_preparation", None)
-    resize = bool(getattr(prep, "resize_to_fit", False))
-    return EvalTransform(fit if resize else None, mean, std)
+    fits = bool(getattr(prep, "resize_to_fit", False))
+    return EvalTransform(fit if fits else None, mean, std, resize)

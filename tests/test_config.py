@@ -1,6 +1,7 @@
 """Presets, overrides and their errors: the first thing every run resolves."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -73,3 +74,19 @@ def test_experiment_round_trips_through_its_dict():
     raw.pop("preset")
     again = experiment_from_dict(raw, name="paper")
     assert again == exp
+
+
+def test_a_setting_added_later_keeps_the_identity_of_runs_at_its_old_behaviour():
+    """Results written before `data.resize` existed resized with Pillow: at "pillow" a configuration hashes as
+    it did without the setting (so those results still count as finished), at "cv2" it is another one."""
+    from benchmarks.config import ADDED_SETTINGS, without_added_settings_at_their_old_behaviour
+
+    assert ADDED_SETTINGS[("data", "resize")] == "pillow"
+    pillow = load_experiment("proxy", ["data.resize=pillow"])
+    cv2 = load_experiment("proxy", ["data.resize=cv2"])
+    before = json.loads(json.dumps(pillow.to_dict()))
+    del before["data"]["resize"]
+    assert without_added_settings_at_their_old_behaviour(pillow.to_dict()) == before
+    assert pillow.config_hash() == load_experiment("proxy").config_hash()  # the preset's own value
+    assert cv2.config_hash() != pillow.config_hash()
+    assert "resize" in without_added_settings_at_their_old_behaviour(cv2.to_dict())["data"]

@@ -11,6 +11,7 @@ from datasets.transforms import (
     fit_size,
     hsv_u8_to_rgb,
     photometric_distortion,
+    resize_pair,
     rgb_to_hsv_u8,
     short_edge_size,
 )
@@ -89,3 +90,43 @@ def test_eval_transform_fits_box_and_keeps_label():
     assert x.shape == (3, 16, 64) and y.shape == (100, 400)
     x, y = EvalTransform(None)(img, lab)
     assert x.shape == (3, 100, 400)
+
+
+def test_the_cv2_backend_is_opencvs_resize_and_pillow_antialiases_when_shrinking():
+    import cv2
+    from PIL import Image
+
+    img, lab = sample(h=96, w=160)
+    size = (60, 36)  # shrinking by 2.67: where antialiasing differs most
+    image, label = resize_pair(img, lab, size, "cv2")
+    assert np.array_equal(image, cv2.resize(img, size, interpolation=cv2.INTER_LINEAR))
+    assert np.array_equal(label, cv2.resize(lab, size, interpolation=cv2.INTER_NEAREST))
+    soft, soft_label = resize_pair(img, lab, size, "pillow")
+    assert np.array_equal(soft, np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR)))
+    assert np.array_equal(soft_label, np.asarray(Image.fromarray(lab).resize(size, Image.NEAREST)))
+    # Pillow averages the noise away when shrinking; OpenCV's bilinear samples it.
+    assert soft.astype(float).std() < 0.8 * image.astype(float).std()
+
+
+def test_transforms_resize_with_the_backend_they_are_given():
+    import cv2
+
+    img, lab = sample(h=64, w=128)
+    for backend in ("cv2", "pillow"):
+        out, _ = EvalTransform((32, 16), resize=backend)(img, lab)
+        expected, _ = EvalTransform(None)(resize_pair(img, None, (32, 16), backend)[0], lab)
+        assert torch.equal(out, expected), backend
+    # Short edge 16: the image shrinks to 32×16, then a 16×16 crop of it.
+    shrink = TrainTransform(crop_size=16, scale_base=16, scale_steps=(10,), max_long_edge=None, flip_prob=0.0,
+                            photometric=False, cat_max_ratio=1.0, resize="cv2")
+    resized = cv2.resize(img, (32, 16), interpolation=cv2.INTER_LINEAR)
+    out, _ = shrink(img, lab, np.random.default_rng(0))
+    crops = [EvalTransform(None)(resized[:, x:x + 16], lab[:16, :16])[0] for x in range(17)]
+    assert any(torch.equal(out, crop) for crop in crops)
+
+
+def test_the_resize_backends_are_the_settings_choices():
+    from benchmarks.config import CHOICES
+    from datasets.transforms import RESIZE_BACKENDS
+
+    assert tuple(CHOICES["data.resize"]) == RESIZE_BACKENDS

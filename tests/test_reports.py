@@ -647,3 +647,19 @@ def test_a_row_whose_runs_record_different_method_hyperparameters_is_marked():
     for other in (rein(2, 4, 2_990_081), rein(2, 16, 1_000)):  # another default, or another parameter count
         text = render_markdown(main_tables([rein(1, 16, 2_990_081), other])[0])
         assert "| rein † |" in text and "different method hyperparameters" in text
+
+
+def test_results_from_before_the_resize_setting_share_a_protocol_with_pillow_runs_not_with_cv2_runs():
+    from benchmarks.config import load_experiment
+
+    def run_of(seed: int, resize: str | None) -> dict:
+        experiment = load_experiment("proxy", [f"train.seed={seed}"]).to_dict()
+        if resize is None:  # a result written before the setting existed
+            del experiment["data"]["resize"]
+        else:
+            experiment["data"]["resize"] = resize
+        return make_result("rein", seed, cbm(40.0 + seed, 30.0, 20.0), experiment=experiment)
+
+    assert summary_frame([run_of(1, None), run_of(2, "pillow")])["seeds"].tolist() == [2]
+    assert summary_frame([run_of(1, None), run_of(2, "cv2")])["seeds"].tolist() == [1, 1]
+    assert "config" not in main_tables([run_of(1, None), run_of(2, "pillow")])[0].title  # no variant label

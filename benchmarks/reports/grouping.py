@@ -23,6 +23,7 @@ from benchmarks.config import (
     available_presets,
     load_experiment,
     trained_precision,
+    without_added_settings_at_their_old_behaviour,
 )
 from benchmarks.errors import UserError
 
@@ -97,10 +98,11 @@ def protocol_fingerprint(experiment: dict[str, Any] | None, loaded: dict[str, An
 def protocol_settings(experiment: dict[str, Any], loaded: dict[str, Any] | None = None,
                       device: str | None = None) -> dict[str, Any]:
     """The experiment as the fingerprint sees it: settings that cannot change the numbers removed,
-    checkpoints named by content where the run recorded what it loaded, else by file name, and with `device`
+    checkpoints named by content where the run recorded what it loaded, else by file name, settings added
+    since results were first written dropped where they do what those results did, and with `device`
     `train.amp` as the precision it meant there ("auto" is bf16 on CUDA and fp32 on a CPU: `train.device` is
     not a protocol setting, the precision is)."""
-    payload = json.loads(json.dumps(experiment, default=str))
+    payload = without_added_settings_at_their_old_behaviour(experiment)
     train = payload.get("train")
     if device and isinstance(train, dict) and train.get("amp") in CHOICES["train.amp"]:
         train["amp"] = trained_precision(train["amp"], device.split(":")[0])
