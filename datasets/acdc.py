@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from benchmarks.errors import UserError
-from datasets.base import Adapter, EvalPreparation, Pair
+from datasets.base import Adapter, EvalPreparation, Pair, images_by_name, index_by_name
 
 CONDITIONS = ("fog", "night", "rain", "snow")
 IMAGE_SUFFIX = "_rgb_anon"
@@ -47,16 +47,9 @@ class ACDC(Adapter):
             label_dir = self._require_dir(
                 self.base / "gt" / cond / self.split, f"gt/{cond}", "extract gt_trainval.zip into acdc/"
             )
-            images = {}
-            for p in self.scan(image_dir, recursive=True):
-                if p.stem.endswith(IMAGE_SUFFIX):
-                    images[f"{cond}/{p.stem[: -len(IMAGE_SUFFIX)]}"] = p
-            labels: dict[str, tuple[Path, str]] = {}
-            for p in self.scan(label_dir, (".png",), recursive=True):
-                if p.stem.endswith(TRAIN_IDS_SUFFIX):
-                    labels[f"{cond}/{p.stem[: -len(TRAIN_IDS_SUFFIX)]}"] = (p, "train_ids")
-                elif p.stem.endswith(IDS_SUFFIX):
-                    labels.setdefault(f"{cond}/{p.stem[: -len(IDS_SUFFIX)]}", (p, "cityscapes_ids"))
+            images = images_by_name(self.scan(image_dir, recursive=True), IMAGE_SUFFIX, prefix=f"{cond}/")
+            labels = index_by_name(self.scan(label_dir, (".png",), recursive=True),
+                                   [(TRAIN_IDS_SUFFIX, "train_ids"), (IDS_SUFFIX, "cityscapes_ids")], prefix=f"{cond}/")
             pairs += self.match(images, labels, image_dir, label_dir,
                                 "<seq>/<stem>_gt_labelTrainIds.png", "extract gt_trainval.zip into acdc/")
         return pairs

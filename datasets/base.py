@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -207,6 +207,48 @@ def atomic_save(image: Image.Image, path: Path, **save_kwargs: Any) -> None:
         raise
 
 
+def _walk_following_links(folder: Path) -> Iterator[Path]:
+    """Every entry under `folder`, into linked folders too (`Path.rglob` skips them before Python 3.13), each
+    real folder once so that a link to a folder above cannot loop."""
+    seen: set[str] = set()
+    for current, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        for name in (*files, *folders):
+            yield Path(current) / name
+
+
+def index_by_name(paths: Iterable[Path], kinds: Sequence[tuple[str, str]], prefix: str = "") -> dict[str, tuple[Path, str]]:
+    """Pair name → (file, kind) for one side of a split. A file's kind is the first of `kinds` (stem suffix,
+    kind) whose suffix its stem ends with ("" takes any stem); its name is `prefix` plus the stem without that
+    suffix; files of no kind are left out. Where files of several kinds give one name, the earlier kind wins
+    (a converted label over the raw one). Two files of one kind that give one name are an error: which of them
+    the pair would read would depend on the order the file system lists them in."""
+    named: list[dict[str, Path]] = [{} for _ in kinds]
+    for path in paths:
+        for index, (suffix, _) in enumerate(kinds):
+            if path.stem.endswith(suffix):
+                name = prefix + (path.stem[: -len(suffix)] if suffix else path.stem)
+                if name in named[index]:
+                    first, second = sorted((named[index][name], path))
+                    raise UserError(f"{second}: gives the same pair name {name!r} as {first}; remove or rename "
+                                    "one of them (pairs are matched by name)")
+                named[index][name] = path
+                break
+    found: dict[str, tuple[Path, str]] = {}
+    for files, (_, kind) in reversed(list(zip(named, kinds, strict=True))):
+        found.update({name: (path, kind) for name, path in files.items()})
+    return found
+
+
+def images_by_name(paths: Iterable[Path], suffix: str = "", prefix: str = "") -> dict[str, Path]:
+    """Pair name → image file (`index_by_name` with one kind: stems ending with `suffix`)."""
+    return {name: path for name, (path, _) in index_by_name(paths, [(suffix, "image")], prefix).items()}
+
+
 def resize_half(image: np.ndarray | None, label: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Halve an image (bicubic) and/or a label (nearest), rounding sizes as mmcv.imrescale does."""
     out_img = out_lbl = None
@@ -333,9 +375,11 @@ class Adapter:
         """Files with the given suffixes (case-insensitive), skipping hidden/temporary files.
 
         A link that leads nowhere is an error: it stands for a file or folder of the dataset that is missing.
+        Recursive scans go into linked folders (a city folder linked from elsewhere holds pairs too), each
+        real folder once.
         """
         suffixes = tuple(s.lower() for s in suffixes)
-        it = folder.rglob("*") if recursive else folder.iterdir()
+        it = _walk_following_links(folder) if recursive else folder.iterdir()
         found = []
         for p in it:
             if p.name.startswith("."):
@@ -389,23 +433,26 @@ class Adapter:
         pairs = self.pairs() if pairs is None else pairs
         idx = set(range(len(pairs))) if full else set(np.linspace(0, len(pairs) - 1, min(sample, len(pairs))).astype(int).tolist())
         for i, pair in enumerate(pairs):
+            reading = pair.image  # the file a failed header read names
             try:
                 if i in idx:
                     self.load_pair(pair)
                 else:
-                    with Image.open(pair.image) as a, Image.open(pair.label) as b:
-                        problem = self.label_header_problem(pair, b.mode)
-                        if problem:
-                            raise UserError(problem)
-                        if a.size != b.size and not self.tolerate_size_mismatch and not self._sizes_may_differ():
-                            raise UserError(
-                                f"{pair.label}: label size {b.size[0]}x{b.size[1]} differs from image size "
-                                f"{a.size[0]}x{a.size[1]}; replace or delete the pair"
-                            )
+                    with Image.open(pair.image) as a:
+                        reading = pair.label
+                        with Image.open(pair.label) as b:
+                            problem = self.label_header_problem(pair, b.mode)
+                            if problem:
+                                raise UserError(problem)
+                            if a.size != b.size and not self.tolerate_size_mismatch and not self._sizes_may_differ():
+                                raise UserError(
+                                    f"{pair.label}: label size {b.size[0]}x{b.size[1]} differs from image size "
+                                    f"{a.size[0]}x{a.size[1]}; replace or delete the pair"
+                                )
             except UserError as exc:
                 problems.append(str(exc))
             except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-                problems.append(f"{pair.image}: cannot read ({exc}); re-extract or re-download the file")
+                problems.append(f"{reading}: cannot read ({exc}); re-extract or re-download the file")
             if len(problems) >= 20:
                 problems.append("... (stopping after 20 problems)")
                 break

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from benchmarks.errors import UserError
-from datasets.base import Adapter, EvalPreparation, Pair, broken_link_on_the_way
+from datasets.base import (
+    Adapter,
+    EvalPreparation,
+    Pair,
+    broken_link_on_the_way,
+    images_by_name,
+    index_by_name,
+)
 
 TRAIN_ID_SUFFIX = "_train_id"
 
@@ -52,11 +59,8 @@ class BDD100K(Adapter):
 
     def _find_pairs(self) -> list[Pair]:
         image_dir, label_dir = self._layout()
-        images = {p.stem: p for p in self.scan(image_dir)}
-        labels: dict[str, tuple[Path, str]] = {}
-        for p in self.scan(label_dir, (".png",)):
-            stem = p.stem[: -len(TRAIN_ID_SUFFIX)] if p.stem.endswith(TRAIN_ID_SUFFIX) else p.stem
-            labels.setdefault(stem, (p, "train_ids"))
+        images = images_by_name(self.scan(image_dir))
+        labels = index_by_name(self.scan(label_dir, (".png",)), [(TRAIN_ID_SUFFIX, "train_ids"), ("", "train_ids")])
         return self.match(
             images, labels, image_dir, label_dir, "<stem>.png or <stem>_train_id.png",
             "extract bdd100k_sem_seg_labels_trainval.zip (masks) into bdd100k/labels/sem_seg/",

@@ -7,10 +7,9 @@ Layout: ``cityscapes/leftImg8bit/{train,val}/<city>/<stem>_leftImg8bit.png`` wit
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
-from datasets.base import Adapter, EvalPreparation, Pair
+from datasets.base import Adapter, EvalPreparation, Pair, images_by_name, index_by_name
 
 IMAGE_SUFFIX = "_leftImg8bit"
 IDS_SUFFIX = "_gtFine_labelIds"
@@ -36,16 +35,9 @@ class Cityscapes(Adapter):
         label_dir = self._require_dir(
             self.base / "gtFine" / self.split, "gtFine", "extract gtFine_trainvaltest.zip into cityscapes/"
         )
-        images = {}
-        for p in self.scan(image_dir, recursive=True):
-            if p.stem.endswith(IMAGE_SUFFIX):
-                images[p.stem[: -len(IMAGE_SUFFIX)]] = p
-        labels: dict[str, tuple[Path, str]] = {}
-        for p in self.scan(label_dir, (".png",), recursive=True):
-            if p.stem.endswith(TRAIN_IDS_SUFFIX):
-                labels[p.stem[: -len(TRAIN_IDS_SUFFIX)]] = (p, "train_ids")
-            elif p.stem.endswith(IDS_SUFFIX):
-                labels.setdefault(p.stem[: -len(IDS_SUFFIX)], (p, "cityscapes_ids"))
+        images = images_by_name(self.scan(image_dir, recursive=True), IMAGE_SUFFIX)
+        labels = index_by_name(self.scan(label_dir, (".png",), recursive=True),
+                               [(TRAIN_IDS_SUFFIX, "train_ids"), (IDS_SUFFIX, "cityscapes_ids")])
         return self.match(
             images, labels, image_dir, label_dir,
             "<city>/<stem>_gtFine_labelIds.png or _gtFine_labelTrainIds.png",

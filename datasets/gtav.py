@@ -7,10 +7,9 @@ The protocol trains on all pairs, so the only split is "train" (= everything).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
-from datasets.base import Adapter, EvalPreparation, Pair
+from datasets.base import Adapter, EvalPreparation, Pair, images_by_name, index_by_name
 
 CONVERTED_SUFFIX = "_labelTrainIds"
 
@@ -29,13 +28,9 @@ class GTAV(Adapter):
     def _find_pairs(self) -> list[Pair]:
         image_dir = self._require_dir(self.base / "images", "images", "extract the GTAV image archives into gta/images/")
         label_dir = self._require_dir(self.base / "labels", "labels", "extract the GTAV label archives into gta/labels/")
-        images = {p.stem: p for p in self.scan(image_dir)}
-        labels: dict[str, tuple[Path, str]] = {}
-        for p in self.scan(label_dir, (".png",)):
-            if p.stem.endswith(CONVERTED_SUFFIX):
-                labels[p.stem[: -len(CONVERTED_SUFFIX)]] = (p, "train_ids")
-            else:
-                labels.setdefault(p.stem, (p, "cityscapes_ids"))
+        images = images_by_name(self.scan(image_dir))
+        labels = index_by_name(self.scan(label_dir, (".png",)),
+                               [(CONVERTED_SUFFIX, "train_ids"), ("", "cityscapes_ids")])
         return self.match(
             images, labels, image_dir, label_dir, "NNNNN.png (palette of Cityscapes ids) or NNNNN_labelTrainIds.png",
             "restore the missing GTAV labels or remove those images",

@@ -16,7 +16,15 @@ from typing import ClassVar
 import numpy as np
 
 from benchmarks.errors import UserError
-from datasets.base import Adapter, EvalPreparation, Pair, broken_link_on_the_way, resize_half
+from datasets.base import (
+    Adapter,
+    EvalPreparation,
+    Pair,
+    broken_link_on_the_way,
+    images_by_name,
+    index_by_name,
+    resize_half,
+)
 
 SPLIT_FOLDERS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 
@@ -52,8 +60,8 @@ class Mapillary(Adapter):
     def _find_pairs(self) -> list[Pair]:
         if self.uses_prepared:
             image_dir, label_dir = self.prepared_dir / "images", self.prepared_dir / "labels"
-            images = {p.stem: p for p in self.scan(image_dir)}
-            labels = {p.stem: (p, "train_ids") for p in self.scan(label_dir, (".png",))}
+            images = images_by_name(self.scan(image_dir))
+            labels = index_by_name(self.scan(label_dir, (".png",)), [("", "train_ids")])
             return self.match(
                 images, labels, image_dir, label_dir, "<stem>.png (train ids)",
                 "delete mapillary/half and re-run `python -m benchmarks data convert mapillary-half`",
@@ -75,21 +83,27 @@ class Mapillary(Adapter):
                 f"{split_dir / 'v1.2' / 'labels'}: missing Mapillary labels folder (also looked for "
                 f"{split_dir / 'labels'}); extract the v1.2 labels of the Vistas archive"
             )
-        images = {p.stem: p for p in self.scan(image_dir)}
-        labels = {p.stem: (p, "mapillary_v12") for p in self.scan(label_dir, (".png",))}
+        images = images_by_name(self.scan(image_dir))
+        labels = index_by_name(self.scan(label_dir, (".png",)), [("", "mapillary_v12")])
         return self.match(
             images, labels, image_dir, label_dir, "<stem>.png (palette of v1.2 class ids)",
             "restore the Mapillary v1.2 labels for those images",
         )
 
+    def halves_on_the_fly(self, pair: Pair) -> bool:
+        """Whether `pair` is halved as it loads: at half resolution, unless it was found in the prepared
+        (already halved) copy. Decided by where the pair's file is, not by whether that copy exists now: a
+        `convert mapillary-half` that starts beside a run must not change what the run's pairs are."""
+        return self.half_resolution and not pair.image.is_relative_to(self.prepared_dir)
+
     def load_image(self, pair: Pair) -> np.ndarray:
         image = super().load_image(pair)
-        if self.half_resolution and not self.uses_prepared:
+        if self.halves_on_the_fly(pair):
             image, _ = resize_half(image, None)
         return image
 
     def load_label(self, pair: Pair) -> np.ndarray:
         label = super().load_label(pair)
-        if self.half_resolution and not self.uses_prepared:
+        if self.halves_on_the_fly(pair):
             _, label = resize_half(None, label)
         return label

@@ -12,18 +12,31 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from benchmarks.errors import UserError
-from datasets.base import CLASS_ID_MODES, Adapter, EvalPreparation, Pair, read_label_raw
+from datasets.base import (
+    CLASS_ID_MODES,
+    Adapter,
+    EvalPreparation,
+    Pair,
+    images_by_name,
+    index_by_name,
+    read_label_raw,
+)
 
 CONVERTED_SUFFIX = "_labelTrainIds"
 
 
 def read_synthia_label(path: Path) -> np.ndarray:
     """Raw SYNTHIA class ids (HxW uint8) from a 16-bit multi-channel or an 8-bit PNG."""
-    with Image.open(path) as im:
-        mode = im.mode
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: label file not found; re-extract the SYNTHIA archive") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: cannot decode the SYNTHIA label ({exc}); re-extract the archive") from None
     if mode in CLASS_ID_MODES:
         return read_label_raw(path)
     try:
@@ -56,13 +69,8 @@ class SYNTHIA(Adapter):
     def _find_pairs(self) -> list[Pair]:
         image_dir = self._require_dir(self.base / "RGB", "RGB", "extract RAND_CITYSCAPES into synthia/")
         label_dir = self._require_dir(self.base / "GT" / "LABELS", "GT/LABELS", "extract RAND_CITYSCAPES into synthia/")
-        images = {p.stem: p for p in self.scan(image_dir)}
-        labels: dict[str, tuple[Path, str]] = {}
-        for p in self.scan(label_dir, (".png",)):
-            if p.stem.endswith(CONVERTED_SUFFIX):
-                labels[p.stem[: -len(CONVERTED_SUFFIX)]] = (p, "train_ids")
-            else:
-                labels.setdefault(p.stem, (p, "synthia_ids"))
+        images = images_by_name(self.scan(image_dir))
+        labels = index_by_name(self.scan(label_dir, (".png",)), [(CONVERTED_SUFFIX, "train_ids"), ("", "synthia_ids")])
         return self.match(images, labels, image_dir, label_dir, "NNNNNNN.png (16-bit, class in channel 1)",
                           "restore the SYNTHIA GT/LABELS files for those images")
 

@@ -317,3 +317,68 @@ def test_convert_synthia(tmp_path):
     ad = get_adapter("synthia")(tmp_path, "train")
     assert all(p.encoding == "train_ids" for p in ad.pairs())
     np.testing.assert_array_equal(ad.load_label(ad.pairs()[1]), expected(raw, SYNTHIA_EXPECTED))
+
+
+# -- what a copy of a dataset can hold: linked folders, duplicate names, files that appear meanwhile ------
+def test_a_linked_city_folder_holds_pairs_too(tmp_path):
+    build_cityscapes(tmp_path / "elsewhere")
+    root = tmp_path / "data"
+    for side in ("leftImg8bit", "gtFine"):
+        (root / "cityscapes" / side / "val").mkdir(parents=True)
+        for city in ("aachen", "bonn"):
+            (root / "cityscapes" / side / "val" / city).symlink_to(tmp_path / "elsewhere/cityscapes" / side / "val" / city)
+    (root / "cityscapes/gtFine/val/bonn/loop").symlink_to(root / "cityscapes/gtFine/val")  # read once, no loop
+    names = [p.name for p in get_adapter("cityscapes")(root, "val").pairs()]
+    assert names == ["aachen_000000_000019", "bonn_000001_000019"]
+
+
+@pytest.mark.parametrize(("family", "build", "copy"), [
+    ("cityscapes", build_cityscapes, ("cityscapes/leftImg8bit/val/aachen/aachen_000000_000019_leftImg8bit.png",
+                                      "cityscapes/leftImg8bit/val/copy/aachen_000000_000019_leftImg8bit.png")),
+    ("gtav", build_gtav, ("gta/images/00001.png", "gta/images/00001.jpg")),
+    ("cityscapes", build_cityscapes, ("cityscapes/gtFine/val/bonn/bonn_000001_000019_gtFine_labelIds.png",
+                                      "cityscapes/gtFine/val/zz/bonn_000001_000019_gtFine_labelIds.png")),
+])
+def test_two_files_of_one_pair_name_are_an_error_not_a_choice_of_the_file_systems_order(tmp_path, family, build, copy):
+    build(tmp_path)
+    original, duplicate = tmp_path / copy[0], tmp_path / copy[1]
+    duplicate.parent.mkdir(parents=True, exist_ok=True)
+    duplicate.write_bytes(original.read_bytes())
+    with pytest.raises(UserError, match="gives the same pair name") as err:
+        get_adapter(family)(tmp_path, "val" if family == "cityscapes" else "train").pairs()
+    assert str(min(original, duplicate)) in str(err.value) and str(max(original, duplicate)) in str(err.value)
+
+
+def test_a_converted_label_beside_the_raw_one_is_a_choice_not_a_duplicate(tmp_path):
+    build_gtav(tmp_path, converted=True)
+    pairs = {p.name: p for p in get_adapter("gtav")(tmp_path, "train").pairs()}
+    assert pairs["00002"].encoding == "train_ids" and pairs["00001"].encoding == "cityscapes_ids"
+
+
+def test_a_prepared_mapillary_copy_appearing_meanwhile_leaves_the_pairs_found_before_as_they_were(tmp_path):
+    build_mapillary(tmp_path)
+    half = get_adapter("mapillary")(tmp_path, "val", half_resolution=True)
+    pair = half.pairs()[0]
+    before = [a.shape for a in half.load_pair(pair)]
+    (tmp_path / "mapillary/half/validation/images").mkdir(parents=True)  # a convert starting beside the run
+    (tmp_path / "mapillary/half/validation/labels").mkdir(parents=True)
+    assert [a.shape for a in half.load_pair(pair)] == before == [(H // 2, 20, 3), (H // 2, 20)]
+
+
+def test_an_unreadable_synthia_label_is_one_line_naming_it(tmp_path):
+    build_synthia(tmp_path)
+    broken = tmp_path / "synthia/GT/LABELS/0000001.png"
+    broken.write_bytes(b"")
+    adapter = get_adapter("synthia")(tmp_path, "train")
+    with pytest.raises(UserError, match="cannot decode the SYNTHIA label") as err:
+        adapter.load_pair(adapter.pairs()[1])
+    assert str(broken) in str(err.value)
+
+
+def test_check_names_the_label_it_cannot_read(tmp_path):
+    build_gtav(tmp_path)
+    (tmp_path / "gta/labels/00002.png").write_bytes(b"")
+    adapter = get_adapter("gtav")(tmp_path, "train")
+    problems = adapter.check(sample=1, pairs=adapter.pairs())  # pair 0 decoded, pair 1 read by its headers only
+    assert problems == [p for p in problems if p.startswith(f"{tmp_path / 'gta/labels/00002.png'}: cannot read")]
+    assert problems
