@@ -15,6 +15,7 @@ new `BackboneSpec`, not new code.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,16 +301,19 @@ def _convert_original(sd: weights_io.StateDict, spec: BackboneSpec, vit: nn.Modu
         return weights_io.convert_dinov2_original(sd, model_has_reg_tokens=getattr(vit, "reg_token", None) is not None)
     if spec.timm_name.endswith("dinov2"):
         return sd  # already timm-like; names/shapes are checked later
-    # Other families: timm's own converters, run against a model at the release's native patch and
-    # size built on the meta device (no memory), so they only rename; resizing stays ours.
+    # Other families: timm's own converters, run against a model at the checkpoint's own patch and grid
+    # (built on the meta device: no memory). timm's converters also resize a kernel or grid that differs
+    # from the model's (the kernel by FlexiViT's magnitude-preserving pseudo-inverse), so the model takes the
+    # checkpoint's shapes and they only rename; resizing stays ours (`weights_io.adapt_to_model`).
     if spec.family == "eva":
         from timm.models.eva import checkpoint_filter_fn
     elif spec.family == "sam":
         from timm.models.vision_transformer_sam import checkpoint_filter_fn
     else:
         from timm.models.vision_transformer import checkpoint_filter_fn
+    patch, grid = checkpoint_patch_and_grid(sd) or (spec.native_patch, spec.native_img_size // spec.native_patch)
     with torch.device("meta"):
-        native = _create_timm(spec, spec.native_img_size, spec.native_patch)
+        native = _create_timm(spec, patch * grid, patch)
     try:
         return dict(checkpoint_filter_fn(sd, native))
     except Exception as exc:  # a layout none of timm's converters knows
@@ -317,6 +321,32 @@ def _convert_original(sd: weights_io.StateDict, spec: BackboneSpec, vit: nn.Modu
             f"weights file {path}: layout not recognised for {spec.timm_name} ({type(exc).__name__}: {exc}); "
             f"supported: timm state dicts and {spec.original_format or 'timm format only'}"
         ) from exc
+
+
+def checkpoint_patch_and_grid(sd: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(patch size, position grid side) a checkpoint was saved at, read off its patch kernel ([C, 3, p, p]:
+    timm's, EVA's and SAM's `patch_embed.proj.weight`, CLIP's `conv1.weight`) and its position embedding
+    ([T, C] or [1, T, C] with T = side² or side² + 1; SAM's [1, side, side, C]); None where either is not
+    found or the token count is no square."""
+    kernels = [(k, v) for k, v in sd.items() for suffix in ("patch_embed.proj.weight", "conv1.weight")
+               if k.endswith(suffix) and v.ndim == 4 and v.shape[-1] == v.shape[-2]]
+    if len(kernels) != 1:
+        return None
+    kernel_key, kernel = kernels[0]
+    owner = kernel_key[: kernel_key.rindex("patch_embed.") if "patch_embed." in kernel_key else kernel_key.rindex("conv1.")]
+    # The image tower's own (a whole CLIP file also holds the text tower's `positional_embedding`).
+    positions = [sd[owner + name] for name in ("pos_embed", "positional_embedding") if owner + name in sd]
+    if len(positions) != 1:
+        return None
+    patch, position = int(kernel.shape[-1]), positions[0]
+    if position.ndim == 4:
+        return (patch, int(position.shape[1])) if position.shape[1] == position.shape[2] else None
+    tokens = int(position.shape[-2])
+    for prefix in (0, 1):
+        side = math.isqrt(tokens - prefix)
+        if side * side == tokens - prefix:
+            return patch, side
+    return None
 
 
 def load_weights(backbone: Backbone, path: str | Path, resample: str = "bicubic") -> None:

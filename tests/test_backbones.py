@@ -300,3 +300,72 @@ def test_proxy_vit_architecture() -> None:
     assert (model.patch_size, model.embed_dim, model.depth, vit.blocks[0].attn.num_heads) == (8, 192, 6, 3)
     assert vit.blocks[0].ls1.gamma.shape == (192,) and vit.reg_token is None and vit.blocks[0].attn.qkv.bias is not None
     assert [tuple(f.shape[-2:]) for f in model(torch.randn(1, 3, 128, 128))] == [(64, 64), (32, 32), (16, 16), (8, 8)]
+
+
+# -- original layouts converted by timm's filters: renamed only, resized once, by the protocol's rule ------
+TINY_CLIP = BackboneSpec("vit_large_patch14_clip_quickgelu_224", "vit", 14, 56, DIM, 4, TINY, protocol_patch=16)
+
+
+def openai_clip_visual(grid: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny image tower in OpenAI CLIP's key layout (`visual.*`, fused `in_proj`, `c_fc`/`c_proj`)
+    at patch 14 and a `grid`×`grid` position grid, with a text tower's `positional_embedding` beside it."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.05
+
+    sd = {"visual.conv1.weight": rand(DIM, 3, 14, 14), "visual.class_embedding": rand(DIM),
+          "visual.positional_embedding": rand(grid * grid + 1, DIM), "positional_embedding": rand(77, DIM),
+          "visual.ln_pre.weight": torch.ones(DIM), "visual.ln_pre.bias": torch.zeros(DIM),
+          "visual.ln_post.weight": torch.ones(DIM), "visual.ln_post.bias": torch.zeros(DIM), "visual.proj": rand(DIM, 8)}
+    for i in range(4):
+        block = f"visual.transformer.resblocks.{i}."
+        sd |= {block + "ln_1.weight": torch.ones(DIM), block + "ln_1.bias": torch.zeros(DIM),
+               block + "attn.in_proj_weight": rand(3 * DIM, DIM), block + "attn.in_proj_bias": rand(3 * DIM),
+               block + "attn.out_proj.weight": rand(DIM, DIM), block + "attn.out_proj.bias": rand(DIM),
+               block + "ln_2.weight": torch.ones(DIM), block + "ln_2.bias": torch.zeros(DIM),
+               block + "mlp.c_fc.weight": rand(4 * DIM, DIM), block + "mlp.c_fc.bias": rand(4 * DIM),
+               block + "mlp.c_proj.weight": rand(DIM, 4 * DIM), block + "mlp.c_proj.bias": rand(DIM)}
+    return sd
+
+
+def test_an_openai_clip_checkpoint_of_another_grid_has_its_positions_resized_once_bicubic(tmp_path: Path) -> None:
+    # A ViT-L/14@336-like release (grid 24; here 6) against a model released at 224 (grid 16; here 4):
+    # timm's filter alone would resize 6 → 4 (antialiased) before the protocol's own 4 → 4.
+    sd = openai_clip_visual(grid=6)
+    torch.save(sd, tmp_path / "clip.pt")
+    backbone = build_backbone(TINY_CLIP, img_size=64, weights=tmp_path / "clip.pt")  # patch 16: grid 4
+    grid = sd["visual.positional_embedding"][1:].reshape(1, 6, 6, DIM).permute(0, 3, 1, 2)
+    direct = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(16, DIM)
+    torch.testing.assert_close(backbone.vit.pos_embed[0, 1:], direct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(backbone.vit.pos_embed[0, 0], sd["visual.positional_embedding"][0])
+
+
+def test_an_original_eva_checkpoint_with_a_16_pixel_kernel_keeps_it(tmp_path: Path) -> None:
+    # EVA02's segmentation release (`…_p14to16.pt`) holds the kernel already at 16×16: it must load as it
+    # is, not be taken to 14 by timm's pseudo-inverse and back to 16 by the protocol's bicubic resize.
+    timm_sd = native(TINY_EVA).vit.state_dict()
+    renames = {"mlp.norm": "mlp.ffn_ln", "mlp.fc1_g": "mlp.w1", "mlp.fc1_x": "mlp.w2", "mlp.fc2": "mlp.w3",
+               "q_proj.bias": "q_bias", "v_proj.bias": "v_bias"}
+    original = {}
+    for key, value in timm_sd.items():
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        original[key] = value.clone()
+    kernel = F.interpolate(original["patch_embed.proj.weight"], size=(16, 16), mode="bicubic", align_corners=False)
+    original["patch_embed.proj.weight"] = kernel
+    torch.save({"module": original}, tmp_path / "eva_p14to16.pt")
+    backbone = build_backbone(TINY_EVA, img_size=80, weights=tmp_path / "eva_p14to16.pt")
+    assert torch.equal(backbone.vit.patch_embed.proj.weight, kernel)
+
+
+def test_the_patch_and_grid_a_checkpoint_was_saved_at():
+    from benchmarks.backbones import checkpoint_patch_and_grid
+
+    clip = openai_clip_visual(grid=24)
+    assert checkpoint_patch_and_grid(clip) == (14, 24)  # the image tower's, not the text tower's 77
+    assert checkpoint_patch_and_grid({"image_encoder.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16),
+                                      "image_encoder.pos_embed": torch.zeros(1, 64, 64, 8)}) == (16, 64)
+    assert checkpoint_patch_and_grid({"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16),
+                                      "pos_embed": torch.zeros(1, 1 + 16 * 16, 8)}) == (16, 16)
+    assert checkpoint_patch_and_grid({"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}) is None
