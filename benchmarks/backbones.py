@@ -91,8 +91,11 @@ BACKBONES: dict[str, BackboneSpec] = {
     "clip_vitl14": BackboneSpec(
         timm_name="vit_large_patch14_clip_quickgelu_224", family="vit", native_patch=14, native_img_size=224,
         embed_dim=1024, depth=24, protocol_patch=PROTOCOL_PATCH,
-        original_format="OpenAI CLIP / OpenCLIP (converted by timm's vision_transformer checkpoint_filter_fn)",
-        note="OpenAI ViT-L/14 uses QuickGELU; pre-norm before the blocks is kept",
+        original_format="OpenAI CLIP's ViT-L/14 image tower, as a state dict (OpenAI's own file is TorchScript: save "
+                        "torch.jit.load(f).state_dict()) or OpenCLIP's `openai` weights (converted by timm's "
+                        "vision_transformer checkpoint_filter_fn)",
+        note="OpenAI ViT-L/14 uses QuickGELU, and so does this model: OpenCLIP's LAION-trained ViT-L-14 uses GELU "
+             "and would load with no error into the wrong activation; pre-norm before the blocks is kept",
     ),
     "sam_vith16": BackboneSpec(
         timm_name="samvit_huge_patch16", family="sam", native_patch=16, native_img_size=1024,

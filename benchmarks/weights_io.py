@@ -59,8 +59,24 @@ def read_state_dict(path: str | Path) -> StateDict:
                 f"({first[:160]}); re-save it as a plain state dict (torch.save(model.state_dict())) or safetensors"
             ) from exc
         except Exception as exc:
+            if _is_torchscript(path):
+                raise UserError(
+                    f"weights file {path} is a TorchScript archive (as OpenAI's CLIP release is), which is not read "
+                    "here; save its weights as a state dict once: torch.save(torch.jit.load(PATH, map_location='cpu')"
+                    ".state_dict(), 'weights.pth'), and pass that file") from exc
             raise UserError(f"weights file {path} could not be read as a PyTorch checkpoint ({type(exc).__name__}: {exc}); check the file is complete") from exc
     return _flatten(raw, path)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip whose record holds compiled code beside the tensors."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _flatten(raw: object, path: Path) -> StateDict:

@@ -369,3 +369,13 @@ def test_the_patch_and_grid_a_checkpoint_was_saved_at():
     assert checkpoint_patch_and_grid({"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16),
                                       "pos_embed": torch.zeros(1, 1 + 16 * 16, 8)}) == (16, 16)
     assert checkpoint_patch_and_grid({"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}) is None
+
+
+def test_a_torchscript_archive_is_refused_saying_how_to_save_its_weights(tmp_path: Path) -> None:
+    path = tmp_path / "ViT-L-14.pt"  # OpenAI's CLIP release is TorchScript
+    torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)).save(str(path))
+    with pytest.raises(UserError, match="is a TorchScript archive") as err:
+        build_backbone(TINY_CLIP, img_size=64, weights=path)
+    assert "torch.jit.load(PATH, map_location='cpu').state_dict()" in str(err.value)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+    assert not bb.weights_io._is_torchscript(tmp_path / "plain.pt")
