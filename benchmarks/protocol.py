@@ -139,6 +139,12 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -
         group.setdefault("initial_weight_decay", group["weight_decay"])
 
 
+def _trainable_weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every trainable weight is finite (one host sync; frozen weights cannot have changed)."""
+    checks = [p.isfinite().all() for p in model.parameters() if p.requires_grad]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def apply_schedules(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
                     weight_decay_schedule: CosineWeightDecay | None) -> float:
     """Each group's learning rate (and weight decay, where the method schedules it) for `step`, from the
@@ -495,8 +501,13 @@ def train(
         now = time.perf_counter()
         state.train_seconds += now - started
         trained_here += now - started
-        state.ema = ema.state_dict() if ema is not None else None
         state.unlogged_loss_sum, state.unlogged_loss_count = running_loss.pending()
+        # Divergence is otherwise seen at log lines; a checkpoint between them must not keep non-finite
+        # weights as the last good state (a resumed run would then report a later iteration).
+        if not math.isfinite(state.unlogged_loss_sum) or not _trainable_weights_finite(model):
+            raise TrainingDiverged(f"loss or weights became non-finite by iteration {state.step} "
+                                   f"(lr {cfg.lr * poly_lr_factor(state.step - 1, cfg):.3g})")
+        state.ema = ema.state_dict() if ema is not None else None
         hooks.checkpoint(state, optimizer)
         state.ema = None
         started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -265,6 +266,22 @@ def test_diverged_run_is_failed_and_keeps_its_last_good_checkpoint(world, tmp_pa
     history = saved["train_state"]["history"]
     assert all(np.isfinite(h["loss"]) for h in history)
     assert saved["train_state"]["step"] < int(result["failure"].split("iteration ")[1].split()[0])
+
+
+def test_a_checkpoint_between_log_lines_is_not_kept_once_the_weights_diverged(world, tmp_path):
+    from benchmarks.runner import RunSpec, execute_run, experiment_for
+
+    # Log lines every 6 steps, checkpoints every step: the divergence shows at a checkpoint first.
+    exp = _experiment(world, "train.lr=1e30", "train.iters=8", "train.checkpoint_interval=1", "train.log_interval=6")
+    spec = RunSpec("G->CBM", "proxy_vit", "full", 42)
+    result = execute_run(spec, exp, tmp_path, progress=False)
+    assert result["status"] == "failed" and "non-finite by iteration" in result["failure"]
+    failed_at = int(result["failure"].split("iteration ")[1].split()[0])
+    assert failed_at < 6  # before the first log line
+    saved = checkpoint.read_checkpoint(checkpoint.checkpoint_file(spec.path(experiment_for(exp, spec), tmp_path)))
+    assert saved["train_state"]["step"] < failed_at
+    assert math.isfinite(saved["train_state"]["unlogged_loss_sum"])
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
 
 
 @pytest.mark.slow
