@@ -60,11 +60,22 @@ def _names_owner(owner: dict[str, Any]) -> bool:
     return isinstance(pid, int) and not isinstance(pid, bool) and isinstance(host, str) and bool(host)
 
 
+# The run locks this process holds now: a lock naming this process's pid that is not among them was left by
+# an earlier process that had the same pid (a restarted container's runner is often pid 1 again).
+_HELD_HERE: set[str] = set()
+
+
 def _why_stale(path: Path, owner: dict[str, Any]) -> str | None:
     """Why the lock at `path`, holding `owner`, belongs to no live runner; None while one may hold it."""
     if _names_owner(owner):
         pid, host = owner["pid"], owner["host"]
-        if host != socket.gethostname() or _pid_alive(pid):
+        if host != socket.gethostname():
+            return None
+        if pid == os.getpid():
+            if os.path.abspath(path) in _HELD_HERE:
+                return None
+            return f"of an earlier process with this one's pid {pid} on {host}"
+        if _pid_alive(pid):
             return None
         return f"of dead process {pid} on {host}"
     try:
@@ -109,6 +120,7 @@ class RunLock:
                 raise UserError(f"{self.path}: cannot write the run lock ({err.strerror or err}); "
                                 f"{fix}pass another --results-dir") from None
             self.owner, self.held = me, True
+            _HELD_HERE.add(os.path.abspath(self.path))
             return True
         self.owner = _read_owner(self.path) or {}
         return False
@@ -145,6 +157,7 @@ class RunLock:
             current = _read_owner(self.path)
             if current and current.get("pid") == self.owner.get("pid") and current.get("host") == self.owner.get("host"):
                 self.path.unlink(missing_ok=True)
+            _HELD_HERE.discard(os.path.abspath(self.path))
             self.held = False
 
     def describe_owner(self) -> str:

@@ -53,6 +53,17 @@ def test_stale_lock_of_dead_process_is_taken_over(tmp_path):
     lock.release()
 
 
+def test_a_lock_naming_this_pid_that_this_process_does_not_hold_was_left_by_an_earlier_life(tmp_path):
+    # A runner restarted in a container gets the same pid (often 1) and host as the one that died.
+    result = tmp_path / "run.json"
+    _write_lock(result, os.getpid(), socket.gethostname())
+    lock = RunLock(result)
+    assert lock.acquire()
+    assert json.loads(lock_path(result).read_text())["since"] > 0  # ours now, not the one written above
+    assert not RunLock(result).acquire()  # while this process holds it, it is held
+    lock.release()
+
+
 def test_lock_of_other_host_is_never_taken_over(tmp_path):
     result = tmp_path / "run.json"
     _write_lock(result, _dead_pid(), "some-other-node")
