@@ -75,6 +75,16 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], path:
             f"checkpoint {path} does not match the model ({len(unknown)} unknown entries, e.g. {unknown[0]}); "
             f"delete {path.parent} to start the run afresh"
         )
+    # What `trainable_state` saves of this model before its first step (a method may make more trainable later,
+    # never less): a checkpoint without one of them is of other code, and resuming would keep fresh values.
+    pretrained = getattr(model, "_pretrained_ids", set())
+    expected = {name for name, p in model.named_parameters() if p.requires_grad or id(p) not in pretrained}
+    missing = sorted(expected.union(dict(model.named_buffers())) - set(state))
+    if missing:
+        raise UserError(
+            f"checkpoint {path} does not match the model ({len(missing)} missing entries, e.g. {missing[0]}); "
+            f"delete {path.parent} to start the run afresh"
+        )
     with torch.no_grad():
         for name, value in state.items():
             target = own[name]
@@ -224,7 +234,11 @@ def restore(payload: dict[str, Any], model: nn.Module, method: Any, rank: int = 
     method.load_state_dict(payload["method"])
     rngs = payload["rng"]
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    state = TrainState(**payload["train_state"])
+    try:
+        state = TrainState(**payload["train_state"])
+    except TypeError as err:  # a field this code does not know, or lacks one it needs: other code wrote it
+        raise UserError(f"checkpoint {payload['path']} holds a training state of other code ({err}); delete "
+                        f"{payload['path'].parent} to start the run afresh") from None
     log.info("resuming from %s at iteration %d", payload["path"], state.step)
     return state, payload["optimizer"]
 

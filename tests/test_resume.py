@@ -322,3 +322,26 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(world, tmp_pa
     assert res["resumed_from_iter"] == saved["train_state"]["step"]
     assert _comparable(res) == _comparable(ref)
     assert not list(victim_dir.rglob("*.ckpt")) and not list(victim_dir.rglob("*.lock"))
+
+
+def test_a_checkpoint_of_other_code_is_refused_in_one_line_not_resumed_with_fresh_values(tmp_path):
+    from benchmarks.protocol import TrainState
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    path = tmp_path / "run.ckpt" / "last.pt"
+    saved = checkpoint.trainable_state(model)
+    for name in ("0.bias", "1.running_mean"):  # a parameter that trains, a buffer
+        lacking = {k: v for k, v in saved.items() if k != name}
+        with pytest.raises(UserError, match=f"1 missing entries, e.g. {name}") as err:
+            checkpoint.load_trainable_state(model, lacking, path)
+        assert f"delete {path.parent}" in str(err.value)
+    checkpoint.load_trainable_state(model, saved, path)  # the whole state loads
+
+    class NoMethodState:
+        def load_state_dict(self, state):
+            pass
+
+    payload = {"model": saved, "method": {}, "rng": [checkpoint.rng_state()], "path": path,
+               "train_state": {**TrainState().__dict__, "grad_scaler": {}}, "optimizer": None}
+    with pytest.raises(UserError, match="training state of other code"):
+        checkpoint.restore(payload, model, NoMethodState())
