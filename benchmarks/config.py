@@ -263,15 +263,20 @@ class Bound:
         return above and below
 
     def describe(self) -> str:
+        def show(value: float) -> str:
+            return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
         parts = []
         if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '≥'} {self.low:g}")
+            parts.append(f"{'>' if self.low_open else '≥'} {show(self.low)}")
         if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '≤'} {self.high:g}")
+            parts.append(f"{'<' if self.high_open else '≤'} {show(self.high)}")
         return " and ".join(parts) or "finite"
 
 
 AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE = Bound(1), Bound(0), Bound(0, low_open=True)
+# numpy's seed sequences refuse negative entropy; a seed beyond 32 bits overflows a generator's seed mid-run.
+SEED = Bound(0, 2**32 - 1)
 
 # Every numeric setting's range, checked when an experiment is resolved: a zero or negative count
 # otherwise trains nothing and still "finishes", or crashes mid-run without naming the setting.
@@ -284,11 +289,11 @@ NUMERIC_RANGES: dict[str, Bound] = {
     "train.iters": AT_LEAST_ONE, "train.batch_size": AT_LEAST_ONE, "train.grad_accum": AT_LEAST_ONE,
     "train.lr": POSITIVE, "train.betas": Bound(0, 1, high_open=True), "train.weight_decay": NOT_NEGATIVE,
     "train.poly_power": NOT_NEGATIVE, "train.warmup_iters": NOT_NEGATIVE,
-    "train.seed": NOT_NEGATIVE,  # numpy's seed sequences refuse negative entropy
+    "train.seed": SEED,
     "train.log_interval": AT_LEAST_ONE, "train.eval_interval": NOT_NEGATIVE, "train.checkpoint_interval": Bound(-1),
     "eval.crop_size": AT_LEAST_ONE, "eval.stride": AT_LEAST_ONE, "eval.batch_windows": AT_LEAST_ONE,
     "eval.fit_size": AT_LEAST_ONE,
-    "run.seeds": NOT_NEGATIVE,
+    "run.seeds": SEED,
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {

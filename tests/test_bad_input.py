@@ -99,7 +99,8 @@ def outcomes(request, world, tmp_path_factory):
                           ("unknown_method_table", "methods.reinn.num_tokens=5"),
                           ("method_value_type", "methods.full.no_such=1"),
                           ("method_value_wrong_type", "methods.rein.num_tokens=abc"),
-                          ("head_setting_out_of_range", 'model.head_options={"class_balance": "inverse"}')]:
+                          ("head_setting_out_of_range", 'model.head_options={"class_balance": "inverse"}'),
+                          ("seed_beyond_32_bits", "run.seeds=[18446744073709551616]")]:
         add(name, [*smoke[:2], "--methods", "rein", *smoke[4:], "--set", setting])
     case = add("unused_weights", [*smoke])
     save_file({"w": torch.zeros(1)}, str(case / "vit.safetensors"))
@@ -178,6 +179,7 @@ EXPECTED = {
     "head_setting_out_of_range": "head 'light': class_balance must be one of none, median_frequency",
     "unused_weights": "backbone 'proxy_vitt' is not in this run",
     "missing_data_root": "synthetic-typo does not exist",
+    "seed_beyond_32_bits": "run.seeds=(18446744073709551616,) is out of range: it must be ≥ 0 and ≤ 4294967295",
 }
 
 
