@@ -20,7 +20,7 @@ import time
 from typing import NoReturn
 
 from benchmarks import commands
-from benchmarks.errors import UserError, user_line
+from benchmarks.errors import JobCannotGoOn, UserError, user_line
 from benchmarks.resources import WAIT_POLICY_CHOSEN, WAIT_RESTARTS, RestartForWaitPolicy, child_pids
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {user_line(err)}", file=sys.stderr)
         return UserError.exit_code
+    except JobCannotGoOn as err:
+        print(f"error: {err}", file=sys.stderr)
+        return JobCannotGoOn.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

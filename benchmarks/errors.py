@@ -12,6 +12,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+class JobCannotGoOn(Exception):
+    """A run crashed in one process of a multi-process job: the others wait in a collective that will never
+    complete, so the job ends (exit 1, one line; torchrun stops the other processes) after recording it."""
+
+    exit_code = 1
+
+
 def user_line(err: UserError) -> str:
     """The one line of a `UserError`, also when a data-loader worker raised it.
 

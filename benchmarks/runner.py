@@ -22,7 +22,7 @@ import torch
 
 from benchmarks import plugins, provenance, resources
 from benchmarks.config import PROJECT_ROOT, SETTINGS, EvalConfig, Experiment
-from benchmarks.errors import UserError
+from benchmarks.errors import JobCannotGoOn, UserError
 from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
 from benchmarks.model import NUM_CLASSES, build_model, effective_weights, weights_for
 from benchmarks.results import (
@@ -174,11 +174,34 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
             log.error("run %s crashed:\n%s", result["run_id"], traceback.format_exc())
         result.update(status="failed", failure=reason.splitlines()[0] if reason else type(err).__name__)
         result["timings"]["finished"] = _now()
+        if world.world_size > 1 and not isinstance(err, TrainingDiverged):  # divergence is seen by every rank
+            _record_the_crash_of_one_process(run, result)
+            raise JobCannotGoOn(
+                f"{result['run_id']} crashed in process {world.rank} of {world.world_size} ({result['failure']}); "
+                f"the other processes cannot go on with the matrix, so the job ends here (recorded in {run.path}); "
+                "run the same command again to resume from the last checkpoint") from err
         if world.is_main:  # the last good checkpoint is kept: a re-run resumes from it
             write_result(run.path, result)
         return result
     _record(run, method, model, amp, state, scores, source_score, eval_seconds, result)
     return result
+
+
+def _record_the_crash_of_one_process(run: RunContext, result: dict[str, Any]) -> None:
+    """Write a multi-process run's failure from whichever process crashed, unless another process of this
+    attempt recorded it first: a process whose peer crashed fails next, in a collective, with a broken
+    connection for a reason, and must not overwrite the crash that caused it. (The crashing process writes
+    before it exits, and its peers see the broken connection only once it has exited.)"""
+    result["failure_rank"] = run.world.rank
+    try:
+        earlier = read_result(run.path) if run.path.is_file() else None
+    except Exception:  # noqa: BLE001 - an unreadable record is replaced
+        earlier = None
+    recorded_this_attempt = (earlier is not None and earlier.get("status") == "failed"
+                             and "failure_rank" in earlier
+                             and str(earlier.get("timings", {}).get("finished", "")) >= result["timings"]["started"])
+    if not recorded_this_attempt:
+        write_result(run.path, result)
 
 
 def _new_result(run: RunContext, method: Method, cpu_plan: Any) -> dict[str, Any]:

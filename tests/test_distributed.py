@@ -229,3 +229,43 @@ def test_fishertune_phases_under_ddp_train_like_one_process(world, tmp_path):
     assert a["diagnostics"]["estimation_batches"] == 1 and b["diagnostics"]["estimation_batches"] == 2
     assert a["diagnostics"]["selected_budget"] == b["diagnostics"]["selected_budget"] > 0
     assert a["diagnostics"]["selected_at_last_step"] == b["diagnostics"]["selected_at_last_step"]
+
+
+CRASH_ON_RANK_1 = '''
+import os, sys
+from benchmarks import model
+loss, calls = model.SegModel.loss, [0]
+def crashing_loss(self, images, labels):
+    calls[0] += 1
+    if os.environ.get("RANK") == "1" and calls[0] == 3:
+        raise RuntimeError("out of memory (injected on rank 1)")
+    return loss(self, images, labels)
+model.SegModel.loss = crashing_loss
+from benchmarks.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+def test_a_crash_in_one_process_is_recorded_with_its_reason_and_ends_the_job(world, tmp_path):
+    """Under torchrun one rank's crash (out of memory on one GPU) leaves the others waiting in a collective:
+    the crash is recorded with its own reason (not the peer's broken connection) and the job ends at once."""
+    entry = tmp_path / "entry.py"
+    entry.write_text(CRASH_ON_RANK_1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    job = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         str(entry), "run", "--preset", "smoke", "--methods", "freeze,full", "--data-root", str(world),
+         "--no-progress", "--set", "train.iters=6", "--set", "train.batch_size=1", "--results-dir", str(tmp_path / "r")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,  # before: rank 0 waited out gloo's 30 min
+    )
+    log = job.stdout + job.stderr
+    assert job.returncode != 0, log[-3000:]
+    assert any(line.startswith("error: ") and "crashed in process 1 of 2 (RuntimeError: out of memory (injected on "
+               "rank 1))" in line for line in log.splitlines()), log[-3000:]
+    assert "NameError" not in log
+    (record,) = (tmp_path / "r").rglob("*.json")
+    result = json.loads(record.read_text())
+    assert "/freeze/" in str(record) and result["status"] == "failed"
+    assert result["failure"] == "RuntimeError: out of memory (injected on rank 1)" and result["failure_rank"] == 1
+    assert not list((tmp_path / "r").rglob("full/*.json"))  # the job ended: the matrix did not go on out of step
