@@ -39,8 +39,9 @@ class ProbeScore:
 def token_samples(dataset: Dataset, featurize: Featurizer, patch: int, images: int,
                   ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, C], labels [N]) of the labelled tokens of the first `images` samples (all of them if
-    the dataset has fewer). Images are cropped to a multiple of `patch`; a token's label is the pixel at
-    the centre of the cell it covers."""
+    the dataset has fewer). Images are cropped to a multiple of `patch`; a token's label is the label pixel
+    at the centre of the cell it covers, found at the label's own resolution (an evaluation transform
+    resizes the image to its fit box and leaves the label as it is)."""
     features, labels = [], []
     for index in range(min(images, len(dataset))):
         sample = dataset[index]
@@ -49,7 +50,10 @@ def token_samples(dataset: Dataset, featurize: Featurizer, patch: int, images: i
         with torch.no_grad():
             tokens = featurize(image[None, :, :height, :width])
         stride = height // tokens.shape[-2]
-        centre = label[stride // 2 : height : stride, stride // 2 : width : stride]
+        rows, columns = (torch.arange(0, size, stride) + stride / 2 for size in (height, width))
+        rows = (rows * label.shape[-2] / image.shape[-2]).long()
+        columns = (columns * label.shape[-1] / image.shape[-1]).long()
+        centre = label[rows][:, columns]
         features.append(tokens.flatten(1).T)
         labels.append(centre.flatten().long())
     x, y = torch.cat(features), torch.cat(labels)

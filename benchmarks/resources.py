@@ -140,9 +140,10 @@ def choose_wait_policy(env: dict[str, str] | None = None, busy: float | None = N
     running on the cores (idle threads then sleep instead of spinning, and a descheduled thread costs
     its team less); otherwise OpenMP's default (spinning), the faster one on an idle machine.
     Read once by the OpenMP runtime when torch loads it, so the CLI calls this before importing torch.
-    Returns the policy it set, or None."""
+    Returns the policy it set, or None. A user's `GOMP_SPINCOUNT` (libgomp's own spin setting) is the
+    user's choice of how threads wait too, and is left alone as `OMP_WAIT_POLICY` is."""
     env = os.environ if env is None else env
-    if env.get("OMP_WAIT_POLICY"):
+    if env.get("OMP_WAIT_POLICY") or env.get("GOMP_SPINCOUNT"):
         return None
     busy = others_running() if busy is None else busy
     if busy >= 1:

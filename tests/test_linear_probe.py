@@ -38,6 +38,18 @@ def test_a_token_is_labelled_by_the_pixel_at_the_centre_of_its_cell() -> None:
     assert features.shape == (5, 3 * 8 * 8)
 
 
+def test_a_token_of_an_image_fitted_smaller_than_its_label_takes_the_label_at_its_centre() -> None:
+    # An evaluation transform fits the image into its box and keeps the label at full size (here twice as
+    # large): a token's label is read where its centre falls on the label, not at the image's pixel grid.
+    label = torch.zeros(40, 48, dtype=torch.uint8)
+    for row in range(2):
+        for col in range(3):
+            label[row * 16 + 8, col * 16 + 8] = 1 + row * 3 + col  # the centres of the cells on the label
+    frames = Frames([{"image": torch.randn(3, 20, 24), "label": label}])  # cells of 8 → 16 on the label
+    _, labels = token_samples(frames, pixel_patches(8), patch=8, images=1)
+    assert labels.tolist() == [1, 2, 3, 4, 5, 6]
+
+
 def test_pixel_patches_are_the_patches_values() -> None:
     images = torch.arange(2 * 3 * 8 * 16, dtype=torch.float).view(2, 3, 8, 16)[:1]
     patches = pixel_patches(8)(images)

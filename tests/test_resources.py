@@ -72,6 +72,8 @@ def test_waiting_is_passive_only_when_other_work_runs() -> None:
     assert env[WAIT_POLICY_CHOSEN] == "1"  # ours, so the process may revise it
     given = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert choose_wait_policy(given, busy=5) is None and given == {"OMP_WAIT_POLICY": "ACTIVE"}
+    spins = {"GOMP_SPINCOUNT": "300000"}  # libgomp's own spin setting: the user's choice as well
+    assert choose_wait_policy(spins, busy=5) is None and spins == {"GOMP_SPINCOUNT": "300000"}
     reads = iter([3, 1, 3, 3, 2])  # ourselves plus a competitor, one sample caught between slices
     assert others_running(read=lambda: next(reads), interval=0) == 2
 
