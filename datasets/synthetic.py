@@ -29,7 +29,9 @@ from __future__ import annotations
 import colorsys
 import functools
 import io
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from benchmarks.errors import UserError
 from datasets.base import atomic_save
 from datasets.labels import (
     CITYSCAPES_LABELS,
@@ -1089,6 +1092,37 @@ def planned_sizes(size: str = "small", seed: int = 0) -> dict[str, list[tuple[in
             for (d, s), n in SIZES[size].items()}
 
 
+#: Written first into a world's folder: what it holds, so that finishing an interrupted generation is told from
+#: mixing another world (another size or seed) into it.
+WORLD_RECORD = ".synthetic-world.json"
+
+
+def _claim_world_folder(out: Path, size: str, seed: int) -> None:
+    """`out` for the world (size, seed): new or empty, or holding that world's own record (an interrupted
+    generation, finished by skipping its existing pairs); anything else is refused, because generating into
+    it would mix two worlds (or add the synthetic one to a real data root) with no error anywhere later."""
+    wanted = {"size": size, "seed": seed, "world_version": WORLD_VERSION}
+    record = out / WORLD_RECORD
+    if record.is_file():
+        try:
+            held = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            held = None
+        if held != wanted:
+            raise UserError(
+                f"{out} holds another synthetic world ({held if isinstance(held, dict) else 'an unreadable record'}; "
+                f"asked for size {size}, seed {seed}, version {WORLD_VERSION}); pass a new or empty --out, or the "
+                "same --size and --seed to finish that one")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty and holds no synthetic world record ({WORLD_RECORD}); pass a new or "
+                        "empty --out (generating here would mix the world into what the folder holds)")
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(wanted) + "\n", encoding="utf-8")
+    os.replace(temporary, record)
+
+
 def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers: int = 1) -> dict:
     """Write the four-domain synthetic world under ``out`` in the real datasets' layouts.
 
@@ -1098,7 +1132,7 @@ def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers:
     """
     _check_size(size)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_world_folder(out, size, seed)
     start = time.perf_counter()
     tasks = [(str(out), d, s, i, seed, size) for (d, s), n in SIZES[size].items() for i in range(n)]
     if workers > 1:

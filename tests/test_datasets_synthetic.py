@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.commands.data import run_check
+from benchmarks.errors import UserError
 from datasets.labels import NUM_CLASSES
 from datasets.registry import get_adapter
 from datasets.synthetic import (
@@ -188,3 +189,29 @@ def test_an_unknown_size_is_refused():
 
     with pytest.raises(UserError, match="unknown synthetic size 'huge'"):
         planned_sizes("huge")
+
+
+def test_a_world_is_never_mixed_into_another_or_into_other_data(world, tmp_path):
+    root, _ = world  # seed 3, tiny: its record is there
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    with pytest.raises(UserError, match="holds another synthetic world") as err:
+        generate_world(root, size="tiny", seed=4)
+    assert "'seed': 3" in str(err.value)
+    (tmp_path / "real" / "cityscapes").mkdir(parents=True)  # a data root of the user's
+    with pytest.raises(UserError, match="is not empty and holds no synthetic world record"):
+        generate_world(tmp_path / "real", size="tiny")
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert list((tmp_path / "real").iterdir()) == [tmp_path / "real" / "cityscapes"]
+
+
+def test_synthetic_archives_never_replace_a_file_with_an_official_name(world, tmp_path):
+    from datasets.archives import write_official_archives
+
+    root, _ = world
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "leftImg8bit_trainvaltest.zip").write_bytes(b"the real download")
+    with pytest.raises(UserError, match="leftImg8bit_trainvaltest.zip exists, perhaps the real download"):
+        write_official_archives(root, downloads)
+    assert (downloads / "leftImg8bit_trainvaltest.zip").read_bytes() == b"the real download"
+    assert [p.name for p in downloads.iterdir()] == ["leftImg8bit_trainvaltest.zip"]

@@ -153,7 +153,10 @@ def run(args: argparse.Namespace) -> int:
         if args.preview is not None:
             require_writable_file(args.preview, "--preview", "preview.png")
         if args.archives is not None:
+            from datasets.archives import refuse_to_replace_archives
+
             require_writable_folder(args.archives, "--archives")
+            refuse_to_replace_archives(args.archives)  # before minutes of rendering
         start = time.perf_counter()
         stats = generate_world(args.out, size=args.size, seed=args.seed, workers=args.workers)
         elapsed = time.perf_counter() - start
