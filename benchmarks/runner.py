@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from benchmarks import plugins, provenance, resources
-from benchmarks.config import PROJECT_ROOT, SETTINGS, EvalConfig, Experiment
+from benchmarks.config import PROJECT_ROOT, SETTINGS, EvalConfig, Experiment, load_experiment
 from benchmarks.errors import JobCannotGoOn, UserError
 from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
 from benchmarks.model import NUM_CLASSES, build_model, effective_weights, weights_for
@@ -56,6 +56,7 @@ def plan_runs(exp: Experiment, methods: str | None = None) -> list[RunSpec]:
     """The matrix's runs; refuses a setting, method table or weight file the matrix would not use."""
     names = resolve_methods(methods or exp.run.methods)
     check_method_overrides(exp.methods)
+    _check_method_settings_used(exp, names)
     unknown = [s for s in exp.run.settings if s not in SETTINGS]
     if unknown:
         raise UserError(f"unknown setting {unknown[0]!r}; valid: {', '.join(SETTINGS)}")
@@ -63,6 +64,20 @@ def plan_runs(exp: Experiment, methods: str | None = None) -> list[RunSpec]:
     _check_weights_used(exp, backbones)
     seeds = exp.run.seeds or (exp.train.seed,)
     return [RunSpec(s, b, m, seed) for s in exp.run.settings for b in backbones for seed in seeds for m in names]
+
+
+def _check_method_settings_used(exp: Experiment, names: list[str]) -> None:
+    """A `methods.NAME` setting for a method the matrix does not run would be ignored, and would still change
+    every run's identity (the experiment is hashed whole): refuse it. A table the preset itself holds (the
+    smoke preset's `[methods.fishertune]`) is not the user's setting and stays, as it is."""
+    try:
+        preset_tables = load_experiment(exp.preset).methods
+    except UserError:  # a preset file named by path: its own tables cannot be told apart, so none is refused
+        return
+    for name in sorted(set(exp.methods) - set(names)):
+        if exp.methods[name] != preset_tables.get(name):
+            raise UserError(f"methods.{name}: method {name!r} is not in this run (methods: {', '.join(names)}); "
+                            "add it with --methods, or drop the setting")
 
 
 def _check_weights_used(exp: Experiment, backbones: tuple[str, ...]) -> None:

@@ -100,7 +100,8 @@ def outcomes(request, world, tmp_path_factory):
                           ("method_value_type", "methods.full.no_such=1"),
                           ("method_value_wrong_type", "methods.rein.num_tokens=abc"),
                           ("head_setting_out_of_range", 'model.head_options={"class_balance": "inverse"}'),
-                          ("seed_beyond_32_bits", "run.seeds=[18446744073709551616]")]:
+                          ("seed_beyond_32_bits", "run.seeds=[18446744073709551616]"),
+                          ("setting_of_a_method_not_run", "methods.lora.rank=4")]:
         add(name, [*smoke[:2], "--methods", "rein", *smoke[4:], "--set", setting])
     case = add("unused_weights", [*smoke])
     save_file({"w": torch.zeros(1)}, str(case / "vit.safetensors"))
@@ -180,6 +181,7 @@ EXPECTED = {
     "unused_weights": "backbone 'proxy_vitt' is not in this run",
     "missing_data_root": "synthetic-typo does not exist",
     "seed_beyond_32_bits": "run.seeds=(18446744073709551616,) is out of range: it must be ≥ 0 and ≤ 4294967295",
+    "setting_of_a_method_not_run": "methods.lora: method 'lora' is not in this run (methods: rein)",
 }
 
 
