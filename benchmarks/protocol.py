@@ -41,12 +41,17 @@ class TrainingDiverged(RuntimeError):
 
 
 # -- devices and numerics ---------------------------------------------------------------------------
-def select_device(name: str) -> torch.device:
+def select_device(name: str, option: str = "train.device") -> torch.device:
+    """The device `name` (auto, cpu, cuda, cuda:N, ...) means here; `option` is how the user gave it, for the
+    one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
-    return torch.device(name)
+        raise UserError(f"{option}={name} but no CUDA device is available; use {option}=cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{option}={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -452,3 +452,41 @@ def test_data_root_that_is_a_broken_link_is_named_by_check_and_by_run(tmp_path, 
     line = _error_line(err)
     assert code == 2 and str(root) in line and "symbolic link" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+# -- mistakes refused before the work, not after it (or as a traceback) --------------------------------
+def test_data_synth_negative_seed_is_one_line_before_any_folder(tmp_path, capsys, no_generation):
+    code, _, err = _cli(["data", "synth", "--out", str(tmp_path / "world"), "--seed", "-1"], capsys)
+    assert code == 2 and "--seed -1: must be at least 0" in _error_line(err)
+    assert not (tmp_path / "world").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda"], ids=["not-a-device", "no-cuda-here"])
+def test_pretrain_device_is_checked_before_rendering(tmp_path, capsys, pretraining_calls, device):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nothing to refuse")
+    code, _, err = _cli(["pretrain", "--device", device, "--out", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 2 and f"--device={device}" in _error_line(err).replace("'", "")
+    assert pretraining_calls == []
+
+
+def test_profile_out_that_is_a_file_and_an_unknown_device_are_one_line_before_profiling(tmp_path, capsys, monkeypatch):
+    import benchmarks.profiling as profiling
+
+    monkeypatch.setattr(profiling, "profile_methods", lambda *a, **k: pytest.fail("profiling started"))
+    existing = tmp_path / "profile.md"
+    existing.write_text("an earlier profile")
+    code, _, err = _cli(["profile", "--preset", "smoke", "--methods", "freeze", "--out", str(existing)], capsys)
+    assert code == 2 and "is a file" in _error_line(err) and existing.read_text() == "an earlier profile"
+    code, _, err = _cli(["profile", "--preset", "smoke", "--methods", "freeze", "--device", "gpu",
+                         "--out", str(tmp_path / "p")], capsys)
+    assert code == 2 and "--device='gpu' is not a device" in _error_line(err)
+
+
+def test_check_keep_runs_that_is_a_file_is_one_line(tmp_path, capsys):
+    existing = tmp_path / "notes.md"
+    existing.write_text("mine")
+    code, _, err = _cli(["check", "--keep-runs", str(existing)], capsys)
+    assert code == 2 and "is a file, not a folder" in _error_line(err) and existing.read_text() == "mine"

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if baseline is not None and not args.update_baseline and baseline.get("preset", exp.preset) != exp.preset:
         raise UserError(f"baseline {args.baseline} was made with preset {baseline.get('preset')!r}, this check runs "
                         f"{exp.preset!r}; pass that preset's --baseline or create one with --update-baseline")
+    if args.keep_runs is not None and args.keep_runs.exists() and not args.keep_runs.is_dir():
+        raise UserError(f"--keep-runs {args.keep_runs}: is a file, not a folder; pass an empty or new folder")
     if args.keep_runs is not None and args.keep_runs.exists() and iter_results([args.keep_runs]):
         raise UserError(f"--keep-runs {args.keep_runs} already holds results; the check must not re-use runs, pass an empty folder")
 

@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from datasets.synthetic import format_frequencies, generate_world, save_preview
 
+        if args.seed < 0:  # numpy's seed sequences refuse negative entropy, after --out was made
+            raise UserError(f"--seed {args.seed}: must be at least 0")
         require_writable_folder(args.out, "--out")
         if args.preview is not None:
             require_writable_file(args.preview, "--preview", "preview.png")

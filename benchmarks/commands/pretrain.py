@@ -165,9 +165,12 @@ def run(args: argparse.Namespace) -> int:
         stages = stages[: len(PROXY_RECIPE)]
     for stage in stages:
         _check_stage(stage)
+    from benchmarks.protocol import select_device
+
+    device = str(select_device(args.device, "--device"))  # before minutes of rendering: a typo, or no CUDA here
     require_writable_file(args.out, "--out", SHIPPED.name)
     if not args.overwrite:
         _refuse_to_overwrite(args.out, len(stages), first + 1)
-    report = pretrain_recipe(stages, args.out, device=args.device, first_stage=first + 1)
+    report = pretrain_recipe(stages, args.out, device=device, first_stage=first + 1)
     print(json.dumps(report, indent=2))
     return 0

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.errors import UserError
     from benchmarks.flops import flops_table
     from benchmarks.method import resolve_methods
+    from benchmarks.outputs import require_writable_folder
     from benchmarks.profiling import ProfileSettings, profile_methods
     from benchmarks.protocol import select_device
     from benchmarks.reports.profiles import environment_summary, format_table, output_stem, write_profiles
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if min(args.warmup, args.repeats, args.eval_repeats) < 0 or args.repeats == 0 or args.eval_repeats == 0:
         raise UserError("--repeats and --eval-repeats must be at least 1 and --warmup at least 0")
     out = Path(args.out)
+    require_writable_folder(out, "--out")  # before minutes of profiling, not after
     today = dt.date.today()
     meta = {"date": today.isoformat(), "methods": ", ".join(names)}
     if args.note:
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         meta["counted"] = "FLOPs per image: 2 per multiply-add over matmuls, convolutions and attention"
         stem = output_stem(exp.preset, "flops", today)
     else:
-        device = select_device(args.device or exp.train.device)
+        device = select_device(args.device or exp.train.device, "--device" if args.device else "train.device")
         settings = ProfileSettings(warmup=args.warmup, repeats=args.repeats, eval_repeats=args.eval_repeats,
                                    count_flops=not args.no_flops, breakdown=args.breakdown)
         meta.update(environment_summary(device))
