@@ -298,6 +298,18 @@ def test_flops_only_command_writes_table_and_json(tmp_path, capsys):
     assert (tmp_path / json_path.name.replace(".json", ".md")).is_file()
 
 
+def test_a_second_profile_of_the_day_never_replaces_the_first(tmp_path, capsys):
+    from benchmarks.cli import main
+
+    for methods in ("freeze", "full"):
+        assert main(["profile", "--preset", "smoke", "--set", "model.weights=[]", "--methods", methods,
+                     "--flops-only", "--out", str(tmp_path)]) == 0
+    first, second = sorted(tmp_path.glob("smoke-flops-*.json"), key=lambda p: len(p.name))
+    assert second.stem == f"{first.stem}-2"
+    assert [r["method"] for r in json.loads(first.read_text())["methods"]] == ["freeze"]
+    assert [r["method"] for r in json.loads(second.read_text())["methods"]] == ["full"]
+
+
 def test_write_profiles_draws_speed_and_memory_plots(tmp_path):
     row = {"method": "full", "status": "ok", "batch_size": 2, "train_images_per_s": 4.0, "eval_images_per_s": 2.0,
            "peak_memory_mb": 900.0, "train_step_s": timing.summarize([0.4, 0.5, 0.6]),

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="proxy", help="smoke, proxy (default), paper, or a .toml file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set train.batch_size=2 (repeatable)")
-    parser.add_argument("--out", default="results/profiles", help="folder for <preset>-<device>-<date>.{json,md,png}")
+    parser.add_argument("--out", default="results/profiles", help="folder for <preset>-<device>-<date>.{json,md,png} (-2, -3, ... where that name is taken: "
+                        "an earlier profile is never replaced)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: the preset's train.device)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps before timing (default 3)")
     parser.add_argument("--repeats", type=int, default=10, help="timed training steps (default 10)")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         rows = flops_table(exp, names)
         meta.update(environment_summary(None))
         meta["counted"] = "FLOPs per image: 2 per multiply-add over matmuls, convolutions and attention"
-        stem = output_stem(exp.preset, "flops", today)
+        stem = output_stem(exp.preset, "flops", today, out)
     else:
         device = select_device(args.device or exp.train.device, "--device" if args.device else "train.device")
         settings = ProfileSettings(warmup=args.warmup, repeats=args.repeats, eval_repeats=args.eval_repeats,
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         meta["timing"] = (f"{settings.warmup} warm-up + {settings.repeats} timed training steps (protocol.train), "
                           f"{settings.eval_warmup} + {settings.eval_repeats} sliding-window inferences; median ± IQR/2")
         meta["isolation"] = "one process per method" if not args.in_process else "all methods in one process"
-        stem = output_stem(exp.preset, meta.get("device_name") if device.type == "cuda" else "cpu", today)
+        stem = output_stem(exp.preset, meta.get("device_name") if device.type == "cuda" else "cpu", today, out)
         done: list[dict] = []
 
         def keep(row: dict) -> None:

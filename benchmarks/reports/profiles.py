@@ -82,8 +82,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
-def output_stem(preset: str, device_label: str, when: dt.date | None = None) -> str:
-    return f"{preset}-{_slug(device_label)}-{(when or dt.date.today()).isoformat()}"
+def output_stem(preset: str, device_label: str, when: dt.date | None = None, out: Path | None = None) -> str:
+    """`<preset>-<device>-<date>`, with `-2`, `-3`, ... where a profile of that name is already in `out`: a
+    second profile on one day never replaces the first (nor does a re-run cut short replace a whole one)."""
+    stem = f"{preset}-{_slug(device_label)}-{(when or dt.date.today()).isoformat()}"
+    if out is None:
+        return stem
+    taken = {p.stem for p in Path(out).glob(f"{stem}*.json")} | {p.stem for p in Path(out).glob(f"{stem}*.md")}
+    candidate, number = stem, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{stem}-{number}"
+    return candidate
 
 
 def environment_summary(device: torch.device | None) -> dict[str, Any]:
