@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,10 @@ def _executor(options: SlurmOptions, folder: Path):
     except ImportError:
         raise UserError("--launcher slurm needs submitit: pip install 'dgss-bench[slurm]' (or pip install submitit)") from None
     cluster = options.cluster or None
+    if cluster is None and shutil.which("sbatch") is None:
+        # submitit would fall back to running the jobs here: on a login node, the whole matrix would run there.
+        raise UserError("--launcher slurm: no slurm on this machine (no sbatch on PATH); run from a slurm login "
+                        "node, or pass --slurm-cluster local to run the jobs on this machine on purpose")
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params: dict[str, Any] = {
         "timeout_min": options.time_minutes,

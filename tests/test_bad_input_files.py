@@ -490,3 +490,16 @@ def test_check_keep_runs_that_is_a_file_is_one_line(tmp_path, capsys):
     existing.write_text("mine")
     code, _, err = _cli(["check", "--keep-runs", str(existing)], capsys)
     assert code == 2 and "is a file, not a folder" in _error_line(err) and existing.read_text() == "mine"
+
+
+def test_launcher_slurm_without_slurm_is_one_line_and_runs_nothing_here(tiny_world, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("submitit")
+    import shutil as shell
+
+    monkeypatch.setattr(shell, "which", lambda name, *a, **k: None)  # no sbatch on PATH: a laptop, a CI box
+    results = tmp_path / "results"
+    code, _, err = _cli(["run", "--preset", "smoke", "--methods", "freeze", "--data-root", str(tiny_world),
+                         "--results-dir", str(results), "--launcher", "slurm"], capsys)
+    line = _error_line(err)
+    assert code == 2 and "no slurm on this machine" in line and "--slurm-cluster local" in line, line
+    assert not results.exists()
