@@ -33,11 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.config import PROJECT_ROOT
 from benchmarks.errors import UserError
 from benchmarks.results import atomic_write_text
 
 DEFAULT_TOLERANCE_MIOU = 0.5
-DEFAULT_BASELINE = Path("results/baselines/smoke.json")
+# The project's own file, wherever the command runs from (a relative default would, outside the checkout,
+# find none and suggest writing a new one there).
+DEFAULT_BASELINE = PROJECT_ROOT / "results" / "baselines" / "smoke.json"
 DEFAULT_SETTING = "G->CBM"
 
 

@@ -269,3 +269,12 @@ def test_check_fails_when_a_method_changes_in_a_copy_of_the_project(tmp_path):
     changed = check()
     assert changed.returncode == 1, changed.stdout + changed.stderr[-2000:]
     assert "lora/proxy_vit/seed42: backbone_trainable parameters 36,864 → 18,432" in changed.stdout
+
+
+def test_the_default_baseline_is_the_projects_file_wherever_the_command_runs(tmp_path, monkeypatch):
+    from benchmarks.cli import build_parser
+    from benchmarks.config import PROJECT_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    baseline = build_parser().parse_args(["check"]).baseline
+    assert baseline == PROJECT_ROOT / "results" / "baselines" / "smoke.json" and baseline.is_file()
