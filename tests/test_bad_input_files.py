@@ -503,3 +503,15 @@ def test_launcher_slurm_without_slurm_is_one_line_and_runs_nothing_here(tiny_wor
     line = _error_line(err)
     assert code == 2 and "no slurm on this machine" in line and "--slurm-cluster local" in line, line
     assert not results.exists()
+
+
+def test_data_synth_on_a_full_disk_is_one_line_saying_the_pairs_written_are_kept(tmp_path, capsys, monkeypatch):
+    import datasets.synthetic as synthetic
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "generate_world", full)
+    code, _, err = _cli(["data", "synth", "--out", str(tmp_path / "world")], capsys)
+    line = _error_line(err)
+    assert code == 2 and "No space left on device" in line and "run the same command again" in line, line

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import time
 from pathlib import Path
 
@@ -160,7 +161,13 @@ def run(args: argparse.Namespace) -> int:
             require_writable_folder(args.archives, "--archives")
             refuse_to_replace_archives(args.archives)  # before minutes of rendering
         start = time.perf_counter()
-        stats = generate_world(args.out, size=args.size, seed=args.seed, workers=args.workers)
+        try:
+            stats = generate_world(args.out, size=args.size, seed=args.seed, workers=args.workers)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(f"--out {args.out}: {err.strerror}; free space on that disk and run the same command "
+                            "again (the pairs written are kept and skipped), or pass another --out") from None
         elapsed = time.perf_counter() - start
         print(f"synthetic world ({args.size}, seed {args.seed}) written to {args.out} in {elapsed:.1f} s")
         for key, value in stats.get("pairs", {}).items():
