@@ -152,9 +152,24 @@ def test_pretrain_overwrites_when_asked(tmp_path, capsys, pretraining_calls):
     assert [(call[1], [stage.steps for stage in call[0]]) for call in pretraining_calls] == [(out, [1] * len(PROXY_RECIPE))]
 
 
+def _tiny_checkpoint(path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(path))
+
+
+def test_pretrain_init_that_is_no_checkpoint_is_one_line_before_rendering(tmp_path, capsys, pretraining_calls):
+    start = tmp_path / "notes.pt"
+    start.write_text("some text, not weights\n")
+    code, _, err = _cli(["pretrain", "--stage", "2", "--init", str(start), "--out", str(tmp_path / "x.safetensors")],
+                        capsys)
+    assert code == 2 and str(start) in _error_line(err) and pretraining_calls == []
+
+
 def test_pretrain_runs_one_stage_from_the_checkpoint_given(tmp_path, capsys, pretraining_calls):
     start = tmp_path / "start.safetensors"
-    start.write_bytes(b"weights")
+    _tiny_checkpoint(start)
     out = tmp_path / "x.safetensors"
     code, _, err = _cli(["pretrain", "--stage", "2", "--init", str(start), "--out", str(out), "--steps", "3"], capsys)
     assert code == 0, err
@@ -165,7 +180,7 @@ def test_pretrain_runs_one_stage_from_the_checkpoint_given(tmp_path, capsys, pre
 
 def test_pretrain_amp_reaches_the_stage_and_an_unknown_precision_is_refused(tmp_path, capsys, pretraining_calls):
     start = tmp_path / "start.safetensors"
-    start.write_bytes(b"weights")
+    _tiny_checkpoint(start)
     base = ["pretrain", "--stage", "2", "--init", str(start), "--out", str(tmp_path / "x.safetensors")]
     code, _, err = _cli([*base, "--amp", "bf16"], capsys)
     assert code == 0, err
@@ -181,7 +196,7 @@ def test_pretrain_one_stage_past_the_recipe_is_another_round_of_its_last(tmp_pat
     from benchmarks.pretrain import PROXY_RECIPE
 
     start = tmp_path / "shipped.safetensors"
-    start.write_bytes(b"weights")
+    _tiny_checkpoint(start)
     after = str(len(PROXY_RECIPE) + 1)
     code, _, err = _cli(["pretrain", "--stage", after, "--out", str(tmp_path / "x.safetensors")], capsys)
     assert code == 2 and "--init" in _error_line(err) and pretraining_calls == []

@@ -158,6 +158,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"stage {args.stage} continues from stage {first}'s checkpoint: pass --init PATH")
         if args.init and not Path(args.init).is_file():
             raise UserError(f"--init {args.init}: no such checkpoint")
+        if args.init:  # a file that is no checkpoint stops here, not after minutes of rendering
+            from benchmarks.weights_io import read_state_dict
+
+            read_state_dict(Path(args.init))
         stages = [dataclasses.replace(stages[first], init=args.init or "")]
     elif args.init:
         raise UserError("--init goes with --stage (the full recipe starts from random initialisation)")
