@@ -59,6 +59,14 @@ def test_list_methods_with_unknown_model_part_exits_2_naming_the_valid_ones(caps
     assert "Traceback" not in err and out == ""  # no half-printed listing
 
 
+@pytest.mark.parametrize("size", ["0", "-5", "13"])
+def test_list_methods_at_an_image_size_no_method_can_take_exits_2(capsys, size):
+    assert main(["list", "methods", "--backbone", "proxy_vit", "--head", "light", "--img-size", size]) == 2
+    out, err = capsys.readouterr()
+    (line,) = error_lines(err)
+    assert f"--img-size {size}" in line and out == ""  # not a table of n/a
+
+
 # -- item 6: broken result files next to good ones -------------------------------------------------
 BROKEN_RESULTS = {
     "truncated": (b'{"schema": 1, "run_id": "smoke/G->CBM/proxy_vit/lora/seed42", "sta', "not valid JSON"),

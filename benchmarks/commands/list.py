@@ -26,9 +26,10 @@ def run(args: argparse.Namespace) -> int:
     sections = ["methods", "backbones", "heads", "datasets", "presets"] if args.what == "all" else [args.what]
     if "methods" in sections:
         check_model_choices(args)  # before printing anything: a bad name would only show "n/a" counts
-    for section in sections:
+    listings = {section: globals()[f"_{section}"](args) for section in sections}  # all, or an error and nothing
+    for section, listing in listings.items():
         print(f"## {section}")
-        print(globals()[f"_{section}"](args))
+        print(listing)
         print()
     return 0
 
@@ -48,11 +49,12 @@ def _methods(args: argparse.Namespace) -> str:
     from tabulate import tabulate
 
     from benchmarks.config import Experiment, ModelConfig
+    from benchmarks.errors import UserError
     from benchmarks.method import available_methods, build_method
     from benchmarks.model import reported_parameter_counts
 
     exp = Experiment(model=ModelConfig(backbone=args.backbone, head=args.head, img_size=args.img_size))
-    rows = []
+    rows, failures = [], []
     for name, cls in available_methods().items():
         method = build_method(name)
         try:
@@ -60,9 +62,14 @@ def _methods(args: argparse.Namespace) -> str:
             trainable = f"{counts['backbone_trainable']:,}"
         except Exception as err:  # a count that cannot be computed is shown, not fatal to the listing
             log.debug("counting %s on %s failed: %s", name, args.backbone, err)
+            failures.append(err)
             trainable = "n/a"
         defaults = ", ".join(f"{k}={v}" for k, v in method.hyperparameters().items()) or "-"
         rows.append([name, cls.paper, trainable, defaults])
+    if rows and len(failures) == len(rows):  # not one method: the options themselves are wrong (--img-size 0)
+        raise UserError(f"no method could be counted on {args.backbone} at --img-size {args.img_size} "
+                        f"({type(failures[0]).__name__}: {str(failures[0]).splitlines()[0] if str(failures[0]) else ''}); "
+                        "pass a positive --img-size that is a multiple of the backbone's patch")
     return tabulate(rows, headers=["method", "paper", f"trainable ({args.backbone}@{args.img_size})", "defaults"], maxcolwidths=[None, 40, None, 60])
 
 
