@@ -143,7 +143,7 @@ def choose_wait_policy(env: dict[str, str] | None = None, busy: float | None = N
     Returns the policy it set, or None. A user's `GOMP_SPINCOUNT` (libgomp's own spin setting) is the
     user's choice of how threads wait too, and is left alone as `OMP_WAIT_POLICY` is."""
     env = os.environ if env is None else env
-    if env.get("OMP_WAIT_POLICY") or env.get("GOMP_SPINCOUNT"):
+    if users_wait_setting(env) or env.get("OMP_WAIT_POLICY"):  # the user's, or ours from before a restart
         return None
     busy = others_running() if busy is None else busy
     if busy >= 1:
@@ -151,6 +151,12 @@ def choose_wait_policy(env: dict[str, str] | None = None, busy: float | None = N
         env[WAIT_POLICY_CHOSEN] = "1"
         return "PASSIVE"
     return None
+
+
+def users_wait_setting(env: dict[str, str]) -> bool:
+    """Whether the user decided how OpenMP threads wait: `OMP_WAIT_POLICY` not set by the harness, or libgomp's
+    own `GOMP_SPINCOUNT`. The harness then neither chooses a policy nor revises it."""
+    return bool(env.get("GOMP_SPINCOUNT") or (env.get("OMP_WAIT_POLICY") and not env.get(WAIT_POLICY_CHOSEN)))
 
 
 def _tasks(pid: str, root: str) -> list[Path]:
@@ -257,7 +263,7 @@ def watch_wait_policy(env: dict[str, str] | None = None) -> bool:
     already restarted `MAX_WAIT_RESTARTS` times keeps passive waiting for good."""
     global _wait_policy_watch
     env = os.environ if env is None else env
-    if env.get("GOMP_SPINCOUNT") or (env.get("OMP_WAIT_POLICY") and not env.get(WAIT_POLICY_CHOSEN)):
+    if users_wait_setting(env):
         return False
     passive = bool(env.get("OMP_WAIT_POLICY"))
     if passive and int(env.get(WAIT_RESTARTS) or 0) >= MAX_WAIT_RESTARTS:

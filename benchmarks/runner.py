@@ -208,10 +208,7 @@ def _record_the_crash_of_one_process(run: RunContext, result: dict[str, Any]) ->
     connection for a reason, and must not overwrite the crash that caused it. (The crashing process writes
     before it exits, and its peers see the broken connection only once it has exited.)"""
     result["failure_rank"] = run.world.rank
-    try:
-        earlier = read_result(run.path) if run.path.is_file() else None
-    except Exception:  # noqa: BLE001 - an unreadable record is replaced
-        earlier = None
+    earlier = read_result(run.path)  # None where there is none, or a damaged one (replaced)
     recorded_this_attempt = (earlier is not None and earlier.get("status") == "failed"
                              and "failure_rank" in earlier
                              and str(earlier.get("timings", {}).get("finished", "")) >= result["timings"]["started"])

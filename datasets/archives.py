@@ -453,17 +453,12 @@ def _is_member(slot: ArchiveSlot, path: str) -> bool:
 
 def refuse_to_replace_archives(out_dir: Path | str) -> None:
     """A synthetic stand-in never replaces a file with an official archive's name: it may be the download."""
-    existing = existing_official_archives(out_dir)
+    names = {slot.name for spec in OFFICIAL_ARCHIVES.values() for slot in spec.slots}
+    existing = sorted(Path(out_dir) / name for name in names if (Path(out_dir) / name).exists())
     if existing:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise UserError(f"{existing[0]} exists{more}, perhaps the real download; pass an empty or new --archives "
                         "folder for the synthetic stand-ins")
-
-
-def existing_official_archives(out_dir: Path | str) -> list[Path]:
-    """The files in `out_dir` named as an official archive is (real downloads, it may be), sorted."""
-    names = {slot.name for spec in OFFICIAL_ARCHIVES.values() for slot in spec.slots}
-    return sorted(Path(out_dir) / name for name in names if (Path(out_dir) / name).exists())
 
 
 def write_official_archives(world_root: Path | str, out_dir: Path | str) -> list[Path]:

@@ -31,7 +31,6 @@ import functools
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -42,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from benchmarks.errors import UserError
+from benchmarks.results import atomic_write_text
 from datasets.base import atomic_save
 from datasets.labels import (
     CITYSCAPES_LABELS,
@@ -1117,10 +1117,7 @@ def _claim_world_folder(out: Path, size: str, seed: int) -> None:
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} is not empty and holds no synthetic world record ({WORLD_RECORD}); pass a new or "
                         "empty --out (generating here would mix the world into what the folder holds)")
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(wanted) + "\n", encoding="utf-8")
-    os.replace(temporary, record)
+    atomic_write_text(record, json.dumps(wanted) + "\n")
 
 
 def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers: int = 1) -> dict:

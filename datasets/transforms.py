@@ -25,36 +25,35 @@ STD = (58.395, 57.12, 57.375)
 # --------------------------------------------------------------------------------------------------
 
 
+def _resize_cv2(array: np.ndarray, size_wh: tuple[int, int], labels: bool) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(array, size_wh, interpolation=cv2.INTER_NEAREST if labels else cv2.INTER_LINEAR)
+
+
+def _resize_pillow(array: np.ndarray, size_wh: tuple[int, int], labels: bool) -> np.ndarray:
+    return np.asarray(Image.fromarray(array).resize(size_wh, Image.NEAREST if labels else Image.BILINEAR))
+
+
+_RESIZERS = {"cv2": _resize_cv2, "pillow": _resize_pillow}
+
 #: How images are resized (bilinear) and labels (nearest): "cv2" is mmcv's default backend, what the
 #: reference pipeline runs (no antialiasing when shrinking; OpenCV's nearest samples floor(x·scale));
 #: "pillow" antialiases when shrinking and samples pixel centres (what the proxy and smoke presets were
 #: calibrated with).
-RESIZE_BACKENDS = ("cv2", "pillow")
+RESIZE_BACKENDS = tuple(_RESIZERS)
 
 
 def resize_pair(image: np.ndarray, label: np.ndarray | None, size_wh: tuple[int, int],
                 backend: str = "cv2") -> tuple[np.ndarray, np.ndarray | None]:
     """Resize image bilinear and label nearest to (w, h) with `backend` (`RESIZE_BACKENDS`)."""
-    if backend == "cv2":
-        import cv2
-
-        def bilinear(array: np.ndarray) -> np.ndarray:
-            return cv2.resize(array, size_wh, interpolation=cv2.INTER_LINEAR)
-
-        def nearest(array: np.ndarray) -> np.ndarray:
-            return cv2.resize(array, size_wh, interpolation=cv2.INTER_NEAREST)
-    elif backend == "pillow":
-        def bilinear(array: np.ndarray) -> np.ndarray:
-            return np.asarray(Image.fromarray(array).resize(size_wh, Image.BILINEAR))
-
-        def nearest(array: np.ndarray) -> np.ndarray:
-            return np.asarray(Image.fromarray(array).resize(size_wh, Image.NEAREST))
-    else:
+    if backend not in _RESIZERS:
         raise ValueError(f"resize backend {backend!r} is not one of {', '.join(RESIZE_BACKENDS)}")
+    resize = _RESIZERS[backend]
     if (image.shape[1], image.shape[0]) != size_wh:
-        image = bilinear(np.ascontiguousarray(image))
+        image = resize(np.ascontiguousarray(image), size_wh, labels=False)
     if label is not None and (label.shape[1], label.shape[0]) != size_wh:
-        label = nearest(np.ascontiguousarray(label))
+        label = resize(np.ascontiguousarray(label), size_wh, labels=True)
     return image, label
 
 

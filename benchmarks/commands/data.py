@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import time
 from pathlib import Path
 
@@ -148,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.data_command == "synth":
+        from benchmarks.storage import is_out_of_space
         from datasets.synthetic import format_frequencies, generate_world, save_preview
 
         if args.seed < 0:  # numpy's seed sequences refuse negative entropy, after --out was made
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             stats = generate_world(args.out, size=args.size, seed=args.seed, workers=args.workers)
         except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_out_of_space(err, args.out, 0):
                 raise
             raise UserError(f"--out {args.out}: {err.strerror}; free space on that disk and run the same command "
                             "again (the pairs written are kept and skipped), or pass another --out") from None

@@ -67,9 +67,10 @@ def _methods(args: argparse.Namespace) -> str:
         defaults = ", ".join(f"{k}={v}" for k, v in method.hyperparameters().items()) or "-"
         rows.append([name, cls.paper, trainable, defaults])
     if rows and len(failures) == len(rows):  # not one method: the options themselves are wrong (--img-size 0)
+        reason = (str(failures[0]).splitlines() or [""])[0]
         raise UserError(f"no method could be counted on {args.backbone} at --img-size {args.img_size} "
-                        f"({type(failures[0]).__name__}: {str(failures[0]).splitlines()[0] if str(failures[0]) else ''}); "
-                        "pass a positive --img-size that is a multiple of the backbone's patch")
+                        f"({type(failures[0]).__name__}: {reason}); pass a positive --img-size that is a multiple "
+                        "of the backbone's patch")
     return tabulate(rows, headers=["method", "paper", f"trainable ({args.backbone}@{args.img_size})", "defaults"], maxcolwidths=[None, 40, None, 60])
 
 
