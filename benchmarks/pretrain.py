@@ -765,35 +765,95 @@ def stage_checkpoint(out: Path, stage: int, last_stage: int) -> Path:
     return out if stage == last_stage else out.with_name(f"{out.stem}-stage{stage}{out.suffix}")
 
 
+def _written_with(checkpoint: str | Path) -> dict | None:
+    """The record a pretraining run put into `checkpoint`'s metadata; None for any other file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(checkpoint), "pt") as f:
+            written = json.loads((f.metadata() or {}).get("dgss_bench", "null"))
+    except Exception:  # safetensors raises its own SafetensorError for a file it cannot read: not ours
+        return None
+    return written if isinstance(written, dict) else None
+
+
+_RUN_IDENTITY = ("recipe", "train_seconds", "final")
+"""What tells the run that wrote a checkpoint from another run of the same recipe."""
+
+
 def recorded_stages_before(init: str | Path, first_stage: int) -> list[dict]:
     """The stages before `first_stage` as the record beside the checkpoint `init` tells them, so that a
     recipe resumed from a checkpoint (`pretrain --stage 4 --init v4.safetensors`) records its whole
     lineage. Empty when there is no such record, or when it is not the one written with `init` (the
     checkpoint's own metadata names the run that wrote it: its recipe, cost and final losses)."""
-    from safetensors import safe_open
-
     record_path = Path(init).with_suffix(".json")
     if not record_path.is_file():
         return []
     stages = json.loads(record_path.read_text()).get("stages") or []
-    with safe_open(str(init), "pt") as f:
-        written_with = json.loads((f.metadata() or {}).get("dgss_bench", "null"))
-    identity = ("recipe", "train_seconds", "final")
-    if not stages or not written_with or any(stages[-1].get(k) != written_with.get(k) for k in identity):
+    written_with = _written_with(init)
+    if not stages or not written_with or any(stages[-1].get(k) != written_with.get(k) for k in _RUN_IDENTITY):
         return []
     if stages[-1].get("stage") != first_stage - 1:  # `init` is not the stage this one continues
         return []
     return stages
 
 
-def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu", first_stage: int = 1) -> dict:
-    """Run `stages` in turn, each continuing from the one before (an `init` of "stage<k>" names the
-    output of stage k); the last stage writes `out`, earlier ones `<out stem>-stage<k>.safetensors`.
-    The file beside `out` (`.json`) keeps every stage's recipe, cost and loss history, those before
-    `first_stage` taken from the record of the checkpoint the first stage starts from."""
+def _finished_report(stage: PretrainConfig, checkpoint: Path) -> dict | None:
+    """`stage`'s report (with its loss history) when `checkpoint` is already its output: written by this
+    recipe (`workers` aside) from a start of the same sha256 (the path may differ: another working folder),
+    with the record beside it the one written with it. None otherwise."""
+    written = _written_with(checkpoint) if checkpoint.is_file() else None
+    if written is None or written.get("init_sha256") != _init_sha256(stage):
+        return None
+    wanted = {k: v for k, v in _recipe_identity(stage).items() if k != "init"}
+    recipe = written.get("recipe") if isinstance(written.get("recipe"), dict) else {}
+    if {k: v for k, v in recipe.items() if k not in ("init", "workers")} != wanted:
+        return None
+    try:
+        record = json.loads(checkpoint.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("stages"):  # the last stage's file holds the recipe's record
+        record = {k: v for k, v in record["stages"][-1].items() if k != "stage"}
+    if not isinstance(record, dict) or "history" not in record or \
+            any(record.get(k) != written.get(k) for k in _RUN_IDENTITY):
+        return None
+    return record
+
+
+def finished_stages(stages: list[PretrainConfig], out: Path, first_stage: int = 1) -> list[dict]:
+    """The reports of the stages at the head of `stages` whose checkpoints an earlier run of this recipe
+    already wrote (each from the checkpoint the stage before it wrote), so that a recipe interrupted in
+    stage k goes on there: stage k's own round resumes from its state. A stage whose start changed is not
+    finished, nor is any after it."""
     out = Path(out)
     outputs: dict[str, Path] = {}
     reports: list[dict] = []
+    last_stage = first_stage + len(stages) - 1
+    for number, stage in enumerate(stages, start=first_stage):
+        init = str(outputs[stage.init]) if stage.init.startswith("stage") else stage.init
+        target = stage_checkpoint(out, number, last_stage)
+        report = _finished_report(dataclasses.replace(stage, init=init), target)
+        if report is None:
+            break
+        reports.append({"stage": number, **report})
+        outputs[f"stage{number}"] = target
+    return reports
+
+
+def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu", first_stage: int = 1,
+                    keep_finished: bool = True) -> dict:
+    """Run `stages` in turn, each continuing from the one before (an `init` of "stage<k>" names the
+    output of stage k); the last stage writes `out`, earlier ones `<out stem>-stage<k>.safetensors`.
+    The file beside `out` (`.json`) keeps every stage's recipe, cost and loss history, those before
+    `first_stage` taken from the record of the checkpoint the first stage starts from. With
+    `keep_finished`, the stages an earlier run of this recipe finished (`finished_stages`) are kept, not
+    trained again."""
+    out = Path(out)
+    kept = finished_stages(stages, out, first_stage) if keep_finished else []
+    outputs: dict[str, Path] = {}
+    reports: list[dict] = []
+    last_stage = first_stage + len(stages) - 1
     for number, stage in enumerate(stages, start=first_stage):
         init = stage.init
         if init.startswith("stage"):
@@ -801,8 +861,12 @@ def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu"
         elif init and number == first_stage:
             # Read before this stage trains: with --overwrite its output may replace `init`'s record.
             reports = recorded_stages_before(init, first_stage)
-        target = stage_checkpoint(out, number, last_stage=first_stage + len(stages) - 1)
-        reports.append({"stage": number, **pretrain(dataclasses.replace(stage, init=init), target, device=device)})
+        target = stage_checkpoint(out, number, last_stage)
+        if number - first_stage < len(kept):
+            log.info("stage %d: keeping %s, which an earlier run of this recipe finished", number, target)
+            reports.append(kept[number - first_stage])
+        else:
+            reports.append({"stage": number, **pretrain(dataclasses.replace(stage, init=init), target, device=device)})
         outputs[f"stage{number}"] = target
     summary = {**{k: v for k, v in reports[-1].items() if k not in ("history", "stage")}, "stages": reports}
     atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")

@@ -109,9 +109,11 @@ def pretraining_calls(monkeypatch) -> list:
 
     calls: list = []
 
-    def record(stages, out, device="cpu", first_stage=1):
-        calls.append((stages, Path(out), first_stage))
+    def record(stages, out, device="cpu", first_stage=1, keep_finished=True):
+        calls.append((stages, Path(out), first_stage, keep_finished))
         return {"recorded": True}
+
+    monkeypatch.setattr(pretrain, "finished_stages", lambda stages, out, first_stage=1: [])  # tested in test_pretrain
 
     monkeypatch.setattr(pretrain, "pretrain_recipe", record)
     monkeypatch.setattr(pretrain, "render_pool", lambda cfg: pytest.fail("rendering started"))
@@ -142,6 +144,27 @@ def test_pretrain_refuses_to_overwrite_any_file_of_the_recipe(tmp_path, capsys, 
     assert pretraining_calls == []
 
 
+def test_pretrain_goes_on_after_the_stages_an_earlier_run_of_the_recipe_finished(tmp_path, capsys, monkeypatch,
+                                                                                pretraining_calls):
+    import benchmarks.pretrain as pretrain
+
+    out = tmp_path / "x.safetensors"
+    for name in ("x-stage1.safetensors", "x-stage1.json", "x-stage2.safetensors", "x-stage2.json", "x.resume.pt"):
+        (tmp_path / name).write_text("earlier")
+    monkeypatch.setattr(pretrain, "finished_stages",
+                        lambda stages, out, first_stage=1: [{"stage": 1}, {"stage": 2}])
+    code, _, err = _cli(["pretrain", "--out", str(out)], capsys)
+    assert code == 0, err
+    [(_, written, _, keep_finished)] = pretraining_calls
+    assert written == out and keep_finished
+    # a file of a stage after them is not this recipe's: refused, as any other
+    (tmp_path / "x-stage3.json").write_text("earlier")
+    code, _, err = _cli(["pretrain", "--out", str(out)], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(tmp_path / "x-stage3.json") in line and "--overwrite" in line, line
+    assert len(pretraining_calls) == 1
+
+
 def test_pretrain_overwrites_when_asked(tmp_path, capsys, pretraining_calls):
     out = tmp_path / "x.safetensors"
     out.write_text("earlier")
@@ -150,6 +173,7 @@ def test_pretrain_overwrites_when_asked(tmp_path, capsys, pretraining_calls):
     from benchmarks.pretrain import PROXY_RECIPE
 
     assert [(call[1], [stage.steps for stage in call[0]]) for call in pretraining_calls] == [(out, [1] * len(PROXY_RECIPE))]
+    assert pretraining_calls[0][3] is False  # asked to replace: nothing an earlier run finished is kept
 
 
 def _tiny_checkpoint(path: Path) -> None:
@@ -173,7 +197,7 @@ def test_pretrain_runs_one_stage_from_the_checkpoint_given(tmp_path, capsys, pre
     out = tmp_path / "x.safetensors"
     code, _, err = _cli(["pretrain", "--stage", "2", "--init", str(start), "--out", str(out), "--steps", "3"], capsys)
     assert code == 0, err
-    [(stages, written, first_stage)] = pretraining_calls
+    [(stages, written, first_stage, _)] = pretraining_calls
     assert (written, first_stage) == (out, 2)
     assert [(stage.init, stage.steps) for stage in stages] == [(str(start), 3)]
 
@@ -202,7 +226,7 @@ def test_pretrain_one_stage_past_the_recipe_is_another_round_of_its_last(tmp_pat
     assert code == 2 and "--init" in _error_line(err) and pretraining_calls == []
     code, _, err = _cli(["pretrain", "--stage", after, "--init", str(start), "--out", str(tmp_path / "x.safetensors")], capsys)
     assert code == 0, err
-    [([stage], _, first_stage)] = pretraining_calls
+    [([stage], _, first_stage, _)] = pretraining_calls
     assert first_stage == len(PROXY_RECIPE) + 1 and stage.init == str(start)
     assert stage.seed not in {s.seed for s in PROXY_RECIPE}  # new scenes
     assert dataclasses.replace(stage, seed=PROXY_RECIPE[-1].seed, init=PROXY_RECIPE[-1].init) == PROXY_RECIPE[-1]

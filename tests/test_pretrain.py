@@ -375,3 +375,71 @@ def test_a_record_not_written_with_the_checkpoint_is_not_taken_as_its_lineage(tm
     assert recorded_stages_before(start, first_stage=2) == []
     start.with_suffix(".json").unlink()
     assert recorded_stages_before(start, first_stage=2) == []
+
+
+TWO_STAGES = [dataclasses.replace(TINY, steps=3, views=1, loss_weights=(1.0, 0.5, 0.5, 0.0)),
+              dataclasses.replace(TINY, steps=3, views=1, loss_weights=(1.0, 0.5, 0.5, 0.0), init="stage1", seed=1)]
+
+
+def test_an_interrupted_recipe_goes_on_at_its_stage_to_the_checkpoint_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    from benchmarks import pretrain as pretraining
+
+    whole = tmp_path / "whole.safetensors"
+    pretrain_recipe(TWO_STAGES, whole)
+    out = tmp_path / "resumed.safetensors"
+    with monkeypatch.context() as patched:  # killed in stage 2's second step, after a state every step
+        patched.setattr(pretraining, "STATE_EVERY_SECONDS", 0)
+        patched.setattr(pretraining.pretrain, "__defaults__", ("cpu", 0))
+        calls, batch = [], pretraining._batch
+
+        def batch_until_killed(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > TWO_STAGES[0].steps + 1:
+                raise KeyboardInterrupt
+            return batch(*args, **kwargs)
+
+        patched.setattr(pretraining, "_batch", batch_until_killed)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain_recipe(TWO_STAGES, out)
+    first = tmp_path / "resumed-stage1.safetensors"
+    first_bytes, first_record = first.read_bytes(), first.with_suffix(".json").read_text()
+    assert round_state_path(out).is_file() and not out.exists()
+
+    trained = []
+    real_pretrain = pretraining.pretrain
+    monkeypatch.setattr(pretraining, "pretrain", lambda cfg, path, **kw: trained.append(path) or real_pretrain(cfg, path, **kw))
+    report = pretrain_recipe(TWO_STAGES, out)
+    assert trained == [out]  # stage 1 kept, not trained again; stage 2 resumed from its state
+    assert first.read_bytes() == first_bytes and first.with_suffix(".json").read_text() == first_record
+    expected, got = load_file(str(whole)), load_file(str(out))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [s["stage"] for s in record["stages"]] == [1, 2]
+    assert record["stages"][0] == {"stage": 1, **json.loads(first_record)}
+    assert record["stages"][1]["segments"][1]["from_step"] == 1 and report["final"] == record["stages"][1]["final"]
+
+    # Run once more: everything is finished, nothing trains, and the record is the same.
+    trained.clear()
+    again = pretrain_recipe(TWO_STAGES, out)
+    assert trained == [] and json.dumps(again) == json.dumps(report)  # what the command prints
+    assert json.loads(out.with_suffix(".json").read_text()) == record
+
+
+def test_a_stage_file_of_another_recipe_or_start_is_not_finished(tmp_path) -> None:
+    from benchmarks.pretrain import finished_stages
+
+    out = tmp_path / "x.safetensors"
+    pretrain_recipe(TWO_STAGES, out)
+    assert [r["stage"] for r in finished_stages(TWO_STAGES, out)] == [1, 2]
+    assert finished_stages(TWO_STAGES, out, first_stage=1) == finished_stages(
+        [dataclasses.replace(s, workers=3) for s in TWO_STAGES], out)  # the machine's, not the recipe's
+    assert finished_stages([dataclasses.replace(TWO_STAGES[0], lr=5e-4), TWO_STAGES[1]], out) == []
+    # stage 1 trained again by another recipe: stage 2's file no longer continues it
+    pretrain(dataclasses.replace(TWO_STAGES[0], seed=7), tmp_path / "x-stage1.safetensors")
+    assert finished_stages(TWO_STAGES, out) == []
+    assert [r["stage"] for r in finished_stages([dataclasses.replace(TWO_STAGES[0], seed=7), TWO_STAGES[1]], out)] == [1]
+    # a record beside the checkpoint that was not written with it
+    (tmp_path / "x-stage1.json").write_text(json.dumps({"history": [], "recipe": {}, "final": {}}))
+    assert finished_stages([dataclasses.replace(TWO_STAGES[0], seed=7), TWO_STAGES[1]], out) == []
+    (tmp_path / "x-stage1.safetensors").write_text("not a checkpoint")
+    assert finished_stages(TWO_STAGES, out) == []

@@ -126,20 +126,25 @@ def _check_stage(stage: PretrainConfig) -> None:
                         f"{stage.crop_size}-pixel crop; pass at least {1 / patches:g}")
 
 
-def _refuse_to_overwrite(out: Path, stages: int, first_stage: int) -> None:
-    from benchmarks.pretrain import stage_checkpoint
+def _refuse_to_overwrite(out: Path, stages: list[PretrainConfig], first_stage: int) -> int:
+    """Stop before anything is rendered if a file this pretraining writes exists, except the checkpoints (and
+    records) of the stages an earlier run of this very recipe finished: those are kept, and it goes on after
+    them. Returns how many are kept."""
+    from benchmarks.pretrain import finished_stages, stage_checkpoint
 
-    last_stage = first_stage + stages - 1
+    kept = len(finished_stages(stages, out, first_stage))
+    last_stage = first_stage + len(stages) - 1
     written = []
-    for number in range(first_stage, last_stage + 1):
+    for number in range(first_stage + kept, last_stage + 1):
         checkpoint = stage_checkpoint(out, number, last_stage)
         written += [checkpoint, checkpoint.with_suffix(".json")]
     existing = [path for path in written if path.exists()]
     if existing:
         more = f" (and {len(existing) - 1} more file(s) this pretraining writes)" if len(existing) > 1 else ""
         which = "them" if more else "it"
-        raise UserError(f"{existing[0]} exists{more}; pass --overwrite to replace {which}, or --out PATH "
-                        "to write elsewhere")
+        raise UserError(f"{existing[0]} exists{more} and is not a stage this recipe finished; pass --overwrite "
+                        f"to replace {which}, or --out PATH to write elsewhere")
+    return kept
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     device = str(select_device(args.device, "--device"))  # before minutes of rendering: a typo, or no CUDA here
     require_writable_file(args.out, "--out", SHIPPED.name)
     if not args.overwrite:
-        _refuse_to_overwrite(args.out, len(stages), first + 1)
-    report = pretrain_recipe(stages, args.out, device=device, first_stage=first + 1)
+        _refuse_to_overwrite(args.out, stages, first + 1)
+    report = pretrain_recipe(stages, args.out, device=device, first_stage=first + 1, keep_finished=not args.overwrite)
     print(json.dumps(report, indent=2))
     return 0
