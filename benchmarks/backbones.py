@@ -4,7 +4,7 @@ Why this shape: every DGSS method in the benchmark refines, prompts or adapts th
 plain ViT, and the head needs a 4-level pyramid. So a `Backbone` is a thin wrapper over a timm model
 that (1) runs the blocks in a plain Python loop, calling ``self.blocks[i](x)`` so that forward hooks
 and pre-hooks registered by methods fire and see the full token sequence [B, prefix+N, C];
-(2) taps four blocks at the quartiles of depth and turns their patch tokens into maps at strides
+(2) taps four blocks at 1/3, 1/2, 2/3 and all of the depth and turns their patch tokens into maps at strides
 p/4, p/2, p, 2p; (3) loads user weights in timm or the original release layouts and converts them
 the way the reference does (14→16 patch kernel, position grid to img_size/patch).
 
@@ -126,7 +126,7 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 def tap_indices(depth: int) -> tuple[int, int, int, int]:
-    """0-based blocks tapped for the pyramid: the quartiles 1/3, 1/2, 2/3, 1 of depth (7,11,15,23 at 24)."""
+    """0-based blocks tapped for the pyramid: at 1/3, 1/2, 2/3 and 1 of the depth (7,11,15,23 at 24), as Rein's."""
     if depth < 4:
         raise ValueError(f"a backbone needs at least 4 blocks for 4 taps, got depth {depth}")
     return (round(depth / 3) - 1, depth // 2 - 1, round(2 * depth / 3) - 1, depth - 1)

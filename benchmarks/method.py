@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from benchmarks.model import SegModel
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+WEIGHT_LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 @dataclass
@@ -200,10 +201,12 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
     The reference exempts norms, learnable tokens, the Rein scale, and the query and level
     embeddings; biases and LayerScale are decayed. Norms are found by type and by the name
-    substring the reference's optimiser constructor matches; the rest are declared by the module
-    that defines them through `no_weight_decay() -> set[str]` (names relative to itself, timm's
-    convention). The pretrained timm model's own declaration (its cls token and position
-    embedding) is not the protocol's, so it is not consulted.
+    substring the reference's optimiser constructor matches ("norm"), except in convolutions and
+    linear layers: the rule was written for mmseg's modules, where only norm layers carry the word,
+    and smp's UPerNet names its lateral 1×1 convolutions `conv_norm_relu.0`. The rest are declared
+    by the module that defines them through `no_weight_decay() -> set[str]` (names relative to
+    itself, timm's convention). The pretrained timm model's own declaration (its cls token and
+    position embedding) is not the protocol's, so it is not consulted.
     """
     backbone_vit = getattr(getattr(model, "backbone", None), "vit", None)
     names: set[str] = set()
@@ -211,6 +214,9 @@ def no_decay_names(model: nn.Module) -> set[str]:
         dotted = f"{prefix}." if prefix else ""
         if isinstance(module, NORM_TYPES):
             names.update(dotted + local for local, _ in module.named_parameters(recurse=False))
+        elif not isinstance(module, WEIGHT_LAYER_TYPES):
+            names.update(dotted + local for local, _ in module.named_parameters(recurse=False)
+                         if "norm" in dotted + local)
         declare = getattr(module, "no_weight_decay", None)
         if callable(declare) and module is not backbone_vit:
             names.update(dotted + local for local in declare())
@@ -220,14 +226,15 @@ def no_decay_names(model: nn.Module) -> set[str]:
 def split_decay_groups(
     named_parameters: Iterator[tuple[str, nn.Parameter]],
     weight_decay: float,
-    extra_no_decay: set[str],
+    exempt: set[str],
     include_frozen: bool = False,
 ) -> list[dict[str, Any]]:
+    """AdamW groups: the parameters named in `exempt` (`no_decay_names`) at decay 0, the rest at `weight_decay`."""
     decay, no_decay = [], []
     for name, param in named_parameters:
         if not (param.requires_grad or include_frozen):
             continue
-        if "norm" in name or name in extra_no_decay:
+        if name in exempt:
             no_decay.append(param)
         else:
             decay.append(param)

@@ -237,7 +237,7 @@ def test_registry_and_argument_errors() -> None:
     assert not HEADS["upernet"].supports_queries
     with pytest.raises(UserError, match="unknown head 'uper'"):
         build_head("uper", 16, 3)
-    with pytest.raises(UserError, match="has no setting hidden"):
+    with pytest.raises(UserError, match="has no setting hidden .*--set model.head_options="):
         build_head("light", 16, 3, hidden=3)
 
 
@@ -253,6 +253,38 @@ def test_upernet_is_smps_decoder_with_batch_independent_norms() -> None:
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in original.modules())
     with pytest.raises(UserError, match="norm must be one of"):
         build_head("upernet", 16, 7, norm="layernorm")
+
+
+def test_upernet_convolutions_are_decayed_though_smp_names_them_conv_norm_relu() -> None:
+    # The reference's optimiser exempts parameters whose name holds "norm" (written for mmseg's modules, where
+    # only norm layers carry the word); smp names its lateral 1x1 convolutions `conv_norm_relu.0`.
+    from benchmarks.method import no_decay_names, split_decay_groups
+
+    head = build_head("upernet", 16, 7, channels=32)
+    exempt = no_decay_names(head)
+    laterals = {n for n in dict(head.named_parameters()) if "conv_norm_relu.0.weight" in n}
+    assert laterals and not laterals & exempt
+    norms = {f"{prefix}.{n}" for prefix, m in head.named_modules() if isinstance(m, torch.nn.GroupNorm)
+             for n, _ in m.named_parameters()}
+    assert norms and norms <= exempt
+    groups = split_decay_groups(head.named_parameters(), 0.05, exempt)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    parameters = dict(head.named_parameters())
+    assert all(id(parameters[n]) in decayed for n in laterals)
+    assert not any(id(parameters[n]) in decayed for n in norms)
+
+
+def test_upernet_starts_as_smp_initialises_its_decoder_and_mmseg_its_classifier() -> None:
+    torch.manual_seed(0)
+    head = build_head("upernet", 64, 19, channels=64)
+    assert head.classifier.weight.std().item() == pytest.approx(0.01, rel=0.1)  # mmseg's conv_seg: normal(0.01)
+    assert head.classifier.bias.abs().max().item() == 0.0
+    convs = [m for m in head.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    # kaiming-uniform, fan-in, ReLU gain: std sqrt(2 / fan_in); PyTorch's default gives a third of that
+    for conv in convs:
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.15), conv
+        assert conv.bias is None or conv.bias.abs().max().item() == 0.0
 
 
 def test_upernet_trains_at_a_micro_batch_of_one() -> None:

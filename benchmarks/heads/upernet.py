@@ -4,8 +4,14 @@ segmentation-models-pytorch's maintained decoder.
 smp's `UPerNetDecoder` takes an encoder's feature list from stride 1 upward and uses the levels from
 stride 4 on; a ViT pyramid has exactly those four levels (p/4, p/2, p, 2p), so they are passed in the
 slots smp reads and the two slots it skips stay empty. The decoder's PSP pooling on the coarsest level,
-FPN laterals and fusion are smp's own; this file adds only the classifier and the
-per-pixel heads' loss (`PerPixelHead`).
+FPN laterals and fusion are smp's own, initialised as smp's own UPerNet model initialises them; this file
+adds the classifier (initialised as mmseg's decode heads' `conv_seg`: normal, std 0.01) and the per-pixel
+heads' loss (`PerPixelHead`).
+
+Against mmseg's UPerNet for ViTs (`upernet_vit-b16_mln`), the reference of the papers that report one:
+128 channels by default where mmseg has 512 (`head_options='{"channels": 512, "norm": "batchnorm"}'` gives
+its width and norm), no auxiliary FCN head (mmseg's weighs 0.4), and smp's learnable norm on each input
+level, which mmseg's head has not (its MultiLevelNeck sits before it instead).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class UPerNetHead(PerPixelHead):
         """`norm`: "groupnorm" (default) or "batchnorm" (UPerNet's own). GroupNorm because the 1×1-pooled
         PSP branch cannot be batch-normalised at a micro-batch of one, which CPU runs and per-GPU batches
         of data-parallel runs reach (and smp's "layernorm" normalises the wrong axis of a conv map)."""
+        from segmentation_models_pytorch.base.initialization import initialize_decoder
         from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 
         super().__init__(in_channels, num_classes, finest_level, class_balance)
@@ -49,8 +56,11 @@ class UPerNetHead(PerPixelHead):
         )
         if norm == "groupnorm":
             _batchnorm_to_groupnorm(self.decoder)
+        initialize_decoder(self.decoder)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         if len(features) != 4:
