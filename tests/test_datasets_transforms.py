@@ -74,6 +74,20 @@ def test_flip_and_normalize():
     np.testing.assert_allclose(x.numpy().transpose(1, 2, 0), img[:, x0:x0 + 16][:, ::-1].astype(np.float32))
 
 
+def test_images_are_normalised_with_imagenets_mean_and_std_in_rgb_order():
+    # The VFMs were pretrained on inputs normalised so (ImageNet's statistics, RGB); the transforms' defaults
+    # are what every preset feeds them. Literal values, not the module's constants.
+    image = np.zeros((2, 2, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 255, 0, 128  # red, green, blue
+    expected = [(255 - 0.485 * 255) / (0.229 * 255), (0 - 0.456 * 255) / (0.224 * 255), (128 - 0.406 * 255) / (0.225 * 255)]
+    x, _ = EvalTransform(None)(image, np.zeros((2, 2), np.uint8))
+    np.testing.assert_allclose(x[:, 0, 0].numpy(), expected, rtol=1e-5)
+    t = TrainTransform(crop_size=2, scale_base=2, scale_steps=(10,), max_long_edge=None, cat_max_ratio=1.0,
+                       flip_prob=0.0, photometric=False)
+    x, _ = t(image, np.zeros((2, 2), np.uint8), np.random.default_rng(0))
+    np.testing.assert_allclose(x[:, 0, 0].numpy(), expected, rtol=1e-5)
+
+
 def test_hsv_roundtrip_and_photometric_bounds():
     img, _ = sample(32, 32)
     back = hsv_u8_to_rgb(rgb_to_hsv_u8(img))

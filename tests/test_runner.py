@@ -17,15 +17,32 @@ from tests.cli_helpers import error_line, run_cli
 
 
 @pytest.mark.parametrize("method", sorted(available_methods()))
-def test_smoke_run_of_each_method_writes_a_valid_result(method, smoke_experiment):
+def test_smoke_run_of_each_method_writes_a_valid_result(method, smoke_experiment, monkeypatch):
+    from benchmarks import protocol
+    from benchmarks.model import reported_parameter_counts
+
+    labelled: dict[str, set[int]] = {}  # the class ids in each scored set's labels, seen as they are scored
+    scoring = protocol.evaluate
+
+    def evaluate_seeing_labels(model, dataset, *args, desc="eval", **kwargs):
+        labelled[desc] = set().union(*(set(dataset[i]["label"].unique().tolist()) for i in range(len(dataset))))
+        return scoring(model, dataset, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(protocol, "evaluate", evaluate_seeing_labels)
     (result,) = runner.run_matrix(smoke_experiment, method, progress=False)
     assert result["status"] == "finished", result.get("failure")
     assert result["schema"] == SCHEMA_VERSION and result["method"]["name"] == method
     assert set(result["targets"]) == {"cityscapes", "bdd100k", "mapillary"}
-    for target in result["targets"].values():
+    for name, target in result["targets"].items():
         assert 0.0 <= target["miou"] <= 100.0
-        assert set(target["per_class_iou"]) == set(CLASSES)
+        assert list(target["per_class_iou"]) == list(CLASSES)
+        # a class scored above 0 is one the target's labels hold: the IoUs carry their own classes' names
+        scored = {c for c, iou in target["per_class_iou"].items() if iou}
+        assert scored and scored <= {CLASSES[i] for i in labelled[name] if i < len(CLASSES)}, (name, scored)
         assert target["num_images"] == 3
+    spec = runner.plan_runs(smoke_experiment, method)[0]
+    # what the table's Params column shows: the method's own count (FisherTune's budget, not all it can reach)
+    assert result["params"] == reported_parameter_counts(runner.experiment_for(smoke_experiment, spec), method)
     expected_mean = sum(t["miou"] for t in result["targets"].values()) / 3
     assert result["average_miou"] == pytest.approx(expected_mean)
     assert result["experiment"]["train"]["iters"] == smoke_experiment.train.iters
