@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli_helpers import error_line, run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 MARKER_NAME = "pickle-payload-ran"
 
@@ -216,3 +218,13 @@ def test_payload_would_run_if_unpickled_unsafely(tmp_path):
     with open(path, "rb") as handle:
         pickle.load(handle)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("option", ["--seeds", "--backbones", "--results-dir", "--data-root"])
+def test_a_shorthand_given_with_no_value_is_refused_not_dropped(option, tmp_path, capsys, monkeypatch):
+    # `--seeds "$SEEDS"` with the variable unset used to run the preset's seeds without a word.
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["run", "--preset", "smoke", "--methods", "freeze", option, ""], capsys)
+    line = error_line(err)
+    assert code == 2 and option in line and "no value" in line, line
+    assert out == "" and list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ import json
 import logging
 
 from benchmarks.config import Experiment, load_experiment
+from benchmarks.errors import UserError
 from benchmarks.outputs import require_writable_folder
 
 NAME = "run"
@@ -126,6 +127,10 @@ def submit(exp: Experiment, args: argparse.Namespace) -> int:
     return 1 if missing or any(r.get("status") != "finished" for r in results) else 0
 
 
+SHORTHAND_EXAMPLES = {"data_root": "data/", "backbones": "dinov2_vitl14", "seeds": "42,43,44",
+                      "results_dir": "results/runs", "num_workers": "2"}
+
+
 def job_overrides(args: argparse.Namespace) -> list[str]:
     """The overrides a job re-resolves the experiment from: --set plus the shorthands, as given."""
     overrides = list(args.overrides)
@@ -133,7 +138,10 @@ def job_overrides(args: argparse.Namespace) -> list[str]:
                   "results_dir": "run.results_dir", "num_workers": "data.num_workers"}
     for attr, key in shorthands.items():
         value = getattr(args, attr, None)
-        if value is not None and value != "":
+        if isinstance(value, str) and not value.strip():  # an unset shell variable, not a request for nothing
+            raise UserError(f"--{attr.replace('_', '-')} is given with no value; give it one "
+                            f"(e.g. --{attr.replace('_', '-')} {SHORTHAND_EXAMPLES[attr]}) or leave it out for the preset's")
+        if value is not None:
             overrides.append(f"{key}={json.dumps(value)}" if attr in ("data_root", "results_dir") else f"{key}={value}")
     return overrides
 
