@@ -188,9 +188,22 @@ def map_label_counting(raw: np.ndarray, encoding: str, path: Path, strict: bool 
 def atomic_save(image: Image.Image, path: Path, **save_kwargs: Any) -> None:
     """Write a PIL image atomically (temp file in the same folder, then os.replace).
 
-    Readers (a concurrent training run, a re-run after a crash) never see a half-written file.
+    Readers (a concurrent training run, a re-run after a crash) never see a half-written file. A full disk
+    is one line naming it (the commands that write images skip the files already written when run again).
     """
+    from benchmarks.storage import is_out_of_space, out_of_space_error
+
     path = Path(path)
+    try:
+        _save_replacing(image, path, **save_kwargs)
+    except OSError as err:
+        if not is_out_of_space(err, path, 0):
+            raise
+        uncompressed = image.width * image.height * len(image.getbands())
+        raise out_of_space_error(path, uncompressed, "", "the files written before it are kept and skipped") from None
+
+
+def _save_replacing(image: Image.Image, path: Path, **save_kwargs: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = save_kwargs.pop("format", None) or {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), "PNG")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

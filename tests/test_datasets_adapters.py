@@ -290,6 +290,34 @@ def test_segmentation_dataset_eval(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_convert_on_a_full_disk_is_one_line_and_goes_on_when_run_again(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from benchmarks.cli import main
+
+    build_gtav(tmp_path)
+    saving = Image.Image.save
+    saved: list = []
+
+    def full_after_one(self, fp, *args, **kwargs):
+        if saved:
+            fp.write(b"part of a PNG")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(fp)
+        return saving(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_after_one)
+    assert main(["data", "convert", "gtav", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: no space left on /") and "labelTrainIds.png" in err and "run the same command again" in err
+    written = sorted(tmp_path.rglob("*_labelTrainIds.png"))
+    assert len(written) == 1 and not list(tmp_path.rglob("*.tmp"))  # the one written kept, no half-written file
+    monkeypatch.setattr(Image.Image, "save", saving)
+    assert main(["data", "convert", "gtav", "--root", str(tmp_path)]) == 0
+    assert "written 1," in capsys.readouterr().out and len(list(tmp_path.rglob("*_labelTrainIds.png"))) == 2
+
+
 def test_convert_gtav_and_cityscapes_idempotent(tmp_path):
     from datasets.convert import cityscapes_to_train_ids, gtav_to_train_ids
 
