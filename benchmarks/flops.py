@@ -169,8 +169,19 @@ def _count_model_flops(model: torch.nn.Module, exp: Experiment, batch_size: int,
     return forward, counter.get_total_flops()
 
 
+def _in_main_phase(exp: Experiment, method_name: str, device: str) -> torch.nn.Module:
+    """The model of `method_name` as it computes in the method's main phase (the phase a profile times)."""
+    from benchmarks.model import build_model
+
+    method = build_method(method_name, exp.methods.get(method_name))
+    model = build_model(exp, method, device=device)
+    method.enter_main_phase(model)
+    return model
+
+
 def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> dict[str, Any]:
-    """FLOPs per image: forward of one crop, training step, evaluation of one target image.
+    """FLOPs per image: forward of one crop, training step (in the method's main phase, as profiled),
+    evaluation of one target image.
 
     Fake tensors first (the model built on the meta device, materialised as fake CPU tensors:
     shapes only); a method whose code needs values falls back to real CPU tensors (batch 1, the
@@ -178,13 +189,12 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from benchmarks.model import build_model
 
     exp = without_weight_files(exp)
     batch = exp.train.batch_size
     how = "fake tensors, surrogate loss"
     try:
-        model = build_model(exp, build_method(method_name, exp.methods.get(method_name)), device="meta")
+        model = _in_main_phase(exp, method_name, device="meta")
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
             forward, train = _count_model_flops(model, exp, batch, real_loss=False)
@@ -195,7 +205,7 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
         log.info("%s: FLOPs on fake tensors failed (%s: %s); counting on real CPU tensors", method_name,
                  type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         torch.manual_seed(0)
-        model = build_model(exp, build_method(method_name, exp.methods.get(method_name)), device="cpu")
+        model = _in_main_phase(exp, method_name, device="cpu")
         batch = 1
         how = "real CPU tensors, head loss, batch 1"
         forward, train = _count_model_flops(model, exp, batch, real_loss=True)

@@ -159,6 +159,11 @@ class Method:
         return None
 
     # -- phases -----------------------------------------------------------------------------------
+    def enter_main_phase(self, model: SegModel) -> None:
+        """Make `model` compute as in the method's main phase, without the phases before it, for costs counted
+        off a freshly attached model (FLOPs): what the profile times from the middle of the schedule. Default:
+        the method computes as attached; a phased method opens what its main phase trains."""
+
     def before_training(self, ctx: TrainContext) -> None:
         """Runs once after the optimiser is built and before the first step."""
 

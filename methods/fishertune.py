@@ -403,6 +403,12 @@ class FisherTune(Method):
         sizes = torch.tensor([0] + [p.numel() for p in self._params], dtype=torch.long, device="cpu")
         self._offsets = sizes.cumsum(0)
 
+    def enter_main_phase(self, model: SegModel) -> None:
+        # Selective tuning: every candidate's full gradient is computed, then masked to the selection.
+        del model
+        for param in self._params:
+            param.requires_grad_(True)
+
     def param_groups(self, model: SegModel, weight_decay: float) -> list[dict[str, Any]]:
         # The backbone is frozen during the warm-up but trains later: it is in the optimiser from
         # the start, where AdamW skips it while its gradients are None.

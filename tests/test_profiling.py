@@ -295,6 +295,9 @@ def test_flops_only_command_writes_table_and_json(tmp_path, capsys):
     assert rows[1]["trainable_parameters"] == 0 and rows[0]["trainable_parameters"] > 0
     # the method's own report, as in a run's result: FisherTune's δ_max budget of the backbone's entries
     assert rows[2]["trainable_parameters"] == round(0.05 * rows[0]["trainable_parameters"])
+    # its FLOPs are its main phase's, which the timed profile measures: every candidate's gradient, then masked
+    assert rows[2]["flops_train_step_per_image"] == rows[0]["flops_train_step_per_image"] \
+        > rows[1]["flops_train_step_per_image"]
     assert (tmp_path / json_path.name.replace(".json", ".md")).is_file()
 
 
