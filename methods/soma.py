@@ -9,7 +9,10 @@ residual base weight set by `PeftMethod.initialise_adapter`. The decomposition r
 weight's device (the released code uses float32; the directions and the step-0 identity only get
 more exact); a resumed run recomputes it from the same pretrained weights.
 
-Everything below is read from the authors' released configuration (ysj9909/SoMA,
+The initialisation above is the paper's. The released training decomposes the layers' random initial
+weights instead (its backbone is wrapped before the pretrained file is loaded over the base weights), so it
+starts from the full pretrained W plus a random matrix's minor part: docs/methods.md, "Where it differs".
+The recipe below is read from the authors' released configuration (ysj9909/SoMA,
 configs/sora/sora_dinov2-L_mask2former.py and rein/peft/sora.py; "SoRA" in the code):
 
 - targets q, k, v, proj, fc1, fc2 (the attention and MLP linear layers) of blocks 8–23 of DINOv2-L
