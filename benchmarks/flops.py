@@ -235,8 +235,15 @@ def run_profile_extras(exp: Experiment, method_name: str, profile: dict[str, Any
     return extras
 
 
+HALF_PRECISIONS = ("bfloat16", "float16")
+"""The precisions the table's dense peak is for (the GPUs' bf16 and fp16 tensor-core peaks are equal)."""
+
+
 def model_flops_utilisation(profile: dict[str, Any]) -> float | None:
-    """Training FLOPs per second over the device's dense bf16 peak (GPUs in the table only)."""
+    """Training FLOPs per second over the device's dense bf16/fp16 peak (GPUs in the table only); None for a
+    run in another precision, whose peak (fp32, or TF32 where enabled) the table does not hold."""
+    if profile.get("dtype") not in HALF_PRECISIONS:
+        return None
     peak = peak_bf16_flops(profile.get("device_name", ""), profile.get("device", ""))
     flops, speed = profile.get("flops_train_step_per_image"), profile.get("train_images_per_s")
     if not (peak and flops and speed):

@@ -69,8 +69,11 @@ def test_summary_is_median_and_interquartile_range():
 
 def test_mfu_is_training_flops_rate_over_device_peak():
     row = {"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "flops_train_step_per_image": 2.5e12,
-           "train_images_per_s": 40.0}
+           "train_images_per_s": 40.0, "dtype": "bfloat16"}
     assert flops.model_flops_utilisation(row) == pytest.approx(2.5e12 * 40 / 989e12)
+    assert flops.model_flops_utilisation({**row, "dtype": "float16"}) == pytest.approx(2.5e12 * 40 / 989e12)
+    # an fp32 run is not scored against the half-precision peak (its own, fp32 or TF32, is not in the table)
+    assert flops.model_flops_utilisation({**row, "dtype": "float32"}) is None
     assert flops.model_flops_utilisation({**row, "device": "cpu"}) is None
     assert flops.model_flops_utilisation({**row, "device_name": "Unknown GPU"}) is None
 
@@ -324,6 +327,19 @@ def test_write_profiles_draws_speed_and_memory_plots(tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in paths)  # shareable, not mkstemp's 0600
     assert "oom" in (tmp_path / "smoke-cpu-test.md").read_text()
+
+
+def test_a_profile_says_what_its_columns_count():
+    from benchmarks.config import load_experiment
+
+    exp = load_experiment("paper")
+    row = {"method": "full", "status": "ok", "train_images_per_s": 20.0}
+    text = "\n".join(profile_files.conventions([row], exp))
+    # the paper's evaluation: 1024×512 in 3 windows of 512 at stride 341; BDD100K's 1280×720 takes 8
+    assert "1024×512" in text and "3 window(s) of 512 at stride 341" in text
+    assert "1280×720 in the real release: 8 window(s), 2.67×" in text
+    assert "MiB" in text and "2 per multiply-add" in text and "none for a run in fp32" in text
+    assert "MiB" not in "\n".join(profile_files.conventions([{"method": "full"}], exp))  # a FLOPs-only table
 
 
 @pytest.mark.parametrize(("returncode", "status"), [(-9, "oom"), (-15, "failed"), (1, "failed")])

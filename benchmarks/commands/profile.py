@@ -108,4 +108,4 @@ def _brief(row: dict) -> str:
     if row.get("status") != "ok":
         return f"{row.get('status')} ({row.get('error')})"
     return (f"train {row.get('train_images_per_s') or 0:.2f} img/s, eval {row.get('eval_images_per_s') or 0:.2f} img/s, "
-            f"peak {row.get('peak_memory_mb') or 0:.0f} MB")
+            f"peak {row.get('peak_memory_mb') or 0:.0f} MiB")

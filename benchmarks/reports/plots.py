@@ -187,7 +187,7 @@ def training_curves(results: list[dict[str, Any]], title: str = "") -> Figure | 
 PROFILE_METRICS = (
     ("train_images_per_s", "train images/s"),
     ("eval_images_per_s", "eval images/s"),
-    ("peak_memory_mb", "peak memory (MB)"),
+    ("peak_memory_mb", "peak memory (MiB)"),
 )
 
 

@@ -65,9 +65,41 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "github") -> str:
         table.append(line)
     headers = ["method"]
     if timed:
-        headers += ["train img/s", "step ms (±IQR/2)", "eval img/s", "eval ms/img (±IQR/2)", "peak MB", "MFU %"]
+        headers += ["train img/s", "step ms (±IQR/2)", "eval img/s", "eval ms/img (±IQR/2)", "peak MiB", "MFU %"]
     headers += ["fwd GFLOP/img", "train GFLOP/img", "eval GFLOP/img", "trainable M", "added M", "status"]
     return tabulate(table, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+BDD100K_NATIVE = (720, 1280)
+"""(height, width) of BDD100K's images, which the protocol scores at their own size (no fitting)."""
+
+
+def conventions(rows: list[dict[str, Any]], exp: Experiment) -> list[str]:
+    """What the table's columns count, in its own file: a reader of the numbers needs no source."""
+    from benchmarks.synthetic_inputs import eval_image_size, window_count
+
+    height, width = eval_image_size(exp)
+    windows = window_count(height, width, exp.eval.crop_size, exp.eval.stride)
+    bdd = window_count(*BDD100K_NATIVE, exp.eval.crop_size, exp.eval.stride)
+    lines = [
+        "Conventions:",
+        "- FLOPs: 2 per multiply-add (torch's flop counter); a training step's in the method's main phase, the one "
+        "timed (from half the schedule).",
+        f"- eval: one image of {width}×{height} (`eval.fit_size`: Cityscapes' and Mapillary's evaluated size), "
+        f"{windows} window(s) of {exp.eval.crop_size} at stride {exp.eval.stride}. BDD100K is scored at its images' "
+        f"own size, {BDD100K_NATIVE[1]}×{BDD100K_NATIVE[0]} in the real release: {bdd} window(s), "
+        f"{bdd / windows:.2f}× the time and FLOPs of a row's eval figures.",
+    ]
+    if any(r.get("train_images_per_s") for r in rows):
+        lines += [
+            "- memory in MiB (2^20 bytes): on CUDA the allocator's peak allocated bytes; on a CPU the process's peak "
+            "resident set (VmHWM), which includes the interpreter and libraries (`baseline_memory_mb` in the JSON) "
+            "and, for eval, what the training phase before it left held.",
+            "- a timed step includes collating its batch and copying it to the device (the profile loads in the main "
+            "process; a run's loader workers collate ahead).",
+            "- MFU: training FLOPs per second over the GPU's dense bf16/fp16 peak; none for a run in fp32.",
+        ]
+    return lines
 
 
 def _status(row: dict[str, Any]) -> str:
@@ -120,7 +152,7 @@ def write_profiles(rows: list[dict[str, Any]], exp: Experiment, out_dir: Path, s
     atomic_write_text(paths[0], json.dumps(payload, indent=2, default=str) + "\n")
     lines = [f"# Cost profile: preset `{exp.preset}`", ""]
     lines += [f"- {key}: {value}" for key, value in meta.items()]
-    lines += ["", format_table(rows), ""]
+    lines += ["", format_table(rows), "", *conventions(rows, exp), ""]
     atomic_write_text(paths[1], "\n".join(lines))
     explained = [r for r in rows if r.get("time_breakdown")]
     if explained:
@@ -142,7 +174,7 @@ def _rate_quartiles(row: dict[str, Any], spread_key: str, images: float) -> tupl
 
 
 def write_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str, title: str) -> list[Path]:
-    """`<stem>-speed.png` (train and eval images/s, IQR bars) and `<stem>-memory.png` (peak MB)."""
+    """`<stem>-speed.png` (train and eval images/s, IQR bars) and `<stem>-memory.png` (peak MiB)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -154,7 +186,7 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str, title: str
     panels = {
         "speed": [("train images/s", "train_images_per_s", "train_step_s", "batch_size"),
                   ("eval images/s", "eval_images_per_s", "eval_image_s", None)],
-        "memory": [("peak memory (MB)", "peak_memory_mb", None, None)],
+        "memory": [("peak memory (MiB)", "peak_memory_mb", None, None)],
     }
     written = []
     for kind, specs in panels.items():
