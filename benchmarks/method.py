@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from benchmarks import plugins
+from benchmarks.config import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, Bound
 from benchmarks.errors import UserError
 
 if TYPE_CHECKING:
@@ -122,6 +123,9 @@ class Method:
     """Where the method sits in the field's comparison (`ROLES`): the tables find the baselines by
     role, never by name (Rein's inverted U: full fine-tuning against the parameter-efficient methods)."""
     Config: ClassVar[type] = type(None)
+    hyperparameter_ranges: ClassVar[dict[str, Bound]] = {}
+    """Ranges of this method's own numeric hyperparameters (names `HYPERPARAMETER_RANGES` does not hold, or
+    holds otherwise); checked when the method is built."""
     couples_batch: ClassVar[bool] = False
     """True when the images of one batch change each other's outputs (the released SET's FFT runs over
     the batch axis). Evaluation then runs one window at a time, as the reference's sliding-window
@@ -316,6 +320,26 @@ def resolve_methods(spec: str) -> list[str]:
     return names
 
 
+# The range of a hyperparameter of these names, whatever the method (a plugin's too), checked when the method is
+# built: a zero or negative count otherwise builds an impossible module (a traceback from deep in torch, or
+# mid-run) or an empty one that trains and "finishes". A method's own names go in its `hyperparameter_ranges`.
+HYPERPARAMETER_RANGES: dict[str, Bound] = {
+    "rank": AT_LEAST_ONE, "num_tokens": AT_LEAST_ONE, "amplitude_num_tokens": AT_LEAST_ONE,
+    "num_prompts": AT_LEAST_ONE, "bottleneck": AT_LEAST_ONE, "block_size": AT_LEAST_ONE, "query_dim": AT_LEAST_ONE,
+    "alpha": POSITIVE, "dropout": Bound(0, 1, high_open=True), "init_scale": NOT_NEGATIVE, "scale": NOT_NEGATIVE,
+}
+
+
+def _check_hyperparameter_ranges(cls: type[Method], config: Any) -> None:
+    ranges = {**HYPERPARAMETER_RANGES, **cls.hyperparameter_ranges}
+    for item in dataclasses.fields(config):
+        value, bound = getattr(config, item.name), ranges.get(item.name)
+        if bound is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not bound.holds(value):
+            raise UserError(f"methods.{cls.name}.{item.name}={value!r} is out of range: it must be {bound.describe()}")
+
+
 def build_method(name: str, overrides: dict[str, Any] | None = None) -> Method:
     cls = available_methods().get(name)
     if cls is None:
@@ -330,6 +354,7 @@ def build_method(name: str, overrides: dict[str, Any] | None = None) -> Method:
             )
         hints = typing.get_type_hints(cls.Config)
         overrides = {key: _typed(name, key, hints[key], value) for key, value in overrides.items()}
+        _check_hyperparameter_ranges(cls, cls.Config(**overrides))
     elif overrides:
         raise UserError(f"method {name!r} takes no hyperparameters")
     return cls(**overrides)

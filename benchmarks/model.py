@@ -139,3 +139,23 @@ def reported_parameter_counts(exp: Experiment, method_name: str) -> dict[str, in
 
     method = build_method(method_name, exp.methods.get(method_name))
     return method.parameter_counts(build_model(exp, method, device="meta"))
+
+
+def check_buildable(exp: Experiment, backbones: tuple[str, ...], method_names: list[str]) -> None:
+    """Before any data is read or any step is taken: every (backbone, method) of the matrix builds (on the meta
+    device: shapes only, about 0.2 s each) and the training and evaluation crops fit the backbone's patch. A
+    setting the model cannot take is then one line at the start, not a traceback after the data loaded, nor a
+    failure at evaluation after the whole schedule trained (`eval.crop_size`)."""
+    import dataclasses
+
+    from benchmarks.method import build_method
+
+    for backbone in backbones:
+        matrix_exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, backbone=backbone))
+        for name in method_names:
+            model = build_model(matrix_exp, build_method(name, exp.methods.get(name)), device="meta")
+        patch = model.backbone.patch_size
+        for setting, size in (("data.crop_size", exp.data.crop_size), ("eval.crop_size", exp.eval.crop_size)):
+            if size % patch:
+                raise UserError(f"{setting}={size} is not a multiple of {backbone}'s patch size {patch}; pass "
+                                f"--set {setting}={max(patch, size - size % patch)} (or another multiple of {patch})")

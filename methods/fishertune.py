@@ -109,12 +109,18 @@ class FisherTuneConfig:
             raise bad("delta_min", f"must satisfy 0 < delta_min <= delta_max ({self.delta_max}) <= 1")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise bad("warmup_fraction", "must be in [0, 1)")
-        if self.growth_fraction <= 0.0:
+        if not self.growth_fraction > 0.0:  # written so that NaN fails too
             raise bad("growth_fraction", "must be > 0")
         if self.estimation_batches < 1:
             raise bad("estimation_batches", "must be >= 1")
-        if self.prior_variance <= 0.0 or self.variational_init_std <= 0.0:
+        if not (self.prior_variance > 0.0 and self.variational_init_std > 0.0):
             raise bad("prior_variance", "and variational_init_std must be > 0")
+        for field, bound in (("eps_mu", 0.0), ("eps_sigma", 0.0), ("variational_steps", 0)):
+            if not getattr(self, field) >= bound:
+                raise bad(field, f"must be >= {bound}")
+        for field in ("gamma", "eps", "dsu_eps", "variational_lr", "variational_data_size"):
+            if not getattr(self, field) > 0.0:
+                raise bad(field, "must be > 0")
         if self.variational_init_std ** -2 <= 1.0 / self.prior_variance:
             raise bad("variational_init_std", f"must be below the prior std {math.sqrt(self.prior_variance):g}")
         parse_block_spec(self.perturb_blocks, depth=10**6, taps=())

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.config import NOT_NEGATIVE, POSITIVE, Bound
 from benchmarks.errors import UserError
 from benchmarks.method import EMA, CosineWeightDecay, register_method, scale_lr
 from benchmarks.model import SegModel
@@ -130,25 +131,18 @@ class SoMA(PeftMethod):
              "Generalizable Representation Learning (CVPR 2025)")
     Config = SoMAConfig
 
+    hyperparameter_ranges = {
+        "frozen_fraction": Bound(0, 1, high_open=True), "backbone_lr_mult": POSITIVE, "weight_decay_end": NOT_NEGATIVE,
+        "ema_decay": Bound(0, 1, low_open=True, high_open=True), "ema_start_fraction": Bound(0, 1),
+        "ema_reference_iters": NOT_NEGATIVE,
+    }
+
     def __init__(self, config: Any | None = None, **overrides: Any):
         super().__init__(config, **overrides)
-        cfg = self.config
-        checks = {
-            "rank": (cfg.rank >= 1, "≥ 1"),
-            "alpha": (cfg.alpha > 0, "> 0"),
-            "dropout": (0 <= cfg.dropout < 1, "≥ 0 and < 1"),
-            "targets": (bool(cfg.targets) and set(cfg.targets) <= set(TARGET_LAYERS),
-                        f"a non-empty list of {', '.join(TARGET_LAYERS)}"),
-            "frozen_fraction": (0 <= cfg.frozen_fraction < 1, "≥ 0 and < 1"),
-            "backbone_lr_mult": (cfg.backbone_lr_mult > 0, "> 0"),
-            "weight_decay_end": (cfg.weight_decay_end >= 0, "≥ 0"),
-            "ema_decay": (0 < cfg.ema_decay < 1, "> 0 and < 1"),
-            "ema_start_fraction": (0 <= cfg.ema_start_fraction <= 1, "≥ 0 and ≤ 1"),
-            "ema_reference_iters": (cfg.ema_reference_iters >= 0, "≥ 0"),
-        }
-        for key, (holds, rule) in checks.items():
-            if not holds:
-                raise UserError(f"methods.soma.{key}={getattr(cfg, key)!r} is out of range: it must be {rule}")
+        targets = self.config.targets
+        if not targets or not set(targets) <= set(TARGET_LAYERS):
+            raise UserError(f"methods.soma.targets={targets!r} is out of range: it must be a non-empty list of "
+                            f"{', '.join(TARGET_LAYERS)}")
         self._adapted: list[str] = []
 
     # -- building ---------------------------------------------------------------------------------

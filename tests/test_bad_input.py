@@ -228,3 +228,22 @@ def test_a_shorthand_given_with_no_value_is_refused_not_dropped(option, tmp_path
     line = error_line(err)
     assert code == 2 and option in line and "no value" in line, line
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ("eval.crop_size=60", "eval.crop_size=60 is not a multiple of proxy_vit's patch size 8"),  # was: after training
+    ("methods.rein.num_tokens=-3", "methods.rein.num_tokens=-3 is out of range"),  # was: torch's traceback
+    ("methods.rein.rank=0", "methods.rein.rank=0 is out of range"),  # was: an empty module trained to the end
+])
+@pytest.mark.parametrize("command", ["run", "profile"])
+def test_a_setting_the_model_cannot_take_is_refused_before_any_work(command, setting, said, tmp_path, capsys,
+                                                                      monkeypatch):
+    from benchmarks import protocol
+
+    monkeypatch.setattr(protocol, "train", lambda *a, **k: pytest.fail("training started"))
+    out = ["--results-dir", str(tmp_path / "runs")] if command == "run" else ["--out", str(tmp_path / "profiles"),
+                                                                             "--in-process"]
+    code, printed, err = run_cli([command, "--preset", "smoke", "--methods", "rein", "--set", setting, *out], capsys)
+    line = error_line(err)
+    assert code == 2 and said in line, line
+    assert printed == "" and list(tmp_path.iterdir()) == []

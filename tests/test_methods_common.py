@@ -14,6 +14,7 @@ import torch
 
 from benchmarks.backbones import BackboneSpec, build_backbone
 from benchmarks.config import EvalConfig
+from benchmarks.errors import UserError
 from benchmarks.heads import build_head
 from benchmarks.method import available_methods, build_method, no_decay_names
 from benchmarks.model import SegModel
@@ -149,3 +150,22 @@ def test_a_method_couples_the_images_of_a_batch_exactly_when_it_declares_so(name
     assert coupled == build_method(name).couples_batch
     evaluation = build_method(name).evaluation_settings(EvalConfig(batch_windows=8))
     assert evaluation.batch_windows == (1 if coupled else 8)
+
+
+def _numeric_hyperparameters() -> list[tuple[str, str]]:
+    found = []
+    for name in sorted(available_methods()):
+        config = build_method(name).config
+        if dataclasses.is_dataclass(config):
+            found += [(name, f.name) for f in dataclasses.fields(config)
+                      if isinstance(getattr(config, f.name), (int, float)) and not isinstance(getattr(config, f.name), bool)]
+    return found
+
+
+@pytest.mark.parametrize(("name", "key"), _numeric_hyperparameters())
+def test_every_numeric_hyperparameter_refuses_a_negative_or_nan_value(name, key):
+    # Unchecked, `methods.rein.num_tokens=-3` was a traceback from torch after the data had been read,
+    # `methods.rein.rank=0` a run that trained an empty module.
+    for bad in (-3, float("nan")):
+        with pytest.raises(UserError, match=key):
+            build_method(name, {key: bad})

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.config import load_experiment
     from benchmarks.errors import UserError
     from benchmarks.flops import flops_table
-    from benchmarks.method import resolve_methods
+    from benchmarks.method import check_method_overrides, resolve_methods
+    from benchmarks.model import check_buildable
     from benchmarks.outputs import require_writable_folder
     from benchmarks.profiling import ProfileSettings, profile_methods
     from benchmarks.protocol import select_device
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.preset, args.overrides)
     names = resolve_methods(args.methods)
+    check_method_overrides(exp.methods)
+    if not args.flops_only:  # the FLOPs table records a method it cannot count as a row of its own
+        check_buildable(exp, (exp.model.backbone,), names)
     if min(args.warmup, args.repeats, args.eval_repeats) < 0 or args.repeats == 0 or args.eval_repeats == 0:
         raise UserError("--repeats and --eval-repeats must be at least 1 and --warmup at least 0")
     out = Path(args.out)

@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         print(describe(exp, args.methods))
         return 0
     specs = plan_runs(exp, args.methods)
+    from benchmarks.model import check_buildable
+
+    check_buildable(exp, tuple(dict.fromkeys(s.backbone for s in specs)), list(dict.fromkeys(s.method for s in specs)))
     results_dir = exp.resolve_path(exp.run.results_dir)
     # Before the data (maybe generated first) and any training: the first write is the first run's lock.
     require_writable_folder(results_dir, "--results-dir")
