@@ -150,6 +150,57 @@ def test_baseline_file_round_trip_and_errors(tmp_path, baseline):
         load_baseline(tmp_path / "empty.json")
 
 
+def _detailed(run: dict, classes: dict | None = None, loss: float = 2.95, source: float = 0.6) -> dict:
+    """A hand-made result with what a real one carries beyond the headline numbers."""
+    from benchmarks.config import load_experiment
+
+    run = copy.deepcopy(run)
+    for target in run["targets"].values():
+        target["per_class_iou"] = dict(classes or {"road": 0.7, "sky": 7.9, "bus": None})
+    run["source_heldout"] = {"miou": source}
+    run["history"] = [{"iter": 6, "loss": loss}]
+    run["experiment"] = load_experiment("smoke").to_dict()
+    return run
+
+
+def test_classes_held_out_source_and_loss_are_compared_at_their_own_tolerances():
+    base = make_baseline([_detailed(result())])
+    assert base["tolerance_miou"] == 0.05 and base["tolerance_loss_relative"] == 1e-4
+    assert compare(base, [_detailed(result(), classes={"road": 0.74, "sky": 7.9, "bus": None})]) == []
+    moved = compare(base, [_detailed(result(), classes={"road": 0.76, "sky": 7.9, "bus": None})])
+    assert [(d.kind, d.field) for d in moved] == [("miou", f"{t}/road") for t in ("cityscapes", "bdd100k", "mapillary")]
+    assert "cityscapes road IoU rose 0.7000 → 0.7600 (+0.0600, tolerance ±0.05)" in moved[0].message
+    # a class neither predicted nor labelled before, predicted now: a change, though the baseline held no number
+    predicted = compare(base, [_detailed(result(), classes={"road": 0.7, "sky": 7.9, "bus": 0.0})])
+    assert {d.field for d in predicted} == {"cityscapes/bus", "bdd100k/bus", "mapillary/bus"}
+    assert "bus IoU absent → 0.0000" in predicted[0].message
+    assert [d.field for d in compare(base, [_detailed(result(), source=0.7)])] == ["source_heldout"]
+    assert compare(base, [_detailed(result(), loss=2.95 * (1 + 5e-5))]) == []
+    [loss] = compare(base, [_detailed(result(), loss=2.95 * (1 + 1e-3))])
+    assert loss.kind == "loss" and loss.failing and "+1.0e-03 of it" in loss.message
+
+
+def test_a_run_of_another_protocol_is_not_compared_as_the_baselines():
+    from benchmarks.config import load_experiment
+
+    base = make_baseline([_detailed(result())])
+    elsewhere = _detailed(result())
+    elsewhere["experiment"]["data"]["root"] = "/tmp/another/world"  # the same protocol on a world elsewhere
+    assert compare(base, [elsewhere]) == []
+    changed = _detailed(result())
+    changed["experiment"] = load_experiment("smoke", ["train.iters=3"]).to_dict()
+    [diff] = compare(base, [changed])
+    assert diff.kind == "protocol" and diff.failing and "numbers not compared" in diff.message
+
+
+def test_a_baseline_without_runs_or_a_folder_is_refused(tmp_path, baseline):
+    write_baseline(tmp_path / "empty.json", {**baseline, "runs": {}})
+    with pytest.raises(UserError, match="no runs"):
+        load_baseline(tmp_path / "empty.json")
+    with pytest.raises(UserError, match="is a folder"):
+        load_baseline(tmp_path)
+
+
 # -- the command, with the runner replaced by hand-made results -----------------------------------
 class FakeRunner:
     """Stands in for benchmarks.runner.run_matrix: records where it was asked to write."""
@@ -278,3 +329,23 @@ def test_the_default_baseline_is_the_projects_file_wherever_the_command_runs(tmp
     monkeypatch.chdir(tmp_path)
     baseline = build_parser().parse_args(["check"]).baseline
     assert baseline == PROJECT_ROOT / "results" / "baselines" / "smoke.json" and baseline.is_file()
+
+
+def test_update_says_what_moved_and_all_methods_replace_the_whole_baseline(tmp_path, monkeypatch, fresh, capsys):
+    import benchmarks.runner
+
+    path = tmp_path / "smoke.json"
+    runner = FakeRunner(fresh)
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
+    assert _check(["--baseline", str(path), "--update-baseline"]) == 0
+    stale = json.loads(path.read_text())
+    stale["runs"]["gone/proxy_vit/seed42"] = stale["runs"]["rein/proxy_vit/seed42"]  # a method since removed
+    path.write_text(json.dumps(stale))
+    capsys.readouterr()
+    runner.results[0]["targets"]["cityscapes"]["miou"] += 0.001
+    assert _check(["--baseline", str(path), "--update-baseline", "--methods", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "1 stored value(s) change" in out and "rein/proxy_vit/seed42: cityscapes mIoU rose" in out
+    assert set(json.loads(path.read_text())["runs"]) == {"rein/proxy_vit/seed42", "freeze/proxy_vit/seed42"}
+    assert _check(["--baseline", str(path), "--update-baseline"]) == 0
+    assert "reproduce the previous baseline's stored values exactly" in capsys.readouterr().out

@@ -2,8 +2,9 @@
 
 Runs go to a fresh temporary folder (old results are never re-used, so the check always measures
 the current code) and are compared with results/baselines/smoke.json by
-`benchmarks.regression.compare`: per-target mIoU within the baseline's tolerance (0.5 points by
-default, see benchmarks/regression.py for why), parameter counts exactly. Exit status 0 when
+`benchmarks.regression.compare`: per-target, per-class and held-out source IoU within the baseline's tolerance
+(0.05 points by default), the last training loss within 1e-4 of itself, parameter counts exactly, all after the
+protocol and the inputs are found the same (benchmarks/regression.py says why these tolerances). Exit status 0 when
 nothing regressed, 1 on a regression, 2 on a usage error (e.g. no baseline yet).
 """
 
@@ -67,11 +68,14 @@ def run(args: argparse.Namespace) -> int:
         tolerance = args.tolerance if args.tolerance is not None else float(
             (baseline or {}).get("tolerance_miou", DEFAULT_TOLERANCE_MIOU))
         fresh = make_baseline(results, preset=exp.preset, tolerance=tolerance)
-        if args.methods and baseline is not None:
-            # a partial re-run refreshes its own entries and keeps the others
+        if baseline is not None:
+            print(_moved_since(baseline, results))
+        if args.methods and args.methods != "all" and baseline is not None:
+            # a partial re-run refreshes its own entries and keeps the others (each entry names its code)
             fresh["runs"] = {**baseline.get("runs", {}), **fresh["runs"]}
         write_baseline(args.baseline, fresh)
-        print(f"baseline {args.baseline} written: {len(fresh['runs'])} run(s), tolerance ±{tolerance:g} mIoU")
+        print(f"baseline {args.baseline} written: {len(fresh['runs'])} run(s), tolerance ±{tolerance:g} IoU points, "
+              f"final loss ±{fresh['tolerance_loss_relative']:g} of itself")
         return 0
 
     assert baseline is not None
@@ -85,6 +89,20 @@ def run(args: argparse.Namespace) -> int:
     environment = next((r.get("environment") for r in results if r.get("environment")), {})
     print(format_report(diffs, baseline, compared=len(results), environment=environment))
     return 1 if any(d.failing for d in diffs) else 0
+
+
+def _moved_since(baseline: dict, results: list[dict]) -> str:
+    """What an update changes in the stored numbers: the baseline's runs that were re-run, compared exactly."""
+    from benchmarks.regression import compare, run_key
+
+    rerun = {run_key(r) for r in results}
+    previous = {**baseline, "runs": {k: v for k, v in baseline.get("runs", {}).items() if k in rerun}}
+    changed = [d for d in compare(previous, results, tolerance=0.0, tolerance_loss=0.0) if d.failing]
+    if not changed:
+        return "the re-run runs reproduce the previous baseline's stored values exactly"
+    shown = "\n".join(f"  - {d.message}" for d in changed[:10])
+    more = f"\n  - ... and {len(changed) - 10} more" if len(changed) > 10 else ""
+    return f"{len(changed)} stored value(s) change against the previous baseline:\n{shown}{more}"
 
 
 def _existing_baseline(args: argparse.Namespace) -> dict | None:
