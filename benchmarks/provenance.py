@@ -129,6 +129,14 @@ def differences(recorded: dict[str, Any] | None, current: dict[str, Any]) -> lis
     if old_m.get("sha256") and new_m.get("sha256") and old_m["sha256"] != new_m["sha256"]:
         found.append(f"method file {short(old_m['sha256'])} ({old_m.get('file')}) then, "
                      f"{short(new_m['sha256'])} ({new_m.get('file')}) now")
+    old_r, new_r = recorded.get("recipe") or {}, current.get("recipe") or {}
+    if "hyperparameters" in old_r and "hyperparameters" in new_r:
+        old_h, new_h = old_r["hyperparameters"], new_r["hyperparameters"]
+        found += [f"hyperparameter {key} {old_h.get(key, 'absent')} then, {new_h.get(key, 'absent')} now"
+                  for key in sorted(set(old_h) | set(new_h)) if old_h.get(key) != new_h.get(key)]
+    for key, what in (("precision", "precision"), ("processes", "processes (each a batch)")):
+        if key in old_r and key in new_r and old_r[key] != new_r[key]:
+            found.append(f"{what} {old_r[key]} then, {new_r[key]} now")
     old_d, new_d = recorded.get("data") or {}, current.get("data") or {}
     for split in sorted(set(old_d) | set(new_d)) if "data" in recorded and "data" in current else ():
         a, b = old_d.get(split) or {}, new_d.get(split) or {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import platform
 import socket
@@ -21,7 +22,14 @@ from typing import Any
 import torch
 
 from benchmarks import plugins, provenance, resources
-from benchmarks.config import PROJECT_ROOT, SETTINGS, EvalConfig, Experiment, load_experiment
+from benchmarks.config import (
+    PROJECT_ROOT,
+    SETTINGS,
+    EvalConfig,
+    Experiment,
+    load_experiment,
+    trained_precision,
+)
 from benchmarks.errors import JobCannotGoOn, UserError
 from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
 from benchmarks.model import NUM_CLASSES, build_model, effective_weights, weights_for
@@ -295,7 +303,7 @@ def _build_and_resume(run: RunContext, method: Method, data: RunData, result: di
     model = build_model(exp, method)
     result["params"] = method.parameter_counts(model)
     result["provenance"] = {  # after the build, which has refused a missing or unusable weight file
-        **_model_files(exp, spec),
+        **_model_files(exp, spec, run.world.world_size),
         "data": {role: provenance.split_record(ds.pairs, data.root) for role, ds in data.read.items()},
     }
     # After the build (which draws from the RNG): a resumed run continues the saved RNG streams.
@@ -305,8 +313,8 @@ def _build_and_resume(run: RunContext, method: Method, data: RunData, result: di
     changed = provenance.differences(resumed.get("provenance"), result["provenance"])
     if changed:
         raise UserError(
-            f"cannot resume {resumed['path']}: it was trained with other files ({'; '.join(changed)}); restore "
-            f"them, or delete {checkpoint.checkpoint_dir(run.path)} to train afresh with these"
+            f"cannot resume {resumed['path']}: it was trained with other files or settings ({'; '.join(changed)}); "
+            f"restore them, or delete {checkpoint.checkpoint_dir(run.path)} to train afresh with these"
         )
     state, optimizer_state = checkpoint.restore(resumed, model, method, run.world.rank)
     result["resumed_from_iter"] = state.step
@@ -477,12 +485,12 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
                     lock.release()
                     decision = "finished"
     if world.is_main and decision == "finished":
-        changed = _inputs_changed_since(read_result(path), experiment_for(exp, spec), spec)
+        changed = _inputs_changed_since(read_result(path), experiment_for(exp, spec), spec, world.world_size)
         decision = f"changed:{changed}" if changed else decision
     decision = distributed.broadcast_object(decision)
     if decision.startswith("changed:"):
         raise UserError(
-            f"{path} finished from other files ({decision.removeprefix('changed:')}); pass another "
+            f"{path} finished from other files or settings ({decision.removeprefix('changed:')}); pass another "
             "--results-dir to run with these, or move the old result away"
         )
     if decision == "finished":
@@ -512,7 +520,7 @@ def _earlier_result_under_lock(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec) -> str | None:
+def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec, processes: int) -> str | None:
     """How the backbone's weight file, or the file defining a `--method-file` method, differs from the one
     a finished result was made with, if either does.
 
@@ -521,16 +529,28 @@ def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: 
     """
     # Only what both records hold is compared: the data (not read for a skipped run) is left out, and a
     # result from before provenance was recorded differs in nothing.
-    changed = provenance.differences((result or {}).get("provenance"), _model_files(exp, spec))
+    changed = provenance.differences((result or {}).get("provenance"), _model_files(exp, spec, processes))
     return "; ".join(changed) or None
 
 
-def _model_files(exp: Experiment, spec: RunSpec) -> dict[str, Any]:
-    """The provenance of the files a run's model is made from: the backbone's weights and, for a method
-    from outside the repository, its file and sha256 or its distribution."""
+def _model_files(exp: Experiment, spec: RunSpec, processes: int) -> dict[str, Any]:
+    """The provenance of what a run's model is made from: the backbone's weights, for a method from outside
+    the repository its file and sha256 or its distribution, and the recipe the config hash leaves to the code
+    and the machine."""
+    from benchmarks.protocol import select_device
+
     record: dict[str, Any] = {"weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone))}
     if origin := plugins.method_origin(spec.method):
         record["method"] = origin
+    # What the config hash does not name but the numbers follow: the method's hyperparameters as its code
+    # resolves them (a default changed in the code keeps the hash), the precision `train.amp` means on this
+    # machine's device ("auto": bf16 on CUDA, fp32 on a CPU) and the processes, whose count multiplies the batch.
+    record["recipe"] = {
+        "hyperparameters": json.loads(json.dumps(build_method(spec.method, exp.methods.get(spec.method)).hyperparameters(),
+                                                 default=str)),
+        "precision": trained_precision(exp.train.amp, select_device(exp.train.device).type),
+        "processes": processes,
+    }
     return record
 
 

@@ -109,6 +109,55 @@ def test_a_finished_run_is_not_skipped_onto_other_weights(tiny_world, tmp_path, 
     assert len(list((tmp_path / "runs").rglob("*.json"))) == 1  # the earlier result is kept
 
 
+def _lora_resolving_alpha(monkeypatch, alpha: float) -> None:
+    """The code's LoRA now resolves `alpha` to this (as an edited default would): the config hash does not move."""
+    import dataclasses
+
+    from methods.lora import LoRA
+
+    monkeypatch.setattr(LoRA, "hyperparameters", lambda self: {**dataclasses.asdict(self.config), "alpha": alpha})
+
+
+def test_a_finished_run_is_not_skipped_once_the_code_resolves_its_recipe_otherwise(tiny_world, tmp_path, weights_copy,
+                                                                                  monkeypatch):
+    from benchmarks import runner
+
+    args = [*_run_args(tiny_world, tmp_path / "runs", weights_copy), "--methods", "lora"]
+    assert _main(*args)[0] == 0
+    with monkeypatch.context() as patched:
+        _lora_resolving_alpha(patched, 32.0)
+        code, stderr = _main(*args)
+    assert code == 2 and "finished from other files or settings" in stderr, stderr[-2000:]
+    assert "hyperparameter alpha 8.0 then, 32.0 now" in stderr
+    with monkeypatch.context() as patched:  # what `train.amp=auto` means on another device
+        patched.setattr(runner, "trained_precision", lambda amp, device: "bfloat16")
+        code, stderr = _main(*args)
+    assert code == 2 and "precision float32 then, bfloat16 now" in stderr, stderr[-2000:]
+    assert len(list((tmp_path / "runs").rglob("*.json"))) == 1  # the earlier result is kept
+    assert _main(*args)[0] == 0  # the same code and machine: skipped as finished
+
+
+def test_resume_after_the_code_resolves_the_recipe_otherwise_is_refused(tiny_world, tmp_path, weights_copy,
+                                                                        monkeypatch):
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(result_path, **kwargs):
+        real_save(result_path, **kwargs)
+        raise KeyboardInterrupt
+
+    args = [*_run_args(tiny_world, tmp_path / "runs", weights_copy, "--set", "train.checkpoint_interval=1"),
+            "--methods", "lora"]
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint, "save_checkpoint", save_then_die)
+        _lora_resolving_alpha(patched, 32.0)
+        assert _main(*args)[0] == 130
+    code, stderr = _main(*args)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "cannot resume" in errors[0], stderr[-2000:]
+    assert "hyperparameter alpha 32.0 then, 8.0 now" in errors[0]
+    assert list((tmp_path / "runs").rglob("last.pt"))
+
+
 def _result(seed: int, weights_sha: str) -> dict:
     return {
         "schema": 1, "run_id": f"r{seed}", "status": "finished", "preset": "smoke", "setting": "G->CBM",
