@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,18 @@ def _export_submitit_rank() -> None:
         WORLD_SIZE=str(job.num_tasks),
         LOCAL_RANK=str(job.local_rank),
         MASTER_ADDR=job.hostnames[0],
-        MASTER_PORT=os.environ.get("MASTER_PORT", str(20000 + int(job.job_id.split("_")[0]) % 20000)),
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(rendezvous_port(job.job_id))),
     )
+
+
+def rendezvous_port(job_id: str) -> int:
+    """A port for the job's process group, from its whole slurm id: the tasks of one array ("1001_0", "1001_1")
+    share the array's number, and two of them placed on one node must not bind the same port, so each task
+    of an array (up to 20,000) gets its own; another array's tasks land elsewhere by its number."""
+    array, _, task = job_id.partition("_")
+    if array.isdigit() and (task.isdigit() or not task):
+        return 20000 + (int(array) * 97 + int(task or 0)) % 20000
+    return 20000 + zlib.crc32(job_id.encode()) % 20000
 
 
 def run_job(request: JobRequest) -> dict[str, Any] | None:

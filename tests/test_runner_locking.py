@@ -185,3 +185,13 @@ def test_slurm_launcher_through_submitit_local_executor(world, tmp_path):
     # Submitting the same matrix again submits nothing: the run is finished.
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "not submitted" in again.stderr, again.stderr[-3000:]
+
+
+def test_the_tasks_of_one_slurm_array_rendezvous_on_different_ports():
+    # submitit names an array task "<array id>_<task>"; the port came from the array id alone, so two tasks on one
+    # node both bound it and the second died in its process group's setup (EADDRINUSE).
+    from benchmarks.launchers import rendezvous_port
+
+    ports = [rendezvous_port(f"1001_{task}") for task in range(64)]
+    assert len(set(ports)) == len(ports) and all(20000 <= port < 40000 for port in ports)
+    assert rendezvous_port("1001_3") == rendezvous_port("1001_3")  # every task of one job computes the same
