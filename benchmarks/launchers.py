@@ -193,9 +193,23 @@ def submit_matrix(
         log.info("submitted %s: %s %s %s seed %d", job.job_id, request.spec.setting, request.spec.backbone,
                  request.spec.method, request.spec.seed)
     if wait:
-        for job in jobs:
-            job.result()
+        _wait_for(jobs, requests)
     return jobs
+
+
+def _wait_for(jobs: list[Any], requests: list[JobRequest]) -> None:
+    """Every job to its end: one that failed is a line naming its run, and the others are still waited for
+    (their results are the table that follows)."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    for job, request in zip(jobs, requests, strict=True):
+        try:
+            job.result()
+        except (FailedJobError, UncompletedJobError) as err:
+            lines = [line for line in str(err).strip().splitlines() if line.strip()]
+            reason = next((line for line in reversed(lines) if line.startswith("error:") or "Error" in line),
+                          lines[-1] if lines else type(err).__name__)
+            log.error("job %s (%s seed %d) failed: %s", job.job_id, request.spec.method, request.spec.seed, reason.strip()[:300])
 
 
 def collect_results(exp: Experiment, methods: str | None) -> tuple[list[dict[str, Any]], list[Any]]:

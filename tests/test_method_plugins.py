@@ -208,6 +208,35 @@ def test_slurm_jobs_register_the_method_file_again(tiny_world, tmp_path):
     assert only_result(results)["provenance"]["method"]["file"] == str(method_file.resolve())
 
 
+FAILS_IN_ITS_JOB = '''
+from benchmarks.errors import UserError
+from benchmarks.method import Method, register_method
+
+
+@register_method
+class FailsInItsJob(Method):
+    name = "fails_in_its_job"
+
+    def before_training(self, ctx):
+        raise UserError("this method stops its own run")
+'''
+
+
+@pytest.mark.slow
+def test_slurm_wait_names_a_failed_job_and_still_waits_for_the_others(tiny_world, tmp_path):
+    # A failed job was submitit's FailedJobError traceback, and the jobs after it were not waited for.
+    pytest.importorskip("submitit")
+    method_file = write(tmp_path / "fails.py", FAILS_IN_ITS_JOB)
+    results = tmp_path / "results"
+    proc = cli(["run", *SMOKE, "--methods", "fails_in_its_job,freeze", "--method-file", str(method_file),
+                "--data-root", str(tiny_world), "--results-dir", str(results), "--launcher", "slurm",
+                "--slurm-cluster", "local", "--slurm-wait"], cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "(fails_in_its_job seed 42) failed:" in proc.stderr and "this method stops its own run" in proc.stderr
+    assert "1 run(s) have no result: fails_in_its_job proxy_vit seed 42" in proc.stderr
+    assert "freeze" in proc.stdout and only_result(results)["method"]["name"] == "freeze"
+
+
 # -- refusals ---------------------------------------------------------------------------------------------
 BAD_FILES = {
     "missing": (None, "no such file"),

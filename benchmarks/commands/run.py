@@ -127,6 +127,9 @@ def submit(exp: Experiment, args: argparse.Namespace) -> int:
 
     results, missing = collect_results(exp, args.methods)
     print(leaderboard(results, setting=None))
+    if missing:
+        log.error("%d run(s) have no result: %s", len(missing), ", ".join(
+            f"{spec.method} {spec.backbone} seed {spec.seed}" for spec in missing))
     return 1 if missing or any(r.get("status") != "finished" for r in results) else 0
 
 
