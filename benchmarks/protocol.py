@@ -613,7 +613,9 @@ def evaluate(
     """Score one target: mIoU (percent), per-class IoU (percent or None), images, labelled pixels scored, images/s."""
     model.eval()
     metric = confusion_metric(num_classes).to(device)
-    loader = DataLoader(dataset, batch_size=None, num_workers=0)
+    # Its own generator: creating the iterator draws a base seed, which from the global RNG would move the
+    # training's random stream (dropout) wherever an evaluation runs during training (`train.eval_interval`).
+    loader = DataLoader(dataset, batch_size=None, num_workers=0, generator=torch.Generator())
     started = time.perf_counter()
     count = stray_label_pixels = 0
     for sample in tqdm(loader, disable=not progress, desc=desc, unit="img", leave=False):

@@ -308,3 +308,19 @@ def test_report_lists_the_dirty_paths_of_a_run():
     page = render_report([clean, dirty])
     assert "1 run(s): torch 2.x, device_name cpu, git_commit abc, git_dirty True (docs/results.md)" in page
     assert "1 run(s): torch 2.x, device_name cpu, git_commit abc, git_dirty False<" in page
+
+
+def test_evaluation_during_training_leaves_the_training_unchanged(tiny_world, tmp_path):
+    # The evaluation loader drew its base seed from the global RNG, which moved the head's dropout masks:
+    # the same run with `train.eval_interval` on trained to other losses, yet tables group the two as one.
+    from benchmarks.config import load_experiment
+    from benchmarks.runner import RunSpec, execute_run
+
+    def losses(*extra: str) -> list[float]:
+        exp = load_experiment("smoke", [f"data.root={str(tiny_world)!r}", "train.iters=4", "train.log_interval=1",
+                                        "data.source_holdout=1", "data.eval_limit=1", *extra])
+        result = execute_run(RunSpec("G->CBM", "proxy_vit", "freeze", 42), exp, tmp_path / str(len(extra)),
+                             progress=False)
+        return [h["loss"] for h in result["history"]]
+
+    assert losses("train.eval_interval=1") == losses()
