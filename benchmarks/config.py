@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -39,7 +40,8 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
 @dataclass(frozen=True)
 class DataConfig:
     root: str = "data/synthetic-v2"
-    """Data root holding gta/, cityscapes/, bdd100k/, mapillary/ in their real layouts."""
+    """Data root holding gta/, cityscapes/, bdd100k/, mapillary/ in their real layouts. Kept in its normal
+    form (`./data/x/` is `data/x`), so that spellings of one folder name one run (the config hash holds it)."""
     synthetic: str = "small"
     """Size of the synthetic world generated at `root` when it is missing; "" never generates."""
     crop_size: int = 512
@@ -64,6 +66,10 @@ class DataConfig:
     source_holdout: int = 0
     """Hold the last N source pairs out of training and score them as an in-domain reference, so the
     table shows the source→target gap (0 = the protocol: train on every source pair, no source score)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.root, str) and self.root:  # another type is refused by name when checked
+            object.__setattr__(self, "root", os.path.normpath(self.root))
 
 
 @dataclass(frozen=True)

@@ -371,6 +371,21 @@ def _typed(method: str, key: str, expected: type, value: Any) -> Any:
         ) from None
 
 
+def canonical_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` of method `name` as its code reads them: typed (alpha 8 is 8.0), those equal to the method's
+    defaults left out (setting a default is not a different run), JSON's types (tuples as lists)."""
+    method = build_method(name, overrides)
+    if not overrides or not dataclasses.is_dataclass(method.config):
+        return dict(overrides)
+    defaults = dataclasses.asdict(type(method.config)())
+    resolved = dataclasses.asdict(method.config)
+    return {key: _json_value(resolved[key]) for key in overrides if resolved[key] != defaults[key]}
+
+
+def _json_value(value: Any) -> Any:
+    return [_json_value(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
 def check_method_overrides(overrides: dict[str, dict[str, Any]]) -> None:
     """Every `methods.NAME` table names a registered method and valid, well-typed hyperparameters,
     so a typo is refused before anything runs instead of re-running an identical configuration."""

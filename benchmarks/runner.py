@@ -31,7 +31,13 @@ from benchmarks.config import (
     trained_precision,
 )
 from benchmarks.errors import JobCannotGoOn, UserError
-from benchmarks.method import Method, build_method, check_method_overrides, resolve_methods
+from benchmarks.method import (
+    Method,
+    build_method,
+    canonical_overrides,
+    check_method_overrides,
+    resolve_methods,
+)
 from benchmarks.model import NUM_CLASSES, build_model, effective_weights, weights_for
 from benchmarks.results import (
     SCHEMA_VERSION,
@@ -114,11 +120,17 @@ def check_weights_given(exp: Experiment, specs: list[RunSpec]) -> None:
 
 
 def experiment_for(exp: Experiment, spec: RunSpec) -> Experiment:
-    """The experiment one run executes: the matrix coordinates written into the config it saves."""
+    """The experiment one run executes: the matrix coordinates written into the config it saves, with only
+    what this run uses of the matrix's per-method and per-backbone settings (another method's table or another
+    backbone's weight file, there for its own runs, would change this run's identity), its method's settings
+    as the code reads them (typed, a value equal to its default left out, as if not given)."""
+    weights = tuple(entry for entry in exp.model.weights if entry.partition("=")[0] == spec.backbone)
+    own = canonical_overrides(spec.method, exp.methods.get(spec.method) or {})
     return dataclasses.replace(
         exp,
-        model=dataclasses.replace(exp.model, backbone=spec.backbone),
+        model=dataclasses.replace(exp.model, backbone=spec.backbone, weights=weights),
         train=dataclasses.replace(exp.train, seed=spec.seed),
+        methods={spec.method: own} if own else {},
     )
 
 

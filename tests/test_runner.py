@@ -143,3 +143,22 @@ def test_holding_out_every_source_pair_is_refused(tmp_path, tiny_world, capsys):
     assert error_line(err) == (f"error: data.source_holdout=6 but gtav has 6 pairs at {tiny_world}; "
                                "choose 0 (train on all, the protocol) up to 5")
     assert not (tmp_path / "r").exists()
+
+
+def test_spellings_of_one_run_name_one_run():
+    # Each of these used to give the run another config hash: a finished run trained again, one row split in two.
+    from benchmarks.config import load_experiment
+
+    def run_hash(*overrides: str, methods: str = "lora") -> str:
+        exp = load_experiment("proxy", list(overrides))
+        [spec] = [s for s in runner.plan_runs(exp, methods) if s.method == "lora" and s.backbone == "proxy_vit"]
+        return runner.experiment_for(exp, spec).config_hash()
+
+    plain = run_hash()
+    assert plain == "35168abd"  # the kept proxy results' identity is unchanged
+    assert run_hash("data.root='./data/synthetic-v2/'") == plain
+    assert run_hash("methods.lora.alpha=8") == run_hash("methods.lora.alpha=8.0") == plain  # lora's default
+    assert run_hash("methods.lora.alpha=16") != plain
+    assert run_hash("methods.rein.num_tokens=50", methods="lora,rein") == plain  # another method's, for its own runs
+    assert run_hash("run.backbones=['proxy_vit','dinov2_vits14']",
+                    "model.weights=['dinov2_vits14=/elsewhere/dinov2_vits14.pth']") == plain
