@@ -410,6 +410,8 @@ def _record(run: RunContext, method: Method, model: Any, amp: Any, state: Any, s
     stray = {"train": state.stray_label_pixels, **{name: s.pop("stray_label_pixels") for name, s in scores.items()}}
     if source_score is not None:
         stray["source_heldout"] = source_score.pop("stray_label_pixels")
+    # Each process counted its own batches and its shard of each target: the run's count is their sum.
+    stray = {name: int(distributed.all_reduce_sum(count, run.device)) for name, count in stray.items()}
     if any(stray.values()):
         log.warning("%s: label pixels outside their encoding were ignored (255): %s; `python -m benchmarks data check` "
                     "names the files", result["run_id"], ", ".join(f"{k} {v:,}" for k, v in stray.items() if v))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -203,7 +204,22 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, 
     1e-3 points. Head dropout is off because its masks come from each process's RNG (two ranks draw
     the same mask, one process two different ones); everything else is as in the smoke preset.
     """
-    _assert_same_training_and_scores(*_ddp_and_single(world, tmp_path, "full", [], []))
+    # A copy of the world with 100 label pixels outside Cityscapes' encoding in the second validation image, the
+    # second process's shard: the result counts them wherever they were scored (rank 0's count alone said 0).
+    import numpy as np
+    from PIL import Image
+
+    from datasets.cityscapes import Cityscapes
+
+    strayed = tmp_path / "world"
+    shutil.copytree(world, strayed)
+    label_path = Cityscapes(strayed, "val").pairs()[1].label
+    label = np.array(Image.open(label_path))
+    label.reshape(-1)[:100] = 200
+    Image.fromarray(label).save(label_path)
+    ddp, single = _ddp_and_single(strayed, tmp_path, "full", ["data.preflight=off"], ["data.preflight=off"])
+    _assert_same_training_and_scores(ddp, single)
+    assert ddp["stray_label_pixels"]["cityscapes"] == single["stray_label_pixels"]["cityscapes"] == 100
 
 
 @pytest.mark.slow
