@@ -155,9 +155,25 @@ def result_problem(data: dict[str, Any]) -> str | None:
         odd = sorted(name for name, metrics in targets.items() if not isinstance(metrics, dict))
         if odd:
             return f"targets {', '.join(odd)} are not objects"
+        not_scores = sorted(name for name, metrics in targets.items() if not _is_score(metrics.get("miou")))
+        if not_scores:
+            return f"targets {', '.join(not_scores)}: miou is not a number"
     elif targets is not None:
         return 'field "targets" is not an object'
+    if not _is_score(data.get("average_miou")):
+        return "average_miou is not a number"
+    # What the tables read from every result (a wrong type there stopped a whole table with a traceback).
+    if not isinstance(data["seed"], int) or isinstance(data["seed"], bool):
+        return f"seed {data['seed']!r} is not a whole number"
+    for name in ("experiment", "timings", "params", "environment", "provenance"):
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            return f'field "{name}" is not an object'
     return None
+
+
+def _is_score(value: Any) -> bool:
+    """A score as results hold one: a number, or null (not scored)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def read_result(path: Path) -> dict[str, Any] | None:

@@ -276,3 +276,31 @@ def test_negative_or_non_finite_tolerance_exits_2_before_anything(baseline_path,
     (line,) = error_lines(capsys.readouterr().err)
     assert line == f"error: --tolerance must be a finite number of mIoU points ≥ 0, got {tolerance}"
     assert runner.calls == [] and baseline_path.read_bytes() == before
+
+
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("targets.cityscapes.miou", "abc", "cityscapes: miou is not a number"),
+    ("experiment", [1], 'field "experiment" is not an object'),
+    ("timings", "x", 'field "timings" is not an object'),
+    ("seed", "42", "seed '42' is not a whole number"),
+    ("average_miou", "20", "average_miou is not a number"),
+])
+def test_a_result_with_a_field_of_the_wrong_type_is_skipped_and_the_table_still_printed(field, value, said, tmp_path,
+                                                                                        capsys, caplog):
+    # Each of these stopped `table` with a traceback (pandas, the grouping), hiding every other result.
+    good = finished_result("rein", seed=43)
+    write_result(tmp_path / "good.json", good)
+    bad = finished_result("rein", seed=42)
+    *parents, last = field.split(".")
+    holder = bad
+    for key in parents:
+        holder = holder[key]
+    holder[last] = value
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with caplog.at_level(logging.WARNING):
+        assert main(["table", "--runs", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "rein" in out
+    assert out.count("| rein |") == 1 and "Seeds" not in out  # one run tabled: the good one
+    warned = warnings_about(caplog, tmp_path / "bad.json")
+    assert len(warned) == 1 and said in warned[0], warned
