@@ -90,3 +90,17 @@ def test_a_setting_added_later_keeps_the_identity_of_runs_at_its_old_behaviour()
     assert pillow.config_hash() == load_experiment("proxy").config_hash()  # the preset's own value
     assert cv2.config_hash() != pillow.config_hash()
     assert "resize" in without_added_settings_at_their_old_behaviour(cv2.to_dict())["data"]
+
+
+def test_a_run_at_an_added_settings_old_behaviour_departs_from_a_preset_that_reads_otherwise():
+    # A paper run with data.resize=pillow records the setting by leaving it out; its table was titled as the
+    # paper preset's own, whose resize is cv2 since the setting was added.
+    from benchmarks.reports.grouping import preset_departures
+
+    def result(preset: str, *overrides: str) -> dict:
+        return {"preset": preset, "experiment": load_experiment(preset, list(overrides)).to_dict()}
+
+    assert preset_departures(result("paper", "data.resize=pillow")) == "data.resize=pillow"
+    assert preset_departures(result("paper")) == ""
+    assert preset_departures(result("proxy")) == ""  # the proxy preset's own resize is pillow
+    assert preset_departures(result("proxy", "data.resize=cv2")) == "data.resize=cv2"

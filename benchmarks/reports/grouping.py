@@ -17,6 +17,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from benchmarks.config import (
+    ADDED_SETTINGS,
     CHOICES,
     NOT_HASHED,
     SETTINGS,
@@ -160,6 +161,13 @@ def preset_departures(result: dict[str, Any], most: int = 3) -> str:
     theirs = _preset_settings(str(preset))
     differing = [k for k in ours if k != "model.weights" and ours[k] != {}  # an emptied section names nothing
                  and json.dumps(ours[k], sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True)]
+    for (section, name), old in ADDED_SETTINGS.items():
+        # A run at an added setting's old behaviour records it by leaving it out: where the preset now reads
+        # otherwise (the paper preset's data.resize=cv2), the run departs from it all the same.
+        key = f"{section}.{name}"
+        if key not in ours and key in theirs and theirs[key] != old:
+            ours[key] = old
+            differing.append(key)
     if loaded and "sha256" in loaded:
         expected = _preset_checkpoint(str(preset), str(loaded.get("backbone")))
         if expected is not None and expected != _content_name(loaded["sha256"]):
