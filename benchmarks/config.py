@@ -343,6 +343,12 @@ def validate(exp: Experiment) -> None:
             f"train.eval_interval={exp.train.eval_interval} scores held-out source pairs during training (never a "
             "target), but data.source_holdout=0 holds none out; set data.source_holdout=N or train.eval_interval=0"
         )
+    if exp.train.warmup_iters > exp.train.iters:
+        raise UserError(
+            f"train.warmup_iters={exp.train.warmup_iters} exceeds train.iters={exp.train.iters}: the learning rate "
+            f"would never reach train.lr nor decay; shorten the warm-up with it (e.g. --set train.warmup_iters="
+            f"{round(exp.train.iters / 10)}, a tenth, as the proxy preset's 120 of 1,200)"
+        )
     if exp.eval.stride > exp.eval.crop_size:
         raise UserError(
             f"eval.stride={exp.eval.stride} exceeds eval.crop_size={exp.eval.crop_size}: the sliding windows would "

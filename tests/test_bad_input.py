@@ -247,3 +247,13 @@ def test_a_setting_the_model_cannot_take_is_refused_before_any_work(command, set
     line = error_line(err)
     assert code == 2 and said in line, line
     assert printed == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_warm_up_longer_than_the_schedule_is_refused(tmp_path, capsys):
+    # The proxy preset's warm-up is 120 iterations: `--set train.iters=100` alone trained at a learning rate
+    # that never reached train.lr and never decayed, as if it were the preset's schedule.
+    code, out, err = run_cli(["run", "--methods", "freeze", "--set", "train.iters=100", "--results-dir",
+                              str(tmp_path / "runs")], capsys)
+    line = error_line(err)
+    assert code == 2 and "train.warmup_iters=120 exceeds train.iters=100" in line and "warmup_iters=10" in line, line
+    assert out == "" and not (tmp_path / "runs").exists()

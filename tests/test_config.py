@@ -21,7 +21,7 @@ def test_presets_exist_and_resolve():
 
 
 def test_overrides_are_typed():
-    exp = load_experiment("proxy", ["train.iters=7", "train.lr=3e-4", "eval.fit_size=[64, 32]", "run.seeds=1,2",
+    exp = load_experiment("proxy", ["train.iters=7", "train.warmup_iters=1", "train.lr=3e-4", "eval.fit_size=[64, 32]", "run.seeds=1,2",
                                     "model.head=mask2former", "data.photometric=false", "methods.rein.num_tokens=5"])
     assert exp.train.iters == 7 and isinstance(exp.train.iters, int)
     assert exp.train.lr == 3e-4
