@@ -87,6 +87,7 @@ def _export_submitit_rank() -> None:
         RANK=str(job.global_rank),
         WORLD_SIZE=str(job.num_tasks),
         LOCAL_RANK=str(job.local_rank),
+        LOCAL_WORLD_SIZE=str(max(job.num_tasks // max(job.num_nodes, 1), 1)),  # the node's share of the cores
         MASTER_ADDR=job.hostnames[0],
         MASTER_PORT=os.environ.get("MASTER_PORT", str(rendezvous_port(job.job_id))),
     )

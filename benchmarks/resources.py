@@ -22,6 +22,7 @@ Also here: what the machine is, as result files and profiles record it (`device_
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import statistics
@@ -105,12 +106,26 @@ def device_name(device) -> str:
     return cpu_name() if kind == "cpu" else kind
 
 
-def available_cpus() -> int:
-    """Cores this process may run on (its affinity mask, e.g. under taskset or a scheduler's cgroup)."""
+def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may run on: its affinity mask (taskset, a scheduler's cpuset), and no more than its
+    cgroup's CPU quota allows (`docker --cpus 2` on a 16-core host leaves the mask at 16)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cpu_max)
+    return min(cores, quota) if quota else cores
+
+
+def cgroup_cpu_quota(cpu_max: Path) -> int | None:
+    """Whole CPUs the cgroup v2 quota grants ("200000 100000" in cpu.max: 2), rounded up; None without one."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
 
 
 def others_running(samples: int = 5, interval: float = 0.05, read=None) -> float:
@@ -290,15 +305,20 @@ def plan(num_workers: int, device_type: str, cpus: int | None = None, env: dict[
     if num_workers < AUTO:
         raise UserError(f"data.num_workers={num_workers}: give a count ≥ 0, or -1 to size it to the machine")
     env = os.environ if env is None else env
-    cpus = cpus or available_cpus()
+    machine = cpus or available_cpus()
+    # The processes of one node (torchrun's LOCAL_WORLD_SIZE) share its cores: each sizes itself to its share.
+    local = env.get("LOCAL_WORLD_SIZE", "").strip()
+    processes = int(local) if local.isdigit() and int(local) > 1 else 1
+    cpus = max(1, machine // processes)
+    share = f"{machine} cores, {cpus} for each of {processes} processes" if processes > 1 else f"{machine} cores"
     threads_given = env.get("OMP_NUM_THREADS", "").strip()
     threads = int(threads_given) if threads_given.isdigit() and int(threads_given) > 0 else cpus
     if num_workers >= 0:
         workers, why = num_workers, "data.num_workers"
     elif device_type == "cuda":
-        workers, why = min(GPU_WORKERS_MAX, max(cpus - 1, 0)), f"auto: {cpus} cores, a GPU"
+        workers, why = min(GPU_WORKERS_MAX, max(cpus - 1, 0)), f"auto: {share}, a GPU"
     else:
-        workers, why = min(1, cpus - 1), f"auto: {cpus} cores, training on the CPU"
+        workers, why = min(1, cpus - 1), f"auto: {share}, training on the CPU"
     source = "OMP_NUM_THREADS" if threads_given else "cores"
     waiting = env.get("OMP_WAIT_POLICY") or "spinning (OpenMP default)"
     if env.get("OMP_WAIT_POLICY") and env.get(WAIT_POLICY_CHOSEN):

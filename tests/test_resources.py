@@ -20,6 +20,29 @@ def test_a_gpu_run_gets_workers_up_to_eight() -> None:
     assert plan(-1, "cuda", cpus=4, env={}).workers == 3
 
 
+def test_the_processes_of_one_node_share_its_cores() -> None:
+    # Each of 4 GPU processes took 8 loader workers of a 16-core node (32 workers); 2 CPU processes on 2 cores
+    # took 2 threads and a worker each.
+    four = plan(-1, "cuda", cpus=16, env={"LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"})
+    assert (four.threads, four.workers) == (1, 3) and "4 for each of 4 processes" in four.reason
+    two = plan(-1, "cpu", cpus=2, env={"LOCAL_WORLD_SIZE": "2"})
+    assert (two.threads, two.workers) == (1, 0)
+    assert plan(-1, "cuda", cpus=16, env={"LOCAL_WORLD_SIZE": "1"}).workers == 8
+
+
+def test_a_cgroup_cpu_quota_bounds_the_cores(tmp_path) -> None:
+    # `docker --cpus 2` on a 16-core host leaves the affinity mask at 16: only cpu.max says 2.
+    from benchmarks.resources import available_cpus, cgroup_cpu_quota
+
+    cpu_max = tmp_path / "cpu.max"
+    for text, cpus in (("200000 100000\n", 2), ("150000 100000\n", 2), ("max 100000\n", None), ("junk", None)):
+        cpu_max.write_text(text)
+        assert cgroup_cpu_quota(cpu_max) == cpus
+    cpu_max.write_text("100000 100000\n")
+    assert available_cpus(cpu_max) == 1
+    assert cgroup_cpu_quota(tmp_path / "absent") is None
+
+
 def test_what_the_user_gives_wins() -> None:
     given = plan(3, "cpu", cpus=2, env={"OMP_NUM_THREADS": "1"})
     assert (given.threads, given.workers) == (1, 3)
