@@ -2,10 +2,14 @@
 its ghost) never execute the same run at once.
 
 A run's lock is `<result stem>.lock`, next to the result it guards, created with O_CREAT|O_EXCL and
-holding the owner's pid and host. A lock whose pid is dead on this host is stale and taken over, and
-so is one that names no owner at all (empty, as a full disk leaves it, or unreadable) once it has gone
-unchanged longer than any owner takes to write itself into it; a lock of a live process, or of another
-host (whose pids we cannot check), makes this runner skip the run with a log line.
+holding the owner's pid, host and pid namespace; while it holds the lock, the owner touches it every
+`HEARTBEAT_S`. A lock whose pid is dead on this host, in this pid namespace, is stale and taken over; so is
+a lock of another host or another pid namespace (a container sharing the host's name, whose pids we cannot
+check) once its owner has not touched it for `FOREIGN_STALE_AFTER_S` (it died without releasing it: a node
+lost, a job killed), and one that names no owner at all (empty, as a full disk leaves it, or unreadable) once
+it has gone unchanged longer than any owner takes to write itself into it. A lock of a live process, or a
+foreign lock still being touched (or written before locks were touched), makes this runner skip the run with
+a log line.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +48,19 @@ def _pid_alive(pid: int) -> bool:
 # A runner writes its pid and host into the lock right after creating it. A lock still naming no owner
 # this long after its last change was left by a runner that died, or hit a full disk, while writing it.
 UNNAMED_LOCK_STALE_AFTER_S = 60.0
+HEARTBEAT_S = 60.0
+"""How often a runner touches the lock it holds."""
+FOREIGN_STALE_AFTER_S = 600.0
+"""A lock of another host or pid namespace untouched this long has lost its owner: ten missed touches, wide
+enough for clocks of machines sharing a folder to differ by minutes."""
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace ("pid:[4026531836]"): pids compare only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _read_owner(path: Path) -> dict[str, Any] | None:
@@ -69,8 +87,8 @@ def _why_stale(path: Path, owner: dict[str, Any]) -> str | None:
     """Why the lock at `path`, holding `owner`, belongs to no live runner; None while one may hold it."""
     if _names_owner(owner):
         pid, host = owner["pid"], owner["host"]
-        if host != socket.gethostname():
-            return None
+        if host != socket.gethostname() or owner.get("pid_namespace", _pid_namespace()) != _pid_namespace():
+            return _why_foreign_stale(path, owner)
         if pid == os.getpid():
             if os.path.abspath(path) in _HELD_HERE:
                 return None
@@ -87,6 +105,35 @@ def _why_stale(path: Path, owner: dict[str, Any]) -> str | None:
     return f"naming no owner (empty or unreadable, unchanged for {unchanged_s:.0f} s)"
 
 
+def _why_foreign_stale(path: Path, owner: dict[str, Any]) -> str | None:
+    """A lock whose pid this process cannot check: stale once its owner stopped touching it (a lock written
+    before locks were touched says nothing by its age, and is left to its owner or the user)."""
+    if not owner.get("heartbeat_s"):
+        return None
+    try:
+        untouched_s = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if untouched_s < FOREIGN_STALE_AFTER_S:
+        return None
+    return f"of process {owner['pid']} on {owner['host']}, untouched for {untouched_s:.0f} s"
+
+
+class _Heartbeat(threading.Thread):
+    """Touches a held lock every `every` seconds, telling other hosts and containers its owner still lives."""
+
+    def __init__(self, path: Path, every: float):
+        super().__init__(name=f"lock heartbeat {path.name}", daemon=True)
+        self.path, self.every, self.stopped = path, every, threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                os.utime(self.path)
+            except OSError:  # released meanwhile, or the folder is gone: nothing left to keep alive
+                return
+
+
 @dataclass
 class RunLock:
     """An exclusive claim on one run; `acquire()` is False when another live runner holds it."""
@@ -94,13 +141,15 @@ class RunLock:
     result_path: Path
     owner: dict[str, Any] = field(default_factory=dict)
     held: bool = False
+    _heartbeat: _Heartbeat | None = None
 
     @property
     def path(self) -> Path:
         return lock_path(self.result_path)
 
     def acquire(self) -> bool:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "pid_namespace": _pid_namespace(),
+              "since": time.time(), "heartbeat_s": HEARTBEAT_S}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -121,6 +170,8 @@ class RunLock:
                                 f"{fix}pass another --results-dir") from None
             self.owner, self.held = me, True
             _HELD_HERE.add(os.path.abspath(self.path))
+            self._heartbeat = _Heartbeat(self.path, HEARTBEAT_S)
+            self._heartbeat.start()
             return True
         self.owner = _read_owner(self.path) or {}
         return False
@@ -153,6 +204,9 @@ class RunLock:
         return True
 
     def release(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stopped.set()
+            self._heartbeat = None
         if self.held:
             current = _read_owner(self.path)
             if current and current.get("pid") == self.owner.get("pid") and current.get("host") == self.owner.get("host"):

@@ -64,12 +64,54 @@ def test_a_lock_naming_this_pid_that_this_process_does_not_hold_was_left_by_an_e
     lock.release()
 
 
-def test_lock_of_other_host_is_never_taken_over(tmp_path):
+def test_lock_of_other_host_written_before_heartbeats_is_never_taken_over(tmp_path):
     result = tmp_path / "run.json"
     _write_lock(result, _dead_pid(), "some-other-node")
+    os.utime(lock_path(result), (0, 0))  # however old: it says nothing of its owner
     lock = RunLock(result)
     assert not lock.acquire()
     assert "some-other-node" in lock.describe_owner()
+
+
+def _write_foreign_lock(result: Path, untouched_s: float, **owner) -> None:
+    result.parent.mkdir(parents=True, exist_ok=True)
+    lock_path(result).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "since": 0,
+                                             "heartbeat_s": 60.0, **owner}))
+    then = time.time() - untouched_s
+    os.utime(lock_path(result), (then, then))
+
+
+def test_a_foreign_lock_is_stale_once_its_owner_stopped_touching_it(tmp_path):
+    # Another node's job killed hard (its requeue on another node was skipped as "locked" for ever), or a
+    # container sharing this host's name, whose pids are not this namespace's (a live runner there had its
+    # lock taken over as "dead process").
+    from benchmarks.locking import FOREIGN_STALE_AFTER_S
+
+    for owner in ({"host": "some-other-node"}, {"pid_namespace": "pid:[1]"}):
+        result = tmp_path / f"{len(owner['host']) if 'host' in owner else 'ns'}" / "run.json"
+        _write_foreign_lock(result, FOREIGN_STALE_AFTER_S / 2, **owner)
+        assert not RunLock(result).acquire()  # still touched lately: its owner lives
+        _write_foreign_lock(result, FOREIGN_STALE_AFTER_S + 60, **owner)
+        lock = RunLock(result)
+        assert lock.acquire()
+        lock.release()
+
+
+def test_a_held_lock_is_touched_while_held(tmp_path, monkeypatch):
+    from benchmarks import locking
+
+    monkeypatch.setattr(locking, "HEARTBEAT_S", 0.05)
+    result = tmp_path / "run.json"
+    lock = RunLock(result)
+    assert lock.acquire()
+    os.utime(lock_path(result), (0, 0))
+    deadline = time.time() + 10
+    while lock_path(result).stat().st_mtime == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert time.time() - lock_path(result).stat().st_mtime < 10
+    assert json.loads(lock_path(result).read_text())["heartbeat_s"] == 0.05
+    lock.release()
+    assert not lock_path(result).exists()
 
 
 def test_release_leaves_a_lock_that_is_not_ours(tmp_path):
