@@ -96,10 +96,11 @@ def _export_submitit_rank() -> None:
 def rendezvous_port(job_id: str) -> int:
     """A port for the job's process group, from its whole slurm id: the tasks of one array ("1001_0", "1001_1")
     share the array's number, and two of them placed on one node must not bind the same port, so each task
-    of an array (up to 20,000) gets its own; another array's tasks land elsewhere by its number."""
+    of an array (up to 20,000) gets its own, and arrays submitted one after the other (ids N, N+1) are 1,009
+    ports apart, more tasks than slurm's default MaxArraySize (1,001) lets one array have."""
     array, _, task = job_id.partition("_")
     if array.isdigit() and (task.isdigit() or not task):
-        return 20000 + (int(array) * 97 + int(task or 0)) % 20000
+        return 20000 + (int(array) * 1009 + int(task or 0)) % 20000
     return 20000 + zlib.crc32(job_id.encode()) % 20000
 
 

@@ -153,7 +153,12 @@ def check_buildable(exp: Experiment, backbones: tuple[str, ...], method_names: l
     for backbone in backbones:
         matrix_exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, backbone=backbone))
         for name in method_names:
-            model = build_model(matrix_exp, build_method(name, exp.methods.get(name)), device="meta")
+            method = build_method(name, exp.methods.get(name))
+            try:
+                model = build_model(matrix_exp, method, device="meta")
+            except (ValueError, ZeroDivisionError) as err:  # a size the head or method cannot be built with
+                raise UserError(f"{backbone} with {exp.model.head} head and {name} cannot be built ({type(err).__name__}: "
+                                f"{err}); check model.head_options and methods.{name}") from None
         patch = model.backbone.patch_size
         for setting, size in (("data.crop_size", exp.data.crop_size), ("eval.crop_size", exp.eval.crop_size)):
             if size % patch:

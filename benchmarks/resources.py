@@ -117,6 +117,13 @@ def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return min(cores, quota) if quota else cores
 
 
+def _sees_whole_node() -> bool:
+    try:
+        return len(os.sched_getaffinity(0)) >= (os.cpu_count() or 1)
+    except AttributeError:  # not Linux: no masks to tell
+        return True
+
+
 def cgroup_cpu_quota(cpu_max: Path) -> int | None:
     """Whole CPUs the cgroup v2 quota grants ("200000 100000" in cpu.max: 2), rounded up; None without one."""
     try:
@@ -300,8 +307,11 @@ class CpuPlan:
     reason: str
 
 
-def plan(num_workers: int, device_type: str, cpus: int | None = None, env: dict[str, str] | None = None) -> CpuPlan:
-    """Intra-op threads and loader workers for a run on `device_type` ("cpu" or "cuda")."""
+def plan(num_workers: int, device_type: str, cpus: int | None = None, env: dict[str, str] | None = None,
+         sees_whole_node: bool | None = None) -> CpuPlan:
+    """Intra-op threads and loader workers for a run on `device_type` ("cpu" or "cuda"). `sees_whole_node`
+    (default: whether this process's affinity mask is every core) decides whether the node's processes
+    share its cores here, or a scheduler gave each its own already (slurm's task binding)."""
     if num_workers < AUTO:
         raise UserError(f"data.num_workers={num_workers}: give a count ≥ 0, or -1 to size it to the machine")
     env = os.environ if env is None else env
@@ -309,6 +319,8 @@ def plan(num_workers: int, device_type: str, cpus: int | None = None, env: dict[
     # The processes of one node (torchrun's LOCAL_WORLD_SIZE) share its cores: each sizes itself to its share.
     local = env.get("LOCAL_WORLD_SIZE", "").strip()
     processes = int(local) if local.isdigit() and int(local) > 1 else 1
+    if processes > 1 and not (_sees_whole_node() if sees_whole_node is None else sees_whole_node):
+        processes = 1  # its mask is its own share of the node
     cpus = max(1, machine // processes)
     share = f"{machine} cores, {cpus} for each of {processes} processes" if processes > 1 else f"{machine} cores"
     threads_given = env.get("OMP_NUM_THREADS", "").strip()

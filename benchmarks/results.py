@@ -155,11 +155,14 @@ def result_problem(data: dict[str, Any]) -> str | None:
         odd = sorted(name for name, metrics in targets.items() if not isinstance(metrics, dict))
         if odd:
             return f"targets {', '.join(odd)} are not objects"
-        not_scores = sorted(name for name, metrics in targets.items() if not _is_score(metrics.get("miou")))
-        if not_scores:
-            return f"targets {', '.join(not_scores)}: miou is not a number"
+        for name, metrics in sorted(targets.items()):
+            if problem := _score_problem(metrics):
+                return f"targets {name}: {problem}"
     elif targets is not None:
         return 'field "targets" is not an object'
+    heldout = data.get("source_heldout")
+    if heldout is not None and (not isinstance(heldout, dict) or (problem := _score_problem(heldout))):
+        return f"source_heldout: {problem}" if isinstance(heldout, dict) else 'field "source_heldout" is not an object'
     if not _is_score(data.get("average_miou")):
         return "average_miou is not a number"
     # What the tables read from every result (a wrong type there stopped a whole table with a traceback).
@@ -168,6 +171,16 @@ def result_problem(data: dict[str, Any]) -> str | None:
     for name in ("experiment", "timings", "params", "environment", "provenance"):
         if data.get(name) is not None and not isinstance(data[name], dict):
             return f'field "{name}" is not an object'
+    return None
+
+
+def _score_problem(metrics: dict[str, Any]) -> str | None:
+    """What makes one scored set's record unreadable by the tables, or None."""
+    if not _is_score(metrics.get("miou")):
+        return "miou is not a number"
+    per_class = metrics.get("per_class_iou")
+    if per_class is not None and (not isinstance(per_class, dict) or not all(_is_score(v) for v in per_class.values())):
+        return "per_class_iou is not an object of numbers"
     return None
 
 

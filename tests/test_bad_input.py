@@ -234,6 +234,7 @@ def test_a_shorthand_given_with_no_value_is_refused_not_dropped(option, tmp_path
     ("eval.crop_size=60", "eval.crop_size=60 is not a multiple of proxy_vit's patch size 8"),  # was: after training
     ("methods.rein.num_tokens=-3", "methods.rein.num_tokens=-3 is out of range"),  # was: torch's traceback
     ("methods.rein.rank=0", "methods.rein.rank=0 is out of range"),  # was: an empty module trained to the end
+    ("""model.head_options='{"channels": 0}'""", "cannot be built (ZeroDivisionError"),  # was: a traceback
 ])
 @pytest.mark.parametrize("command", ["run", "profile"])
 def test_a_setting_the_model_cannot_take_is_refused_before_any_work(command, setting, said, tmp_path, capsys,

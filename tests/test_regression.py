@@ -345,7 +345,31 @@ def test_update_says_what_moved_and_all_methods_replace_the_whole_baseline(tmp_p
     runner.results[0]["targets"]["cityscapes"]["miou"] += 0.001
     assert _check(["--baseline", str(path), "--update-baseline", "--methods", "all"]) == 0
     out = capsys.readouterr().out
-    assert "1 stored value(s) change" in out and "rein/proxy_vit/seed42: cityscapes mIoU rose" in out
+    assert "1 stored number(s) change" in out and "rein/proxy_vit/seed42: cityscapes mIoU rose" in out
     assert set(json.loads(path.read_text())["runs"]) == {"rein/proxy_vit/seed42", "freeze/proxy_vit/seed42"}
     assert _check(["--baseline", str(path), "--update-baseline"]) == 0
     assert "reproduce the previous baseline's stored values exactly" in capsys.readouterr().out
+
+
+def test_an_update_keeps_the_baselines_tolerances_and_compares_numbers_across_a_protocol_change(tmp_path, monkeypatch,
+                                                                                                capsys):
+    import benchmarks.runner
+    from benchmarks.config import load_experiment
+
+    path = tmp_path / "smoke.json"
+    first = _detailed(result())
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", FakeRunner([first]))
+    assert _check(["--baseline", str(path), "--update-baseline", "--tolerance", "0.2"]) == 0
+    stored = json.loads(path.read_text())
+    stored["tolerance_loss_relative"] = 1e-2
+    path.write_text(json.dumps(stored))
+    rerun = copy.deepcopy(first)
+    rerun["experiment"] = load_experiment("smoke", ["train.lr=2e-4"]).to_dict()  # another protocol, same numbers
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", FakeRunner([rerun]))
+    capsys.readouterr()
+    assert _check(["--baseline", str(path), "--update-baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "every stored number is the same" in out and "rein/proxy_vit/seed42: protocol" in out
+    assert "regenerate" not in out  # said during the very update that regenerates it
+    stored = json.loads(path.read_text())
+    assert (stored["tolerance_miou"], stored["tolerance_loss_relative"]) == (0.2, 1e-2)

@@ -23,11 +23,14 @@ def test_a_gpu_run_gets_workers_up_to_eight() -> None:
 def test_the_processes_of_one_node_share_its_cores() -> None:
     # Each of 4 GPU processes took 8 loader workers of a 16-core node (32 workers); 2 CPU processes on 2 cores
     # took 2 threads and a worker each.
-    four = plan(-1, "cuda", cpus=16, env={"LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"})
+    four = plan(-1, "cuda", cpus=16, env={"LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"}, sees_whole_node=True)
     assert (four.threads, four.workers) == (1, 3) and "4 for each of 4 processes" in four.reason
-    two = plan(-1, "cpu", cpus=2, env={"LOCAL_WORLD_SIZE": "2"})
+    two = plan(-1, "cpu", cpus=2, env={"LOCAL_WORLD_SIZE": "2"}, sees_whole_node=True)
     assert (two.threads, two.workers) == (1, 0)
-    assert plan(-1, "cuda", cpus=16, env={"LOCAL_WORLD_SIZE": "1"}).workers == 8
+    assert plan(-1, "cuda", cpus=16, env={"LOCAL_WORLD_SIZE": "1"}, sees_whole_node=True).workers == 8
+    # slurm bound each task to its own 8 cores already: its mask is its share, not divided again
+    bound = plan(-1, "cuda", cpus=8, env={"LOCAL_WORLD_SIZE": "4"}, sees_whole_node=False)
+    assert (bound.threads, bound.workers) == (8, 7)
 
 
 def test_a_cgroup_cpu_quota_bounds_the_cores(tmp_path) -> None:

@@ -237,3 +237,6 @@ def test_the_tasks_of_one_slurm_array_rendezvous_on_different_ports():
     ports = [rendezvous_port(f"1001_{task}") for task in range(64)]
     assert len(set(ports)) == len(ports) and all(20000 <= port < 40000 for port in ports)
     assert rendezvous_port("1001_3") == rendezvous_port("1001_3")  # every task of one job computes the same
+    # two matrices submitted one after the other: arrays N and N+1 of up to 1,001 tasks (slurm's default maximum)
+    assert not set(ports_of := [rendezvous_port(f"1001_{t}") for t in range(1001)]) & {
+        rendezvous_port(f"1002_{t}") for t in range(1001)}, len(ports_of)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.commands.run import add_method_file_argument
-from benchmarks.regression import DEFAULT_BASELINE, DEFAULT_TOLERANCE_MIOU
+from benchmarks.regression import DEFAULT_BASELINE, DEFAULT_TOLERANCE_LOSS, DEFAULT_TOLERANCE_MIOU
 
 NAME = "check"
 HELP = "re-run the smoke preset and compare with the stored baseline (exit 1 on a regression)"
@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if args.update_baseline:
         tolerance = args.tolerance if args.tolerance is not None else float(
             (baseline or {}).get("tolerance_miou", DEFAULT_TOLERANCE_MIOU))
-        fresh = make_baseline(results, preset=exp.preset, tolerance=tolerance)
+        tolerance_loss = float((baseline or {}).get("tolerance_loss_relative", DEFAULT_TOLERANCE_LOSS))
+        fresh = make_baseline(results, preset=exp.preset, tolerance=tolerance, tolerance_loss=tolerance_loss)
         if baseline is not None:
             print(_moved_since(baseline, results))
         if args.methods and args.methods != "all" and baseline is not None:
@@ -92,17 +93,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _moved_since(baseline: dict, results: list[dict]) -> str:
-    """What an update changes in the stored numbers: the baseline's runs that were re-run, compared exactly."""
-    from benchmarks.regression import compare, run_key
+    """What an update changes in the stored values: the baseline's runs that were re-run, their numbers compared
+    exactly even where the protocol or the inputs changed (which the lines before them say)."""
+    from benchmarks.regression import baseline_entry, compare, run_key
 
-    rerun = {run_key(r) for r in results}
-    previous = {**baseline, "runs": {k: v for k, v in baseline.get("runs", {}).items() if k in rerun}}
-    changed = [d for d in compare(previous, results, tolerance=0.0, tolerance_loss=0.0) if d.failing]
-    if not changed:
+    rerun = {run_key(r): r for r in results}
+    lines = []
+    previous_runs = {}
+    for key, entry in baseline.get("runs", {}).items():
+        if key not in rerun:
+            continue
+        fresh = baseline_entry(rerun[key])
+        for field in ("protocol", "inputs"):
+            if field in entry and field in fresh and entry[field] != fresh[field]:
+                lines.append(f"  - {key}: {field} {entry[field]} → {fresh[field]}")
+        previous_runs[key] = {k: v for k, v in entry.items() if k not in ("protocol", "inputs")}
+    changed = [d for d in compare({**baseline, "runs": previous_runs}, results, tolerance=0.0, tolerance_loss=0.0)
+               if d.failing]
+    lines += [f"  - {d.message}" for d in changed[:10]]
+    if len(changed) > 10:
+        lines.append(f"  - ... and {len(changed) - 10} more")
+    if not lines:
         return "the re-run runs reproduce the previous baseline's stored values exactly"
-    shown = "\n".join(f"  - {d.message}" for d in changed[:10])
-    more = f"\n  - ... and {len(changed) - 10} more" if len(changed) > 10 else ""
-    return f"{len(changed)} stored value(s) change against the previous baseline:\n{shown}{more}"
+    numbers = f"{len(changed)} stored number(s) change" if changed else "every stored number is the same"
+    return f"against the previous baseline: {numbers}\n" + "\n".join(lines)
 
 
 def _existing_baseline(args: argparse.Namespace) -> dict | None:
