@@ -215,10 +215,14 @@ def iter_results(roots: Iterable[Path]) -> list[dict[str, Any]]:
     """Every result under these folders (searched recursively) or files; damaged ones are skipped
     with a warning each."""
     found = []
+    seen: set[Path] = set()  # `--runs X --runs X/proxy` names some files twice: each is one run
     for root in roots:
         root = Path(root)
         files = [root] if root.is_file() else sorted(root.rglob("*.json"))
         for path in files:
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
             result = read_result(path)
             if result is not None:
                 found.append(result)

@@ -309,3 +309,14 @@ def test_a_result_with_a_field_of_the_wrong_type_is_skipped_and_the_table_still_
     assert out.count("| rein |") == 1 and "Seeds" not in out  # one run tabled: the good one
     warned = warnings_about(caplog, tmp_path / "bad.json")
     assert len(warned) == 2 and said in warned[0], warned  # once for each table
+
+
+def test_list_backbones_names_the_patch_inputs_must_fit_and_presets_their_whole_comment(capsys):
+    # The listing said only the native patch (14), while `--img-size` must be a multiple of the protocol's (16);
+    # a preset's description stopped at its file's first line, mid-sentence.
+    assert main(["list", "backbones"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dinov2_vitl14 "))
+    assert row.split()[2:4] == ["14", "16"]
+    assert main(["list", "presets"]) == 0
+    smoke = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("smoke "))
+    assert smoke.rstrip().endswith("a few iterations.")

@@ -571,6 +571,43 @@ def test_report_command_writes_index(tmp_path, runs, capsys):
     assert (tmp_path / "out" / "index.html").stat().st_size > 1000
 
 
+def test_figures_say_what_they_do_not_know_and_draw_names_literally():
+    # Drawn at 0 trainable parameters, a run without a count read as frozen; a missing speed as a zero-length
+    # bar; a `$` in a method's name started matplotlib's math notation (a balanced pair failed the report).
+    uncounted = make_result("rein", 1, cbm(30, 30, 30), curves=True)
+    del uncounted["params"]
+    uncounted["profile"]["eval_images_per_s"] = None
+    dollars = make_result("lora_$\\frac{1}$", 1, cbm(25, 25, 25), curves=True)
+    finished = [uncounted, dollars, make_result("freeze", 1, cbm(20, 20, 20), params=0, curves=True)]
+    figure = plots_module.miou_vs_params(finished)
+    drawn = [text.get_text() for ax in figure.axes for text in ax.texts]
+    assert "rein" not in drawn and "freeze" in drawn and "lora_\\$\\frac{1}\\$" in drawn
+    assert "not drawn, no parameter count recorded: rein" in figure._suptitle.get_text()
+    chart = plots_module.profile_chart(finished)
+    assert any(text.get_text() == "n/a" for ax in chart.axes for text in ax.texts)
+    assert all(plot.png.startswith(b"\x89PNG") for plot in plots_module.make_plots(finished))  # renders
+
+
+def test_a_report_leaves_no_figure_of_an_earlier_one_and_writes_nothing_where_its_page_cannot_go(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "proxy_G2CBM_old_miou_vs_params.png").write_bytes(b"an earlier report's figure")
+    (out / "notes.png").write_bytes(b"the user's own picture")
+    write_report([make_result("full", 1, cbm(30, 30, 30), curves=True)], out)
+    assert not (out / "proxy_G2CBM_old_miou_vs_params.png").exists() and (out / "notes.png").exists()
+    blocked = tmp_path / "blocked"
+    (blocked / "index.html").mkdir(parents=True)
+    runs = tmp_path / "runs"
+    write_result(runs / "a.json", make_result("full", 1, cbm(30, 30, 30), curves=True))
+    assert _cli(["report", "--runs", str(runs), "--out", str(blocked)]) == 2
+    assert "index.html" in capsys.readouterr().err and sorted(p.name for p in blocked.iterdir()) == ["index.html"]
+
+
+def test_a_result_named_twice_by_the_runs_given_is_read_once(tmp_path):
+    write_result(tmp_path / "proxy" / "a.json", make_result("full", 1, cbm(30, 30, 30)))
+    assert len(iter_results([tmp_path, tmp_path / "proxy", tmp_path / "proxy" / "a.json"])) == 1
+
+
 def test_latex_renderer_escapes_specials():
     from benchmarks.reports.render import Table, text_cell
 

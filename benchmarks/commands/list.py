@@ -82,8 +82,11 @@ def _backbones(args: argparse.Namespace) -> str:
     rows = []
     for name, spec in BACKBONES.items():
         fields = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(spec)
-        rows.append([name] + [fields.get(k) for k in ("timm_name", "native_patch", "embed_dim", "depth")])
-    return tabulate(rows, headers=["backbone", "timm model", "native patch", "width", "depth"])
+        patch = fields.get("protocol_patch") or fields.get("native_patch")
+        rows.append([name, fields.get("timm_name"), fields.get("native_patch"), patch, fields.get("embed_dim"),
+                     fields.get("depth")])
+    # The protocol's patch is the one inputs must be a multiple of (the 14-patch VFMs run at 16).
+    return tabulate(rows, headers=["backbone", "timm model", "native patch", "protocol patch", "width", "depth"])
 
 
 def _heads(args: argparse.Namespace) -> str:
@@ -103,6 +106,10 @@ def _presets(args: argparse.Namespace) -> str:
 
     lines = []
     for name in available_presets():
-        first = (PRESET_DIR / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")
-        lines.append(f"{name:8} {first}")
+        comment = []  # the file's opening comment, whole: its first line alone stops mid-sentence
+        for line in (PRESET_DIR / f"{name}.toml").read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("# ").strip())
+        lines.append(f"{name:8} {' '.join(part for part in comment if part)}")
     return "\n".join(lines)

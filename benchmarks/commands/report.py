@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from benchmarks.commands.table import add_runs_argument, load_runs
-from benchmarks.outputs import require_writable_folder
+from benchmarks.outputs import require_writable_file, require_writable_folder
 
 NAME = "report"
 HELP = "write a self-contained HTML report (every table and figure inline) from result files"
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.reports.html import write_report
 
     require_writable_folder(args.out, "--out")
+    require_writable_file(args.out / "index.html", "--out", "index.html")  # before any figure is written
     page = write_report(load_runs(args.runs), args.out, title=args.title)
     print(page)
     return 0

@@ -55,6 +55,11 @@ def figure_png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def _text(name: str) -> str:
+    """A method's name as matplotlib shows it literally (a `$` would start its math notation)."""
+    return str(name).replace("$", r"\$")
+
+
 def _colors(names: Iterable[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 
@@ -76,10 +81,15 @@ def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | N
     summary = summary_frame(results)
     if summary.empty or summary["average"].isna().all():
         return None
+    # A method whose runs record no parameter count has no place on this axis (drawn at 0, it read as frozen).
+    uncounted = summary.loc[summary["trainable_params_m"].isna(), "method"].tolist()
+    summary = summary[summary["trainable_params_m"].notna()]
+    if summary.empty:
+        return None
     panels = [("average", "average target mIoU (%)")]
     if "source" in summary.columns and summary["source"].notna().any():
         panels.insert(0, ("source", "held-out source mIoU (%)"))
-    params = summary["trainable_params_m"].fillna(0.0).to_numpy(dtype=float)
+    params = summary["trainable_params_m"].to_numpy(dtype=float)
     positive = params[params > 0]
     floor = (positive.min() / 10.0) if positive.size else 1e-3
     xs = np.where(params > 0, params, floor)
@@ -93,7 +103,7 @@ def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | N
             std = row[f"{column}_std"] if not math.isnan(row[f"{column}_std"]) else None
             ax.errorbar([x], [row[column]], yerr=None if std is None else [[std], [std]], fmt="o",
                         color=colors[row["method"]], capsize=3, markersize=7)
-            ax.annotate(row["method"], (x, row[column]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            ax.annotate(_text(row["method"]), (x, row[column]), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_xscale("log")
         ax.margins(x=0.15, y=0.12)
         if (params <= 0).any():
@@ -103,7 +113,8 @@ def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | N
         ax.set_xlabel("backbone-side trainable parameters (M, log scale)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(title or "mIoU vs trainable parameters", fontsize=9)
+    missing = f" (not drawn, no parameter count recorded: {', '.join(uncounted)})" if uncounted else ""
+    fig.suptitle(_text((title or "mIoU vs trainable parameters") + missing), fontsize=9)
     return fig
 
 
@@ -125,7 +136,7 @@ def per_class_heatmap(results: list[dict[str, Any]], title: str = "") -> Figure 
         sub = frame[frame["target"] == target].pivot_table(index="method", columns="class", values="iou", dropna=False)
         grid = sub.reindex(index=methods, columns=classes).to_numpy(dtype=float)
         image = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=100, cmap="viridis", aspect="auto")
-        ax.set_yticks(range(len(methods)), labels=methods, fontsize=7)
+        ax.set_yticks(range(len(methods)), labels=[_text(m) for m in methods], fontsize=7)
         ax.set_xticks(range(len(classes)), labels=classes if last else [], fontsize=7, rotation=60, ha="right")
         ax.set_title(f"{target_label(target)} ({target})", fontsize=8)
         for (i, j), value in np.ndenumerate(grid):
@@ -134,7 +145,7 @@ def per_class_heatmap(results: list[dict[str, Any]], title: str = "") -> Figure 
                         color="white" if value < 60 else "black")
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="IoU (%)", shrink=0.8)
-    fig.suptitle(title or "per-class IoU", fontsize=9)
+    fig.suptitle(_text(title or "per-class IoU"), fontsize=9)
     return fig
 
 
@@ -172,15 +183,15 @@ def training_curves(results: list[dict[str, Any]], title: str = "") -> Figure | 
             label = method if (ax_index, method) not in labelled else None
             labelled.add((ax_index, method))
             xs, ys = zip(*sorted(points), strict=False)
-            axes[ax_index].plot(xs, ys, color=colors[method], label=label, linewidth=1.2,
+            axes[ax_index].plot(xs, ys, color=colors[method], label=None if label is None else _text(label), linewidth=1.2,
                                 marker="o" if len(xs) < 12 else None, markersize=3)
     for ax, panel in zip(axes, panels, strict=False):
         ax.set_xlabel("iteration")
         ax.set_ylabel("training loss" if panel == "loss" else "held-out source mIoU (%)" if panel == "source_heldout"
                       else f"{target_label(panel)} mIoU (%)")
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title or "training curves", fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper right")  # a loss falls: its upper right is the emptiest corner
+    fig.suptitle(_text(title or "training curves"), fontsize=9)
     return fig
 
 
@@ -207,15 +218,19 @@ def profile_chart(results: list[dict[str, Any]], title: str = "") -> Figure | No
         for method in methods:
             found = [_number((r.get("profile") or {}).get(key)) for r in finished if method_name(r) == method]
             found = [v for v in found if v is not None]
-            values.append(sum(found) / len(found) if found else 0.0)
+            values.append(sum(found) / len(found) if found else math.nan)
         ax.barh(range(len(methods)), values, color=[colors[m] for m in methods])
-        ax.set_yticks(range(len(methods)), labels=methods if ax is axes[0] else [""] * len(methods), fontsize=7)
+        for row, value in enumerate(values):
+            if math.isnan(value):  # not measured: said, not drawn as a zero-length bar
+                ax.annotate("n/a", (0, row), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7, color="0.4")
+        ax.set_yticks(range(len(methods)), labels=[_text(m) for m in methods] if ax is axes[0] else [""] * len(methods),
+                      fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel(label, fontsize=8)
         ax.grid(True, axis="x", alpha=0.3)
     devices = sorted({str((r.get("profile") or {}).get("device", "?")) for r in finished})
     dtypes = sorted({str((r.get("profile") or {}).get("dtype", "?")) for r in finished})
-    fig.suptitle(f"{title or 'speed and memory'} — device {', '.join(devices)}, dtype {', '.join(dtypes)}", fontsize=9)
+    fig.suptitle(_text(f"{title or 'speed and memory'} — device {', '.join(devices)}, dtype {', '.join(dtypes)}"), fontsize=9)
     return fig
 
 
@@ -229,7 +244,7 @@ def _number(value: Any) -> float | None:
 FIGURES = (
     ("miou_vs_params", "Source and target mIoU vs trainable parameters (Rein's Fig. 5)", miou_vs_params),
     ("per_class_iou", "Per-class IoU", per_class_heatmap),
-    ("training_curves", "Training loss and target mIoU", training_curves),
+    ("training_curves", "Training curves", training_curves),
     ("profile", "Speed and memory", profile_chart),
 )
 
@@ -252,8 +267,16 @@ def make_plots(results: Iterable[dict[str, Any]]) -> list[Plot]:
 
 
 def save_plots(plots: Iterable[Plot], out_dir: Path) -> list[Path]:
+    """The figures as PNG files in `out_dir`, where the figures of an earlier report that this one has not are
+    removed (a page beside the PNGs of another one's protocols misleads whoever opens the folder)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plots = list(plots)
+    ours = {f"{plot.name}.png" for plot in plots}
+    for kind, _, _ in FIGURES:
+        for earlier in out_dir.glob(f"*_{kind}.png"):
+            if earlier.name not in ours:
+                earlier.unlink(missing_ok=True)
     paths = []
     for plot in plots:
         path = out_dir / f"{plot.name}.png"
