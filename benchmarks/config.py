@@ -247,7 +247,10 @@ def apply_override(experiment: Experiment, item: str) -> Experiment:
     section, name = parts
     cls = _section_type(section)
     _checked(cls, {name: None}, section, f"override {item!r}")
-    value = _coerce(cls, name, _parse_literal(text), f"override {item!r}")
+    parsed = _parse_literal(text)
+    if (section, name) == ("model", "head_options") and isinstance(parsed, dict):
+        parsed = json.dumps(parsed)  # `--set model.head_options={}` as a shell leaves it (its quotes stripped)
+    value = _coerce(cls, name, parsed, f"override {item!r}")
     return dataclasses.replace(experiment, **{section: dataclasses.replace(getattr(experiment, section), **{name: value})})
 
 

@@ -258,3 +258,11 @@ def test_a_warm_up_longer_than_the_schedule_is_refused(tmp_path, capsys):
     line = error_line(err)
     assert code == 2 and "train.warmup_iters=120 exceeds train.iters=100" in line and "warmup_iters=10" in line, line
     assert out == "" and not (tmp_path / "runs").exists()
+
+
+def test_switching_the_proxy_to_mask2former_as_the_readme_writes_it(capsys):
+    # The README's and the error's spelling, as a shell passes it (quotes stripped): it was refused as "must be str".
+    code, out, err = run_cli(["run", "--preset", "smoke", "--methods", "rein", "--set", "model.head=mask2former",
+                              "--set", "model.head_options={}", "--dry-run"], capsys)
+    assert code == 0, err
+    assert '"head": "mask2former"' in out and '"head_options": "{}"' in out

@@ -44,7 +44,7 @@ def build_head(name: str, in_channels: int | list[int], num_classes: int, **kwar
     bad = sorted(set(kwargs) - set(valid))
     if bad:
         raise UserError(f"head {name!r} has no setting {', '.join(bad)} (valid: {', '.join(valid)}); set "
-                        f"model.head_options to this head's, e.g. --set model.head_options='{{}}' for its defaults")
+                        f"model.head_options to this head's, e.g. --set model.head_options={{}} for its defaults")
     try:
         return cls(in_channels, num_classes, **kwargs)
     except ValueError as err:  # a head's constructor names the setting and its valid values
