@@ -389,7 +389,7 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         return coerce_value(expected, value)
     except (TypeError, ValueError):
         shown = str(expected).replace("typing.", "") if typing.get_origin(expected) else expected.__name__
-        raise UserError(f"{source}: {name} must be {shown}, got {value!r}") from None
+        raise UserError(f"{source}: {name} must be {shown}, got {value!r}; give it a value of that type") from None
 
 
 def coerce_value(expected: Any, value: Any) -> Any:

@@ -367,7 +367,8 @@ def _typed(method: str, key: str, expected: type, value: Any) -> Any:
         return coerce_value(expected, value)
     except (TypeError, ValueError):
         raise UserError(
-            f"methods.{method}.{key} must be {getattr(expected, '__name__', expected)}, got {value!r}"
+            f"methods.{method}.{key} must be {getattr(expected, '__name__', expected)}, got {value!r}; fix it with "
+            f"--set methods.{method}.{key}=... (`list methods` shows its default)"
         ) from None
 
 

@@ -360,7 +360,8 @@ def _count(value: Any) -> str:
 
 
 def format_report(diffs: list[Difference], baseline: dict[str, Any], compared: int,
-                  environment: dict[str, Any] | None = None) -> str:
+                  environment: dict[str, Any] | None = None,
+                  update_command: str = "python -m benchmarks check --update-baseline") -> str:
     """The readable verdict: what failed, what is only noted, and environment drift as context."""
     failing = [d for d in diffs if d.failing]
     notes = [d for d in diffs if not d.failing]
@@ -379,7 +380,7 @@ def format_report(diffs: list[Difference], baseline: dict[str, Any], compared: i
         lines.append("environment differs from the baseline's (may explain small mIoU moves):")
         lines.extend(f"  - {line}" for line in drift)
     if failing:
-        lines.append("if the change is intended, rewrite the baseline: python -m benchmarks check --update-baseline")
+        lines.append(f"if the change is intended, rewrite the baseline: {update_command}")
     else:
         lines.append("OK: no regression")
     return "\n".join(lines)

@@ -373,3 +373,18 @@ def test_an_update_keeps_the_baselines_tolerances_and_compares_numbers_across_a_
     assert "regenerate" not in out  # said during the very update that regenerates it
     stored = json.loads(path.read_text())
     assert (stored["tolerance_miou"], stored["tolerance_loss_relative"]) == (0.2, 1e-2)
+
+
+def test_a_regressions_update_command_is_the_users_own_check(tmp_path, monkeypatch, fresh, capsys):
+    # The bare `check --update-baseline` it printed, pasted, reran every method and rewrote the project's baseline.
+    import benchmarks.runner
+
+    path = tmp_path / "mine.json"
+    runner = FakeRunner(fresh)
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
+    assert _check(["--baseline", str(path), "--update-baseline"]) == 0
+    runner.results[0]["targets"]["cityscapes"]["miou"] += 5
+    assert _check(["--baseline", str(path), "--methods", "rein", "--set", "train.iters=7"]) == 1
+    out = capsys.readouterr().out
+    assert (f"python -m benchmarks check --update-baseline --baseline {path} --methods rein --set train.iters=7"
+            in out), out

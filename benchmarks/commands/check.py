@@ -88,8 +88,28 @@ def run(args: argparse.Namespace) -> int:
         baseline = {**baseline, "tolerance_miou": args.tolerance}
     diffs = compare(baseline, results)
     environment = next((r.get("environment") for r in results if r.get("environment")), {})
-    print(format_report(diffs, baseline, compared=len(results), environment=environment))
+    print(format_report(diffs, baseline, compared=len(results), environment=environment,
+                        update_command=_update_command(args)))
     return 1 if any(d.failing for d in diffs) else 0
+
+
+def _update_command(args: argparse.Namespace) -> str:
+    """The command that rewrites what this check compared: the user's own baseline, preset, methods and settings
+    (the bare command would rerun every method and rewrite the project's baseline)."""
+    import shlex
+
+    parts = ["python", "-m", "benchmarks", "check", "--update-baseline"]
+    if args.baseline != DEFAULT_BASELINE:
+        parts += ["--baseline", str(args.baseline)]
+    if args.preset != "smoke":
+        parts += ["--preset", args.preset]
+    if args.methods:
+        parts += ["--methods", args.methods]
+    for override in args.overrides:
+        parts += ["--set", override]
+    for method_file in getattr(args, "method_files", None) or []:
+        parts += ["--method-file", str(method_file)]
+    return shlex.join(parts)
 
 
 def _moved_since(baseline: dict, results: list[dict]) -> str:
