@@ -162,3 +162,20 @@ def test_spellings_of_one_run_name_one_run():
     assert run_hash("methods.rein.num_tokens=50", methods="lora,rein") == plain  # another method's, for its own runs
     assert run_hash("run.backbones=['proxy_vit','dinov2_vits14']",
                     "model.weights=['dinov2_vits14=/elsewhere/dinov2_vits14.pth']") == plain
+
+
+def test_nothing_is_downloaded(smoke_experiment, monkeypatch, capsys):
+    # The README's promise: a run on the embedded world, and the paper preset's models, need no network.
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a network connection was attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    (result,) = runner.run_matrix(smoke_experiment, "rein", progress=False)
+    assert result["status"] == "finished"
+    code, out, err = run_cli(["run", "--preset", "paper", "--methods", "rein", "--weights", "dinov2_vitl14=random",
+                              "--dry-run"], capsys)
+    assert code == 0 and "mask2former" in out, err
