@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.errors import UserError
+from benchmarks.errors import UserError, refused_pickle
 from benchmarks.storage import is_out_of_space, out_of_space_error
 
 log = logging.getLogger(__name__)
@@ -187,9 +187,8 @@ def load_plain(path: Path, what: str, remove: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(
-            f"{what} {path} refused: it holds pickled Python objects, not plain tensors ({first[:120]}); "
+            f"{what} {path} refused: it holds pickled Python objects, not plain tensors ({refused_pickle(err)}); "
             f"delete {remove} if you did not write it"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:

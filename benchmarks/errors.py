@@ -5,6 +5,8 @@ checkpoint) raises `UserError` with one line naming the thing and the fix. The C
 that line on stderr and exit code 2; everything else is a bug and keeps its traceback.
 """
 
+import re
+
 
 class UserError(Exception):
     """A mistake in the user's input; the message says what was wrong and how to fix it."""
@@ -32,3 +34,14 @@ def user_line(err: UserError) -> str:
     last = text.rstrip().splitlines()[-1]
     _, found, line = last.partition(f"{UserError.__name__}: ")
     return line if found else last
+
+
+def refused_pickle(err: BaseException) -> str:
+    """What torch's weights-only loader refused, in a few words for a one-line error: the pickled global it met
+    ("a pickled mymodule.Trainer"), else its message's first sentence (torch's whole text runs to a paragraph,
+    with terminal colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"a pickled {found.group(1)}"
+    return (text.split(". ")[0] if text else type(err).__name__)[:120]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.errors import UserError
+from benchmarks.errors import UserError, refused_pickle
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,9 @@ def read_state_dict(path: str | Path) -> StateDict:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             # weights_only refuses unknown globals before constructing them: nothing was executed.
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(
                 f"weights file {path} refused: it contains pickled Python objects, not just tensors "
-                f"({first[:160]}); re-save it as a plain state dict (torch.save(model.state_dict())) or safetensors"
+                f"({refused_pickle(exc)}); re-save it as a plain state dict (torch.save(model.state_dict())) or safetensors"
             ) from exc
         except Exception as exc:
             if _is_torchscript(path):
