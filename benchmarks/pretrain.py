@@ -842,15 +842,15 @@ def finished_stages(stages: list[PretrainConfig], out: Path, first_stage: int = 
 
 
 def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu", first_stage: int = 1,
-                    keep_finished: bool = True) -> dict:
+                    finished: list[dict] | None = None) -> dict:
     """Run `stages` in turn, each continuing from the one before (an `init` of "stage<k>" names the
     output of stage k); the last stage writes `out`, earlier ones `<out stem>-stage<k>.safetensors`.
     The file beside `out` (`.json`) keeps every stage's recipe, cost and loss history, those before
-    `first_stage` taken from the record of the checkpoint the first stage starts from. With
-    `keep_finished`, the stages an earlier run of this recipe finished (`finished_stages`) are kept, not
-    trained again."""
+    `first_stage` taken from the record of the checkpoint the first stage starts from. The stages an earlier
+    run of this recipe finished are kept, not trained again: `finished` (default: `finished_stages`; [] trains
+    every stage)."""
     out = Path(out)
-    kept = finished_stages(stages, out, first_stage) if keep_finished else []
+    kept = finished_stages(stages, out, first_stage) if finished is None else finished
     outputs: dict[str, Path] = {}
     reports: list[dict] = []
     last_stage = first_stage + len(stages) - 1

@@ -103,16 +103,11 @@ def baseline_entry(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def protocol_hash(result: dict[str, Any]) -> str | None:
-    """The run's configuration hash with the data folder's path left out: the same protocol run on a world
-    elsewhere (`--set data.root=...`) computes the same numbers, which `inputs` checks by the data's pairs."""
-    from benchmarks.config import experiment_from_dict
+    """The run's protocol as the tables tell protocols apart (`reports.grouping.protocol_of`: the configuration
+    without what cannot change the numbers, such as the data folder's path, whose pairs `inputs` checks)."""
+    from benchmarks.reports.grouping import protocol_of
 
-    raw = result.get("experiment")
-    if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
-        return None
-    exp = experiment_from_dict({**raw, "data": {**raw["data"], "root": ""}}, source="result",
-                               name=str(result.get("preset") or "custom"))
-    return exp.config_hash()
+    return protocol_of(result).fingerprint or None
 
 
 def inputs_of(result: dict[str, Any]) -> dict[str, Any] | None:

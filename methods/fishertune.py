@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
+from benchmarks.config import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, Bound
 from benchmarks.errors import UserError
 from benchmarks.method import Method, TrainContext, no_decay_names, register_method, split_decay_groups
 
@@ -107,21 +108,10 @@ class FisherTuneConfig:
             raise bad("candidates", f"is unknown; use one of {', '.join(CANDIDATE_SETS)}")
         if not 0.0 < self.delta_min <= self.delta_max <= 1.0:
             raise bad("delta_min", f"must satisfy 0 < delta_min <= delta_max ({self.delta_max}) <= 1")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise bad("warmup_fraction", "must be in [0, 1)")
-        if not self.growth_fraction > 0.0:  # written so that NaN fails too
-            raise bad("growth_fraction", "must be > 0")
-        if self.estimation_batches < 1:
-            raise bad("estimation_batches", "must be >= 1")
-        if not (self.prior_variance > 0.0 and self.variational_init_std > 0.0):
-            raise bad("prior_variance", "and variational_init_std must be > 0")
-        for field, bound in (("eps_mu", 0.0), ("eps_sigma", 0.0), ("variational_steps", 0)):
-            if not getattr(self, field) >= bound:
-                raise bad(field, f"must be >= {bound}")
-        for field in ("gamma", "eps", "dsu_eps", "variational_lr", "variational_data_size"):
-            if not getattr(self, field) > 0.0:
-                raise bad(field, "must be > 0")
-        if self.variational_init_std ** -2 <= 1.0 / self.prior_variance:
+        # Each number's own range is `FisherTune.hyperparameter_ranges`, checked when the method is built;
+        # what is checked here involves several settings, or names.
+        positive = self.prior_variance > 0.0 and self.variational_init_std > 0.0
+        if positive and self.variational_init_std ** -2 <= 1.0 / self.prior_variance:
             raise bad("variational_init_std", f"must be below the prior std {math.sqrt(self.prior_variance):g}")
         parse_block_spec(self.perturb_blocks, depth=10**6, taps=())
 
@@ -382,6 +372,12 @@ class FisherTune(Method):
     name = "fishertune"
     paper = "FisherTune: Fisher-Guided Robust Tuning of Vision Foundation Models for DGSS (CVPR 2025)"
     Config = FisherTuneConfig
+    hyperparameter_ranges = {
+        "warmup_fraction": Bound(0, 1, high_open=True), "growth_fraction": POSITIVE, "estimation_batches": AT_LEAST_ONE,
+        "eps_mu": NOT_NEGATIVE, "eps_sigma": NOT_NEGATIVE, "prior_variance": POSITIVE, "gamma": POSITIVE,
+        "eps": POSITIVE, "dsu_eps": POSITIVE, "variational_steps": NOT_NEGATIVE, "variational_lr": POSITIVE,
+        "variational_init_std": POSITIVE, "variational_data_size": POSITIVE,
+    }
 
     def __init__(self, config: FisherTuneConfig | None = None, **overrides: Any):
         super().__init__(config, **overrides)

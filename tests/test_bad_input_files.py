@@ -109,7 +109,8 @@ def pretraining_calls(monkeypatch) -> list:
 
     calls: list = []
 
-    def record(stages, out, device="cpu", first_stage=1, keep_finished=True):
+    def record(stages, out, device="cpu", first_stage=1, finished=None):
+        keep_finished = finished is None or bool(finished)  # whether what an earlier run finished is kept
         calls.append((stages, Path(out), first_stage, keep_finished))
         return {"recorded": True}
 

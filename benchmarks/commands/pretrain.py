@@ -126,13 +126,11 @@ def _check_stage(stage: PretrainConfig) -> None:
                         f"{stage.crop_size}-pixel crop; pass at least {1 / patches:g}")
 
 
-def _refuse_to_overwrite(out: Path, stages: list[PretrainConfig], first_stage: int) -> int:
+def _refuse_to_overwrite(out: Path, stages: list[PretrainConfig], first_stage: int, kept: int) -> None:
     """Stop before anything is rendered if a file this pretraining writes exists, except the checkpoints (and
-    records) of the stages an earlier run of this very recipe finished: those are kept, and it goes on after
-    them. Returns how many are kept."""
-    from benchmarks.pretrain import finished_stages, stage_checkpoint
+    records) of the `kept` stages an earlier run of this very recipe finished: it goes on after them."""
+    from benchmarks.pretrain import stage_checkpoint
 
-    kept = len(finished_stages(stages, out, first_stage))
     last_stage = first_stage + len(stages) - 1
     written = []
     for number in range(first_stage + kept, last_stage + 1):
@@ -144,11 +142,10 @@ def _refuse_to_overwrite(out: Path, stages: list[PretrainConfig], first_stage: i
         which = "them" if more else "it"
         raise UserError(f"{existing[0]} exists{more} and is not a stage this recipe finished; pass --overwrite "
                         f"to replace {which}, or --out PATH to write elsewhere")
-    return kept
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.pretrain import PROXY_RECIPE, another_round, pretrain_recipe
+    from benchmarks.pretrain import PROXY_RECIPE, another_round, finished_stages, pretrain_recipe
 
     # Only the numeric fields are options of their own (`--init` is the stage's starting checkpoint, below).
     overrides = {name: getattr(args, name) for name in OPTION_BOUNDS if getattr(args, name, None) is not None}
@@ -178,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = str(select_device(args.device, "--device"))  # before minutes of rendering: a typo, or no CUDA here
     require_writable_file(args.out, "--out", SHIPPED.name)
+    finished = [] if args.overwrite else finished_stages(stages, args.out, first + 1)  # read once: sha256 of files
     if not args.overwrite:
-        _refuse_to_overwrite(args.out, stages, first + 1)
-    report = pretrain_recipe(stages, args.out, device=device, first_stage=first + 1, keep_finished=not args.overwrite)
+        _refuse_to_overwrite(args.out, stages, first + 1, kept=len(finished))
+    report = pretrain_recipe(stages, args.out, device=device, first_stage=first + 1, finished=finished)
     print(json.dumps(report, indent=2))
     return 0

@@ -70,24 +70,22 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "github") -> str:
     return tabulate(table, headers=headers, tablefmt=fmt, disable_numparse=True)
 
 
-BDD100K_NATIVE = (720, 1280)
-"""(height, width) of BDD100K's images, which the protocol scores at their own size (no fitting)."""
-
-
 def conventions(rows: list[dict[str, Any]], exp: Experiment) -> list[str]:
     """What the table's columns count, in its own file: a reader of the numbers needs no source."""
     from benchmarks.synthetic_inputs import eval_image_size, window_count
+    from datasets.synthetic import PAPER_RESOLUTIONS  # the real datasets' sizes; BDD100K is scored at its own
 
     height, width = eval_image_size(exp)
     windows = window_count(height, width, exp.eval.crop_size, exp.eval.stride)
-    bdd = window_count(*BDD100K_NATIVE, exp.eval.crop_size, exp.eval.stride)
+    bdd_width, bdd_height = PAPER_RESOLUTIONS.bdd100k
+    bdd = window_count(bdd_height, bdd_width, exp.eval.crop_size, exp.eval.stride)
     lines = [
         "Conventions:",
         "- FLOPs: 2 per multiply-add (torch's flop counter); a training step's in the method's main phase, the one "
         "timed (from half the schedule).",
         f"- eval: one image of {width}×{height} (`eval.fit_size`: Cityscapes' and Mapillary's evaluated size), "
         f"{windows} window(s) of {exp.eval.crop_size} at stride {exp.eval.stride}. BDD100K is scored at its images' "
-        f"own size, {BDD100K_NATIVE[1]}×{BDD100K_NATIVE[0]} in the real release: {bdd} window(s), "
+        f"own size, {bdd_width}×{bdd_height} in the real release: {bdd} window(s), "
         f"{bdd / windows:.2f}× the time and FLOPs of a row's eval figures.",
     ]
     if any(r.get("train_images_per_s") for r in rows):
