@@ -293,6 +293,33 @@ def test_csv_is_the_numbers_at_full_precision(runs, tmp_path):
     assert set(frame["method"]) == {"rein", "full", "freeze"}
 
 
+@pytest.mark.parametrize("view", [{}, {"per_class": True}, {"published": True}])
+def test_csv_over_failed_runs_only_is_a_header_and_a_warning(view, caplog):
+    """Every run failed: the CSV still names its columns (a reader gets a frame, not a parse error) and stderr
+    says why it has no rows, instead of a blank line."""
+    failed = [make_result("vpt", 1, {}, status="failed", failure="loss diverged")]
+    with caplog.at_level("WARNING"):
+        text = build_tables(failed, fmt="csv", **view)
+    frame = pd.read_csv(pd.io.common.StringIO(text))
+    assert frame.empty and {"preset", "setting", "backbone", "method"} <= set(frame.columns)
+    assert "no finished run" in caplog.text and "1 failed" in caplog.text
+
+
+def test_published_view_over_failed_runs_only_says_so():
+    failed = [make_result("vpt", 1, {}, status="failed", failure="loss diverged")]
+    for fmt in ("markdown", "latex"):
+        text = build_tables(failed, fmt=fmt, published=True)
+        assert "No finished runs" in text and "failed: vpt seed 1" in text
+
+
+def test_published_csv_without_a_matching_paper_row_names_its_columns(caplog):
+    runs = [make_result("mystery", 1, cbm(1, 2, 3))]
+    with caplog.at_level("WARNING"):
+        frame = pd.read_csv(pd.io.common.StringIO(build_tables(runs, fmt="csv", published=True)))
+    assert frame.empty and {"method", "average_published", "average_harness"} <= set(frame.columns)
+    assert "no published numbers" in caplog.text
+
+
 def test_per_class_table_means_and_best(runs):
     runs = [
         make_result("a", 1, cbm(55, 10, 10), per_class={"cityscapes": {"road": 90.0, "sidewalk": None, "car": 20.0}}),

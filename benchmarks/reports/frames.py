@@ -26,6 +26,16 @@ from benchmarks.reports.grouping import (
 
 PUBLISHED_CSV = Path(__file__).resolve().parents[2] / "results" / "published.csv"
 
+# The columns every frame has, whatever the runs: what an empty frame still names, so that its CSV is a
+# header a reader can parse rather than a blank line.
+SUMMARY_COLUMNS = [*PROTOCOL_COLUMNS, "method", "role", "seeds", "provenances", "method_versions",
+                   "trainable_params_m", "average", "average_std"]
+PER_CLASS_COLUMNS = [*PROTOCOL_COLUMNS, "method", "target", "class", "class_index", "iou", "iou_std", "seeds"]
+COMPARISON_COLUMNS = [*PROTOCOL_COLUMNS, "method", "seeds",
+                      *(f"{metric}_{side}" for metric in ("params_m", "average")
+                        for side in ("published", "harness", "delta")),
+                      "source", "verified"]
+
 
 def _average(result: dict[str, Any]) -> float | None:
     if result.get("average_miou") is not None:
@@ -79,7 +89,7 @@ def summary_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
             rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return frame
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
     frame = frame.sort_values([*PROTOCOL_COLUMNS, "average"], ascending=[True] * len(PROTOCOL_COLUMNS) + [False],
                               na_position="last")
     return frame.reset_index(drop=True)
@@ -130,7 +140,7 @@ def per_class_frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "class": cls, "class_index": order[(method, target, cls)], "iou": mean, "iou_std": std,
                 "seeds": len(values),
             })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=PER_CLASS_COLUMNS)
 
 
 def load_published(path: Path | str | None = None) -> pd.DataFrame:
@@ -153,7 +163,7 @@ def comparison_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataF
     `<x>_published`, `<x>_harness`, `<x>_delta` (harness − published), then source and verified.
     """
     if summary.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
     # published.csv's `source` is the citation; the summary's is the held-out source score.
     citations = published.rename(columns={"source": "citation"})
     merged = summary.merge(citations, on=["setting", "backbone", "method"], how="inner", suffixes=("", "_pub"))
@@ -170,7 +180,7 @@ def comparison_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataF
             out[f"{name}_delta"] = ours - theirs if _is_number(ours) and _is_number(theirs) else math.nan
         out["source"], out["verified"] = row["citation"], row["verified"]
         rows.append(out)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=COMPARISON_COLUMNS)
 
 
 def _is_number(value: Any) -> bool:

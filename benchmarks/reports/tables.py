@@ -21,6 +21,7 @@ Built on `grouping` (which runs share a table), `frames` (their numbers, the CSV
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,6 +51,7 @@ from benchmarks.reports.grouping import (
 from benchmarks.reports.render import MISSING, Cell, Table, mark_best, render, text_cell
 
 FORMATS = ("markdown", "latex", "csv", "html")
+log = logging.getLogger(__name__)
 
 # A proxy backbone → the published backbone whose role it plays (benchmarks/backbones.py: proxy_vit is
 # the small ViT pretrained to stand in for DINOv2-L on a CPU).
@@ -336,8 +338,7 @@ def leaderboard(results: Iterable[dict[str, Any]], fmt: str = "markdown", settin
     """The main table of every protocol of `setting` (all settings when None), failed runs below."""
     results = list(results)
     if fmt == "csv":
-        summary = summary_frame([r for r in results if setting is None or r.get("setting") == setting])
-        return summary.to_csv(index=False)
+        return _csv(summary_frame(_of_setting(results, setting)), results, setting)
     tables = main_tables(results, setting=setting)
     if not tables:
         where = f" for setting {setting}" if setting else ""
@@ -358,14 +359,40 @@ def build_tables(results: Iterable[dict[str, Any]], *, fmt: str = "markdown", pe
             summary = summary_frame(results)
             if setting is not None and not summary.empty:
                 summary = summary[summary["setting"] == setting]
-            return comparison_frame(summary, pub).to_csv(index=False)
-        return render(published_tables(results, pub, setting=setting), fmt)
+            comparison = comparison_frame(summary, pub)
+            if comparison.empty and not summary.empty:
+                log.warning("no published numbers for the runs' (setting, backbone): the CSV has a header only "
+                            "(the markdown view ranks a proxy backbone's runs beside the papers')")
+            return _csv(comparison, results, setting)
+        tables = published_tables(results, pub, setting=setting)
+        if not tables:
+            failures = [n for _, members in group_results(_of_setting(results, setting)).items()
+                        for n in _unfinished_notes(split_runs(members)[1])[1:]]
+            text = "\n".join(["No finished runs to set beside the papers.", *failures])
+            return text if fmt == "markdown" else "\n".join(f"% {line}" for line in text.splitlines())
+        return render(tables, fmt)
     if per_class:
         if fmt == "csv":
             frame = per_class_frame(results)
             if setting is not None and not frame.empty:
                 frame = frame[frame["setting"] == setting]
-            return frame.drop(columns=["class_index"], errors="ignore").to_csv(index=False)
+            return _csv(frame.drop(columns=["class_index"]), results, setting)
         tables = per_class_tables(results, setting=setting)
         return render(tables, fmt) if tables else "No per-class results.\n"
     return leaderboard(results, fmt=fmt, setting=setting)
+
+
+def _of_setting(results: list[dict[str, Any]], setting: str | None) -> list[dict[str, Any]]:
+    return [r for r in results if setting is None or r.get("setting") == setting]
+
+
+def _csv(frame: pd.DataFrame, results: list[dict[str, Any]], setting: str | None) -> str:
+    """The frame as CSV; when it has no rows because no run finished, stderr says so (stdout stays CSV)."""
+    considered = _of_setting(results, setting)
+    if frame.empty and not any(r.get("status") == "finished" for r in considered):
+        statuses = pd.Series([str(r.get("status")) for r in considered], dtype="object").value_counts()
+        counted = ", ".join(f"{n} {status}" for status, n in statuses.items()) or "none"
+        where = f" of setting {setting}" if setting else ""
+        log.warning("no finished run among the results%s (%s): the CSV has a header only; "
+                    "`table` (markdown) lists why each run did not finish", where, counted)
+    return frame.to_csv(index=False)
