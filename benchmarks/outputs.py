@@ -3,12 +3,13 @@
 A results folder that is a file, a table path that is a folder, a folder nobody may write into: each
 is one `UserError` line naming the option and the path before training, rendering or generating
 starts, instead of a traceback at the first write (after the work, or with half of the output
-written). Nothing is created here: a refused command leaves no empty folder behind.
+written). Nothing is left here: a refused command leaves no empty folder behind.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from benchmarks.errors import UserError
@@ -31,6 +32,11 @@ def _folder_problem(folder: Path) -> tuple[Path, str] | None:
         return existing, "is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return existing, "is not writable"
+    try:  # access() answers from the mode bits, which root passes on /proc, a read-only bind or root-squashed NFS
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return existing, f"is not writable ({err.strerror or err})"
     return None
 
 

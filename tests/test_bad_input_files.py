@@ -349,6 +349,16 @@ def test_run_results_dir_read_only_is_one_line(tiny_world, tmp_path, capsys, no_
         results.chmod(0o755)
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder no file can be created in")
+def test_report_into_a_folder_whose_mode_allows_writing_but_refuses_it_is_one_line(runs_dir, capsys):
+    """/proc passes access(W_OK) as root; creating a file there fails all the same (so does a read-only bind
+    mount or root-squashed NFS): refused before any figure is drawn."""
+    code, _, err = _cli(["report", "--runs", str(runs_dir), "--out", "/proc/dgss-report"], capsys)
+    line = _error_line(err)
+    assert code == 2 and "--out /proc/dgss-report" in line and "not writable" in line, line
+    assert not Path("/proc/dgss-report").exists()
+
+
 @pytest.fixture
 def runs_dir(tmp_path) -> Path:
     from benchmarks.results import write_result
