@@ -62,10 +62,12 @@ class Mapillary(Adapter):
             image_dir, label_dir = self.prepared_dir / "images", self.prepared_dir / "labels"
             images = images_by_name(self.scan(image_dir))
             labels = index_by_name(self.scan(label_dir, (".png",)), [("", "train_ids")])
-            return self.match(
+            pairs = self.match(
                 images, labels, image_dir, label_dir, "<stem>.png (train ids)",
                 "delete mapillary/half and re-run `python -m benchmarks data convert mapillary-half`",
             )
+            self._require_whole_copy(pairs)
+            return pairs
         split_dir = self._require_dir(
             self.base / self.split_folder, self.split_folder,
             f"extract the Mapillary Vistas v1.2 archive so that mapillary/{self.split_folder}/ exists",
@@ -89,6 +91,22 @@ class Mapillary(Adapter):
             images, labels, image_dir, label_dir, "<stem>.png (palette of v1.2 class ids)",
             "restore the Mapillary v1.2 labels for those images",
         )
+
+    def _require_whole_copy(self, prepared: list[Pair]) -> None:
+        """The halved copy holds a pair for every image of the split it was made from: an interrupted convert
+        leaves a part of it, which a run would otherwise score as the whole split. Without the originals (deleted
+        after the convert to save disk) there is nothing to compare it with, and the copy is the split."""
+        original_dir = self.base / self.split_folder / "images"
+        if not original_dir.is_dir():
+            return
+        expected = images_by_name(self.scan(original_dir))
+        absent = sorted(set(expected) - {pair.name for pair in prepared})
+        if absent:
+            raise UserError(
+                f"{self.prepared_dir} holds {len(expected) - len(absent)} of the {len(expected)} pairs of "
+                f"{self.base / self.split_folder} (not {absent[0]}; an interrupted convert?); complete it with "
+                f"`python -m benchmarks data convert mapillary-half --root {self.root}`"
+            )
 
     def halves_on_the_fly(self, pair: Pair) -> bool:
         """Whether `pair` is halved as it loads: at half resolution, unless it was found in the prepared

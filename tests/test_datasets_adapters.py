@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.commands.data import run_check
 from benchmarks.errors import UserError
 from datasets.base import SegmentationDataset
 from datasets.registry import ADAPTERS, find_datasets, get_adapter
@@ -410,3 +411,36 @@ def test_check_names_the_label_it_cannot_read(tmp_path):
     problems = adapter.check(sample=1, pairs=adapter.pairs())  # pair 0 decoded, pair 1 read by its headers only
     assert problems == [p for p in problems if p.startswith(f"{tmp_path / 'gta/labels/00002.png'}: cannot read")]
     assert problems
+
+
+def test_an_interrupted_half_resolution_copy_is_refused_not_scored_as_the_whole_split(tmp_path):
+    """`convert mapillary-half` stopped after one of the two val pairs: a run would score Mapillary on that
+    one. The copy is compared with the originals it was made from; re-running the convert completes it."""
+    from datasets.convert import mapillary_half_resolution
+
+    build_mapillary(tmp_path)
+    mapillary_half_resolution(tmp_path, splits=("val",))
+    dropped = sorted((tmp_path / "mapillary/half/validation/images").iterdir())[-1]
+    (tmp_path / "mapillary/half/validation/labels" / dropped.name).unlink()
+    dropped.unlink()
+    with pytest.raises(UserError, match=r"holds 1 of the 2 pairs") as err:
+        get_adapter("mapillary")(tmp_path, "val", half_resolution=True).pairs()
+    assert "data convert mapillary-half" in str(err.value)
+    rows, problems = run_check(tmp_path)
+    row = next(r for r in rows if r[:2] == ("mapillary", "val"))
+    assert row[2] == "-" and "holds 1 of the 2 pairs" in row[3] and len(problems) == 1
+    mapillary_half_resolution(tmp_path, splits=("val",))
+    assert len(get_adapter("mapillary")(tmp_path, "val", half_resolution=True).pairs()) == 2
+    assert run_check(tmp_path)[1] == []
+
+
+def test_a_half_resolution_copy_without_its_originals_is_used_as_it_is(tmp_path):
+    """The originals deleted to save disk after the convert: nothing to compare with, the copy is the split."""
+    import shutil
+
+    from datasets.convert import mapillary_half_resolution
+
+    build_mapillary(tmp_path)
+    mapillary_half_resolution(tmp_path, splits=("val",))
+    shutil.rmtree(tmp_path / "mapillary/validation")
+    assert len(get_adapter("mapillary")(tmp_path, "val", half_resolution=True).pairs()) == 2

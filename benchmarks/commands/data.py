@@ -75,9 +75,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _adapter_for(name: str, root: Path, split: str):  # noqa: ANN202 - adapter instance
+    """The adapter of `split` as a run reads it: a target's evaluation split with its preparation (Mapillary
+    val halved, from its converted copy where there is one), so that what is checked is what is scored."""
     from datasets.registry import get_adapter
 
-    return get_adapter(name)(root, split)
+    cls = get_adapter(name)
+    if split == cls.default_eval_split and cls.eval_preparation.half_resolution:
+        return cls(root, split, half_resolution=True)
+    return cls(root, split)
 
 
 def _split_present(adapter) -> bool:  # noqa: ANN001
