@@ -444,3 +444,18 @@ def test_a_half_resolution_copy_without_its_originals_is_used_as_it_is(tmp_path)
     mapillary_half_resolution(tmp_path, splits=("val",))
     shutil.rmtree(tmp_path / "mapillary/validation")
     assert len(get_adapter("mapillary")(tmp_path, "val", half_resolution=True).pairs()) == 2
+
+
+def test_convert_mapillary_half_halves_val_only_by_default(tmp_path):
+    """docs/datasets.md: val only (train is in no setting); prepare does the same."""
+    import shutil
+
+    from datasets.convert import mapillary_half_resolution
+
+    build_mapillary(tmp_path)
+    shutil.copytree(tmp_path / "mapillary/validation", tmp_path / "mapillary/training")
+    assert mapillary_half_resolution(tmp_path)["written"] == 2
+    assert sorted(p.name for p in (tmp_path / "mapillary/half").iterdir()) == ["validation"]
+    shutil.rmtree(tmp_path / "mapillary/validation")
+    with pytest.raises(UserError, match="no Mapillary validation/ folder found"):
+        mapillary_half_resolution(tmp_path)
