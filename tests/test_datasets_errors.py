@@ -186,3 +186,12 @@ def test_cli_convert_then_check(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "written 2" in res.stdout
     assert len(list(tmp_path.rglob("*_gtFine_labelTrainIds.png"))) == 2
+
+
+@pytest.mark.parametrize("what", ["gtav", "synthia", "mapillary-half"])
+def test_cli_convert_into_a_missing_root_names_its_own_option(tmp_path, what):
+    """The adapters' message names `run`'s --data-root; `data convert` takes --root."""
+    res = run_cli("data", "convert", what, "--root", str(tmp_path / "nope"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"error: --root {tmp_path / 'nope'}: data root not found"), res.stderr
+    assert "--data-root" not in res.stderr and not (tmp_path / "nope").exists()

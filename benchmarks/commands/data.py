@@ -133,15 +133,7 @@ def _print_check(rows: list[tuple[str, str, str, str]]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run a `data` subcommand; user mistakes raise UserError (the CLI prints them, exit 2)."""
     if args.data_command == "check":
-        from datasets.base import broken_link
-
-        root = args.root.expanduser()
-        link = broken_link(root)
-        if link:
-            raise UserError(f"--root {link}")
-        if not root.is_dir():
-            raise UserError(f"{root}: data root not found; pass an existing folder (or write the synthetic world: "
-                            "python -m benchmarks data synth --out DIR)")
+        root = _existing_root(args.root)
         rows, problems = run_check(root, full=args.full)
         if not rows:
             raise UserError(f"{root}: no dataset folder found; expected some of gta/, cityscapes/, bdd100k/, "
@@ -194,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "convert":
         from datasets.convert import CONVERTERS
 
-        stats = CONVERTERS[args.what](args.root.expanduser())
+        stats = CONVERTERS[args.what](_existing_root(args.root))
         print(f"{args.what}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
         return 0
 
@@ -202,6 +194,20 @@ def run(args: argparse.Namespace) -> int:
         return run_prepare(args)
 
     raise UserError(f"unknown data command {args.data_command!r}; expected check, synth, convert or prepare")
+
+
+def _existing_root(given: Path) -> Path:
+    """`--root`, which must be a data root that exists (the adapters' own message names `run`'s --data-root)."""
+    from datasets.base import broken_link
+
+    root = given.expanduser()
+    link = broken_link(root)
+    if link:
+        raise UserError(f"--root {link}")
+    if not root.is_dir():
+        raise UserError(f"--root {root}: data root not found; pass an existing folder (or write the synthetic "
+                        "world: python -m benchmarks data synth --out DIR)")
+    return root
 
 
 def _requested_datasets(text: str | None) -> list[str] | None:
