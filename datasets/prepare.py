@@ -30,6 +30,7 @@ from datasets.registry import ADAPTERS
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".prepare-"
+REPLACED_PREFIX = "replaced-"  # a dataset folder --overwrite has set aside in the staging folder
 # The protocol evaluates Mapillary val at half resolution; halving it once here is what `data convert
 # mapillary-half` does. Mapillary train is no part of any setting, so it is left to that command.
 CONVERSIONS: dict[str, tuple[str, Callable[[Path], dict[str, int]]]] = {
@@ -84,22 +85,32 @@ class Staging:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.folder: Path | None = None
-        self.created_root = False
+        self.created: list[Path] = []
         self.ready: list[str] = []
 
     def __enter__(self) -> Staging:
-        if not self.root.is_dir():
-            self.root.mkdir(parents=True)
-            self.created_root = True
+        self.created = [folder for folder in (self.root, *self.root.parents) if not folder.exists()]
+        self.root.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         if self.folder is not None:
+            self._restore_what_was_replaced()
             shutil.rmtree(self.folder, ignore_errors=True)
-        if self.created_root and not any(self.root.iterdir()):
-            self.root.rmdir()
+        for folder in self.created:  # the root first, then the parents made for it, each while empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+    def _restore_what_was_replaced(self) -> None:
+        """A folder `--overwrite` set aside whose replacement did not get into place (an interrupt between
+        the two renames) goes back where it was, rather than out with the staging folder."""
+        assert self.folder is not None
+        for aside in self.folder.glob(f"{REPLACED_PREFIX}*"):
+            target = self.root / aside.name[len(REPLACED_PREFIX):]
+            if not (target.exists() or target.is_symlink()):
+                os.rename(aside, target)
 
     def build(self, plan: DatasetPlan, overwrite: bool = False) -> Prepared:
         """Extract, convert and count back one dataset in the staging folder, then rename it into place."""
@@ -118,7 +129,8 @@ class Staging:
         except UserError as exc:
             shutil.rmtree(staged, ignore_errors=True)
             before = f" ({', '.join(self.ready)}, prepared before it, complete and in place)" if self.ready else ""
-            raise UserError(f"{exc}; nothing of {name} was written{before}") from None
+            raise UserError(f"{_named_by_its_archive(str(exc), plan, staged)}; nothing of {name} was written"
+                            f"{before}") from None
         self.ready.append(name)
         return Prepared(name, self.root / plan.spec.folder, plan.pairs, len(plan.files), conversion, replaced)
 
@@ -131,7 +143,7 @@ class Staging:
         if not exists:
             os.rename(staged, target)
             return False
-        aside = self.folder / f"replaced-{target.name}"
+        aside = self.folder / f"{REPLACED_PREFIX}{target.name}"
         os.rename(target, aside)
         try:
             os.rename(staged, target)
@@ -143,6 +155,19 @@ class Staging:
         else:
             shutil.rmtree(aside, ignore_errors=True)
         return True
+
+
+def _named_by_its_archive(message: str, plan: DatasetPlan, staged: Path) -> str:
+    """A problem the conversion or the count-back found in an extracted file, said of the archive member it
+    came from: the staged file is gone when the command ends, and the adapters' fixes (re-extract, delete the
+    pair, convert) do not apply to a download; getting the archive again does."""
+    for planned in plan.files:
+        path = str(staged / planned.target)
+        if message.startswith(f"{path}: "):
+            problem = message[len(path) + 2:].split("; ")[0].replace(path, planned.member.filename)
+            return (f"{planned.archive}: member {planned.member.filename}: {problem}; the archive holds a file the "
+                    f"dataset cannot use: download {planned.archive.name} again")
+    return message
 
 
 def _extract(plan: DatasetPlan, dest: Path) -> None:

@@ -8,6 +8,7 @@ nothing half-written under the data root. Commands run in this process through `
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import zipfile
@@ -357,3 +358,55 @@ def test_data_synth_can_write_the_archives(tiny_world, tmp_path, capsys, monkeyp
     assert code == 0, err
     assert sorted(p.name for p in archives.iterdir()) == SYNTHETIC_ARCHIVES
     assert "--expect listing" in out
+
+
+def _replace_member(archive: Path, member: str, data: bytes) -> None:
+    """The archive rewritten with `member` holding `data` (its CRC right: the bytes are whole, just unusable)."""
+    with zipfile.ZipFile(archive) as zf:
+        kept = [(info, zf.read(info)) for info in zf.infolist()]
+    with zipfile.ZipFile(archive, "w") as zf:
+        for info, content in kept:
+            zf.writestr(info, data if info.filename == member else content)
+
+
+def test_a_member_the_dataset_cannot_read_is_named_by_its_archive(downloads, tmp_path, capsys):
+    """Found after extraction (by the halving): the line names the archive and member, not the staged file
+    (gone by then), and says to download the archive again rather than to re-extract or delete a pair."""
+    archive = downloads / "mapillary-vistas-dataset_public_v1.2.zip"
+    with zipfile.ZipFile(archive) as zf:
+        member = next(n for n in zf.namelist() if "validation/images/" in n)
+    _replace_member(archive, member, b"<html>not an image</html>")
+    root = tmp_path / "data"
+    code, _, err = _prepare(downloads, root, capsys, "--expect", "listing", "--datasets", "mapillary")
+    line = _error_line(err)
+    assert code == 2 and line.startswith(f"error: {archive}: member {member}: cannot decode the image"), line
+    assert f"download {archive.name} again" in line and ".prepare-" not in line and "delete the pair" not in line
+    assert not root.exists()
+
+
+def test_an_interrupt_between_the_renames_of_overwrite_puts_the_old_folder_back(downloads, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import datasets.prepare as prepare
+
+    root = tmp_path / "data"
+    assert _prepare(downloads, root, capsys, "--expect", "listing", "--datasets", "gtav")[0] == 0
+    (root / "gta" / "mine.txt").write_text("the user's own file")
+    real_rename = os.rename
+
+    def interrupted_after_setting_aside(source, target):
+        real_rename(source, target)
+        if Path(target).name.startswith(prepare.REPLACED_PREFIX):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare.os, "rename", interrupted_after_setting_aside)
+    code, _, err = _prepare(downloads, root, capsys, "--expect", "listing", "--datasets", "gtav", "--overwrite")
+    assert code == 130 and "interrupted" in err
+    assert (root / "gta" / "mine.txt").read_text() == "the user's own file"
+    assert sorted(p.name for p in root.iterdir()) == ["gta"]
+
+
+def test_a_failed_prepare_removes_the_parent_folders_it_made(downloads, tmp_path, capsys):
+    _damage_member(downloads / "gtFine_trainvaltest.zip", _largest_member(downloads / "gtFine_trainvaltest.zip", "gtFine/"))
+    root = tmp_path / "made" / "for" / "data"
+    code, _, _ = _prepare(downloads, root, capsys, "--expect", "listing", "--datasets", "cityscapes")
+    assert code == 2 and not (tmp_path / "made").exists()
