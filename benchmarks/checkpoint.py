@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.errors import UserError, refused_pickle
+from benchmarks.errors import UserError, not_a_pickle, refused_pickle
 from benchmarks.storage import is_out_of_space, out_of_space_error
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,9 @@ def load_plain(path: Path, what: str, remove: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not_a_pickle(err):
+            raise UserError(f"{what} {path} is unreadable (not a PyTorch checkpoint: a damaged file); delete "
+                            f"{remove} to start afresh") from None
         raise UserError(
             f"{what} {path} refused: it holds pickled Python objects, not plain tensors ({refused_pickle(err)}); "
             f"delete {remove} if you did not write it"

@@ -36,6 +36,12 @@ def user_line(err: UserError) -> str:
     return line if found else last
 
 
+def not_a_pickle(err: BaseException) -> bool:
+    """Whether torch's weights-only loader stopped at bytes no pickle holds (an HTML error page saved as .pth,
+    random bytes, another format): an unknown opcode or a bad magic number, not a pickled object it refused."""
+    return bool(re.search(r"Unsupported operand|invalid load key|magic number", str(err)))
+
+
 def refused_pickle(err: BaseException) -> str:
     """What torch's weights-only loader refused, in a few words for a one-line error: the pickled global it met
     ("a pickled mymodule.Trainer"), else its message's first sentence (torch's whole text runs to a paragraph,

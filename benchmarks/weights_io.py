@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.errors import UserError, refused_pickle
+from benchmarks.errors import UserError, not_a_pickle, refused_pickle
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def read_state_dict(path: str | Path) -> StateDict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"weights file {path} not found; pass --weights NAME=PATH with an existing checkpoint file")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _has_safetensors_header(path):
         try:
             from safetensors.torch import load_file
 
@@ -52,6 +52,10 @@ def read_state_dict(path: str | Path) -> StateDict:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            if not_a_pickle(exc):
+                raise UserError(
+                    f"weights file {path} is not a PyTorch checkpoint (no pickle starts with its bytes: a damaged or "
+                    "incomplete download, or another format); download the checkpoint again") from None
             # weights_only refuses unknown globals before constructing them: nothing was executed.
             raise UserError(
                 f"weights file {path} refused: it contains pickled Python objects, not just tensors "
@@ -65,6 +69,21 @@ def read_state_dict(path: str | Path) -> StateDict:
                     ".state_dict(), 'weights.pth'), and pass that file") from exc
             raise UserError(f"weights file {path} could not be read as a PyTorch checkpoint ({type(exc).__name__}: {exc}); check the file is complete") from exc
     return _flatten(raw, path)
+
+
+def _has_safetensors_header(path: Path) -> bool:
+    """A safetensors file under another name (`.pth`, `.bin`): an 8-byte little-endian header length, then
+    that many bytes of JSON object."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+            size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 2 <= header_length <= size - 8
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -382,3 +382,23 @@ def test_a_torchscript_archive_is_refused_saying_how_to_save_its_weights(tmp_pat
     assert "torch.jit.load(PATH, map_location='cpu').state_dict()" in str(err.value)
     torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
     assert not bb.weights_io._is_torchscript(tmp_path / "plain.pt")
+
+
+@pytest.mark.parametrize("content", [b"<html><body>404 Not Found</body></html>", bytes(range(256)) * 16])
+def test_bytes_no_pickle_holds_are_not_called_pickled_objects(tmp_path: Path, content: bytes) -> None:
+    """An error page or random bytes saved as .pth: a damaged download, not a file of pickled objects."""
+    (tmp_path / "dinov2.pth").write_bytes(content)
+    with pytest.raises(UserError, match=r"dinov2\.pth is not a PyTorch checkpoint .*download the checkpoint again"):
+        build_backbone(TINY_DINO, 64, weights=tmp_path / "dinov2.pth")
+
+
+def test_a_safetensors_file_under_a_pth_name_is_read_as_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = native(TINY_DINO).vit.state_dict()
+    save_file(sd, tmp_path / "weights.pth")
+    torch.save(sd, tmp_path / "pickled.pth")
+    loaded = build_backbone(TINY_DINO, 64, weights=tmp_path / "weights.pth").vit.state_dict()
+    expected = build_backbone(TINY_DINO, 64, weights=tmp_path / "pickled.pth").vit.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name

@@ -347,3 +347,12 @@ def test_a_checkpoint_of_other_code_is_refused_in_one_line_not_resumed_with_fres
                "train_state": {**TrainState().__dict__, "grad_scaler": {}}, "optimizer": None}
     with pytest.raises(UserError, match="training state of other code"):
         checkpoint.restore(payload, model, NoMethodState())
+
+
+def test_a_checkpoint_of_bytes_no_pickle_holds_is_called_damaged_not_pickled_objects(tmp_path):
+    damaged = tmp_path / "run" / "last.pt"
+    damaged.parent.mkdir()
+    damaged.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(UserError, match=r"last\.pt is unreadable \(not a PyTorch checkpoint") as err:
+        checkpoint.read_checkpoint(damaged)
+    assert "pickled" not in str(err.value) and f"delete {damaged.parent}" in str(err.value)
