@@ -363,6 +363,7 @@ def load_weights(backbone: Backbone, path: str | Path, resample: str = "bicubic"
     if not _is_target_layout(sd, target):
         sd = _convert_original(sd, spec, vit, path)
     num_prefix_in_pos = 0 if getattr(vit, "no_embed_class", False) or spec.family == "sam" else backbone.num_prefix_tokens
+    weights_io.check_names(sd, target, path, ignorable=_ignorable)
     sd = weights_io.adapt_to_model(sd, target, num_prefix_in_pos=num_prefix_in_pos, resample=resample)
     sd = weights_io.check_and_cast(sd, target, path, ignorable=_ignorable)
     vit.load_state_dict(sd, strict=True)

@@ -249,9 +249,13 @@ def adapt_to_model(
         pos, t = out["pos_embed"], target["pos_embed"]
         if pos.ndim == 2:
             pos = pos[None]
-        if t.ndim == 4:  # SAM: NHWC grid
+        # A grid of another layout or channel width (another family's or size's file) is left as it is, for
+        # `check_and_cast` to name the file and the NAME to check.
+        if pos.ndim != t.ndim or pos.shape[-1] != t.shape[-1]:
+            out["pos_embed"] = pos
+        elif t.ndim == 4:  # SAM: NHWC grid
             out["pos_embed"] = resize_pos_embed_nhwc(pos, tuple(t.shape[1:3]), resample)
-        elif pos.shape != t.shape:
+        elif pos.shape != t.shape and _is_square(pos.shape[1] - num_prefix_in_pos):
             new = math.isqrt(t.shape[1] - num_prefix_in_pos)
             out["pos_embed"] = resize_pos_embed(pos, (new, new), num_prefix_in_pos, resample)
         else:
@@ -262,14 +266,19 @@ def adapt_to_model(
     return out
 
 
-def check_and_cast(
+def _is_square(positions: int) -> bool:
+    return positions > 0 and math.isqrt(positions) ** 2 == positions
+
+
+def check_names(
     sd: StateDict,
     target: Mapping[str, torch.Tensor],
     path: str | Path,
     *,
     ignorable: Callable[[str], bool],
 ) -> StateDict:
-    """Match names and shapes exactly (after dropping ignorable keys) and cast to the target dtype."""
+    """The file holds every entry of `target` and none it cannot use (but `ignorable` ones): checked before
+    anything is resized, so another family's file is named as such rather than failing in a resize."""
     dropped = sorted(k for k in sd if k not in target and ignorable(k))
     if dropped:
         log.info("%s: ignoring %d entries the segmentation backbone does not use (%s)", path, len(dropped), ", ".join(dropped[:6]))
@@ -285,6 +294,17 @@ def check_and_cast(
             f"weights file {path}: {len(missing)} entries missing (e.g. {', '.join(missing[:4])}); "
             "the checkpoint is truncated or of another architecture — check the NAME in --weights NAME=PATH"
         )
+
+
+def check_and_cast(
+    sd: StateDict,
+    target: Mapping[str, torch.Tensor],
+    path: str | Path,
+    *,
+    ignorable: Callable[[str], bool],
+) -> StateDict:
+    """Match names and shapes exactly (after dropping ignorable keys) and cast to the target dtype."""
+    check_names(sd, target, path, ignorable=ignorable)
     out: StateDict = {}
     for key, t in target.items():
         value = sd[key]

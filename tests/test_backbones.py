@@ -402,3 +402,17 @@ def test_a_safetensors_file_under_a_pth_name_is_read_as_safetensors(tmp_path: Pa
     expected = build_backbone(TINY_DINO, 64, weights=tmp_path / "pickled.pth").vit.state_dict()
     for name, tensor in expected.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.parametrize(("spec", "registers", "expected"), [
+    (TINY_SAM, None, "unexpected entries"),  # another family's grid layout: never reaches a resize
+    (TINY_SAM, False, "unexpected entries"),
+    (TINY_DINO_REG, False, "entries missing (e.g. reg_token)"),  # Meta's file without registers for a *_reg name
+])
+def test_another_familys_file_is_named_before_anything_is_resized(tmp_path: Path, spec, registers, expected) -> None:
+    sd = native(TINY_DINO).vit.state_dict()
+    torch.save(sd if registers is None else dinov2_original_layout(sd, registers=registers), tmp_path / "dino.pth")
+    with pytest.raises(UserError, match=r"dino\.pth: .*check the NAME in --weights NAME=PATH") as err:
+        build_backbone(spec, 64, weights=tmp_path / "dino.pth")
+    assert expected in str(err.value)
+
