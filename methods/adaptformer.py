@@ -2,12 +2,14 @@
 
 The adapter reads what the MLP reads (the block's normalised tokens, LN(x′) in the paper's
 eq. 1), computes up(ReLU(down(x))) with down C→64 and up 64→C (both with bias, no adapter norm),
-and its output times s = 0.1 is added to the MLP's output. The up projection is zero-initialised,
-so at init the block computes exactly what the frozen block does. On DINOv2-L:
+and its output times s = 0.1 is added to the MLP branch's output. The up projection is
+zero-initialised, so at init the block computes exactly what the frozen block does. On DINOv2-L:
 24 × (1024·64 + 64 + 64·1024 + 1024) = 3,171,840 trainable parameters.
 
-The adapter is attached to the MLP module itself, so with LayerScale (DINOv2) the block's MLP
-scale multiplies MLP and adapter together, as the adapter is part of the MLP sub-layer.
+The adapter sits beside the whole MLP branch, as in the paper's eq. 2 (x = x′ + MLP(LN(x′)) + s·x̃)
+and the official block (`residual + mlp + adapt_x`): a LayerScale (DINOv2's per-channel γ, 0.07–0.23
+on the proxy) scales the MLP and not the adapter, whose contribution it would otherwise shrink by γ.
+The official code's dropout 0.1 inside the adapter is not in the paper and is left out.
 
 Scaling to other backbones: the bottleneck is 64 as in AdaptFormer for ViT-B and the DGSS
 reference for ViT-L (a fixed width, not a fraction of C), capped at C for narrower models.
@@ -15,13 +17,13 @@ reference for ViT-L (a fixed width, not a fraction of C), capped at C for narrow
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from benchmarks.errors import UserError
 from benchmarks.method import Method, register_method
 from benchmarks.model import SegModel
 from methods.rein import module_device
@@ -38,11 +40,28 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+        self._mlp_input: torch.Tensor | None = None
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.scale * self.up(torch.relu(self.down(tokens)))
 
-    def add_to_mlp(self, mlp: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return output + self(args[0])
+    def keep_mlp_input(self, mlp: nn.Module, args: tuple[Any, ...]) -> None:
+        self._mlp_input = args[0]
+
+    def add_beside_mlp_branch(self, branch_end: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        tokens, self._mlp_input = self._mlp_input, None
+        return output + self(tokens)
+
+
+def mlp_branch_end(block: nn.Module) -> nn.Module:
+    """The last module of a block's MLP branch: its LayerScale (timm's ViT, DINOv2 and SAM blocks; an Identity
+    without one), else the MLP (EVA blocks without `gamma_2`)."""
+    if isinstance(getattr(block, "ls2", None), nn.Module):
+        return block.ls2
+    if getattr(block, "gamma_2", None) is not None:  # EVA's LayerScale is a bare parameter, applied in forward
+        raise UserError(f"adaptformer: {type(block).__name__} scales its MLP branch by a parameter (gamma_2) inside "
+                        "its forward, where no hook can add the adapter beside it; use a backbone without it")
+    return block.mlp
 
 
 @dataclass
@@ -67,4 +86,5 @@ class AdaptFormer(Method):
         )
         backbone.add_module("adaptformer", adapters)
         for adapter, block in zip(adapters, backbone.blocks, strict=True):
-            block.mlp.register_forward_hook(functools.partial(BottleneckAdapter.add_to_mlp, adapter), prepend=True)
+            block.mlp.register_forward_pre_hook(adapter.keep_mlp_input, prepend=True)
+            mlp_branch_end(block).register_forward_hook(adapter.add_beside_mlp_branch, prepend=True)

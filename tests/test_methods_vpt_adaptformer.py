@@ -56,14 +56,18 @@ def test_adaptformer_at_init_is_the_frozen_model():
     assert torch.count_nonzero(adapter.up.weight) == 0 and torch.count_nonzero(adapter.down.weight) > 0
 
 
-def test_adaptformer_adds_scaled_bottleneck_to_the_mlp_output():
+def test_adaptformer_adds_the_scaled_bottleneck_beside_the_mlp_branch_outside_its_layer_scale():
+    """The paper's eq. 2 (x = x' + MLP(LN(x')) + s·x̃) and the official block (`residual + mlp + adapt_x`): the
+    adapter is parallel to the whole MLP branch, so a LayerScale (DINOv2's γ) scales the MLP, not the adapter."""
     model = tiny_model("adaptformer").eval()
     block, adapter = model.backbone.blocks[1], model.backbone.adaptformer[1]
     with torch.no_grad():
         torch.nn.init.normal_(adapter.up.weight)
         torch.nn.init.normal_(adapter.up.bias)
+        block.ls2.gamma.copy_(torch.linspace(0.05, 0.3, 32))
         tokens = torch.randn(2, 18, 32)
-        normed = block.norm2(tokens)
-        expected = block.mlp.forward(normed) + 0.1 * (torch.relu(normed @ adapter.down.weight.T + adapter.down.bias)
-                                                    @ adapter.up.weight.T + adapter.up.bias)
-        torch.testing.assert_close(block.mlp(normed), expected)
+        after_attention = tokens + block.ls1(block.attn(block.norm1(tokens)))
+        normed = block.norm2(after_attention)
+        bottleneck = torch.relu(normed @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T + adapter.up.bias
+        expected = after_attention + block.ls2.gamma * block.mlp.forward(normed) + 0.1 * bottleneck
+        torch.testing.assert_close(block(tokens), expected)
