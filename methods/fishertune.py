@@ -141,10 +141,11 @@ def perturb_feature_statistics(
     and n ~ N(0, 1) per image and channel. Prefix tokens pass through untouched."""
     prefix, patches = tokens[:, :num_prefix], tokens[:, num_prefix:]
     mean = patches.mean(dim=1, keepdim=True)
-    std = (patches.var(dim=1, keepdim=True, unbiased=False) + var_eps).sqrt()
-    # Population variance over the batch: a batch of one gets no perturbation rather than NaN.
-    std_of_mean = (mean.var(dim=0, keepdim=True, unbiased=False) + var_eps).sqrt()
-    std_of_std = (std.var(dim=0, keepdim=True, unbiased=False) + var_eps).sqrt()
+    std = (patches.var(dim=1, keepdim=True) + var_eps).sqrt()  # DSU's: torch's default, unbiased
+    # Unbiased over the batch as DSU's `sqrtvar`; a batch of one, whose unbiased variance is NaN, gets none.
+    unbiased = tokens.shape[0] > 1
+    std_of_mean = (mean.var(dim=0, keepdim=True, unbiased=unbiased) + var_eps).sqrt()
+    std_of_std = (std.var(dim=0, keepdim=True, unbiased=unbiased) + var_eps).sqrt()
     new_mean = mean + eps_mu * torch.randn_like(mean) * std_of_mean
     new_std = std + eps_sigma * torch.randn_like(std) * std_of_std
     return torch.cat([prefix, (patches - mean) / std * new_std + new_mean], dim=1)
