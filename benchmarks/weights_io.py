@@ -173,7 +173,6 @@ def resize_patch_kernel(weight: torch.Tensor, size: int, mode: str = "bicubic") 
     """
     if weight.shape[-2:] == (size, size):
         return weight
-    dtype = weight.dtype
     if mode == "bicubic":
         out = F.interpolate(weight.float(), size=(size, size), mode="bicubic", align_corners=False)
     elif mode == "timm":
@@ -182,7 +181,7 @@ def resize_patch_kernel(weight: torch.Tensor, size: int, mode: str = "bicubic") 
         out = resample_patch_embed(weight.float(), [size, size], interpolation="bicubic", antialias=True)
     else:
         raise UserError(f"unknown patch-kernel resample mode {mode!r}; valid: bicubic, timm")
-    return out.to(dtype)
+    return out  # fp32, as the reference's `.float()` leaves it: a half-precision file is not rounded twice
 
 
 def resize_pos_embed(
@@ -200,18 +199,17 @@ def resize_pos_embed(
         raise UserError(f"position embedding with {grid.shape[1]} patch positions is not a square grid")
     if (old, old) == tuple(new_grid):
         return pos
-    dtype = pos.dtype
     if mode == "timm":
         from timm.layers import resample_abs_pos_embed
 
-        return resample_abs_pos_embed(pos.float(), list(new_grid), (old, old), num_prefix_tokens=num_prefix).to(dtype)
+        return resample_abs_pos_embed(pos.float(), list(new_grid), (old, old), num_prefix_tokens=num_prefix)
     if mode != "bicubic":
         raise UserError(f"unknown position-grid resample mode {mode!r}; valid: bicubic, timm")
     c = grid.shape[-1]
     g = grid.float().reshape(1, old, old, c).permute(0, 3, 1, 2)
     g = F.interpolate(g, size=tuple(new_grid), mode="bicubic", align_corners=False)
     g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], c)
-    return torch.cat([prefix.float(), g], dim=1).to(dtype)
+    return torch.cat([prefix.float(), g], dim=1)
 
 
 def resize_pos_embed_nhwc(pos: torch.Tensor, new_grid: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
@@ -220,15 +218,14 @@ def resize_pos_embed_nhwc(pos: torch.Tensor, new_grid: tuple[int, int], mode: st
         return pos
     g = pos.float().permute(0, 3, 1, 2)
     g = F.interpolate(g, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=(mode == "timm"))
-    return g.permute(0, 2, 3, 1).to(pos.dtype)
+    return g.permute(0, 2, 3, 1)
 
 
 def resize_rel_pos(rel: torch.Tensor, length: int) -> torch.Tensor:
     """SAM relative position table [2S-1, d] → [length, d], linearly, as SAM itself does at run time."""
     if rel.shape[0] == length:
         return rel
-    out = F.interpolate(rel.float().t()[None], size=length, mode="linear", align_corners=False)[0].t()
-    return out.to(rel.dtype)
+    return F.interpolate(rel.float().t()[None], size=length, mode="linear", align_corners=False)[0].t()
 
 
 def adapt_to_model(

@@ -416,3 +416,14 @@ def test_another_familys_file_is_named_before_anything_is_resized(tmp_path: Path
         build_backbone(spec, 64, weights=tmp_path / "dino.pth")
     assert expected in str(err.value)
 
+
+
+def test_a_half_precision_file_is_resized_in_fp32_and_rounded_once(tmp_path: Path) -> None:
+    """The reference resizes `.float()` tensors and keeps them: fp16 → fp32 resize, no second rounding to fp16."""
+    sd = native(TINY_DINO).vit.state_dict()
+    torch.save({k: v.half() for k, v in sd.items()}, tmp_path / "half.pth")
+    torch.save({k: v.half().float() for k, v in sd.items()}, tmp_path / "widened.pth")
+    loaded = build_backbone(TINY_DINO, 64, weights=tmp_path / "half.pth").vit.state_dict()
+    expected = build_backbone(TINY_DINO, 64, weights=tmp_path / "widened.pth").vit.state_dict()
+    for name in ("patch_embed.proj.weight", "pos_embed"):
+        assert torch.equal(loaded[name], expected[name]), name
