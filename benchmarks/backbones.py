@@ -6,7 +6,8 @@ that (1) runs the blocks in a plain Python loop, calling ``self.blocks[i](x)`` s
 and pre-hooks registered by methods fire and see the full token sequence [B, prefix+N, C];
 (2) taps four blocks at 1/3, 1/2, 2/3 and all of the depth and turns their patch tokens into maps at strides
 p/4, p/2, p, 2p; (3) loads user weights in timm or the original release layouts and converts them
-the way the reference does (14→16 patch kernel, position grid to img_size/patch).
+the way the reference converts DINOv2 (14→16 patch kernel, position grid to img_size/patch, bicubic),
+for every family (docs/protocol.md names where Rein's CLIP backbone differs).
 
 Backbones are registered as data (`BACKBONES`), like timm's pretrained configs: adding one is a
 new `BackboneSpec`, not new code.

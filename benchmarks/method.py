@@ -146,8 +146,9 @@ class Method:
     def param_groups(self, model: SegModel, weight_decay: float) -> list[dict[str, Any]]:
         """Optimiser groups over every trainable parameter (backbone, added modules and head).
 
-        The protocol's rule: weight decay except on norms, biases, and the parameters a method or
-        head lists in `no_weight_decay()` (learnable tokens, scales, query and level embeddings).
+        The protocol's rule: weight decay on everything (biases and LayerScale included) except norms
+        and the parameters a method or head lists in `no_weight_decay()` (learnable tokens, the Rein
+        scale, query and level embeddings); `no_decay_names` finds them.
         Parameters a method may unfreeze later (phased methods) are included by overriding this.
         A group may carry `lr_mult`: its learning rate is the protocol's times that factor, on top of
         the schedule (`scale_lr` sets it for a subset of the parameters).
