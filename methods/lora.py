@@ -224,3 +224,14 @@ class OFT(PeftMethod):
         from peft import OFTConfig as PeftOFTConfig
 
         return PeftOFTConfig(r=0, oft_block_size=self.config.block_size, target_modules=target)
+
+    def attach(self, model: SegModel) -> None:
+        # peft would change a block size that does not divide the layers' input width with a warning,
+        # and the result would record the size asked for, not the one trained.
+        width, block = model.backbone.embed_dim, self.config.block_size
+        if width % block:
+            divisors = [d for d in range(1, width + 1) if width % d == 0]
+            nearest = min(divisors, key=lambda d: (abs(d - block), d))
+            raise UserError(f"oft: block_size={block} does not divide the backbone's width {width}; pass one "
+                            f"that does, e.g. --set methods.oft.block_size={nearest}")
+        super().attach(model)

@@ -61,3 +61,10 @@ def test_fused_qkv_with_separate_bias_is_refused():
     fused_eva = dataclasses.replace(TINY_EVA, timm_kwargs={**TINY_EVA.timm_kwargs, "qkv_fused": True})
     with pytest.raises(UserError, match="fused qkv"):
         tiny_model("lora", spec=fused_eva)
+
+
+def test_an_oft_block_size_that_does_not_divide_the_width_is_refused_naming_one_that_does():
+    """peft would quietly train another block size than the one the result records (7 → 6 on width 32)."""
+    with pytest.raises(UserError, match=r"block_size=7 does not divide the backbone's width 32.*block_size=8"):
+        tiny_model("oft", block_size=7)
+    assert sum(p.numel() for p in tiny_model("oft", block_size=8).parameters() if p.requires_grad) > 0
