@@ -301,6 +301,12 @@ def _is_target_layout(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch
 
 def _convert_original(sd: weights_io.StateDict, spec: BackboneSpec, vit: nn.Module, path: Path) -> weights_io.StateDict:
     """Original-release layouts → timm keys at the release's native shapes."""
+    if any(key.startswith("embeddings.") for key in sd) and any(key.startswith("encoder.layer") for key in sd):
+        release = spec.original_format or "the authors' file"
+        raise UserError(
+            f"weights file {path} is in the Hugging Face transformers layout (embeddings.*, encoder.layer.*), which "
+            f"is not read here; pass the original release ({release}) or a timm state dict of it"
+        )
     if spec.timm_name.endswith("dinov2") and weights_io.is_dinov2_original(sd):
         return weights_io.convert_dinov2_original(sd, model_has_reg_tokens=getattr(vit, "reg_token", None) is not None)
     if spec.timm_name.endswith("dinov2"):

@@ -427,3 +427,13 @@ def test_a_half_precision_file_is_resized_in_fp32_and_rounded_once(tmp_path: Pat
     expected = build_backbone(TINY_DINO, 64, weights=tmp_path / "widened.pth").vit.state_dict()
     for name in ("patch_embed.proj.weight", "pos_embed"):
         assert torch.equal(loaded[name], expected[name]), name
+
+
+def test_a_hugging_face_transformers_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    """The right family and NAME, in a layout not read here: not 'check the NAME'."""
+    layout = {"embeddings.cls_token": torch.zeros(1, 1, DIM), "embeddings.patch_embeddings.projection.weight":
+              torch.zeros(DIM, 3, 14, 14), "encoder.layer.0.attention.attention.query.weight": torch.zeros(DIM, DIM)}
+    torch.save(layout, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"pytorch_model\.bin is in the Hugging Face transformers layout") as err:
+        build_backbone(TINY_DINO, 64, weights=tmp_path / "pytorch_model.bin")
+    assert "check the NAME" not in str(err.value)
