@@ -359,6 +359,17 @@ def checkpoint_patch_and_grid(sd: Mapping[str, torch.Tensor]) -> tuple[int, int]
     return None
 
 
+def check_weights_file(backbone: Backbone, path: str | Path) -> None:
+    """What `load_weights` refuses in a file, found without loading it into `backbone` (which may be on the
+    meta device): unreadable, unsafe, of another layout or family. A run checks this before it reads or
+    generates any data."""
+    path = Path(path)
+    sd = weights_io.read_state_dict(path)
+    if not _is_target_layout(sd, backbone.vit.state_dict()):
+        sd = _convert_original(sd, backbone.spec, backbone.vit, path)
+    weights_io.check_names(sd, backbone.vit.state_dict(), path, ignorable=_ignorable)
+
+
 def load_weights(backbone: Backbone, path: str | Path, resample: str = "bicubic") -> None:
     """Load `path` (timm or original layout) into `backbone`, converting as the protocol says."""
     if resample not in RESAMPLE_MODES:

@@ -142,12 +142,14 @@ def reported_parameter_counts(exp: Experiment, method_name: str) -> dict[str, in
 
 
 def check_buildable(exp: Experiment, backbones: tuple[str, ...], method_names: list[str]) -> None:
-    """Before any data is read or any step is taken: every (backbone, method) of the matrix builds (on the meta
-    device: shapes only, about 0.2 s each) and the training and evaluation crops fit the backbone's patch. A
+    """Before any data is read or any step is taken: each backbone's weight file is readable and of its family,
+    every (backbone, method) of the matrix builds (on the meta device: shapes only, about 0.2 s each) and the
+    training and evaluation crops fit the backbone's patch. A
     setting the model cannot take is then one line at the start, not a traceback after the data loaded, nor a
     failure at evaluation after the whole schedule trained (`eval.crop_size`)."""
     import dataclasses
 
+    from benchmarks.backbones import check_weights_file
     from benchmarks.method import build_method
 
     for backbone in backbones:
@@ -159,6 +161,9 @@ def check_buildable(exp: Experiment, backbones: tuple[str, ...], method_names: l
             except (ValueError, ZeroDivisionError) as err:  # a size the head or method cannot be built with
                 raise UserError(f"{backbone} with {exp.model.head} head and {name} cannot be built ({type(err).__name__}: "
                                 f"{err}); check model.head_options and methods.{name}") from None
+        weights = effective_weights(matrix_exp, backbone)
+        if weights is not None:
+            check_weights_file(build_model(matrix_exp, None, device="meta").backbone, weights)
         patch = model.backbone.patch_size
         for setting, size in (("data.crop_size", exp.data.crop_size), ("eval.crop_size", exp.eval.crop_size)):
             if size % patch:

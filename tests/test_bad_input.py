@@ -266,3 +266,26 @@ def test_switching_the_proxy_to_mask2former_as_the_readme_writes_it(capsys):
                               "--set", "model.head_options={}", "--dry-run"], capsys)
     assert code == 0, err
     assert '"head": "mask2former"' in out and '"head_options": "{}"' in out
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (b"<html>404</html>", "is not a PyTorch checkpoint"),
+    (None, "entries missing"),  # a truncated file
+])
+def test_a_weights_file_the_backbone_cannot_take_is_refused_before_any_data_is_read_or_generated(
+        content, said, tmp_path, capsys, monkeypatch):
+    """Was: found when the model was built, after the data was checked (or a synthetic world generated: 84 s)."""
+    import datasets.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic, "generate_world", lambda *a, **k: pytest.fail("the world was generated"))
+    weights = tmp_path / "weights.pth"
+    if content is None:
+        torch.save({"blocks.0.ls1.gamma": torch.zeros(4), "cls_token": torch.zeros(1, 1, 4)}, weights)
+    else:
+        weights.write_bytes(content)
+    code, printed, err = run_cli(["run", "--preset", "smoke", "--methods", "freeze", "--data-root",
+                                  str(tmp_path / "world"), "--weights", f"proxy_vit={weights}", "--results-dir",
+                                  str(tmp_path / "runs")], capsys)
+    line = error_line(err)
+    assert code == 2 and str(weights) in line and said in line, line
+    assert printed == "" and sorted(p.name for p in tmp_path.iterdir()) == ["weights.pth"]
