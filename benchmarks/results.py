@@ -92,6 +92,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_files_together(folder: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (name → content) into `folder` so that either all of them are replaced or none: each
+    goes to a temporary file first, and only when every one is written are they renamed into place (renames
+    need no space). A full disk or any other failure while writing leaves the folder as it was."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[str, Path]] = []
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            written.append((name, Path(tmp)))
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except BaseException as err:
+        for _, tmp in written:
+            tmp.unlink(missing_ok=True)
+        needed = sum(map(len, files.values()))
+        if is_out_of_space(err, folder, needed):
+            raise out_of_space_error(folder, needed, "", "what was there before is unchanged") from None
+        raise
+    for name, tmp in written:
+        os.replace(tmp, folder / name)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

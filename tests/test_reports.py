@@ -615,19 +615,71 @@ def test_figures_say_what_they_do_not_know_and_draw_names_literally():
     assert all(plot.png.startswith(b"\x89PNG") for plot in plots_module.make_plots(finished))  # renders
 
 
-def test_a_report_leaves_no_figure_of_an_earlier_one_and_writes_nothing_where_its_page_cannot_go(tmp_path, capsys):
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_report_removes_the_figures_of_the_earlier_report_and_only_those(tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "proxy_G2CBM_old_miou_vs_params.png").write_bytes(b"an earlier report's figure")
+    write_report([make_result("full", 1, cbm(30, 30, 30), curves=True, preset="smoke")], out)
+    earlier = {p.name for p in out.glob("*.png")}
+    assert earlier and all(name.startswith("smoke") for name in earlier)
     (out / "notes.png").write_bytes(b"the user's own picture")
+    (out / "draft_profile.png").write_bytes(b"the user's own, named like a figure")
     write_report([make_result("full", 1, cbm(30, 30, 30), curves=True)], out)
-    assert not (out / "proxy_G2CBM_old_miou_vs_params.png").exists() and (out / "notes.png").exists()
+    assert not any((out / name).exists() for name in earlier)
+    assert (out / "notes.png").exists() and (out / "draft_profile.png").exists()
     blocked = tmp_path / "blocked"
     (blocked / "index.html").mkdir(parents=True)
     runs = tmp_path / "runs"
     write_result(runs / "a.json", make_result("full", 1, cbm(30, 30, 30), curves=True))
     assert _cli(["report", "--runs", str(runs), "--out", str(blocked)]) == 2
     assert "index.html" in capsys.readouterr().err and sorted(p.name for p in blocked.iterdir()) == ["index.html"]
+
+
+def test_a_page_of_a_report_from_before_pages_named_their_figures_still_has_its_figures_replaced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "index.html").write_text('<html><body><h1>x</h1><p class="meta">3 result file(s), 3 finished run(s) in '
+                                    '1 protocol(s); generated 2026-12-01T10:00:00. mIoU in %</p></body></html>')
+    (out / "proxy_G2CBM_old_miou_vs_params.png").write_bytes(b"that report's figure")
+    write_report([make_result("full", 1, cbm(30, 30, 30), curves=True)], out)
+    assert not (out / "proxy_G2CBM_old_miou_vs_params.png").exists()
+
+
+def test_a_folder_whose_index_html_is_someone_elses_is_refused_before_anything_is_drawn(tmp_path, capsys):
+    out = tmp_path / "site"
+    out.mkdir()
+    (out / "index.html").write_text("<html><body>my own page</body></html>")
+    (out / "thesis_training_curves.png").write_bytes(b"mine")
+    runs = tmp_path / "runs"
+    write_result(runs / "a.json", make_result("full", 1, cbm(30, 30, 30), curves=True))
+    before = _contents(out)
+    assert _cli(["report", "--runs", str(runs), "--out", str(out)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds an index.html that no DGSS-Bench report wrote" in line and _contents(out) == before
+
+
+def test_a_report_that_runs_out_of_space_leaves_the_earlier_one_whole(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import benchmarks.results as results_module
+
+    out = tmp_path / "out"
+    write_report([make_result("full", 1, cbm(30, 30, 30), curves=True, preset="smoke")], out)
+    before = _contents(out)
+    real_mkstemp, calls = results_module.tempfile.mkstemp, []
+
+    def full_after_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(results_module.tempfile, "mkstemp", full_after_two)
+    with pytest.raises(UserError, match="what was there before is unchanged"):
+        write_report([make_result("full", 1, cbm(40, 40, 40), curves=True)], out)
+    assert _contents(out) == before  # the earlier page and all its figures, no new one, no temporary file
 
 
 def test_a_result_named_twice_by_the_runs_given_is_read_once(tmp_path):

@@ -10,6 +10,7 @@ import base64
 import datetime as _dt
 import html
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,10 @@ from typing import Any
 from benchmarks.errors import UserError
 from benchmarks.reports.frames import load_published
 from benchmarks.reports.grouping import Protocol, group_results, split_runs
-from benchmarks.reports.plots import Plot, make_plots, save_plots
+from benchmarks.reports.plots import FIGURES, Plot, make_plots
 from benchmarks.reports.render import render_html
 from benchmarks.reports.tables import main_tables, per_class_tables, published_tables
-from benchmarks.results import atomic_write_text
+from benchmarks.results import write_files_together
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def render_report(results: Iterable[dict[str, Any]], title: str = "DGSS-Bench re
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f'<meta name="generator" content="{GENERATOR}">',
+        f'<meta name="{FIGURE_LIST}" content="{html.escape(" ".join(f"{p.name}.png" for p in plots or []))}">',
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">{len(results)} result file(s), {finished_count} finished run(s) in '
@@ -116,14 +119,43 @@ def _protocol_section(proto: Protocol, members: list[dict[str, Any]], published,
     return "\n".join(parts)
 
 
+GENERATOR = "DGSS-Bench report"
+FIGURE_LIST = "dgss-bench-figures"
+"""The page names the PNG files written beside it, so the next report into the folder removes those it does not
+write again, and only those: a folder may hold the user's own pictures."""
+# A page written before it named its figures: its summary line, which no other page is likely to carry.
+_EARLIER_PAGE = re.compile(r'<p class="meta">\d+ result file\(s\), \d+ finished run\(s\) in \d+ protocol\(s\); generated ')
+
+
+def earlier_figures(out_dir: Path) -> list[str]:
+    """The figures an earlier report wrote into `out_dir` (by its page). Raises `UserError` when the folder
+    holds an index.html no report of ours wrote: writing would replace someone's page."""
+    page = out_dir / "index.html"
+    if not page.is_file():
+        return []
+    text = page.read_text(encoding="utf-8", errors="replace")
+    listed = re.search(rf'<meta name="{FIGURE_LIST}" content="([^"]*)">', text)
+    if listed:
+        return html.unescape(listed.group(1)).split()
+    if _EARLIER_PAGE.search(text):  # the figures of such a page are named by their kind
+        return sorted(p.name for kind, _, _ in FIGURES for p in out_dir.glob(f"*_{kind}.png"))
+    raise UserError(f"--out {out_dir} holds an index.html that no DGSS-Bench report wrote; pass another --out "
+                    "(or move that page away): a report replaces the index.html of its folder")
+
+
 def write_report(results: Iterable[dict[str, Any]], out_dir: Path | str = "results/report",
                  title: str = "DGSS-Bench report", published_path: Path | None = None) -> Path:
-    """Write out_dir/index.html (atomically) and the figures beside it as PNG files."""
+    """Write out_dir/index.html and the figures beside it as PNG files, all of them or (a full disk) none;
+    then the figures of the earlier report there that this one has not are removed (a page beside the PNGs
+    of another one's protocols misleads whoever opens the folder)."""
     results = list(results)
     out_dir = Path(out_dir)
+    earlier = earlier_figures(out_dir)
     plots = make_plots(results)
-    save_plots(plots, out_dir)
-    page = out_dir / "index.html"
-    atomic_write_text(page, render_report(results, title=title, published_path=published_path, plots=plots))
-    log.info("wrote %s from %d result file(s) with %d figure(s)", page, len(results), len(plots))
-    return page
+    page = render_report(results, title=title, published_path=published_path, plots=plots)
+    files = {f"{plot.name}.png": plot.png for plot in plots}
+    write_files_together(out_dir, {**files, "index.html": page.encode("utf-8")})
+    for name in set(earlier) - set(files):
+        (out_dir / name).unlink(missing_ok=True)
+    log.info("wrote %s from %d result file(s) with %d figure(s)", out_dir / "index.html", len(results), len(plots))
+    return out_dir / "index.html"

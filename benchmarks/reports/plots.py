@@ -16,7 +16,6 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from benchmarks.reports.grouping import (
     target_label,
     targets_of,
 )
-from benchmarks.results import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -264,22 +262,3 @@ def make_plots(results: Iterable[dict[str, Any]]) -> list[Plot]:
                 continue
             plots.append(Plot(name=f"{proto.slug}_{kind}", title=title, png=figure_png(fig), protocol=proto))
     return plots
-
-
-def save_plots(plots: Iterable[Plot], out_dir: Path) -> list[Path]:
-    """The figures as PNG files in `out_dir`, where the figures of an earlier report that this one has not are
-    removed (a page beside the PNGs of another one's protocols misleads whoever opens the folder)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots = list(plots)
-    ours = {f"{plot.name}.png" for plot in plots}
-    for kind, _, _ in FIGURES:
-        for earlier in out_dir.glob(f"*_{kind}.png"):
-            if earlier.name not in ours:
-                earlier.unlink(missing_ok=True)
-    paths = []
-    for plot in plots:
-        path = out_dir / f"{plot.name}.png"
-        atomic_write_bytes(path, plot.png)
-        paths.append(path)
-    return paths
