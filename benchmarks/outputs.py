@@ -8,6 +8,7 @@ written). Nothing is left here: a refused command leaves no empty folder behind.
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -63,3 +64,12 @@ def require_writable_file(path: Path | str, option: str, example_name: str) -> N
     if problem:
         in_the_way, what = problem
         raise UserError(f"{option} {path}: {in_the_way} {what}; pass a file in a folder you can write to")
+
+
+def given_path(text: str) -> Path:
+    """The argparse type of a path option: an empty value (an unset shell variable) is refused rather than read
+    as the current folder, where a report or profile would be written and a table's search would start."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("given with no value (an unset shell variable?); give a path or leave the "
+                                         "option out")
+    return Path(text).expanduser()

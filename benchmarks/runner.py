@@ -71,6 +71,8 @@ def plan_runs(exp: Experiment, methods: str | None = None) -> list[RunSpec]:
     names = resolve_methods(methods or exp.run.methods)
     check_method_overrides(exp.methods)
     _check_method_settings_used(exp, names)
+    if not exp.run.settings:
+        raise UserError(f"run.settings is empty: the matrix would hold no run; give one or more of {', '.join(SETTINGS)}")
     unknown = [s for s in exp.run.settings if s not in SETTINGS]
     if unknown:
         raise UserError(f"unknown setting {unknown[0]!r}; valid: {', '.join(SETTINGS)}")

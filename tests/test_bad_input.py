@@ -289,3 +289,46 @@ def test_a_weights_file_the_backbone_cannot_take_is_refused_before_any_data_is_r
     line = error_line(err)
     assert code == 2 and str(weights) in line and said in line, line
     assert printed == "" and sorted(p.name for p in tmp_path.iterdir()) == ["weights.pth"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["report", "--out", ""], ["profile", "--out", "", "--methods", "freeze"], ["table", "--runs", ""],
+    ["table", "--output", ""], ["check", "--keep-runs", ""], ["data", "synth", "--out", ""],
+])
+def test_an_output_or_input_path_given_empty_is_refused_not_taken_for_the_current_folder(argv, tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:  # argparse's refusal: usage, then one `error:` line
+        run_cli(argv, capsys)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if " error: " in line]
+    assert refused.value.code == 2 and len(errors) == 1 and "given with no value" in errors[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("given", "said"), [
+    (["--methods", ""], "--methods is given with no value"),
+    (["--methods", ","], "--methods is given with no value"),
+    (["--seeds", ","], "--seeds is given with no value"),
+    (["--backbones", " , "], "--backbones is given with no value"),
+    (["--set", "run.settings="], "run.settings is empty"),
+])
+def test_a_matrix_axis_given_empty_is_refused_not_read_as_the_presets(given, said, tmp_path, capsys, monkeypatch):
+    # `--methods "$METHODS"` with the variable unset trained all 18 methods (an hour on the proxy preset).
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["run", "--preset", "smoke", *given, "--dry-run"], capsys)
+    line = error_line(err)
+    assert code == 2 and said in line, line
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--baseline", "--keep-runs"])
+def test_check_refuses_a_place_it_cannot_write_before_running_the_matrix(option, tmp_path, capsys, monkeypatch):
+    import benchmarks.runner as runner
+
+    monkeypatch.setattr(runner, "run_matrix", lambda *a, **k: pytest.fail("the matrix ran"))
+    (tmp_path / "afile").write_text("a file, not a folder")
+    code, _, err = run_cli(["check", "--methods", "freeze", "--update-baseline", option,
+                            str(tmp_path / "afile" / "inside")], capsys)
+    line = error_line(err)
+    assert code == 2 and f"{option} {tmp_path / 'afile' / 'inside'}" in line and "is a file" in line, line

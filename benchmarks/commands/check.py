@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.commands.run import add_method_file_argument
+from benchmarks.outputs import given_path, require_writable_file, require_writable_folder
 from benchmarks.regression import DEFAULT_BASELINE, DEFAULT_TOLERANCE_LOSS, DEFAULT_TOLERANCE_MIOU
 
 NAME = "check"
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help=f"baseline file (default: {DEFAULT_BASELINE})")
+    parser.add_argument("--baseline", type=given_path, default=DEFAULT_BASELINE, help=f"baseline file (default: {DEFAULT_BASELINE})")
     parser.add_argument("--update-baseline", action="store_true", help="rewrite the baseline from this run instead of comparing")
     parser.add_argument("--methods", help="only these methods (comma-separated); default: every registered method")
     add_method_file_argument(parser)
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="smoke", help="preset to run (default: smoke)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the preset (repeatable), e.g. --set data.root=/tmp/synthetic")
-    parser.add_argument("--keep-runs", type=Path, metavar="DIR",
+    parser.add_argument("--keep-runs", type=given_path, metavar="DIR",
                         help="write the fresh results here (must not hold results yet) instead of a temporary folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -54,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
     if baseline is not None and not args.update_baseline and baseline.get("preset", exp.preset) != exp.preset:
         raise UserError(f"baseline {args.baseline} was made with preset {baseline.get('preset')!r}, this check runs "
                         f"{exp.preset!r}; pass that preset's --baseline or create one with --update-baseline")
+    if args.update_baseline:  # before the matrix runs: a baseline that cannot be written is lost with its runs
+        require_writable_file(args.baseline, "--baseline", "smoke.json")
     if args.keep_runs is not None and args.keep_runs.exists() and not args.keep_runs.is_dir():
         raise UserError(f"--keep-runs {args.keep_runs}: is a file, not a folder; pass an empty or new folder")
+    if args.keep_runs is not None:
+        require_writable_folder(args.keep_runs, "--keep-runs")
     if args.keep_runs is not None and args.keep_runs.exists() and iter_results([args.keep_runs]):
         raise UserError(f"--keep-runs {args.keep_runs} already holds results; the check must not re-use runs, pass an empty folder")
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from benchmarks.errors import UserError
-from benchmarks.outputs import require_writable_file, require_writable_folder
+from benchmarks.outputs import given_path, require_writable_file, require_writable_folder
 
 # The splits `check` looks at: required ones must exist, optional ones are checked when present.
 CHECK_SPLITS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -34,33 +34,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="data_command", required=True)
 
     check = sub.add_parser("check", help="validate every dataset found under a data root, without training")
-    check.add_argument("--root", required=True, type=Path, help="data root holding gta/, cityscapes/, ...")
+    check.add_argument("--root", required=True, type=given_path, help="data root holding gta/, cityscapes/, ...")
     check.add_argument("--full", action="store_true", help="decode every label (default: a sample per split)")
 
     synth = sub.add_parser("synth", help="write the synthetic world in the real datasets' layouts")
-    synth.add_argument("--out", required=True, type=Path, help="output data root")
+    synth.add_argument("--out", required=True, type=given_path, help="output data root")
     synth.add_argument("--size", choices=("small", "medium", "paper", "paper_tiny"), default="small",
                        help="small (default) and medium: ~1/8 of the real resolutions, for the proxy preset; paper: "
                             "a few dozen pairs per domain at the real datasets' resolutions, for --preset paper "
                             "(paper_tiny: one or two per split, for tests and dry runs)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=1, help="processes (default 1)")
-    synth.add_argument("--preview", type=Path, default=None, help="also write a PNG preview grid here")
-    synth.add_argument("--archives", type=Path, default=None,
+    synth.add_argument("--preview", type=given_path, default=None, help="also write a PNG preview grid here")
+    synth.add_argument("--archives", type=given_path, default=None,
                        help="also pack the world as the official download archives into this folder")
 
     convert = sub.add_parser("convert", help="one-off label conversions (idempotent, atomic)")
     convert.add_argument("what", choices=("gtav", "cityscapes", "synthia", "mapillary-half"))
-    convert.add_argument("--root", required=True, type=Path, help="data root")
+    convert.add_argument("--root", required=True, type=given_path, help="data root")
 
     prepare = sub.add_parser(
         "prepare", help="from the official downloads to a checked data root, in one command",
         description="Recognise the official archives in DOWNLOADS by name, check them, extract each complete "
                     "dataset into ROOT (staged, renamed into place only when whole), run the conversions the "
                     "protocol needs, then `data check` ROOT. docs/datasets.md lists the names.")
-    prepare.add_argument("--from", dest="downloads", required=True, type=Path, metavar="DOWNLOADS",
+    prepare.add_argument("--from", dest="downloads", required=True, type=given_path, metavar="DOWNLOADS",
                          help="folder holding the downloaded archives")
-    prepare.add_argument("--to", dest="root", required=True, type=Path, metavar="ROOT",
+    prepare.add_argument("--to", dest="root", required=True, type=given_path, metavar="ROOT",
                          help="data root to prepare (created if missing)")
     prepare.add_argument("--datasets", default=None,
                          help="comma-separated datasets to prepare (default: every dataset whose archives are all there)")

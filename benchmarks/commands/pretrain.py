@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks.errors import UserError
-from benchmarks.outputs import require_writable_file
+from benchmarks.outputs import given_path, require_writable_file
 
 if TYPE_CHECKING:  # imported when the command runs: it brings torch
     from benchmarks.pretrain import PretrainConfig
@@ -65,7 +65,7 @@ OPTION_BOUNDS: dict[str, Bounds] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from benchmarks.pretrain import AMP_CHOICES, PROXY_RECIPE, PretrainConfig
 
-    parser.add_argument("--out", type=Path, default=SHIPPED,
+    parser.add_argument("--out", type=given_path, default=SHIPPED,
                         help=f"the checkpoint to write (default: the shipped one, {SHIPPED}); earlier "
                              "stages and the .json recipe go beside it")
     parser.add_argument("--overwrite", action="store_true",

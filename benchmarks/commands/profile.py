@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 
 from benchmarks.commands.run import add_method_file_argument
+from benchmarks.outputs import given_path
 
 NAME = "profile"
 HELP = "measure training/inference throughput, peak memory, FLOPs and MFU of every method (random weights, synthetic data)"
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="proxy", help="smoke, proxy (default), paper, or a .toml file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set train.batch_size=2 (repeatable)")
-    parser.add_argument("--out", default="results/profiles", help="folder for <preset>-<device>-<date>.{json,md,png} (-2, -3, ... where that name is taken: "
+    parser.add_argument("--out", type=given_path, default="results/profiles", help="folder for <preset>-<device>-<date>.{json,md,png} (-2, -3, ... where that name is taken: "
                         "an earlier profile is never replaced)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: the preset's train.device)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps before timing (default 3)")

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from benchmarks.commands.table import add_runs_argument, load_runs
-from benchmarks.outputs import require_writable_file, require_writable_folder
+from benchmarks.outputs import given_path, require_writable_file, require_writable_folder
 
 NAME = "report"
 HELP = "write a self-contained HTML report (every table and figure inline) from result files"
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runs_argument(parser)
-    parser.add_argument("--out", type=Path, default=Path("results/report"),
+    parser.add_argument("--out", type=given_path, default=Path("results/report"),
                         help="folder for index.html and the figures as PNG (default: results/report)")
     parser.add_argument("--title", default="DGSS-Bench report")
 

@@ -77,6 +77,9 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
 def run(args: argparse.Namespace) -> int:
     from benchmarks.runner import plan_runs, run_matrix
 
+    if args.methods is not None and not args.methods.replace(",", "").strip():  # an unset shell variable
+        raise UserError("--methods is given with no value; give it one (e.g. --methods rein,lora or --methods all) "
+                        "or leave it out for the preset's")
     exp = experiment_from_args(args)
     if args.dry_run:
         print(describe(exp, args.methods))
@@ -90,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     require_writable_folder(results_dir, "--results-dir")
     log.info("preset %s: %d run(s), results under %s", exp.preset, len(specs), results_dir)
     if getattr(args, "launcher", "local") == "slurm":
+        if args.slurm_folder:
+            require_writable_folder(args.slurm_folder, "--slurm-folder")
         return submit(exp, args)
     from benchmarks import distributed
 
@@ -144,7 +149,7 @@ def job_overrides(args: argparse.Namespace) -> list[str]:
                   "results_dir": "run.results_dir", "num_workers": "data.num_workers"}
     for attr, key in shorthands.items():
         value = getattr(args, attr, None)
-        if isinstance(value, str) and not value.strip():  # an unset shell variable, not a request for nothing
+        if isinstance(value, str) and not value.replace(",", "").strip():  # an unset shell variable, not a request for nothing
             raise UserError(f"--{attr.replace('_', '-')} is given with no value; give it one "
                             f"(e.g. --{attr.replace('_', '-')} {SHORTHAND_EXAMPLES[attr]}) or leave it out for the preset's")
         if value is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from benchmarks.config import SETTINGS
 from benchmarks.errors import UserError
-from benchmarks.outputs import require_writable_file
+from benchmarks.outputs import given_path, require_writable_file
 
 NAME = "table"
 HELP = "print paper-style tables from result files: the leaderboard, per-class IoU, or published vs harness"
@@ -24,11 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     view.add_argument("--published", action="store_true",
                       help="the papers' numbers (results/published.csv) beside the harness's, with the difference")
     parser.add_argument("--setting", choices=sorted(SETTINGS), help="only this setting (default: every setting found)")
-    parser.add_argument("--output", type=Path, help="also write the table to this file")
+    parser.add_argument("--output", type=given_path, help="also write the table to this file")
 
 
 def add_runs_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", type=Path, action="append", metavar="DIR",
+    parser.add_argument("--runs", type=given_path, action="append", metavar="DIR",
                         help="folder (searched recursively) or file of results; repeatable (default: results/runs)")
 
 
