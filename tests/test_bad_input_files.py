@@ -277,6 +277,22 @@ def test_pretrain_option_below_its_range_is_one_line(tmp_path, capsys, pretraini
     assert pretraining_calls == []
 
 
+def _float_options() -> list[str]:
+    from benchmarks.pretrain import PretrainConfig
+
+    return [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(PretrainConfig) if f.type == "float"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("option", _float_options())
+def test_pretrain_option_that_is_not_finite_is_one_line(tmp_path, capsys, pretraining_calls, option, value):
+    # NaN passed every bound; --lr inf trained a checkpoint of NaN weights and exited 0
+    code, _, err = _cli(["pretrain", "--out", str(tmp_path / "new.safetensors"), option, value], capsys)
+    line = _error_line(err)
+    assert code == 2 and option in line and "finite" in line, line
+    assert pretraining_calls == [] and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("option,value,expected", [
     ("--steps", "0", "at least 1"),
     ("--warmup-steps", "0", "at least 1"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ class Bounds:
     note: str = ""
 
     def problem(self, value: float) -> str | None:
+        if not math.isfinite(value):  # NaN passes every comparison; inf trained a NaN checkpoint and exit 0
+            return f"must be a finite number{self.note}"
         if value < self.low or (value == self.low and not self.low_allowed):
             return f"must be {'at least' if self.low_allowed else 'above'} {self.low:g}{self.note}"
         if self.high is not None and value > self.high:
