@@ -47,7 +47,11 @@ def ensure_data_root(exp: Experiment) -> Path:
     log.info("generating the synthetic world (%s) at %s — first run only", cfg.synthetic, root)
     partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    generate_world(partial, size=cfg.synthetic, workers=max(1, min(os.cpu_count() or 1, 4)))
+    try:
+        generate_world(partial, size=cfg.synthetic, workers=max(1, min(os.cpu_count() or 1, 4)))
+    except BaseException:  # Ctrl-C, a full disk: the next run starts afresh under its own pid, so none is kept
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     try:
         partial.rename(root)
     except OSError:

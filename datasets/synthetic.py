@@ -1120,6 +1120,12 @@ def _claim_world_folder(out: Path, size: str, seed: int) -> None:
     atomic_write_text(record, json.dumps(wanted) + "\n")
 
 
+def _ignore_interrupts() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers: int = 1) -> dict:
     """Write the four-domain synthetic world under ``out`` in the real datasets' layouts.
 
@@ -1137,7 +1143,9 @@ def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers:
 
         # small chunks when there are few tasks (the paper world's 68 large pairs on many workers)
         chunksize = max(1, min(16, len(tasks) // (4 * workers)))
-        with mp.get_context("spawn").Pool(workers) as pool:
+        # The workers ignore Ctrl-C: the terminal sends it to the whole group, and the parent alone reports it
+        # (each worker printed its own KeyboardInterrupt traceback); leaving the `with` terminates them.
+        with mp.get_context("spawn").Pool(workers, initializer=_ignore_interrupts) as pool:
             for _ in pool.imap_unordered(_write_task, tasks, chunksize=chunksize):
                 pass
     else:

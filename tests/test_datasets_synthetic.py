@@ -215,3 +215,21 @@ def test_synthetic_archives_never_replace_a_file_with_an_official_name(world, tm
         write_official_archives(root, downloads)
     assert (downloads / "leftImg8bit_trainvaltest.zip").read_bytes() == b"the real download"
     assert [p.name for p in downloads.iterdir()] == ["leftImg8bit_trainvaltest.zip"]
+
+
+def test_a_world_generation_interrupted_on_first_use_leaves_no_partial_folder(tmp_path, monkeypatch):
+    """The next run generates afresh under its own pid: a kept `.synthetic-v2.partial-<pid>` was never used again."""
+    import datasets.synthetic as synthetic
+    from benchmarks.config import load_experiment
+    from benchmarks.data import ensure_data_root
+
+    def interrupted(out, **kwargs):
+        (tmp_path / "data" / out.name / "gta").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "generate_world", interrupted)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_data_root(load_experiment("smoke", []))
+    assert [p.name for p in (tmp_path / "data").iterdir()] == []
+
