@@ -779,3 +779,21 @@ def test_results_from_before_the_resize_setting_share_a_protocol_with_pillow_run
     assert summary_frame([run_of(1, None), run_of(2, "pillow")])["seeds"].tolist() == [2]
     assert summary_frame([run_of(1, None), run_of(2, "cv2")])["seeds"].tolist() == [1, 1]
     assert "config" not in main_tables([run_of(1, None), run_of(2, "pillow")])[0].title  # no variant label
+
+
+def test_table_output_that_is_a_result_file_is_refused_and_kept(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_result(runs / "a.json", make_result("full", 1, cbm(30, 30, 30)))
+    before = (runs / "a.json").read_bytes()
+    assert _cli(["table", "--runs", str(runs), "--output", str(runs / "a.json")]) == 2
+    assert "is a result file" in capsys.readouterr().err and (runs / "a.json").read_bytes() == before
+
+
+def test_table_of_a_setting_no_run_has_is_refused_and_leaves_the_output_as_it_was(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_result(runs / "a.json", make_result("full", 1, cbm(30, 30, 30)))
+    (tmp_path / "table.md").write_text("the table of yesterday")
+    assert _cli(["table", "--runs", str(runs), "--setting", "C->BM", "--output", str(tmp_path / "table.md")]) == 2
+    err = capsys.readouterr().err
+    assert "--setting C->BM: none of the 1 results read is of that setting (they are of G->CBM)" in err, err
+    assert (tmp_path / "table.md").read_text() == "the table of yesterday"

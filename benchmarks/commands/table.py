@@ -45,6 +45,17 @@ def load_runs(dirs: list[Path] | None) -> list[dict]:
     return results
 
 
+def _refuse_to_overwrite_a_result(output: Path) -> None:
+    from benchmarks.results import BadResultFile, load_result
+
+    try:
+        is_result = load_result(output) is not None
+    except BadResultFile:
+        is_result = False
+    if is_result:
+        raise UserError(f"--output {output}: is a result file; pass a new file for the table (e.g. table.md)")
+
+
 def run(args: argparse.Namespace) -> int:
     from benchmarks.reports.tables import build_tables
     from benchmarks.results import atomic_write_text
@@ -53,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
         example = {"latex": "table.tex", "csv": "table.csv"}.get(args.format, "table.md")
         require_writable_file(args.output, "--output", example)
     results = load_runs(args.runs)
+    if args.output and args.output.is_file():
+        _refuse_to_overwrite_a_result(args.output)
+    if args.setting and not any(r.get("setting") == args.setting for r in results):
+        found = sorted({str(r.get("setting")) for r in results})
+        raise UserError(f"--setting {args.setting}: none of the {len(results)} results read is of that setting (they "
+                        f"are of {', '.join(found)}); pass one of those or leave --setting out")
     text = build_tables(results, fmt=args.format, per_class=args.per_class, published=args.published, setting=args.setting)
     print(text, end="" if text.endswith("\n") else "\n")
     if args.output:
