@@ -229,7 +229,11 @@ def experiment_from_dict(raw: dict[str, Any], source: str = "config", name: str 
     methods = raw.get("methods", {})
     if not isinstance(methods, dict) or not all(isinstance(v, dict) for v in methods.values()):
         raise UserError(f"{source}: [methods] must hold one table per method, e.g. [methods.rein]")
-    return Experiment(preset=raw.get("preset", name), methods=methods, **sections)
+    preset_name = raw.get("preset", name)
+    if not isinstance(preset_name, str) or not preset_name.strip():
+        raise UserError(f"{source}: `preset` must be a name in quotes (e.g. preset = \"mine\"), "
+                        f"got {preset_name!r}")
+    return Experiment(preset=preset_name, methods=methods, **sections)
 
 
 def apply_override(experiment: Experiment, item: str) -> Experiment:

@@ -104,3 +104,10 @@ def test_a_run_at_an_added_settings_old_behaviour_departs_from_a_preset_that_rea
     assert preset_departures(result("paper")) == ""
     assert preset_departures(result("proxy")) == ""  # the proxy preset's own resize is pillow
     assert preset_departures(result("proxy", "data.resize=cv2")) == "data.resize=cv2"
+
+
+@pytest.mark.parametrize("line", ["preset = 5", 'preset = ""', "preset = [1]"])
+def test_a_preset_file_whose_name_is_not_a_string_is_one_line(tmp_path, line):
+    (tmp_path / "mine.toml").write_text(line + "\n")
+    with pytest.raises(UserError, match=r"mine\.toml: `preset` must be a name in quotes"):
+        load_experiment(str(tmp_path / "mine.toml"))
