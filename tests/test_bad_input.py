@@ -332,3 +332,23 @@ def test_check_refuses_a_place_it_cannot_write_before_running_the_matrix(option,
                             str(tmp_path / "afile" / "inside")], capsys)
     line = error_line(err)
     assert code == 2 and f"{option} {tmp_path / 'afile' / 'inside'}" in line and "is a file" in line, line
+
+
+@pytest.mark.parametrize(("given", "said"), [
+    (["--slurm-wait"], "--slurm-wait is an option of --launcher slurm"),  # trained here for an hour, exit 0
+    (["--slurm-partition", "gpu"], "--slurm-partition is an option of --launcher slurm"),
+    (["--launcher", "slurm", "--slurm-time", "-5"], "--slurm-time -5: must be at least 1"),  # a job that never ran
+    (["--launcher", "slurm", "--slurm-nodes", "0"], "--slurm-nodes 0: must be at least 1"),
+])
+def test_launch_options_that_cannot_be_meant_are_refused_before_any_work(given, said, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["run", "--preset", "smoke", "--methods", "freeze", *given], capsys)
+    line = error_line(err)
+    assert code == 2 and said in line, line
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_profile_flops_only_and_no_flops_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as refused:
+        run_cli(["profile", "--flops-only", "--no-flops"], capsys)
+    assert refused.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps before timing (default 3)")
     parser.add_argument("--repeats", type=int, default=10, help="timed training steps (default 10)")
     parser.add_argument("--eval-repeats", type=int, default=5, help="timed sliding-window inferences (default 5)")
-    parser.add_argument("--flops-only", action="store_true", help="FLOPs and parameter counts only (fake tensors, no timing)")
-    parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    flops = parser.add_mutually_exclusive_group()
+    flops.add_argument("--flops-only", action="store_true", help="FLOPs and parameter counts only (fake tensors, no timing)")
+    flops.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     parser.add_argument("--breakdown", choices=("auto", "all", "none"), default="auto",
                         help="torch.profiler view of where a training step's time goes, written to <stem>-breakdown.md: "
                              "auto (default) for methods below 30%% MFU on a GPU, all, or none")

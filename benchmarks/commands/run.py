@@ -37,19 +37,51 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--launcher", choices=("local", "slurm"), default="local",
                        help="local: run here, one run after another (under torchrun: data-parallel); "
                             "slurm: submit one job per unfinished run through submitit")
-    group.add_argument("--slurm-partition", default="", help="slurm partition")
-    group.add_argument("--slurm-account", default="", help="slurm account")
-    group.add_argument("--slurm-constraint", default="", help="slurm constraint, e.g. a GPU type")
-    group.add_argument("--slurm-time", type=int, default=24 * 60, metavar="MINUTES", help="time limit per job (default 1440)")
-    group.add_argument("--slurm-nodes", type=int, default=1, help="nodes per job (default 1)")
-    group.add_argument("--slurm-gpus-per-node", type=int, default=1, help="GPUs per node, one task each (default 1)")
-    group.add_argument("--slurm-cpus-per-task", type=int, default=8, help="CPU cores per task (default 8)")
-    group.add_argument("--slurm-mem-gb", type=int, default=0, help="memory per node in GB (default: the partition's)")
-    group.add_argument("--slurm-array-parallelism", type=int, default=32, help="jobs running at once (default 32)")
-    group.add_argument("--slurm-folder", default="", help="job scripts and logs (default <results dir>/.submitit)")
-    group.add_argument("--slurm-cluster", default="", choices=("", "slurm", "local", "debug"),
+    defaults = SLURM_DEFAULTS
+    group.add_argument("--slurm-partition", default=defaults["slurm_partition"], help="slurm partition")
+    group.add_argument("--slurm-account", default=defaults["slurm_account"], help="slurm account")
+    group.add_argument("--slurm-constraint", default=defaults["slurm_constraint"], help="slurm constraint, e.g. a GPU type")
+    group.add_argument("--slurm-time", type=int, default=defaults["slurm_time"], metavar="MINUTES",
+                       help="time limit per job (default 1440)")
+    group.add_argument("--slurm-nodes", type=int, default=defaults["slurm_nodes"], help="nodes per job (default 1)")
+    group.add_argument("--slurm-gpus-per-node", type=int, default=defaults["slurm_gpus_per_node"],
+                       help="GPUs per node, one task each (default 1)")
+    group.add_argument("--slurm-cpus-per-task", type=int, default=defaults["slurm_cpus_per_task"],
+                       help="CPU cores per task (default 8)")
+    group.add_argument("--slurm-mem-gb", type=int, default=defaults["slurm_mem_gb"],
+                       help="memory per node in GB (default: the partition's)")
+    group.add_argument("--slurm-array-parallelism", type=int, default=defaults["slurm_array_parallelism"],
+                       help="jobs running at once (default 32)")
+    group.add_argument("--slurm-folder", default=defaults["slurm_folder"],
+                       help="job scripts and logs (default <results dir>/.submitit)")
+    group.add_argument("--slurm-cluster", default=defaults["slurm_cluster"], choices=("", "slurm", "local", "debug"),
                        help=argparse.SUPPRESS)  # submitit's local executor, for tests
     group.add_argument("--slurm-wait", action="store_true", help="wait for the jobs and print the leaderboard")
+
+
+SLURM_DEFAULTS = {"slurm_partition": "", "slurm_account": "", "slurm_constraint": "", "slurm_time": 24 * 60,
+                  "slurm_nodes": 1, "slurm_gpus_per_node": 1, "slurm_cpus_per_task": 8, "slurm_mem_gb": 0,
+                  "slurm_array_parallelism": 32, "slurm_folder": "", "slurm_cluster": "", "slurm_wait": False}
+# The least each count may be (memory 0: the partition's default).
+SLURM_MINIMA = {"slurm_time": 1, "slurm_nodes": 1, "slurm_gpus_per_node": 1, "slurm_cpus_per_task": 1,
+                "slurm_mem_gb": 0, "slurm_array_parallelism": 1}
+
+
+def check_launch_options(args: argparse.Namespace) -> None:
+    """Slurm options mean something only with `--launcher slurm`: given without it, the run would train here
+    (on a login node, for an hour) with the options silently dropped. With it, counts must be positive."""
+    def option(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    if getattr(args, "launcher", "local") != "slurm":
+        given = [name for name, default in SLURM_DEFAULTS.items() if getattr(args, name, default) != default]
+        if given:
+            raise UserError(f"{option(given[0])} is an option of --launcher slurm; add --launcher slurm to submit "
+                            "the runs as jobs, or drop it to run here")
+        return
+    for name, least in SLURM_MINIMA.items():
+        if getattr(args, name) < least:
+            raise UserError(f"{option(name)} {getattr(args, name)}: must be at least {least}")
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +109,7 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
 def run(args: argparse.Namespace) -> int:
     from benchmarks.runner import plan_runs, run_matrix
 
+    check_launch_options(args)
     if args.methods is not None and not args.methods.replace(",", "").strip():  # an unset shell variable
         raise UserError("--methods is given with no value; give it one (e.g. --methods rein,lora or --methods all) "
                         "or leave it out for the preset's")
