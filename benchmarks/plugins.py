@@ -74,6 +74,9 @@ def load_method_files(paths: Iterable[str | Path], registry: dict[str, type]) ->
 
 def _checked_file(given: str | Path) -> Path:
     path = Path(given).expanduser()
+    if path.is_dir():
+        raise UserError(f"--method-file {given}: is a folder; pass the path of the Python file in it that defines "
+                        "the method")
     if not path.is_file():
         raise UserError(f"--method-file {given}: no such file; pass the path of a Python file defining a method")
     if path.suffix != ".py":

@@ -240,6 +240,7 @@ def test_slurm_wait_names_a_failed_job_and_still_waits_for_the_others(tiny_world
 # -- refusals ---------------------------------------------------------------------------------------------
 BAD_FILES = {
     "missing": (None, "no such file"),
+    "folder": ("", "is a folder; pass the path of the Python file in it"),
     "not_python": ("notes.txt", "not a Python file (.py)"),
     "syntax_error": ("def broken(:\n", "SyntaxError"),
     "import_error": ("import no_such_package_for_dgss\n", "failed to import: ModuleNotFoundError: No module named"),
@@ -254,6 +255,9 @@ def test_bad_method_file_is_one_line_exit_2_and_creates_nothing(case, tiny_world
     body, expected = BAD_FILES[case]
     if body is None:
         method_file = tmp_path / "absent.py"
+    elif body == "":
+        method_file = tmp_path / "plugins"
+        method_file.mkdir()
     elif body.endswith(".txt"):
         method_file = write(tmp_path / body, method_source())
     else:
