@@ -76,20 +76,7 @@ class BadResultFile(Exception):
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make shared result folders unreadable to others
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if is_out_of_space(err, path, len(data)):
-            raise out_of_space_error(path, len(data), "", "what was there before is unchanged") from None
-        raise
+    write_files_together(path.parent, {path.name: data})
 
 
 def write_files_together(folder: Path, files: dict[str, bytes]) -> None:
@@ -102,7 +89,7 @@ def write_files_together(folder: Path, files: dict[str, bytes]) -> None:
         for name, data in files.items():
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
             written.append((name, Path(tmp)))
-            os.fchmod(fd, 0o644)
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would make shared result folders unreadable to others
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -110,12 +97,17 @@ def write_files_together(folder: Path, files: dict[str, bytes]) -> None:
     except BaseException as err:
         for _, tmp in written:
             tmp.unlink(missing_ok=True)
+        named = folder / next(iter(files)) if len(files) == 1 else folder
         needed = sum(map(len, files.values()))
-        if is_out_of_space(err, folder, needed):
-            raise out_of_space_error(folder, needed, "", "what was there before is unchanged") from None
+        if is_out_of_space(err, named, needed):
+            raise out_of_space_error(named, needed, "", "what was there before is unchanged") from None
         raise
-    for name, tmp in written:
-        os.replace(tmp, folder / name)
+    try:
+        for name, tmp in written:
+            os.replace(tmp, folder / name)
+    finally:  # a rename that fails (not for want of space) leaves no temporary file behind
+        for _, tmp in written:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
