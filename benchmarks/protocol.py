@@ -46,12 +46,13 @@ def select_device(name: str, option: str = "train.device") -> torch.device:
     one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{option}={name} but no CUDA device is available; use {option}=cpu or auto")
-    try:
-        return torch.device(name)
+    try:  # a malformed name first: "cuda:x" is no device, whether or not this machine has CUDA
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"{option}={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{option}={name} but no CUDA device is available; use {option}=cpu or auto")
+    return device
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

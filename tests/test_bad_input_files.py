@@ -581,3 +581,16 @@ def test_data_synth_on_a_full_disk_is_one_line_saying_the_pairs_written_are_kept
     code, _, err = _cli(["data", "synth", "--out", str(tmp_path / "world")], capsys)
     line = _error_line(err)
     assert code == 2 and "No space left on device" in line and "run the same command again" in line, line
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message for a machine without CUDA")
+def test_a_malformed_cuda_device_is_called_not_a_device_not_a_missing_gpu(tmp_path, capsys, monkeypatch):
+    import benchmarks.profiling as profiling
+
+    monkeypatch.setattr(profiling, "profile_methods", lambda *a, **k: pytest.fail("profiling started"))
+    code, _, err = _cli(["profile", "--preset", "smoke", "--methods", "freeze", "--device", "cuda:x",
+                         "--out", str(tmp_path / "p")], capsys)
+    assert code == 2 and "--device='cuda:x' is not a device" in _error_line(err)
+    code, _, err = _cli(["profile", "--preset", "smoke", "--methods", "freeze", "--device", "cuda:0",
+                         "--out", str(tmp_path / "p")], capsys)
+    assert code == 2 and "no CUDA device is available" in _error_line(err)
