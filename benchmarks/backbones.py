@@ -363,11 +363,18 @@ def check_weights_file(backbone: Backbone, path: str | Path) -> None:
     """What `load_weights` refuses in a file, found without loading it into `backbone` (which may be on the
     meta device): unreadable, unsafe, of another layout or family. A run checks this before it reads or
     generates any data."""
-    path = Path(path)
+    _read_in_timm_names(backbone, Path(path))
+
+
+def _read_in_timm_names(backbone: Backbone, path: Path) -> weights_io.StateDict:
+    """The file's state dict under the timm model's names, at the release's own shapes; every name checked
+    (another family's file is named here, before anything is resized)."""
+    target = backbone.vit.state_dict()
     sd = weights_io.read_state_dict(path)
-    if not _is_target_layout(sd, backbone.vit.state_dict()):
+    if not _is_target_layout(sd, target):
         sd = _convert_original(sd, backbone.spec, backbone.vit, path)
-    weights_io.check_names(sd, backbone.vit.state_dict(), path, ignorable=_ignorable)
+    weights_io.check_names(sd, target, path, ignorable=_ignorable)
+    return sd
 
 
 def load_weights(backbone: Backbone, path: str | Path, resample: str = "bicubic") -> None:
@@ -377,13 +384,10 @@ def load_weights(backbone: Backbone, path: str | Path, resample: str = "bicubic"
     path = Path(path)
     vit, spec = backbone.vit, backbone.spec
     target = vit.state_dict()
-    sd = weights_io.read_state_dict(path)
-    if not _is_target_layout(sd, target):
-        sd = _convert_original(sd, spec, vit, path)
+    sd = _read_in_timm_names(backbone, path)
     num_prefix_in_pos = 0 if getattr(vit, "no_embed_class", False) or spec.family == "sam" else backbone.num_prefix_tokens
-    weights_io.check_names(sd, target, path, ignorable=_ignorable)
     sd = weights_io.adapt_to_model(sd, target, num_prefix_in_pos=num_prefix_in_pos, resample=resample)
-    sd = weights_io.check_and_cast(sd, target, path, ignorable=_ignorable)
+    sd = weights_io.check_shapes_and_cast(sd, target, path)
     vit.load_state_dict(sd, strict=True)
     log.info("loaded %s weights from %s (patch %d, grid %s, resample=%s)", backbone.name, path,
              backbone.patch_size, getattr(vit.patch_embed, "grid_size", None), resample)

@@ -247,7 +247,7 @@ def adapt_to_model(
         if pos.ndim == 2:
             pos = pos[None]
         # A grid of another layout or channel width (another family's or size's file) is left as it is, for
-        # `check_and_cast` to name the file and the NAME to check.
+        # `check_shapes_and_cast` to name the file and the NAME to check.
         if pos.ndim != t.ndim or pos.shape[-1] != t.shape[-1]:
             out["pos_embed"] = pos
         elif t.ndim == 4:  # SAM: NHWC grid
@@ -273,7 +273,7 @@ def check_names(
     path: str | Path,
     *,
     ignorable: Callable[[str], bool],
-) -> StateDict:
+) -> None:
     """The file holds every entry of `target` and none it cannot use (but `ignorable` ones): checked before
     anything is resized, so another family's file is named as such rather than failing in a resize."""
     dropped = sorted(k for k in sd if k not in target and ignorable(k))
@@ -293,15 +293,8 @@ def check_names(
         )
 
 
-def check_and_cast(
-    sd: StateDict,
-    target: Mapping[str, torch.Tensor],
-    path: str | Path,
-    *,
-    ignorable: Callable[[str], bool],
-) -> StateDict:
-    """Match names and shapes exactly (after dropping ignorable keys) and cast to the target dtype."""
-    check_names(sd, target, path, ignorable=ignorable)
+def check_shapes_and_cast(sd: StateDict, target: Mapping[str, torch.Tensor], path: str | Path) -> StateDict:
+    """`target`'s entries of `sd` (whose names `check_names` passed), each of `target`'s shape, in its dtype."""
     out: StateDict = {}
     for key, t in target.items():
         value = sd[key]
