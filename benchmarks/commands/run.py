@@ -82,6 +82,8 @@ def check_launch_options(args: argparse.Namespace) -> None:
     for name, least in SLURM_MINIMA.items():
         if getattr(args, name) < least:
             raise UserError(f"{option(name)} {getattr(args, name)}: must be at least {least}")
+    if args.slurm_folder:
+        require_writable_folder(args.slurm_folder, "--slurm-folder")
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,9 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.runner import plan_runs, run_matrix
 
     check_launch_options(args)
-    if args.methods is not None and not args.methods.replace(",", "").strip():  # an unset shell variable
-        raise UserError("--methods is given with no value; give it one (e.g. --methods rein,lora or --methods all) "
-                        "or leave it out for the preset's")
+    refuse_no_value("methods", args.methods)
     exp = experiment_from_args(args)
     if args.dry_run:
         print(describe(exp, args.methods))
@@ -126,8 +126,6 @@ def run(args: argparse.Namespace) -> int:
     require_writable_folder(results_dir, "--results-dir")
     log.info("preset %s: %d run(s), results under %s", exp.preset, len(specs), results_dir)
     if getattr(args, "launcher", "local") == "slurm":
-        if args.slurm_folder:
-            require_writable_folder(args.slurm_folder, "--slurm-folder")
         return submit(exp, args)
     from benchmarks import distributed
 
@@ -172,7 +170,16 @@ def submit(exp: Experiment, args: argparse.Namespace) -> int:
 
 
 SHORTHAND_EXAMPLES = {"data_root": "data/", "backbones": "dinov2_vitl14", "seeds": "42,43,44",
-                      "results_dir": "results/runs", "num_workers": "2"}
+                      "results_dir": "results/runs", "num_workers": "2", "methods": "rein,lora"}
+
+
+def refuse_no_value(attr: str, value: object) -> None:
+    """A matrix option given as nothing but commas and spaces is an unset shell variable, not a request for the
+    preset's values (`--methods "$METHODS"` with the variable unset trained all 18 methods): one line."""
+    if isinstance(value, str) and not value.replace(",", "").strip():
+        option = "--" + attr.replace("_", "-")
+        raise UserError(f"{option} is given with no value; give it one (e.g. {option} {SHORTHAND_EXAMPLES[attr]}) "
+                        "or leave it out for the preset's")
 
 
 def job_overrides(args: argparse.Namespace) -> list[str]:
@@ -182,9 +189,7 @@ def job_overrides(args: argparse.Namespace) -> list[str]:
                   "results_dir": "run.results_dir", "num_workers": "data.num_workers"}
     for attr, key in shorthands.items():
         value = getattr(args, attr, None)
-        if isinstance(value, str) and not value.replace(",", "").strip():  # an unset shell variable, not a request for nothing
-            raise UserError(f"--{attr.replace('_', '-')} is given with no value; give it one "
-                            f"(e.g. --{attr.replace('_', '-')} {SHORTHAND_EXAMPLES[attr]}) or leave it out for the preset's")
+        refuse_no_value(attr, value)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}" if attr in ("data_root", "results_dir") else f"{key}={value}")
     return overrides
