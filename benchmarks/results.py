@@ -238,9 +238,10 @@ def iter_results(roots: Iterable[Path]) -> list[dict[str, Any]]:
         root = Path(root)
         files = [root] if root.is_file() else sorted(root.rglob("*.json"))
         for path in files:
-            if path.resolve() in seen:
+            real = path.resolve()
+            if real in seen:
                 continue
-            seen.add(path.resolve())
+            seen.add(real)
             result = read_result(path)
             if result is not None:
                 found.append(result)

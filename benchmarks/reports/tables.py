@@ -338,7 +338,8 @@ def leaderboard(results: Iterable[dict[str, Any]], fmt: str = "markdown", settin
     """The main table of every protocol of `setting` (all settings when None), failed runs below."""
     results = list(results)
     if fmt == "csv":
-        return _csv(summary_frame(_of_setting(results, setting)), results, setting)
+        chosen = _of_setting(results, setting)
+        return _csv(summary_frame(chosen), chosen, setting)
     tables = main_tables(results, setting=setting)
     if not tables:
         where = f" for setting {setting}" if setting else ""
@@ -356,14 +357,13 @@ def build_tables(results: Iterable[dict[str, Any]], *, fmt: str = "markdown", pe
     if published:
         pub = load_published(published_path)
         if fmt == "csv":
-            summary = summary_frame(results)
-            if setting is not None and not summary.empty:
-                summary = summary[summary["setting"] == setting]
+            chosen = _of_setting(results, setting)
+            summary = summary_frame(chosen)
             comparison = comparison_frame(summary, pub)
             if comparison.empty and not summary.empty:
                 log.warning("no published numbers for the runs' (setting, backbone): the CSV has a header only "
                             "(the markdown view ranks a proxy backbone's runs beside the papers')")
-            return _csv(comparison, results, setting)
+            return _csv(comparison, chosen, setting)
         tables = published_tables(results, pub, setting=setting)
         if not tables:
             failures = [n for _, members in group_results(_of_setting(results, setting)).items()
@@ -373,10 +373,8 @@ def build_tables(results: Iterable[dict[str, Any]], *, fmt: str = "markdown", pe
         return render(tables, fmt)
     if per_class:
         if fmt == "csv":
-            frame = per_class_frame(results)
-            if setting is not None and not frame.empty:
-                frame = frame[frame["setting"] == setting]
-            return _csv(frame.drop(columns=["class_index"]), results, setting)
+            chosen = _of_setting(results, setting)
+            return _csv(per_class_frame(chosen).drop(columns=["class_index"]), chosen, setting)
         tables = per_class_tables(results, setting=setting)
         return render(tables, fmt) if tables else "No per-class results.\n"
     return leaderboard(results, fmt=fmt, setting=setting)
@@ -386,9 +384,9 @@ def _of_setting(results: list[dict[str, Any]], setting: str | None) -> list[dict
     return [r for r in results if setting is None or r.get("setting") == setting]
 
 
-def _csv(frame: pd.DataFrame, results: list[dict[str, Any]], setting: str | None) -> str:
-    """The frame as CSV; when it has no rows because no run finished, stderr says so (stdout stays CSV)."""
-    considered = _of_setting(results, setting)
+def _csv(frame: pd.DataFrame, considered: list[dict[str, Any]], setting: str | None) -> str:
+    """The frame (of the results `considered`) as CSV; when it has no rows because none of them finished,
+    stderr says so (stdout stays CSV)."""
     if frame.empty and not any(r.get("status") == "finished" for r in considered):
         statuses = pd.Series([str(r.get("status")) for r in considered], dtype="object").value_counts()
         counted = ", ".join(f"{n} {status}" for status, n in statuses.items()) or "none"
