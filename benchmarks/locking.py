@@ -86,8 +86,8 @@ _HELD_HERE: set[str] = set()
 def _why_stale(path: Path, owner: dict[str, Any]) -> str | None:
     """Why the lock at `path`, holding `owner`, belongs to no live runner; None while one may hold it."""
     if _names_owner(owner):
-        pid, host = owner["pid"], owner["host"]
-        if host != socket.gethostname() or owner.get("pid_namespace", _pid_namespace()) != _pid_namespace():
+        pid, host, namespace = owner["pid"], owner["host"], _pid_namespace()
+        if host != socket.gethostname() or owner.get("pid_namespace", namespace) != namespace:  # absent: an older lock
             return _why_foreign_stale(path, owner)
         if pid == os.getpid():
             if os.path.abspath(path) in _HELD_HERE:
