@@ -109,12 +109,13 @@ def source_heldout_dataset(exp: Experiment, source: str, root: Path) -> Dataset 
 def target_dataset(exp: Experiment, target: str, root: Path) -> Dataset:
     """A target as the protocol scores it: resized for inference, labels at their scoring resolution."""
     from datasets.base import SegmentationDataset
-    from datasets.registry import get_adapter
+    from datasets.registry import get_target
     from datasets.transforms import eval_transform_for
 
-    cls = get_adapter(target)
+    cls, options = get_target(target)
     prep = cls.eval_preparation
-    adapter = cls(root, cls.default_eval_split, **({"half_resolution": True} if prep.half_resolution else {}))
+    adapter = cls(root, cls.default_eval_split, **options,
+                  **({"half_resolution": True} if prep.half_resolution else {}))
     eval_cfg: EvalConfig = exp.eval
     transform = eval_transform_for(adapter, tuple(eval_cfg.fit_size), resize=exp.data.resize)
     return SegmentationDataset(_lenient(adapter), transform, limit=exp.data.eval_limit or None)

@@ -8,27 +8,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from benchmarks.errors import UserError
 from datasets.base import Adapter, EvalPreparation, Pair, images_by_name, index_by_name
 
 CONDITIONS = ("fog", "night", "rain", "snow")
+# Rein's ACDC test pipelines resize to fit (960, 540) where Cityscapes fits (1024, 512): the 1920×1080
+# frames run at 960×540 (six 512-windows), not 910×512 (three).
+REFERENCE_FIT = (960, 540)
+CITYSCAPES_FIT = (1024, 512)
 IMAGE_SUFFIX = "_rgb_anon"
 TRAIN_IDS_SUFFIX = "_gt_labelTrainIds"
 IDS_SUFFIX = "_gt_labelIds"
 
 
 class ACDC(Adapter):
-    """ACDC pairs of the chosen conditions (default all four); names are '<cond>/<stem>'."""
+    """ACDC pairs of the chosen conditions (default all four); names are '<cond>/<stem>'.
+
+    As a target each condition is scored on its own (`acdc_fog`, ... : the protocol's "ACDC val per
+    condition", Rein's `mean_mIoU` over the four), never as one pooled confusion matrix.
+    """
 
     name: ClassVar[str] = "acdc"
     folder: ClassVar[str] = "acdc"
     splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
     default_eval_split: ClassVar[str] = "val"
     eval_preparation = EvalPreparation(
-        resize_to_fit=True, description="resize to fit the eval box like Cityscapes, score on full labels"
+        resize_to_fit=True,
+        fit_scale=(REFERENCE_FIT[0] / CITYSCAPES_FIT[0], REFERENCE_FIT[1] / CITYSCAPES_FIT[1]),
+        description="resize to fit the eval box scaled to 960×540 (Cityscapes': 1024×512), score on full labels",
     )
+    target_views: ClassVar[dict[str, dict[str, Any]]] = {f"acdc_{c}": {"conditions": (c,)} for c in CONDITIONS}
 
     def __init__(self, root: Path | str, split: str, conditions: Sequence[str] = CONDITIONS) -> None:
         super().__init__(root, split)

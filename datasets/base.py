@@ -45,13 +45,22 @@ class EvalPreparation:
     """How a target is prepared for evaluation (protocol.md, "Evaluation").
 
     resize_to_fit: resize the image (keep aspect) to fit the eval box before inference;
+    fit_scale: this target's box relative to the preset's `eval.fit_size` (the paper's 1024×512), per side,
+    for a target the reference fits to a box of its own;
     half_resolution: halve images (bicubic) and labels (nearest) first and score at half resolution;
     the label is otherwise scored at the resolution it is stored at.
     """
 
     resize_to_fit: bool
     half_resolution: bool = False
+    fit_scale: tuple[float, float] = (1.0, 1.0)
     description: str = ""
+
+    def fit_box(self, preset_box: tuple[int, int]) -> tuple[int, int] | None:
+        """The (long, short) box this target's images are fitted to, or None when they run native."""
+        if not self.resize_to_fit:
+            return None
+        return round(preset_box[0] * self.fit_scale[0]), round(preset_box[1] * self.fit_scale[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,6 +302,9 @@ class Adapter:
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
     default_eval_split: ClassVar[str] = "val"
     eval_preparation: EvalPreparation = EvalPreparation(resize_to_fit=False)
+    # Targets scored apart within the family (name → constructor options), where the reference scores
+    # parts of one release as separate targets (ACDC's conditions); the family's own name is a target too.
+    target_views: ClassVar[dict[str, dict[str, Any]]] = {}
     # GTAV ships a few pairs whose image and label sizes differ; training tolerates it (the label is
     # resized nearest with a warning), other datasets treat it as an error.
     tolerate_size_mismatch: ClassVar[bool] = False

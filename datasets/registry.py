@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from benchmarks.errors import UserError
 from datasets.acdc import ACDC
@@ -21,6 +22,21 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "synthia": SYNTHIA,
     "acdc": ACDC,
 }
+
+
+# Target name → (adapter, constructor options): every family, and the views a family scores apart.
+TARGETS: dict[str, tuple[type[Adapter], dict[str, Any]]] = {
+    **{name: (cls, {}) for name, cls in ADAPTERS.items()},
+    **{view: (cls, options) for cls in ADAPTERS.values() for view, options in cls.target_views.items()},
+}
+
+
+def get_target(name: str) -> tuple[type[Adapter], dict[str, Any]]:
+    """The adapter and its options for a target name (a family, or a view such as `acdc_night`)."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UserError(f"unknown target {name!r}; expected one of: {', '.join(TARGETS)}") from None
 
 
 def get_adapter(name: str) -> type[Adapter]:

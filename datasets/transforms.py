@@ -265,5 +265,5 @@ def eval_transform_for(adapter: object, fit: tuple[int, int] | None, mean: Seque
     """The eval transform a target's `eval_preparation` asks for, with the (configurable) fit box and
     resize backend."""
     prep = getattr(adapter, "eval_preparation", None)
-    fits = bool(getattr(prep, "resize_to_fit", False))
-    return EvalTransform(fit if fits else None, mean, std, resize)
+    box = prep.fit_box(fit) if prep is not None and fit is not None else None
+    return EvalTransform(box, mean, std, resize)

@@ -30,7 +30,8 @@ the same as a table):
   convolutions initialised to Haar that end up trainable (16·C parameters);
 - bands → tokens: `fada` refines each band's H/2·W/2 positions, C wide, one token set shared by the
   three high bands; `fada_released` reads LL as [N, B, C/4] and LH, HL, HH each as [B, N, C/4],
-  concatenated to [N, B, 3C/4], so its tokens and Linear layers are C/4 and 3C/4 wide;
+  concatenated to [B, N, 3C/4] and reshaped (not permuted) to [N, B, 3C/4], so its tokens and Linear
+  layers are C/4 and 3C/4 wide;
 - back: `fada` inverts the Haar transform of the four refined bands; `fada_released` has no inverse:
   it concatenates the two refined branches to [N, B, C] and adds that at those positions;
 - trainable on DINOv2-L: 5,520,897 (`fada`) and 2,061,825 (`fada_released`).

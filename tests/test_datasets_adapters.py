@@ -459,3 +459,26 @@ def test_convert_mapillary_half_halves_val_only_by_default(tmp_path):
     shutil.rmtree(tmp_path / "mapillary/validation")
     with pytest.raises(UserError, match="no Mapillary validation/ folder found"):
         mapillary_half_resolution(tmp_path)
+
+
+def test_c_to_acdc_scores_each_condition_apart_at_the_reference_box(tmp_path):
+    """The protocol scores ACDC val per condition (Rein's mean_mIoU is the mean of the four), and Rein's
+    ACDC test pipeline fits 960×540 where Cityscapes fits 1024×512."""
+    from benchmarks.config import SETTINGS, load_experiment
+    from benchmarks.data import target_dataset
+    from datasets.transforms import eval_transform_for
+
+    build_acdc(tmp_path)
+    exp = load_experiment("paper")
+    source, targets = SETTINGS["C->ACDC"]
+    assert source == "cityscapes" and targets == ("acdc_fog", "acdc_night", "acdc_rain", "acdc_snow")
+    for target in targets:
+        dataset = target_dataset(exp, target, tmp_path)
+        condition = target.removeprefix("acdc_")
+        assert {pair.name.split("/")[0] for pair in dataset.pairs} == {condition}
+        assert len(dataset.pairs) == 2
+        image, label = dataset.transform(np.zeros((1080, 1920, 3), np.uint8), np.zeros((1080, 1920), np.uint8))
+        assert tuple(image.shape[1:]) == (540, 960) and tuple(label.shape) == (1080, 1920)
+    assert eval_transform_for(get_adapter("cityscapes")(tmp_path, "val"), tuple(exp.eval.fit_size)).fit_size == (1024, 512)
+    with pytest.raises(UserError, match="unknown target 'acdc_sandstorm'"):
+        target_dataset(exp, "acdc_sandstorm", tmp_path)

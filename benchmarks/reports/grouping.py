@@ -29,7 +29,9 @@ from benchmarks.config import (
 from benchmarks.errors import UserError
 
 #: Every target a table knows, in column order, with the papers' short header for it.
-TARGET_LABELS = {"cityscapes": "Citys.", "bdd100k": "BDD", "mapillary": "Map.", "acdc": "ACDC"}
+TARGET_LABELS = {"cityscapes": "Citys.", "bdd100k": "BDD", "mapillary": "Map.",
+                 "acdc_fog": "Fog", "acdc_night": "Night", "acdc_rain": "Rain", "acdc_snow": "Snow",
+                 "acdc": "ACDC (pooled)"}
 #: The numeric frames' columns that name a protocol; grouping a frame by them gives `Protocol(*key)`.
 PROTOCOL_COLUMNS = ["preset", "setting", "backbone", "head", "config"]
 
