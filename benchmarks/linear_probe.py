@@ -11,6 +11,7 @@ docs/results.md's calibration log.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,8 +50,10 @@ def token_samples(dataset: Dataset, featurize: Featurizer, patch: int, images: i
         height, width = (image.shape[-2] // patch) * patch, (image.shape[-1] // patch) * patch
         with torch.no_grad():
             tokens = featurize(image[None, :, :height, :width])
-        stride = height // tokens.shape[-2]
-        rows, columns = (torch.arange(0, size, stride) + stride / 2 for size in (height, width))
+        # The pyramid resizes the token grid by a power of two (×4 … ×0.5, flooring an odd side), so a
+        # feature's centre is (i + ½)·stride in pixels; stride from the sizes alone is wrong on odd grids.
+        stride = patch * 2.0 ** round(math.log2((height // patch) / tokens.shape[-2]))
+        rows, columns = ((torch.arange(count) + 0.5) * stride for count in tokens.shape[-2:])
         rows = (rows * label.shape[-2] / image.shape[-2]).long()
         columns = (columns * label.shape[-1] / image.shape[-1]).long()
         centre = label[rows][:, columns]

@@ -50,6 +50,24 @@ def test_a_token_of_an_image_fitted_smaller_than_its_label_takes_the_label_at_it
     assert labels.tolist() == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_coarser_level_of_an_odd_grid_takes_the_label_at_each_feature_s_centre() -> None:
+    # The pyramid's coarsest level halves the token grid (29 → 14 columns, the odd one dropped): its
+    # feature i sits at pixel (2i + 1)·p; a stride from the sizes (232 // 14) gave 15 centres for 14 features.
+    patch, columns = 8, 29
+    label = torch.zeros(16, columns * patch, dtype=torch.uint8)
+    for i in range(columns // 2):
+        label[8, (2 * i + 1) * patch] = i % 19  # only each coarse feature's centre pixel carries its id
+    frames = Frames([{"image": torch.randn(3, 16, columns * patch), "label": label}])
+
+    def coarse(images: torch.Tensor) -> torch.Tensor:
+        tokens = pixel_patches(patch)(images)[None]
+        return torch.nn.functional.interpolate(tokens, scale_factor=0.5, mode="bilinear", align_corners=False)[0]
+
+    features, labels = token_samples(frames, coarse, patch=patch, images=1)
+    assert features.shape[0] == labels.shape[0] == columns // 2
+    assert labels.tolist() == [i % 19 for i in range(columns // 2)]
+
+
 def test_pixel_patches_are_the_patches_values() -> None:
     images = torch.arange(2 * 3 * 8 * 16, dtype=torch.float).view(2, 3, 8, 16)[:1]
     patches = pixel_patches(8)(images)
