@@ -42,6 +42,7 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -821,6 +822,12 @@ def _finished_report(stage: PretrainConfig, checkpoint: Path) -> dict | None:
     return record
 
 
+def is_stage_reference(init: str) -> bool:
+    """Whether a recipe's `init` names an earlier stage's output ("stage8"), not a checkpoint file
+    (`stage9.safetensors` is a file; a file named like a reference is passed as `./stage9`)."""
+    return re.fullmatch(r"stage\d+", init) is not None
+
+
 def finished_stages(stages: list[PretrainConfig], out: Path, first_stage: int = 1) -> list[dict]:
     """The reports of the stages at the head of `stages` whose checkpoints an earlier run of this recipe
     already wrote (each from the checkpoint the stage before it wrote), so that a recipe interrupted in
@@ -831,7 +838,7 @@ def finished_stages(stages: list[PretrainConfig], out: Path, first_stage: int = 
     reports: list[dict] = []
     last_stage = first_stage + len(stages) - 1
     for number, stage in enumerate(stages, start=first_stage):
-        init = str(outputs[stage.init]) if stage.init.startswith("stage") else stage.init
+        init = str(outputs[stage.init]) if is_stage_reference(stage.init) else stage.init
         target = stage_checkpoint(out, number, last_stage)
         report = _finished_report(dataclasses.replace(stage, init=init), target)
         if report is None:
@@ -856,7 +863,7 @@ def pretrain_recipe(stages: list[PretrainConfig], out: Path, device: str = "cpu"
     last_stage = first_stage + len(stages) - 1
     for number, stage in enumerate(stages, start=first_stage):
         init = stage.init
-        if init.startswith("stage"):
+        if is_stage_reference(init):
             init = str(outputs[init])
         elif init and number == first_stage:
             # Read before this stage trains: with --overwrite its output may replace `init`'s record.

@@ -192,6 +192,24 @@ def test_pretrain_init_that_is_no_checkpoint_is_one_line_before_rendering(tmp_pa
     assert code == 2 and str(start) in _error_line(err) and pretraining_calls == []
 
 
+def test_the_pretrain_bound_on_target_layers_is_the_proxy_depth():
+    from benchmarks.backbones import BACKBONES
+    from benchmarks.commands.pretrain import PROXY_DEPTH
+
+    assert PROXY_DEPTH == BACKBONES["proxy_vit"].depth
+
+
+def test_pretrain_init_named_like_a_stage_reference_is_the_file(tmp_path, capsys, monkeypatch, pretraining_calls):
+    # "stage8" in the recipe names stage 8's output; a user's file of that name is a file
+    monkeypatch.chdir(tmp_path)
+    _tiny_checkpoint(tmp_path / "stage9")
+    code, _, err = _cli(["pretrain", "--stage", "10", "--init", "stage9", "--out", str(tmp_path / "x.safetensors")],
+                        capsys)
+    assert code == 0, err
+    [(stages, _, _, _)] = pretraining_calls
+    assert [stage.init for stage in stages] == ["./stage9"]
+
+
 def test_pretrain_runs_one_stage_from_the_checkpoint_given(tmp_path, capsys, pretraining_calls):
     start = tmp_path / "start.safetensors"
     _tiny_checkpoint(start)
@@ -306,6 +324,7 @@ def test_pretrain_option_that_is_not_finite_is_one_line(tmp_path, capsys, pretra
     ("--crop-size", "36", "multiple of 8"),
     ("--scene-height", "100", "128"),
     ("--head-warmup-steps", "3000", "below --steps"),  # every stage of the recipe runs fewer steps than that
+    ("--target-layers", "7", "at most 6"),  # the proxy has 6 blocks: 7 averaged them all and recorded 7
 ])
 def test_pretrain_option_out_of_range_is_one_line(tmp_path, capsys, pretraining_calls, option, value,
                                                   expected):

@@ -363,6 +363,18 @@ def test_a_stage_resumed_from_a_checkpoint_records_the_stages_that_made_it(tmp_p
     assert record["stages"][2]["init_sha256"] == hashlib.sha256(first_two.read_bytes()).hexdigest()
 
 
+def test_a_checkpoint_named_like_a_stage_is_a_file_not_a_reference(tmp_path, monkeypatch) -> None:
+    # `pretrain --init stage9.safetensors` was taken as the recipe's reference to stage 9: a KeyError
+    tiny = dataclasses.replace(TINY, views=1, loss_weights=(1.0, 0.5, 0.5, 0.0))
+    start = tmp_path / "stage9.safetensors"
+    pretrain(tiny, start)
+    monkeypatch.chdir(tmp_path)
+    pretrain_recipe([dataclasses.replace(tiny, init="stage9.safetensors", seed=1)], tmp_path / "next.safetensors",
+                    first_stage=10)
+    record = json.loads((tmp_path / "next.json").read_text())
+    assert record["stages"][-1]["init_sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
+
+
 def test_a_record_not_written_with_the_checkpoint_is_not_taken_as_its_lineage(tmp_path) -> None:
     tiny = dataclasses.replace(TINY, views=1, loss_weights=(1.0, 0.5, 0.5, 0.0))
     start = tmp_path / "start.safetensors"

@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # imported when the command runs: it brings torch
 NAME = "pretrain"
 HELP = "pretrain the small proxy ViT on randomly styled generated scenes (no benchmark labels)"
 SHIPPED = Path("benchmarks/weights/proxy_vit.safetensors")
+PROXY_DEPTH = 6
+"""`proxy_vit`'s blocks (`benchmarks.backbones`, which brings torch; a test keeps the two equal)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "warmup_steps": Bounds(1, note=" (1 means no warm-up)"),
     "head_warmup_steps": Bounds(0, note=" (0 means the backbone learns from the first step)"),
     "mask_ratio": Bounds(0, low_allowed=False, high=1),
-    "target_layers": Bounds(1),
+    # More than the proxy's blocks would average all of them and record the number given.
+    "target_layers": Bounds(1, high=PROXY_DEPTH, note=f" (the proxy ViT has {PROXY_DEPTH} blocks)"),
     "region_contrast": Bounds(0),
     "regions_per_image": Bounds(1),
     "contrast_temperature": Bounds(0, low_allowed=False),
@@ -148,7 +151,13 @@ def _refuse_to_overwrite(out: Path, stages: list[PretrainConfig], first_stage: i
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.pretrain import PROXY_RECIPE, another_round, finished_stages, pretrain_recipe
+    from benchmarks.pretrain import (
+        PROXY_RECIPE,
+        another_round,
+        finished_stages,
+        is_stage_reference,
+        pretrain_recipe,
+    )
 
     # Only the numeric fields are options of their own (`--init` is the stage's starting checkpoint, below).
     overrides = {name: getattr(args, name) for name in OPTION_BOUNDS if getattr(args, name, None) is not None}
@@ -167,7 +176,10 @@ def run(args: argparse.Namespace) -> int:
             from benchmarks.weights_io import read_state_dict
 
             read_state_dict(Path(args.init))
-        stages = [dataclasses.replace(stages[first], init=args.init or "")]
+        init = args.init or ""
+        if is_stage_reference(init):  # a file named like a recipe's reference to a stage
+            init = f"./{init}"
+        stages = [dataclasses.replace(stages[first], init=init)]
     elif args.init:
         raise UserError("--init goes with --stage (the full recipe starts from random initialisation)")
     else:
