@@ -81,6 +81,12 @@ class SegModel(nn.Module):
         """Training loss; `["loss"]` is what is minimised, other keys are logged parts."""
         return self.head.loss(self(images), labels)
 
+    def step_of(self, labels_of_micro_batches: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+        """Where the micro-batches of one optimizer step compute their losses: a head whose loss is
+        normalised over its batch (Mask2Former's mask count) normalises over the whole step's."""
+        step = getattr(self.head, "step", None)
+        return step(labels_of_micro_batches) if step is not None else contextlib.nullcontext()
+
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Per-class scores [B, K, H, W] at the input size."""
         return self.head.semantic_logits(self(images), images.shape[-2:])

@@ -524,11 +524,13 @@ def train(
         method.on_step(step, ctx)
         factor = apply_schedules(optimizer, step, cfg, weight_decay_schedule)
         optimizer.zero_grad(set_to_none=True)
-        for micro in range(cfg.grad_accum):
-            with distributed.accumulation_context(forward_loss, last=micro == cfg.grad_accum - 1):
-                loss = loss_of(next_batch())
-                (loss / cfg.grad_accum).backward()
-            running_loss.add(loss)
+        micro_batches = [next_batch() for _ in range(cfg.grad_accum)]
+        with model.step_of([batch["label"] for batch in micro_batches]):
+            for micro, batch in enumerate(micro_batches):
+                with distributed.accumulation_context(forward_loss, last=micro == cfg.grad_accum - 1):
+                    loss = loss_of(batch)
+                    (loss / cfg.grad_accum).backward()
+                running_loss.add(loss)
         optimizer.step()
         method.after_optimizer_step(step, ctx)
         state.step += 1

@@ -366,3 +366,49 @@ def test_class_balance_reweights_the_cross_entropy(name: str) -> None:
     assert all_ignored.item() == 0.0 and all_ignored.requires_grad
     with pytest.raises(UserError, match="class_balance must be one of none, median_frequency"):
         build_head(name, 16, 3, class_balance="inverse")
+
+
+# -- Mask2Former's loss normaliser over a whole step ------------------------------------------------------
+def _deterministic_loss(head: Mask2FormerHead) -> None:
+    """Fixed points and identity matching, so that the normaliser alone differs between two ways of a step."""
+    points = torch.rand(1, 64, 2, generator=torch.Generator().manual_seed(0))
+    head.criterion.sample_points_using_uncertainty = lambda logits, *args: points.expand(logits.shape[0], -1, -1)
+    head.criterion.matcher.forward = lambda masks, logits, mask_labels, class_labels: [
+        (torch.arange(len(c)), torch.arange(len(c))) for c in class_labels]
+
+
+def test_an_accumulated_step_weighs_every_mask_as_one_batch_does() -> None:
+    # mmdet divides the mask and dice terms by the batch's mask count; two micro-batches of one image
+    # each divided by their own (5 and 2 here), so a mask of the second image weighed 2.5 times one of the first.
+    torch.manual_seed(0)
+    head = Mask2FormerHead(16, 5, **TINY_M2F)
+    _deterministic_loss(head)
+    with torch.no_grad():
+        out = head([torch.randn(2, 16, s, s) for s in (16, 8, 4, 2)])
+    labels = torch.randint(0, 5, (2, 32, 32))
+    labels[1] = torch.where(torch.arange(32)[:, None] < 16, 0, 3).expand(32, 32)  # 5 classes, then 2
+
+    def terms(images: slice) -> torch.Tensor:
+        part = {"pred_masks": out["pred_masks"][images], "pred_logits": out["pred_logits"][images], "aux_outputs": []}
+        loss = head.loss(part, labels[images])
+        return torch.stack([loss["loss_mask"], loss["loss_dice"]])
+
+    whole = terms(slice(0, 2))
+    alone = (terms(slice(0, 1)) + terms(slice(1, 2))) / 2
+    with head.step([labels[0:1], labels[1:2]]):
+        accumulated = (terms(slice(0, 1)) + terms(slice(1, 2))) / 2
+    torch.testing.assert_close(accumulated, whole)
+    assert not torch.allclose(alone, whole, rtol=1e-3)  # each micro-batch by its own count: not the batch's
+    assert head.criterion._masks_per_micro_batch is None  # the step's count does not outlive it
+
+
+def test_the_mask_count_is_averaged_over_the_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # transformers averages it only under an accelerate state, which a run never makes: on 4 GPUs at batch 1
+    # each image's masks were divided by that image's own count. mmdet: reduce_mean over the processes.
+    head = Mask2FormerHead(16, 5, **TINY_M2F)
+    other_rank = 7.0
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: tensor.add_(other_rank))
+    classes = [torch.tensor([0, 1, 2])]
+    assert head.criterion.get_num_masks(classes, torch.device("cpu")).item() == (3 + other_rank) / 2

@@ -30,8 +30,9 @@ unused parameter breaks DDP); ``set_query_provider(None)`` restores them.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -106,8 +107,9 @@ if not hasattr(m2f, "linear_sum_assignment"):
 class SemanticMask2FormerLoss(m2f.Mask2FormerLoss):
     """transformers' `Mask2FormerLoss`, constructed without its hard scipy requirement.
 
-    The attributes set here are exactly those its `__init__` sets (checked by a test), so every
-    method of the loss — matching, point sampling, CE, BCE, dice — is transformers' own.
+    The public attributes set here are exactly those its `__init__` sets (checked by a test), so every
+    method of the loss — matching, point sampling, CE, BCE, dice — is transformers' own, but for the
+    normaliser of the mask and dice terms (`get_num_masks`).
     """
 
     def __init__(self, config: Mask2FormerConfig, weight_dict: dict[str, float]):
@@ -125,6 +127,23 @@ class SemanticMask2FormerLoss(m2f.Mask2FormerLoss):
             cost_class=config.class_weight, cost_dice=config.dice_weight, cost_mask=config.mask_weight,
             num_points=self.num_points,
         )
+        self._masks_per_micro_batch: float | None = None
+        """The mean mask count of an accumulated step's micro-batches while it trains (`Mask2FormerHead.step`)."""
+
+    def get_num_masks(self, class_labels: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """mmdet's normaliser: the masks of the whole step, averaged over the processes (`reduce_mean`).
+
+        transformers' own averages over processes only under an accelerate state, which a run never makes,
+        so on 4 GPUs at batch 1 each image's masks were divided by that image's count; likewise each
+        micro-batch of an accumulated step by its own.
+        """
+        local = sum(len(classes) for classes in class_labels)
+        count = torch.tensor(float(local if self._masks_per_micro_batch is None else self._masks_per_micro_batch),
+                             device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(count)
+            count = count / torch.distributed.get_world_size()
+        return count.clamp(min=1)
 
 
 # -- the head -------------------------------------------------------------------------------------------
@@ -307,15 +326,30 @@ class Mask2FormerHead(nn.Module):
         ]
         return {"pred_logits": class_logits[-1], "pred_masks": mask_logits[-1], "aux_outputs": aux}
 
+    def _classes_present(self, label: torch.Tensor) -> torch.Tensor:
+        present = torch.unique(label)
+        return present[(present != IGNORE_INDEX) & (present >= 0) & (present < self.num_classes)].long()
+
     def semantic_targets(self, labels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per image: the classes present (ignore excluded) and one binary mask per class."""
         classes, masks = [], []
         for lab in labels:
-            present = torch.unique(lab)
-            present = present[(present != IGNORE_INDEX) & (present >= 0) & (present < self.num_classes)]
-            classes.append(present.long())
+            present = self._classes_present(lab)
+            classes.append(present)
             masks.append((lab[None] == present[:, None, None]).float())
         return classes, masks
+
+    @contextlib.contextmanager
+    def step(self, labels_of_micro_batches: Sequence[torch.Tensor]) -> Iterator[None]:
+        """The micro-batches of one accumulated optimizer step: their mask and dice terms are divided by
+        the step's mean count per micro-batch, so that accumulating B/k images k times weighs every mask
+        as one batch of B does (mmdet divides by the batch's count)."""
+        counts = [sum(len(self._classes_present(lab)) for lab in labels) for labels in labels_of_micro_batches]
+        self.criterion._masks_per_micro_batch = sum(counts) / len(counts)
+        try:
+            yield
+        finally:
+            self.criterion._masks_per_micro_batch = None
 
     def loss(self, outputs: dict[str, object], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         class_labels, mask_labels = self.semantic_targets(labels)
