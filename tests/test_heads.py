@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,23 @@ def test_level_embedding_and_deformable_offsets_are_initialised() -> None:
     assert torch.isfinite(head.pixel_decoder.level_embed).all()
     attn = head.pixel_decoder.encoder.layers[0].self_attn
     assert attn.sampling_offsets.weight.abs().sum() == 0 and attn.sampling_offsets.bias.abs().max() == 4.0
+
+
+def test_transformer_layers_start_as_mmdet_initialises_them() -> None:
+    # mmdet: xavier_normal_ on every matrix of the decoder and the pixel decoder's encoder, and attention
+    # biases at 0 (torch's MultiheadAttention); transformers' self-attention biases start uniform.
+    torch.manual_seed(0)
+    head = Mask2FormerHead(16, 3, **TINY_M2F)
+    layer = head.transformer.decoder.layers[0]
+    attention = layer.self_attn
+    for projection in (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj):
+        assert projection.bias.abs().max() == 0
+    assert layer.cross_attn.in_proj_bias.abs().max() == 0 and layer.cross_attn.out_proj.bias.abs().max() == 0
+    for weight in (layer.fc1.weight, head.pixel_decoder.encoder.layers[0].fc1.weight):
+        fan_out, fan_in = weight.shape
+        uniform_bound = math.sqrt(6 / (fan_in + fan_out))  # xavier_uniform's; a normal of its std passes it
+        assert weight.abs().max() > uniform_bound
+        assert weight.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.1)
 
 
 # -- light head and the registry ---------------------------------------------------------------------------

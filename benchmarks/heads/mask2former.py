@@ -16,8 +16,9 @@ Mask2Former (mmdet) and a hand-written copy drifts. We use, unchanged:
 What is ours: the semantic targets (one binary mask per class present in an image, ignore pixels
 belong to no mask — as mmseg's Mask2Former does), semantic inference (softmax over classes without
 no-object × sigmoid masks, summed over queries), the weight initialisation (transformers only applies
-its `_init_weights` inside `PreTrainedModel`; we mirror mmdet's: xavier for the transformer layers,
-the deformable-attention offset grid, unit-normal level embeddings), the query-provider hook, and a
+its `_init_weights` inside `PreTrainedModel`; we mirror mmdet's: xavier-normal for the transformer
+layers with zero attention biases, xavier-uniform for the projections, the deformable-attention offset
+grid, unit-normal level embeddings), the query-provider hook, and a
 Hungarian solver used when scipy is not installed (transformers' matcher imports scipy's
 `linear_sum_assignment` only if scipy exists; without it we supply an exact O(n³) solver).
 
@@ -225,7 +226,7 @@ class Mask2FormerHead(nn.Module):
                     nn.init.zeros_(module.bias)
         for p in pd.encoder.parameters():
             if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+                nn.init.xavier_normal_(p)
         for module in pd.modules():
             if isinstance(module, m2f.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
                 self._init_deformable(module)
@@ -238,8 +239,14 @@ class Mask2FormerHead(nn.Module):
         for layer in tm.decoder.layers:
             for p in layer.parameters():
                 if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+                    nn.init.xavier_normal_(p)
+            # mmdet's attentions are torch's MultiheadAttention, whose projection biases start at 0;
+            # transformers' self-attention is four Linear layers with torch's uniform bias init.
+            self_attn = layer.self_attn
+            for projection in (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.out_proj):
+                nn.init.zeros_(projection.bias)
             nn.init.zeros_(layer.cross_attn.in_proj_bias)
+            nn.init.zeros_(layer.cross_attn.out_proj.bias)
         for emb in (tm.queries_embedder, tm.queries_features, tm.level_embed):
             nn.init.normal_(emb.weight)
 
