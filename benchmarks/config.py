@@ -102,7 +102,8 @@ class TrainConfig:
     warmup_iters: int = 0
     seed: int = 42
     amp: str = "auto"
-    """"auto": bf16 autocast on CUDA, fp32 on CPU; "bf16", "fp16" or "none" to force."""
+    """"auto": bf16 autocast on CUDA, fp32 on CPU; "bf16", "fp16" (with a dynamic loss scale, as mmengine's
+    AmpOptimWrapper) or "none" to force."""
     log_interval: int = 50
     eval_interval: int = 0
     """Score the held-out source pairs (data.source_holdout) every N iterations (0 = never); targets are

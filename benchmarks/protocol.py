@@ -252,6 +252,34 @@ class TrainState:
     """The weight average (`ParameterEMA.state_dict`) as of the last checkpoint; None before it starts."""
     model_selection: str = "final"
     """What the model holds when `train` returns: "final" (the last iteration's weights) or "ema"."""
+    loss_scaler: dict[str, float | int] | None = None
+    """fp16's dynamic loss scale (`torch.amp.GradScaler.state_dict`) as of the last checkpoint; None in other precisions."""
+
+
+class ScaledBackward:
+    """Backward passes and optimiser steps of one precision: in fp16 with a dynamic loss scale (mmengine's
+    `AmpOptimWrapper`, `loss_scale="dynamic"`), since fp16 gradients of small losses underflow to zero;
+    in fp32 and bf16 (fp32's exponent range) as they are."""
+
+    def __init__(self, amp_dtype: torch.dtype | None, device: torch.device, state: dict[str, float | int] | None):
+        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        if self.scaler is not None and state is not None:
+            self.scaler.load_state_dict(state)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimiser step on the true gradients; in fp16 a step whose gradients overflowed is skipped
+        and the scale lowered, as mmengine does."""
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, float | int] | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
 
 
 class ParameterEMA:
@@ -458,6 +486,7 @@ def train(
     if ema is not None:
         ema.load_state_dict(state.ema)
         state.ema = None  # the live average is `ema`; a checkpoint writes it back
+    precision = ScaledBackward(amp_dtype, device, state.loss_scaler)
 
     from benchmarks import distributed
 
@@ -514,6 +543,7 @@ def train(
             raise TrainingDiverged(f"loss or weights became non-finite by iteration {state.step} "
                                    f"(lr {cfg.lr * poly_lr_factor(state.step - 1, cfg):.3g})")
         state.ema = ema.state_dict() if ema is not None else None
+        state.loss_scaler = precision.state_dict()
         hooks.checkpoint(state, optimizer)
         state.ema = None
         started = time.perf_counter()
@@ -529,9 +559,9 @@ def train(
             for micro, batch in enumerate(micro_batches):
                 with distributed.accumulation_context(forward_loss, last=micro == cfg.grad_accum - 1):
                     loss = loss_of(batch)
-                    (loss / cfg.grad_accum).backward()
+                    precision.backward(loss / cfg.grad_accum)
                 running_loss.add(loss)
-        optimizer.step()
+        precision.step(optimizer)
         method.after_optimizer_step(step, ctx)
         state.step += 1
         if ema is not None:

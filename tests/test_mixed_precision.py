@@ -79,3 +79,27 @@ def test_the_watch_sees_a_bf16_fft_that_cpu_autocast_would_hide():
         out = torch.fft.fft2(torch.ones(2, 4, 4, dtype=torch.bfloat16))
     assert out.dtype == torch.complex64  # CPU autocast ran it in fp32 ...
     assert spectra.calls == ["fft_fft2"]  # ... but a CUDA autocast would have passed bf16 to cuFFT
+
+
+def test_fp16_scales_the_loss_so_that_small_gradients_do_not_underflow():
+    # An fp16 gradient below 6e-8 is 0: without mmengine's dynamic loss scale a fp16 run trained on zeros.
+    from benchmarks.protocol import ScaledBackward
+
+    cpu = torch.device("cpu")
+    inputs = torch.full((2, 4), 1e-4)
+
+    def step(precision: ScaledBackward, amp: torch.dtype | None) -> torch.Tensor:
+        weight = torch.nn.Parameter(torch.ones(4, 4))
+        optimizer = torch.optim.SGD([weight], lr=1e6)
+        with autocast(cpu, amp):
+            loss = (inputs @ weight).float().sum() * 1e-4  # d loss / d weight = 2e-8 per entry
+        precision.backward(loss)
+        precision.step(optimizer)
+        return weight.detach() - 1.0
+
+    exact = step(ScaledBackward(None, cpu, None), None)
+    torch.testing.assert_close(exact, torch.full((4, 4), -2e-2))
+    assert step(ScaledBackward(None, cpu, None), torch.float16).abs().max() == 0  # unscaled fp16: underflow
+    scaled = ScaledBackward(torch.float16, cpu, None)
+    torch.testing.assert_close(step(scaled, torch.float16), exact, rtol=1e-2, atol=0)
+    assert scaled.state_dict()["scale"] == 2.0**16

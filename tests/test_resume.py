@@ -134,13 +134,14 @@ def _comparable(result: dict) -> dict:
     }
 
 
-@pytest.mark.parametrize("killed_at", [2, 4], ids=["mid-training", "before-scoring"])
-def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch, killed_at):
+@pytest.mark.parametrize("killed_at,amp", [(2, "none"), (4, "none"), (2, "fp16")],
+                         ids=["mid-training", "before-scoring", "fp16-mid-training"])
+def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch, killed_at, amp):
     """Interrupted right after a checkpoint (mid-training, or after the last iteration, before scoring),
-    re-run: the result equals an uninterrupted run."""
+    re-run: the result equals an uninterrupted run; in fp16 with the loss scale it had reached."""
     from benchmarks.runner import RunSpec, execute_run, experiment_for
 
-    exp = _experiment(world)
+    exp = _experiment(world, f"train.amp={amp}", "train.device=cpu")
     spec = RunSpec("G->CBM", "proxy_vit", "full", 42)
     reference = execute_run(spec, exp, tmp_path / "reference", progress=False)
     assert reference["status"] == "finished"
@@ -163,6 +164,7 @@ def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch
     # The optimiser's state is kept while there are iterations left, and only then.
     saved = checkpoint.read_checkpoint(checkpoint.checkpoint_file(path))
     assert (saved["optimizer"] is None) == (killed_at == 4) and saved["model"]
+    assert (saved["train_state"]["loss_scaler"] is None) == (amp != "fp16")
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     resumed = execute_run(spec, exp, results, progress=False)
