@@ -148,7 +148,7 @@ class Method:
 
         The protocol's rule: weight decay on everything (biases and LayerScale included) except norms
         and the parameters a method or head lists in `no_weight_decay()` (learnable tokens, the Rein
-        scale, query and level embeddings); `no_decay_names` finds them.
+        scale, the query position and level embeddings); `no_decay_names` finds them.
         Parameters a method may unfreeze later (phased methods) are included by overriding this.
         A group may carry `lr_mult`: its learning rate is the protocol's times that factor, on top of
         the schedule (`scale_lr` sets it for a subset of the parameters).
@@ -209,8 +209,9 @@ class Method:
 def no_decay_names(model: nn.Module) -> set[str]:
     """Full names of the parameters the protocol trains without weight decay.
 
-    The reference exempts norms, learnable tokens, the Rein scale, and the query and level
-    embeddings; biases and LayerScale are decayed. Norms are found by type and by the name
+    The reference exempts norms, learnable tokens, the Rein scale, Mask2Former's query position
+    embedding and its decoder's level embedding (Rein's keys `query_embed`, `level_embed`); biases,
+    LayerScale, the query content and the pixel decoder's level embedding are decayed. Norms are found by type and by the name
     substring the reference's optimiser constructor matches ("norm"), except in convolutions and
     linear layers: the rule was written for mmseg's modules, where only norm layers carry the word,
     and smp's UPerNet names its lateral 1×1 convolutions `conv_norm_relu.0`. The rest are declared

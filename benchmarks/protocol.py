@@ -108,7 +108,8 @@ def seed_everything(seed: int) -> None:
 
 
 def poly_lr_factor(step: int, cfg: TrainConfig) -> float:
-    """mmseg's PolyLR to 0 (eta_min 0), with an optional linear warm-up (0 in the reference) that replaces
+    """A poly decay to 0 after the last iteration (mmengine's PolyLR reaches 0 one iteration earlier, at
+    the last: docs/protocol.md, departures), with an optional linear warm-up (0 in the reference) that replaces
     the poly curve's first `warmup_iters` (rising to 1.0) instead of scaling it as mmcv's warm-up does: the
     factor steps down to the poly curve's value when the warm-up ends (0.91 at 120 of 1,200), kept because
     every proxy result was measured with it (docs/protocol.md)."""

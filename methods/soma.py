@@ -54,7 +54,14 @@ from torch import nn
 
 from benchmarks.config import NOT_NEGATIVE, POSITIVE, Bound
 from benchmarks.errors import UserError
-from benchmarks.method import EMA, CosineWeightDecay, register_method, scale_lr
+from benchmarks.method import (
+    EMA,
+    CosineWeightDecay,
+    no_decay_names,
+    register_method,
+    scale_lr,
+    split_decay_groups,
+)
 from benchmarks.model import SegModel
 from methods.lora import PeftMethod
 
@@ -211,7 +218,12 @@ class SoMA(PeftMethod):
     # -- the recipe the protocol applies ----------------------------------------------------------
     def param_groups(self, model: SegModel, weight_decay: float) -> list[dict[str, Any]]:
         backbone = {id(p) for p in model.backbone.parameters()}
-        return scale_lr(super().param_groups(model, weight_decay), backbone, self.config.backbone_lr_mult)
+        # SoMA's config adds mmdet's `query_feat` (Mask2Former's query content) to the protocol's
+        # no-decay keys; other heads have no such parameter.
+        exempt = no_decay_names(model) | {name for name, _ in model.named_parameters()
+                                          if name.endswith("transformer.queries_features.weight")}
+        groups = split_decay_groups(model.named_parameters(), weight_decay, exempt)
+        return scale_lr(groups, backbone, self.config.backbone_lr_mult)
 
     def weight_decay_schedule(self) -> CosineWeightDecay:
         return CosineWeightDecay(end=self.config.weight_decay_end)

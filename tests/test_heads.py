@@ -208,7 +208,9 @@ def test_no_weight_decay_names_exist() -> None:
     head = Mask2FormerHead(16, 3, **TINY_M2F)
     names = dict(head.named_parameters())
     assert head.no_weight_decay() <= set(names)
-    assert {"transformer.level_embed.weight", "pixel_decoder.level_embed"} <= head.no_weight_decay()
+    # Rein's keys `query_embed` and `level_embed` match mmdet's query position embedding and the decoder's
+    # level embedding only: its query content (`query_feat`) and pixel-decoder `level_encoding` are decayed.
+    assert head.no_weight_decay() == {"transformer.queries_embedder.weight", "transformer.level_embed.weight"}
 
 
 def test_level_embedding_and_deformable_offsets_are_initialised() -> None:

@@ -142,6 +142,18 @@ def test_the_recipe_is_declared_with_the_released_numbers():
     assert build_method("soma", {"use_ema": False}).ema() is None
 
 
+def test_soma_also_exempts_the_query_content_from_weight_decay_as_its_config_does():
+    def undecayed(method_name: str) -> set[str]:
+        model = tiny_model(method_name, head="mask2former")
+        names = {id(p): name for name, p in model.named_parameters()}
+        groups = build_method(method_name).param_groups(model, 0.05)
+        return {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+
+    query_content = "head.transformer.queries_features.weight"
+    assert query_content in undecayed("soma") and query_content not in undecayed("lora")
+    assert undecayed("soma") - undecayed("lora") == {query_content}
+
+
 # -- the protocol features, for any method that declares them ---------------------------------------------
 class RandomScenes(Dataset):
     def __init__(self, count: int = 8, size: int = 32):

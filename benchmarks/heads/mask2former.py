@@ -270,13 +270,10 @@ class Mask2FormerHead(nn.Module):
 
     # -- method hooks ---------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        """The protocol exempts query and level embeddings from weight decay."""
-        return {
-            "transformer.queries_embedder.weight",
-            "transformer.queries_features.weight",
-            "transformer.level_embed.weight",
-            "pixel_decoder.level_embed",
-        }
+        """Rein's optimiser keys `query_embed` and `level_embed` match mmdet's query position embedding and
+        the decoder's level embedding; mmdet's query content (`query_feat`) and the pixel decoder's level
+        embedding (`level_encoding`) match neither, so the reference decays them, and so do we."""
+        return {"transformer.queries_embedder.weight", "transformer.level_embed.weight"}
 
     def set_query_provider(self, provider: QueryProvider | None) -> None:
         """Replace the learned queries by ``provider() -> (query_pos [Q, D], query_content [Q, D])``."""
