@@ -241,6 +241,8 @@ def restore(payload: dict[str, Any], model: nn.Module, method: Any, rank: int = 
     except TypeError as err:  # a field this code does not know, or lacks one it needs: other code wrote it
         raise UserError(f"checkpoint {payload['path']} holds a training state of other code ({err}); delete "
                         f"{payload['path'].parent} to start the run afresh") from None
+    if rank != 0:  # the checkpoint's count is the whole group's, which the result sums over the ranks
+        state.stray_label_pixels = 0
     log.info("resuming from %s at iteration %d", payload["path"], state.step)
     return state, payload["optimizer"]
 

@@ -243,7 +243,8 @@ class TrainState:
     data_wait_seconds: float = 0.0
     """The part of `train_seconds` spent waiting for the next batch (all of its loading with no loader workers)."""
     stray_label_pixels: int = 0
-    """Source label pixels ignored (255) for values outside their encoding (`datasets.base.map_label`)."""
+    """Source label pixels ignored (255) for values outside their encoding (`datasets.base.map_label`): this
+    process's count; a checkpoint holds the group's, which a resume gives to rank 0 alone."""
     unlogged_loss_sum: float = 0.0
     unlogged_loss_count: int = 0
     """The losses since the last log line (`RunningLoss`) as of the checkpoint: one saved between two log lines
@@ -545,7 +546,10 @@ def train(
                                    f"(lr {cfg.lr * poly_lr_factor(state.step - 1, cfg):.3g})")
         state.ema = ema.state_dict() if ema is not None else None
         state.loss_scaler = precision.state_dict()
+        own_stray = state.stray_label_pixels
+        state.stray_label_pixels = int(distributed.all_reduce_sum(own_stray, device))  # a collective, as `pending`
         hooks.checkpoint(state, optimizer)
+        state.stray_label_pixels = own_stray
         state.ema = None
         started = time.perf_counter()
         cadence.saved(state.step, trained_here, started - now)

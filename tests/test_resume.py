@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +359,27 @@ def test_a_checkpoint_of_bytes_no_pickle_holds_is_called_damaged_not_pickled_obj
     with pytest.raises(UserError, match=r"last\.pt is unreadable \(not a PyTorch checkpoint") as err:
         checkpoint.read_checkpoint(damaged)
     assert "pickled" not in str(err.value) and f"delete {damaged.parent}" in str(err.value)
+
+
+def test_a_checkpoint_holds_the_group_s_stray_label_count_and_rank_0_alone_resumes_it(world, monkeypatch):
+    # Each rank counts its own stray label pixels and the result sums the ranks' counts. Only rank 0's state
+    # was saved, and every rank resumed with it: rank 0's count was summed W times, the others' lost.
+    from benchmarks import distributed
+    from benchmarks.data import source_dataset
+    from benchmarks.protocol import TrainHooks, train
+
+    exp = _experiment(world)
+    model, method = _model("freeze", world)
+    other_ranks = 7
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda value, device: value + other_ranks)
+    saved: list[int] = []
+    final = train(model, method, source_dataset(exp, "gtav", world), exp, torch.device("cpu"),
+                  hooks=TrainHooks(checkpoint=lambda state, optimizer: saved.append(state.stray_label_pixels)),
+                  progress=False, num_workers=0)
+    assert saved == [final.stray_label_pixels + other_ranks] * 2  # the group's count, at iterations 2 and 4
+    assert final.stray_label_pixels == 0  # this process's own (the tiny world has no stray value)
+
+    payload = {"model": checkpoint.trainable_state(model), "method": method.state_dict(), "path": world / "last.pt",
+               "rng": [checkpoint.rng_state()] * 2, "optimizer": None,
+               "train_state": {**asdict(final), "stray_label_pixels": saved[-1]}}
+    assert [checkpoint.restore(payload, model, method, rank)[0].stray_label_pixels for rank in (0, 1)] == [saved[-1], 0]
