@@ -211,10 +211,11 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
     The reference exempts norms, learnable tokens, the Rein scale, Mask2Former's query position
     embedding and its decoder's level embedding (Rein's keys `query_embed`, `level_embed`); biases,
-    LayerScale, the query content and the pixel decoder's level embedding are decayed. Norms are found by type and by the name
-    substring the reference's optimiser constructor matches ("norm"), except in convolutions and
-    linear layers: the rule was written for mmseg's modules, where only norm layers carry the word,
-    and smp's UPerNet names its lateral 1×1 convolutions `conv_norm_relu.0`. The rest are declared
+    LayerScale, the query content and the pixel decoder's level embedding are decayed. Norms are
+    found by type and by the name substring the reference's optimiser constructor matches ("norm"),
+    except in convolutions and linear layers: the rule was written for mmseg's modules, where only
+    norm layers carry the word, and smp's UPerNet names its lateral 1×1 convolutions
+    `conv_norm_relu.0`. The rest are declared
     by the module that defines them through `no_weight_decay() -> set[str]` (names relative to
     itself, timm's convention). The pretrained timm model's own declaration (its cls token and
     position embedding) is not the protocol's, so it is not consulted.
