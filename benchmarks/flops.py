@@ -240,15 +240,18 @@ HALF_PRECISIONS = ("bfloat16", "float16")
 
 
 def model_flops_utilisation(profile: dict[str, Any]) -> float | None:
-    """Training FLOPs per second over the device's dense bf16/fp16 peak (GPUs in the table only); None for a
-    run in another precision, whose peak (fp32, or TF32 where enabled) the table does not hold."""
+    """Training FLOPs per second over the devices' dense bf16/fp16 peak (GPUs in the table only); None for a
+    run in another precision, whose peak (fp32, or TF32 where enabled) the table does not hold.
+
+    `train_images_per_s` is the whole job's rate, so a run on `world_size` devices (a profile's is 1) is
+    measured against that many peaks."""
     if profile.get("dtype") not in HALF_PRECISIONS:
         return None
     peak = peak_bf16_flops(profile.get("device_name", ""), profile.get("device", ""))
     flops, speed = profile.get("flops_train_step_per_image"), profile.get("train_images_per_s")
     if not (peak and flops and speed):
         return None
-    return flops * speed / peak
+    return flops * speed / (peak * profile.get("world_size", 1))
 
 
 def flops_table(exp: Experiment, methods: Iterable[str]) -> list[dict[str, Any]]:

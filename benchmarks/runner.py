@@ -435,6 +435,7 @@ def _record(run: RunContext, method: Method, model: Any, amp: Any, state: Any, s
             "eval_seconds_per_image": {name: 1.0 / s["images_per_s"] if s.get("images_per_s") else None
                                        for name, s in scores.items()},
             "device": str(run.device),
+            "world_size": world.world_size,  # the images/s are the whole job's, over this many devices
             "dtype": str(amp).replace("torch.", "") if amp else "float32",
         },
     )

@@ -220,6 +220,8 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, 
     ddp, single = _ddp_and_single(strayed, tmp_path, "full", ["data.preflight=off"], ["data.preflight=off"])
     _assert_same_training_and_scores(ddp, single)
     assert ddp["stray_label_pixels"]["cityscapes"] == single["stray_label_pixels"]["cityscapes"] == 100
+    # the job's images/s are over two devices: its MFU is measured against two peaks
+    assert (ddp["profile"]["world_size"], single["profile"]["world_size"]) == (2, 1)
 
 
 @pytest.mark.slow

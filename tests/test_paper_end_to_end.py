@@ -90,3 +90,4 @@ def test_the_paper_preset_trains_and_scores_at_the_real_resolutions(tmp_path, mo
     assert all(s > 0 for s in result["profile"]["eval_seconds_per_image"].values())
     assert 0 < result["timings"]["data_wait_s"] < result["timings"]["train_s"]
     assert result["profile"]["peak_memory_mb"] > 0
+    assert result["profile"]["world_size"] == 1  # the MFU of a run on W devices is over W peaks

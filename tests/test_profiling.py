@@ -76,6 +76,8 @@ def test_mfu_is_training_flops_rate_over_device_peak():
     assert flops.model_flops_utilisation({**row, "dtype": "float32"}) is None
     assert flops.model_flops_utilisation({**row, "device": "cpu"}) is None
     assert flops.model_flops_utilisation({**row, "device_name": "Unknown GPU"}) is None
+    # a run's images/s are the whole job's: on 4 devices the same rate uses a quarter of their peaks
+    assert flops.model_flops_utilisation({**row, "world_size": 4}) == pytest.approx(2.5e12 * 40 / 989e12 / 4)
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------------
