@@ -82,15 +82,22 @@ class _GlobalOnly:
         return None
 
 
-def _cpu_attention_formulas() -> dict[Any, Callable[..., int]]:
-    """FLOP formulas for the CPU flash-attention kernels, where this torch's counter has none.
+SDPA_BACKWARD_KERNELS = ("_scaled_dot_product_flash_attention_backward",
+                         "_scaled_dot_product_efficient_attention_backward",
+                         "_scaled_dot_product_cudnn_attention_backward",
+                         "_scaled_dot_product_flash_attention_for_cpu_backward")
 
-    Fake and real CPU tensors dispatch `scaled_dot_product_attention` to
-    `_scaled_dot_product_flash_attention_for_cpu`; torch 2.14's counter registers formulas only for
-    the CUDA kernels, so attention counted 0 there (ViT-L @512 lost 103 of 821 GFLOP per forward,
-    and MFU on GPUs, which uses these counts, would have been understated). The formulas are
-    torch's own `sdpa_flop_count` / `sdpa_backward_flop_count`; the arguments start with the same
-    tensors as the CUDA kernels' (query, key, value; grad_out first in the backward).
+
+def _attention_formulas() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas for fused attention: the model's FLOPs, as MFU counts them.
+
+    The CPU flash kernels have no formula in this torch's counter (torch 2.14 registers the CUDA
+    kernels' only), so attention counted 0 there (ViT-L @512 lost 103 of 821 GFLOP per forward).
+    Every fused backward is counted as the four products the math needs (2× the forward), not as
+    torch's `sdpa_backward_flop_count`, which adds the kernels' recomputation of QKᵀ (2.5× the forward):
+    MFU leaves recomputation out (PaLM's model FLOPs, not hardware FLOPs), as the harness does for
+    gradient checkpointing; it raised the paper backbone's training count by 2–3 %. The arguments
+    start with the same tensors in every kernel (query, key, value; grad_out first in the backward).
     """
     from torch.utils import flop_counter as fc
 
@@ -98,22 +105,26 @@ def _cpu_attention_formulas() -> dict[Any, Callable[..., int]]:
         return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
 
     def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+        b, heads, queries, width = query_shape
+        recomputed_scores = fc.bmm_flop((b * heads, queries, width), (b * heads, width, key_shape[2]))
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape) - recomputed_scores
 
     aten = torch.ops.aten
     formulas = {}
-    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", forward),
-                          ("_scaled_dot_product_flash_attention_for_cpu_backward", backward)):
+    cpu_forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_forward is not None and cpu_forward not in fc.flop_registry and cpu_forward.default not in fc.flop_registry:
+        formulas[cpu_forward] = forward
+    for name in SDPA_BACKWARD_KERNELS:
         op = getattr(aten, name, None)
-        if op is not None and op not in fc.flop_registry and op.default not in fc.flop_registry:
-            formulas[op] = formula
+        if op is not None:
+            formulas[op] = backward
     return formulas
 
 
 def flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
+    counter = FlopCounterMode(display=False, custom_mapping=_attention_formulas())
     counter.mod_tracker = _GlobalOnly()
     return counter
 

@@ -108,8 +108,22 @@ def test_attention_flops_are_counted_on_the_cpu_kernels_too():
     per_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     attention_ops = {op: n for op, n in per_op.items() if "attention" in op}
     assert sum(n for op, n in attention_ops.items() if not op.endswith("backward")) == scores_and_mix
-    assert sum(n for op, n in attention_ops.items() if op.endswith("backward")) == pytest.approx(2.5 * scores_and_mix)
-    assert counter.get_total_flops() == pytest.approx(3 * linear + 3.5 * scores_and_mix, rel=0.01)
+    # the backward's four products (2× the forward), without the kernel's recomputation of q·kᵀ: model FLOPs
+    assert sum(n for op, n in attention_ops.items() if op.endswith("backward")) == 2 * scores_and_mix
+    assert counter.get_total_flops() == pytest.approx(3 * linear + 3 * scores_and_mix, rel=0.01)
+
+
+def test_every_fused_attention_backward_is_counted_without_its_recomputation():
+    # The CUDA kernels' backward formulas in torch count the recomputed scores too (2.5× the forward).
+    from torch.utils import flop_counter
+
+    formulas = flops._attention_formulas()
+    query = (2, 4, 100, 16)
+    forward = flop_counter.sdpa_flop_count(query, query, query)
+    for name in flops.SDPA_BACKWARD_KERNELS:
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            assert formulas[op](query, query, query, query) == 2 * forward, name
 
 
 def test_training_flops_follow_what_trains():
