@@ -81,11 +81,14 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
     peak_memory_mb, flops_forward_per_image, flops_train_step_per_image, mfu, device, dtype) and
     the details behind them. Out-of-memory is reported as status "oom", not raised.
     """
+    from benchmarks import resources
     from benchmarks.model import build_model
     from benchmarks.protocol import autocast_dtype, seed_everything, select_device
 
     settings = settings or ProfileSettings()
     device = select_device(str(device)) if not isinstance(device, torch.device) else device
+    cpu_plan = resources.plan(exp.data.num_workers, device.type)
+    resources.apply(cpu_plan)  # the threads a run of this preset would use here (affinity, cgroup quota)
     exp = without_weight_files(exp)
     amp = autocast_dtype(exp.train.amp, device)
     images_per_step = exp.train.batch_size * exp.train.grad_accum
@@ -103,6 +106,7 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
         "eval_image_size": list(eval_image_size(exp)),
         "windows_per_image": window_count(*eval_image_size(exp), exp.eval.crop_size, exp.eval.stride),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_plan": cpu_plan.reason,  # threads, loader workers and OpenMP's wait policy
         "baseline_memory_mb": current_rss_mb() if device.type == "cpu" else 0.0,
     }
     method = build_method(method_name, exp.methods.get(method_name))

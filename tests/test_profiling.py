@@ -282,6 +282,24 @@ def test_profile_method_times_the_protocol_step_and_fills_the_schema(monkeypatch
     json.dumps(row)
 
 
+def test_a_profile_times_with_a_run_s_threads_and_records_what_moves_cpu_timings(monkeypatch):
+    from benchmarks import resources
+    from benchmarks.reports.profiles import environment_summary
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(resources, "available_cpus", lambda: 1)  # a one-core quota: a run would use one thread
+    threads = torch.get_num_threads()
+    try:
+        row = profiling.profile_method(smoke(), "freeze", "cpu", profiling.ProfileSettings(
+            warmup=0, repeats=1, eval_warmup=0, eval_repeats=1, count_flops=False))
+    finally:
+        torch.set_num_threads(threads)
+    assert row["status"] == "ok", row["error"]
+    assert row["cpu_threads"] == 1 and row["cpu_plan"].startswith("1 threads") and "waits: PASSIVE" in row["cpu_plan"]
+    summary = environment_summary(None)
+    assert len(summary["git_commit"] or "") == 40 and isinstance(summary["git_dirty_paths"], list)
+
+
 def test_out_of_memory_is_a_row_not_a_crash(monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -356,6 +374,9 @@ def test_a_profile_says_what_its_columns_count():
     assert "1280×720 in the real release: 8 window(s), 2.67×" in text
     assert "MiB" in text and "2 per multiply-add" in text and "none for a run in fp32" in text
     assert "MiB" not in "\n".join(profile_files.conventions([{"method": "full"}], exp))  # a FLOPs-only table
+    # the proxy scores its synthetic world's BDD100K, 160×90: two windows of 128, not the real release's 40
+    proxy = "\n".join(profile_files.conventions([row], load_experiment("proxy")))
+    assert "160×90 in the synthetic world `small`: 2 window(s)" in proxy and "1280×720" not in proxy
 
 
 @pytest.mark.parametrize(("returncode", "status"), [(-9, "oom"), (-15, "failed"), (1, "failed")])

@@ -73,11 +73,13 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "github") -> str:
 def conventions(rows: list[dict[str, Any]], exp: Experiment) -> list[str]:
     """What the table's columns count, in its own file: a reader of the numbers needs no source."""
     from benchmarks.synthetic_inputs import eval_image_size, window_count
-    from datasets.synthetic import PAPER_RESOLUTIONS  # the real datasets' sizes; BDD100K is scored at its own
+    from datasets.synthetic import PAPER_RESOLUTIONS, SIZE_RESOLUTIONS  # BDD100K is scored at its own size
 
     height, width = eval_image_size(exp)
     windows = window_count(height, width, exp.eval.crop_size, exp.eval.stride)
-    bdd_width, bdd_height = PAPER_RESOLUTIONS.bdd100k
+    world = exp.data.synthetic  # the world a preset generates (the proxy's BDD100K is 160×90), or "" for real data
+    bdd_width, bdd_height = SIZE_RESOLUTIONS.get(world, PAPER_RESOLUTIONS).bdd100k
+    bdd_source = f"the synthetic world `{world}`" if world else "the real release"
     bdd = window_count(bdd_height, bdd_width, exp.eval.crop_size, exp.eval.stride)
     lines = [
         "Conventions:",
@@ -85,7 +87,7 @@ def conventions(rows: list[dict[str, Any]], exp: Experiment) -> list[str]:
         "timed (from half the schedule).",
         f"- eval: one image of {width}×{height} (`eval.fit_size`: Cityscapes' and Mapillary's evaluated size), "
         f"{windows} window(s) of {exp.eval.crop_size} at stride {exp.eval.stride}. BDD100K is scored at its images' "
-        f"own size, {bdd_width}×{bdd_height} in the real release: {bdd} window(s), "
+        f"own size, {bdd_width}×{bdd_height} in {bdd_source}: {bdd} window(s), "
         f"{bdd / windows:.2f}× the time and FLOPs of a row's eval figures.",
     ]
     if any(r.get("train_images_per_s") for r in rows):
@@ -127,8 +129,13 @@ def output_stem(preset: str, device_label: str, when: dt.date | None = None, out
 
 
 def environment_summary(device: torch.device | None) -> dict[str, Any]:
+    from benchmarks.config import PROJECT_ROOT
+    from benchmarks.provenance import git_state
+
+    commit, dirty_paths = git_state(PROJECT_ROOT)
     info: dict[str, Any] = {"python": platform.python_version(), **package_versions(), "machine": platform.machine(),
-                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "git_commit": commit, "git_dirty_paths": dirty_paths}
     if device is not None:
         info["device"] = str(device)
         info["device_name"] = device_name(device)
