@@ -7,6 +7,7 @@ measure it); these tests check counts, code paths and bookkeeping.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -348,6 +349,15 @@ def test_a_second_profile_of_the_day_never_replaces_the_first(tmp_path, capsys):
     assert second.stem == f"{first.stem}-2"
     assert [r["method"] for r in json.loads(first.read_text())["methods"]] == ["freeze"]
     assert [r["method"] for r in json.loads(second.read_text())["methods"]] == ["full"]
+
+
+def test_two_profiles_started_together_take_different_names(tmp_path):
+    # Both chose the free name before either wrote: the second's files replaced the first's.
+    from benchmarks.reports.profiles import output_stem
+
+    day = dt.date(2026, 12, 6)
+    first, second = output_stem("smoke", "cpu", day, tmp_path), output_stem("smoke", "cpu", day, tmp_path)
+    assert (first, second) == ("smoke-cpu-2026-12-06", "smoke-cpu-2026-12-06-2")
 
 
 def test_write_profiles_draws_speed_and_memory_plots(tmp_path):

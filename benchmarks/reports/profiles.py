@@ -116,16 +116,24 @@ def _slug(text: str) -> str:
 
 def output_stem(preset: str, device_label: str, when: dt.date | None = None, out: Path | None = None) -> str:
     """`<preset>-<device>-<date>`, with `-2`, `-3`, ... where a profile of that name is already in `out`: a
-    second profile on one day never replaces the first (nor does a re-run cut short replace a whole one)."""
+    second profile on one day never replaces the first (nor does a re-run cut short replace a whole one).
+
+    With `out`, the name is reserved at once by creating its (empty) `.md`, which the profile's table later
+    replaces, so that two profiles started together into one folder cannot both take it."""
     stem = f"{preset}-{_slug(device_label)}-{(when or dt.date.today()).isoformat()}"
     if out is None:
         return stem
-    taken = {p.stem for p in Path(out).glob(f"{stem}*.json")} | {p.stem for p in Path(out).glob(f"{stem}*.md")}
+    taken = {p.stem for p in Path(out).glob(f"{stem}*.json")}
     candidate, number = stem, 1
-    while candidate in taken:
+    while True:
+        if candidate not in taken:
+            try:
+                Path(out, f"{candidate}.md").open("x").close()
+                return candidate
+            except FileExistsError:
+                pass
         number += 1
         candidate = f"{stem}-{number}"
-    return candidate
 
 
 def environment_summary(device: torch.device | None) -> dict[str, Any]:
