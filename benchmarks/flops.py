@@ -163,21 +163,33 @@ def _count_model_flops(model: torch.nn.Module, exp: Experiment, batch_size: int,
     forward = counter.get_total_flops()
     model.train()
     images = torch.randn(batch_size, 3, crop, crop, device=device)
-    with flop_counter() as counter:
-        if real_loss:
+    if real_loss:
+        with flop_counter() as counter:
             labels = torch.randint(0, NUM_CLASSES, (batch_size, crop, crop), device=device)
-            loss = model.loss(images, labels)["loss"]
-        else:
-            # Eval mode with autograd on: the graph records exactly what trains (nothing through a
-            # frozen backbone), and no training-only branch asks fake tensors for a value
-            # (transformers' Mask2Former inf check, peft's module-dropout draw); dropout and those
-            # branches count no FLOPs.
-            model.eval()
-            with torch.enable_grad():
-                loss = surrogate_loss(model.head(model.backbone(images)))
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return forward, counter.get_total_flops()
+            model.loss(images, labels)["loss"].backward()
+        model.zero_grad(set_to_none=True)
+        return forward, counter.get_total_flops()
+    try:
+        return forward, _surrogate_step_flops(model, images, backbone_training=True)
+    except Exception:  # noqa: BLE001 - a value asked of a fake tensor in a training-only branch
+        return forward, _surrogate_step_flops(model, images, backbone_training=False)
+
+
+def _surrogate_step_flops(model: torch.nn.Module, images: torch.Tensor, backbone_training: bool) -> int:
+    """A training step's FLOPs with the surrogate loss, autograd on and the head in eval mode: the graph
+    records exactly what trains (nothing through a frozen backbone), and the head's training-only branch
+    asks no fake tensor for a value (transformers' Mask2Former inf check). The backbone and the method's
+    modules compute as in a training step (FADA as released refines a training batch at once, an
+    evaluation window by window) unless one of theirs needs a value too (peft's module-dropout draw):
+    then in eval mode, where dropout and those branches count no FLOPs."""
+    model.eval()
+    model.backbone.train(backbone_training)
+    try:
+        with flop_counter() as counter, torch.enable_grad():
+            surrogate_loss(model.head(model.backbone(images))).backward()
+        return counter.get_total_flops()
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def _in_main_phase(exp: Experiment, method_name: str, device: str) -> torch.nn.Module:

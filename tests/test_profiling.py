@@ -82,8 +82,10 @@ def test_mfu_is_training_flops_rate_over_device_peak():
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method_name", ["full", "freeze", "rein"])
+@pytest.mark.parametrize("method_name", ["full", "freeze", "rein", "fada_released"])
 def test_fake_tensor_flops_equal_real_tensor_flops(method_name):
+    # fada_released refines a training batch at once and an evaluation window by window: counted in
+    # eval mode, its step was 4 % high on the smoke preset.
     exp = smoke()
     fake = flops.count_flops(exp, method_name)
     assert fake["flops_counted_with"].startswith("fake")
