@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # imported when the command runs: it brings torch
     from benchmarks.pretrain import PretrainConfig
 
 NAME = "pretrain"
-HELP = "pretrain the small proxy ViT on randomly styled generated scenes (no benchmark labels)"
+HELP = "pretrain the small proxy ViT on randomly styled generated scenes (no benchmark label files)"
 SHIPPED = Path("benchmarks/weights/proxy_vit.safetensors")
 PROXY_DEPTH = 6
 """`proxy_vit`'s blocks (`benchmarks.backbones`, which brings torch; a test keeps the two equal)."""
