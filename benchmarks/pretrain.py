@@ -68,13 +68,13 @@ from benchmarks.backbones import BACKBONES, build_backbone
 from benchmarks.checkpoint import atomic_torch_save, load_plain
 from benchmarks.errors import UserError
 from benchmarks.resources import device_name
+from datasets.synthetic import PRETRAINING_SEEDS_FROM
 from benchmarks.results import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-# Seeds of pretraining scenes start here; the benchmark world is generated with seed 0 (and `data synth
-# --seed` refuses seeds from here on): numpy pads a seed list with zeros, so only the values keep them apart.
-PRETRAIN_SEED_BASE = 1_000_000_007
+# Seeds of pretraining scenes start here, above every seed a benchmark world may be generated with.
+PRETRAIN_SEED_BASE = PRETRAINING_SEEDS_FROM
 GROUND_TRAIN_IDS = (0, 1, 9)  # road, sidewalk, terrain: supporting surfaces
 SKY_TRAIN_ID = 10
 _NO_REGION = 65535  # region id of ignored pixels

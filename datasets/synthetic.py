@@ -233,6 +233,10 @@ def _domain_styles(zoom: float) -> dict[str, Style]:
 # their relative camera differences. Bump WORLD_VERSION with any change to what the world draws.
 WORLD_ZOOM = 2.0
 WORLD_VERSION = 2
+# The proxy backbone's pretraining scenes are seeded from here on (`benchmarks.pretrain`); a world's pairs
+# with [seed, domain, split, index]. numpy pads a seed list with zeros, so the two are kept apart by the
+# values alone: `data synth --seed` refuses seeds from here on.
+PRETRAINING_SEEDS_FROM = 1_000_000_007
 
 
 STYLES: dict[str, Style] = _domain_styles(WORLD_ZOOM)
@@ -1129,8 +1133,11 @@ def _ignore_interrupts() -> None:
 def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers: int = 1) -> dict:
     """Write the four-domain synthetic world under ``out`` in the real datasets' layouts.
 
-    Deterministic for (size, seed), independent of ``workers``; files are written atomically and
-    existing pairs are skipped, so an interrupted generation can simply be re-run.
+    Deterministic for (size, seed), independent of ``workers``, on one kind of CPU with one Pillow
+    generation: numpy's float32 `exp` (haze, the night headlight pool) takes the CPU's SIMD kernels, so
+    an AVX2 box and an AVX-512 one draw a few pixels of some images a level or two apart (the labels
+    are the same; docs/datasets.md). Files are written atomically and existing pairs are skipped, so an
+    interrupted generation can simply be re-run.
     Returns stats: {"pairs": {"domain/split": n}, "seconds": t, "frequencies": {...}, "bytes": n}.
     """
     _check_size(size)

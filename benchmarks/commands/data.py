@@ -147,8 +147,13 @@ def run(args: argparse.Namespace) -> int:
         from benchmarks.storage import is_out_of_space
         from datasets.synthetic import format_frequencies, generate_world, save_preview
 
+        from datasets.synthetic import PRETRAINING_SEEDS_FROM
+
         if args.seed < 0:  # numpy's seed sequences refuse negative entropy, after --out was made
             raise UserError(f"--seed {args.seed}: must be at least 0")
+        if args.seed >= PRETRAINING_SEEDS_FROM:  # a world's scenes could then be the proxy's pretraining scenes
+            raise UserError(f"--seed {args.seed}: must be below {PRETRAINING_SEEDS_FROM:,}, where the proxy "
+                            "backbone's pretraining scenes are seeded")
         require_writable_folder(args.out, "--out")
         if args.preview is not None:
             require_writable_file(args.preview, "--preview", "preview.png")
