@@ -68,8 +68,8 @@ from benchmarks.backbones import BACKBONES, build_backbone
 from benchmarks.checkpoint import atomic_torch_save, load_plain
 from benchmarks.errors import UserError
 from benchmarks.resources import device_name
-from datasets.synthetic import PRETRAINING_SEEDS_FROM
 from benchmarks.results import atomic_write_bytes, atomic_write_text
+from datasets.synthetic import PRETRAINING_SEEDS_FROM
 
 log = logging.getLogger(__name__)
 

@@ -156,10 +156,6 @@ class Style:
     guard_rail_prob: float = 0.1
 
 
-def _mix(c: RGB, other: RGB, a: float) -> RGB:
-    return tuple(int(round((1 - a) * x + a * y)) for x, y in zip(c, other, strict=False))  # type: ignore[return-value]
-
-
 def _grade_palette(palette: dict[str, RGB], sat: float = 1.0, val: float = 1.0, hue: float = 0.0) -> dict[str, RGB]:
     out = {}
     for k, (r, g, b) in palette.items():
@@ -859,7 +855,7 @@ def _render_world(rng: np.random.Generator, style: Style, height: int, width: in
     coarse = _value_noise(rng, h, w, 12.0 / st.texture_freq)
     img *= (1 + amp * (0.6 * fine + 0.4 * coarse))[..., None]
 
-    # lighting: global gradient (sun side), darker under the horizon line far away
+    # lighting: a left-right gradient across the frame (the sun's side drawn at random)
     light = 1.0 + st.shadow * 0.3 * np.linspace(-1, 1, w, dtype=np.float32)[None, :] * (1 if rng.random() < 0.5 else -1)
     img *= light[..., None]
 
@@ -977,7 +973,8 @@ class Resolutions:
         return self.gtav[-1][0]
 
 
-# The proxy world: about 1/8 of the real resolutions, cameras zoomed (`WORLD_ZOOM`).
+# The proxy world: about 1/8 of the real resolutions, cameras zoomed (`WORLD_ZOOM`). GTAV's rarer size,
+# 256×144, is a 16:9 frame of the proxy's own (1/8 of 2048×1152), not one of the paper world's sizes.
 EIGHTH_RESOLUTIONS = Resolutions(
     gtav=(((240, 132), 0.95), ((256, 144), 0.05)), cityscapes=(256, 128), bdd100k=(160, 90),
     mapillary=MAPILLARY_SIZES, styles=STYLES,

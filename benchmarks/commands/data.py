@@ -145,9 +145,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data_command == "synth":
         from benchmarks.storage import is_out_of_space
-        from datasets.synthetic import format_frequencies, generate_world, save_preview
-
-        from datasets.synthetic import PRETRAINING_SEEDS_FROM
+        from datasets.synthetic import (
+            PRETRAINING_SEEDS_FROM,
+            format_frequencies,
+            generate_world,
+            save_preview,
+        )
 
         if args.seed < 0:  # numpy's seed sequences refuse negative entropy, after --out was made
             raise UserError(f"--seed {args.seed}: must be at least 0")
