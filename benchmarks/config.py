@@ -29,13 +29,20 @@ except ModuleNotFoundError:  # Python 3.10
 PRESET_DIR = Path(__file__).parent / "presets"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-# Setting name → (source dataset, target datasets), the standard DGSS settings.
+# Setting name → (source dataset, target datasets), the standard DGSS settings. A source of several
+# datasets trained on together joins their names with "+" (`source_families`).
 SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "G->CBM": ("gtav", ("cityscapes", "bdd100k", "mapillary")),
+    "G+S->CBM": ("gtav+synthia", ("cityscapes", "bdd100k", "mapillary")),
     "C->BM": ("cityscapes", ("bdd100k", "mapillary")),
     # ACDC per condition, as the protocol and Rein's DGIoUMetric score it (the average is their mean).
     "C->ACDC": ("cityscapes", ("acdc_fog", "acdc_night", "acdc_rain", "acdc_snow")),
 }
+
+
+def source_families(source: str) -> tuple[str, ...]:
+    """The datasets of a setting's source ("gtav+synthia" → gtav, synthia), the first one's pairs held out."""
+    return tuple(source.split("+"))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ world is generated on first use when its own folder (the default data root) is m
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import os
 import shutil
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from benchmarks.config import DataConfig, EvalConfig, Experiment
+from benchmarks.config import DataConfig, EvalConfig, Experiment, source_families
 from benchmarks.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -61,12 +63,13 @@ def ensure_data_root(exp: Experiment) -> Path:
     return root
 
 
-def _source_split(exp: Experiment, source: str, root: Path):
-    """The source adapter and the slices of its sorted pairs used for training and held out."""
+def _source_split(exp: Experiment, source: str, root: Path, holds_out: bool = True):
+    """The source adapter and the slices of its sorted pairs used for training and held out (`holds_out`:
+    this dataset gives the held-out pairs, the first of a joint source)."""
     from datasets.registry import get_adapter
 
     adapter = get_adapter(source)(root, "train")
-    holdout = exp.data.source_holdout
+    holdout = exp.data.source_holdout if holds_out else 0
     total = len(adapter.pairs())
     if holdout < 0 or holdout >= total:
         raise UserError(
@@ -76,13 +79,51 @@ def _source_split(exp: Experiment, source: str, root: Path):
     return adapter, slice(0, total - holdout), slice(total - holdout, total)
 
 
+class JointSource(Dataset):
+    """Several sources trained on together (G+S: GTAV and SYNTHIA), one index space over their pairs in
+    order, as mmseg's ConcatDataset: the stream draws from the union, so each dataset by its size."""
+
+    def __init__(self, parts: dict[str, Dataset]) -> None:
+        self.parts = parts
+        self._ends = list(itertools.accumulate(len(part) for part in parts.values()))
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        part = bisect.bisect_right(self._ends, int(index))
+        start = self._ends[part - 1] if part else 0
+        return list(self.parts.values())[part][(int(index) - start, seed)]
+
+    @property
+    def pairs(self) -> list:
+        return [pair for part in self.parts.values() for pair in part.pairs]
+
+
+def training_splits(source: str, dataset: Dataset) -> dict[str, Dataset]:
+    """The source's training split(s) by name, as the pre-flight checks them and a result records them."""
+    if isinstance(dataset, JointSource):
+        return {f"{family} (train)": part for family, part in dataset.parts.items()}
+    return {f"{source} (train)": dataset}
+
+
 def source_dataset(exp: Experiment, source: str, root: Path) -> Dataset:
-    """The source as the protocol trains on it (minus any held-out pairs), with the train transform."""
+    """The source as the protocol trains on it (minus any held-out pairs), with the train transform; a joint
+    source ("gtav+synthia") is the union of its datasets, the held-out pairs taken from the first."""
+    families = source_families(source)
+    if len(families) > 1:
+        return JointSource({family: _one_source(exp, family, root, holds_out=family == families[0])
+                            for family in families})
+    return _one_source(exp, source, root)
+
+
+def _one_source(exp: Experiment, source: str, root: Path, holds_out: bool = True) -> Dataset:
     from datasets.base import SegmentationDataset
     from datasets.transforms import TrainTransform
 
     cfg = exp.data
-    adapter, train_pairs, _ = _source_split(exp, source, root)
+    adapter, train_pairs, _ = _source_split(exp, source, root, holds_out)
     transform = TrainTransform(
         crop_size=cfg.crop_size,
         scale_base=cfg.scale_base,
@@ -101,7 +142,7 @@ def source_heldout_dataset(exp: Experiment, source: str, root: Path) -> Dataset 
 
     if not exp.data.source_holdout:
         return None
-    adapter, _, heldout_pairs = _source_split(exp, source, root)
+    adapter, _, heldout_pairs = _source_split(exp, source_families(source)[0], root)
     transform = eval_transform_for(adapter, tuple(exp.eval.fit_size), resize=exp.data.resize)
     return SegmentationDataset(_lenient(adapter), transform, pairs=heldout_pairs)
 

@@ -28,6 +28,7 @@ from benchmarks.config import (
     EvalConfig,
     Experiment,
     load_experiment,
+    source_families,
     trained_precision,
 )
 from benchmarks.errors import JobCannotGoOn, UserError
@@ -284,6 +285,7 @@ def _read_data(run: RunContext) -> RunData:
         source_dataset,
         source_heldout_dataset,
         target_dataset,
+        training_splits,
     )
 
     exp, world = run.exp, run.world
@@ -292,8 +294,8 @@ def _read_data(run: RunContext) -> RunData:
     source_set = source_dataset(exp, source, root)
     target_sets = {name: target_dataset(exp, name, root) for name in targets}
     heldout_set = source_heldout_dataset(exp, source, root)
-    read = {f"{source} (train)": source_set, **target_sets,
-            **({f"{source} (held out)": heldout_set} if heldout_set is not None else {})}
+    read = {**training_splits(source, source_set), **target_sets,
+            **({f"{source_families(source)[0]} (held out)": heldout_set} if heldout_set is not None else {})}
     preflight(exp, read)
     if world.is_distributed:  # each rank scores its own strided shard; the confusion matrix is summed
         from torch.utils.data import Subset
@@ -393,7 +395,7 @@ def _score(run: RunContext, model: Any, data: RunData, amp: Any) -> tuple[dict[s
     eval_seconds = time.perf_counter() - started
     source_score = None
     if data.heldout is not None:
-        source = SETTINGS[run.spec.setting][0]
+        source = source_families(SETTINGS[run.spec.setting][0])[0]
         source_score = evaluate(model, data.heldout, run.evaluation, device, NUM_CLASSES, amp, class_names=CLASSES,
                                 progress=run.progress, desc=f"{source} (held out)")
         source_score["num_images"] = int(distributed.all_reduce_sum(source_score["num_images"], device))

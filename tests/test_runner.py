@@ -135,6 +135,35 @@ def test_held_out_source_pairs_are_scored_apart_and_never_trained_on(smoke_exper
     assert "| GTAV (src.) | Citys. |" in table and "2 held-out source images" in table
 
 
+def test_gtav_and_synthia_train_together_and_gtav_gives_the_held_out_pairs(smoke_experiment, tiny_world, tmp_path):
+    # The spec's G+S->CBM: one stream over the union of GTAV's and SYNTHIA's pairs (mmseg's ConcatDataset).
+    import shutil
+
+    from benchmarks.data import JointSource, source_dataset, source_heldout_dataset
+    from benchmarks.reports.tables import leaderboard
+    from tests.test_datasets_adapters import build_synthia
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    build_synthia(world)  # two SYNTHIA pairs in its own format (16-bit labels)
+    exp = apply_override(apply_override(apply_override(smoke_experiment, f'data.root="{world}"'),
+                                        'run.settings=["G+S->CBM"]'), "data.source_holdout=2")
+    joint = source_dataset(exp, "gtav+synthia", world)
+    gtav = [pair.name for pair in source_dataset(smoke_experiment, "gtav", world).pairs]
+    assert isinstance(joint, JointSource) and list(joint.parts) == ["gtav", "synthia"]
+    assert [pair.name for pair in joint.pairs] == gtav[:-2] + ["0000000", "0000001"]
+    assert joint[(len(joint) - 1, 7)]["name"] == "0000001"  # an index past GTAV's reads SYNTHIA
+    assert [pair.name for pair in source_heldout_dataset(exp, "gtav+synthia", world).pairs] == gtav[-2:]
+
+    (result,) = runner.run_matrix(exp, "freeze", progress=False)
+    assert result["status"] == "finished", result.get("failure")
+    assert result["setting"] == "G+S->CBM" and result["source"] == "gtav+synthia"
+    assert set(result["provenance"]["data"]) == {"gtav (train)", "synthia (train)", "gtav (held out)",
+                                                 "cityscapes", "bdd100k", "mapillary"}
+    assert result["source_heldout"]["num_images"] == 2
+    assert "| GTAV (src.) | Citys. |" in leaderboard([result], setting="G+S->CBM")
+
+
 def test_holding_out_every_source_pair_is_refused(tmp_path, tiny_world, capsys):
     # In this process: what `python -m benchmarks` adds around main() is checked by the unknown-method test above.
     code, _, err = run_cli(["run", "--preset", "smoke", "--methods", "freeze", "--no-progress", "--data-root",

@@ -23,6 +23,7 @@ from benchmarks.config import (
     SETTINGS,
     available_presets,
     load_experiment,
+    source_families,
     trained_precision,
     without_added_settings_at_their_old_behaviour,
 )
@@ -335,5 +336,6 @@ def target_label(target: str) -> str:
 
 
 def source_label(setting: str) -> str:
-    source = SETTINGS.get(setting, ("source", ()))[0]
+    """The dataset a setting's held-out source pairs come from: the first of a joint source's."""
+    source = source_families(SETTINGS.get(setting, ("source", ()))[0])[0]
     return {"gtav": "GTAV", "synthia": "SYNTHIA"}.get(source, target_label(source))
