@@ -215,12 +215,16 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
 
     exp = without_weight_files(exp)
     batch = exp.train.batch_size
+    height, width = eval_image_size(exp)
+    windows = window_count(height, width, exp.eval.crop_size, exp.eval.stride)
+    per_batch = build_method(method_name, exp.methods.get(method_name)).evaluation_settings(exp.eval).batch_windows
     how = "fake tensors, surrogate loss"
     try:
         model = _in_main_phase(exp, method_name, device="meta")
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
             forward, train = _count_model_flops(model, exp, batch, real_loss=False)
+            evaluation = _evaluation_flops(model, exp, windows, per_batch)
     except Exception as err:  # noqa: BLE001 - data-dependent code in a method or head
         if not allow_real:
             return {"flops_forward_per_image": None, "flops_train_step_per_image": None, "flops_eval_per_image": None,
@@ -232,14 +236,29 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
         batch = 1
         how = "real CPU tensors, head loss, batch 1"
         forward, train = _count_model_flops(model, exp, batch, real_loss=True)
-    height, width = eval_image_size(exp)
-    windows = window_count(height, width, exp.eval.crop_size, exp.eval.stride)
+        evaluation = _evaluation_flops(model, exp, windows, per_batch)
     return {
         "flops_forward_per_image": forward,
         "flops_train_step_per_image": train / batch,
-        "flops_eval_per_image": forward * windows,
+        "flops_eval_per_image": evaluation,
         "flops_counted_with": how,
     }
+
+
+def _evaluation_flops(model: torch.nn.Module, exp: Experiment, windows: int, per_batch: int) -> int:
+    """One target image's windows run as the evaluation runs them, `per_batch` at a time: a method's work
+    that does not grow with the batch (Rein's and SET's token refinement, FADA's) is done once a batch."""
+    device = next(model.parameters()).device
+    crop = exp.eval.crop_size
+    model.eval()
+    total = 0
+    full, rest = divmod(windows, per_batch)
+    for size, times in ((per_batch, full), (rest, 1 if rest else 0)):
+        if times:
+            with flop_counter() as counter:
+                model(torch.randn(size, 3, crop, crop, device=device))
+            total += times * counter.get_total_flops()
+    return total
 
 
 def run_profile_extras(exp: Experiment, method_name: str, profile: dict[str, Any]) -> dict[str, Any]:
