@@ -1140,6 +1140,7 @@ def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers:
     _check_size(size)
     out = Path(out)
     _claim_world_folder(out, size, seed)
+    started_at = time.time()
     start = time.perf_counter()
     tasks = [(str(out), d, s, i, seed, size) for (d, s), n in SIZES[size].items() for i in range(n)]
     if workers > 1:
@@ -1161,6 +1162,11 @@ def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers:
         for t in it:
             _write_task(t)
     seconds = time.perf_counter() - start
+    # A generation interrupted while its workers wrote left their temporary files (a terminated worker runs
+    # no cleanup); this one has written every pair, so those from before it started are orphans.
+    for orphan in out.rglob(".*.tmp"):
+        if orphan.is_file() and orphan.stat().st_mtime < started_at:
+            orphan.unlink(missing_ok=True)
     pairs = {f"{d}/{s}": n for (d, s), n in SIZES[size].items()}
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     freqs = class_frequencies(out)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +104,12 @@ def test_world_is_deterministic_and_rerun_safe(world, tmp_path):
     assert first == digest(root)
     generate_world(tmp_path, size="tiny", seed=3)  # re-run skips existing pairs
     assert digest(tmp_path) == first
+    # a worker terminated mid-write (Ctrl-C with --workers 2) left its temporary file; finishing removes it
+    orphan = tmp_path / "gta" / "images" / ".00001.png.x1y2z3.tmp"
+    orphan.write_bytes(b"half an image")
+    os.utime(orphan, (time.time() - 60, time.time() - 60))
+    generate_world(tmp_path, size="tiny", seed=3)
+    assert not orphan.exists() and digest(tmp_path) == first
 
 
 def test_frequencies_and_preview(world, tmp_path):
