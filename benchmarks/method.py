@@ -67,8 +67,9 @@ class CosineWeightDecay:
     """Weight decay annealed with a half cosine over the run, set before every iteration beside the lr.
 
     Each optimiser group starts from its own weight decay (the protocol's 0.05 for decayed groups)
-    and ends at `end`, mmengine's `CosineAnnealingParamScheduler` on `weight_decay` from the first to
-    the last iteration. Groups declared without weight decay keep none.
+    and ends at `end`, as mmengine's `CosineAnnealingParamScheduler` on `weight_decay` from the first to
+    the last iteration takes the decayed groups. Groups declared without weight decay keep none, where
+    mmengine's takes them from 0 towards `end` too (at most lr·1e-5 a step: docs/methods.md, SoMA).
     """
 
     end: float
