@@ -199,9 +199,11 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     resources.apply(cpu_plan)
     result = _new_result(run, method, cpu_plan)
     data = _read_data(run)
-    model, state, optimizer_state = _build_and_resume(run, method, data, result)
     amp = autocast_dtype(exp.train.amp, run.device)
     try:
+        # Inside: a method that fails to attach on the real device (the pre-flight built it on the meta
+        # device) is this run's failure, not the matrix's end.
+        model, state, optimizer_state = _build_and_resume(run, method, data, result)
         state = _train(run, model, method, data, amp, result, state, optimizer_state, cpu_plan.workers)
         scores, source_score, eval_seconds = _score(run, model, data, amp)
     except UserError:

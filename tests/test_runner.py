@@ -77,6 +77,26 @@ def test_finished_runs_are_skipped(smoke_experiment, monkeypatch):
         runner.run_matrix(changed, "freeze", progress=False)
 
 
+def test_a_method_that_fails_to_attach_on_the_device_is_that_run_s_failure_not_the_matrix_s_end(
+        smoke_experiment, monkeypatch):
+    # The pre-flight builds every model on the meta device; a method that fails only on real weights (an
+    # SVD that does not converge) ended the whole matrix with a traceback and no failure record.
+    from methods.freeze import Freeze
+
+    attach = Freeze.attach
+
+    def fails_on_real_weights(self, model):
+        if next(model.backbone.parameters()).device.type != "meta":
+            raise RuntimeError("SVD did not converge")
+        attach(self, model)
+
+    monkeypatch.setattr(Freeze, "attach", fails_on_real_weights)
+    failed, finished = runner.run_matrix(smoke_experiment, "freeze,lora", progress=False)
+    assert (failed["status"], failed["failure"]) == ("failed", "RuntimeError: SVD did not converge")
+    assert finished["status"] == "finished" and finished["method"]["name"] == "lora"
+    assert json.loads(open(result_path(smoke_experiment, "freeze")).read())["status"] == "failed"
+
+
 def test_same_seed_same_numbers(smoke_experiment, tmp_path):
     first = runner.run_matrix(smoke_experiment, "full", progress=False)[0]
     other_dir = apply_override(smoke_experiment, f'run.results_dir="{tmp_path / "again"}"')
