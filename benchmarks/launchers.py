@@ -166,7 +166,13 @@ def submit_matrix(
 ) -> list[Any]:
     """Submit the matrix's unfinished runs as jobs; returns the submitit jobs (and waits if asked)."""
     from benchmarks.results import read_result
-    from benchmarks.runner import check_weights_given, experiment_for, plan_runs
+    from benchmarks.runner import (
+        check_weights_given,
+        experiment_for,
+        finished_result_of_other_inputs,
+        plan_runs,
+        refuse_finished_result_of_other_inputs,
+    )
 
     results_dir = exp.resolve_path(exp.run.results_dir)
     specs = plan_runs(exp, methods)
@@ -176,6 +182,8 @@ def submit_matrix(
         path = spec.path(experiment_for(exp, spec), results_dir)
         existing = read_result(path) if path.exists() else None
         if existing and existing.get("status") == "finished":
+            if changed := finished_result_of_other_inputs(existing, experiment_for(exp, spec), spec):
+                refuse_finished_result_of_other_inputs(path, changed)  # before anything is submitted
             log.info("%s: finished earlier, not submitted", existing["run_id"])
             continue
         pending.append(spec)
@@ -189,8 +197,15 @@ def submit_matrix(
                    tuple(plugins.loaded_method_files()))
         for spec in pending
     ]
-    with executor.batch():
-        jobs = [executor.submit(run_job, request) for request in requests]
+    from submitit.core.utils import FailedJobError
+
+    try:
+        with executor.batch():
+            jobs = [executor.submit(run_job, request) for request in requests]
+    except FailedJobError as err:  # sbatch refused them: a partition, account, time or resource request
+        why = next((line.strip() for line in str(err).splitlines() if line.strip()), "no reason given")
+        raise UserError(f"slurm refused the jobs ({why}); check --slurm-partition, --slurm-account, --slurm-time and "
+                        "the resources asked for (--slurm-gpus-per-node, --slurm-cpus-per-task, --slurm-mem-gb)") from None
     for job, request in zip(jobs, requests, strict=True):
         log.info("submitted %s: %s %s %s seed %d", job.job_id, request.spec.setting, request.spec.backbone,
                  request.spec.method, request.spec.seed)

@@ -510,10 +510,7 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
         decision = f"changed:{changed}" if changed else decision
     decision = distributed.broadcast_object(decision)
     if decision.startswith("changed:"):
-        raise UserError(
-            f"{path} finished from other files or settings ({decision.removeprefix('changed:')}); pass another "
-            "--results-dir to run with these, or move the old result away"
-        )
+        refuse_finished_result_of_other_inputs(path, decision.removeprefix("changed:"))
     if decision == "finished":
         log.info("%s: finished earlier, skipped (%s)", spec.run_id(experiment_for(exp, spec)), path)
         return read_result(path)
@@ -541,9 +538,11 @@ def _earlier_result_under_lock(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec, processes: int) -> str | None:
+def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec,
+                          processes: int | None) -> str | None:
     """How the backbone's weight file, or the file defining a `--method-file` method, differs from the one
-    a finished result was made with, if either does.
+    a finished result was made with, if either does; `processes=None` (a submitting node, which knows
+    neither the job's device nor its processes) compares the files and hyperparameters alone.
 
     The config hash names settings, not file contents: without this, a result trained from an older
     checkpoint or an edited method would be skipped as "finished" and shown beside results of the new one.
@@ -554,7 +553,18 @@ def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: 
     return "; ".join(changed) or None
 
 
-def _model_files(exp: Experiment, spec: RunSpec, processes: int) -> dict[str, Any]:
+def finished_result_of_other_inputs(result: dict[str, Any], exp: Experiment, spec: RunSpec) -> str | None:
+    """For a launcher that skips finished runs before any job runs: how the result's weights, method file or
+    method hyperparameters differ from the ones a run would use now (None: they do not)."""
+    return _inputs_changed_since(result, exp, spec, processes=None)
+
+
+def refuse_finished_result_of_other_inputs(path: Path, changed: str) -> None:
+    raise UserError(f"{path} finished from other files or settings ({changed}); pass another --results-dir to run "
+                    "with these, or move the old result away")
+
+
+def _model_files(exp: Experiment, spec: RunSpec, processes: int | None) -> dict[str, Any]:
     """The provenance of what a run's model is made from: the backbone's weights, for a method from outside
     the repository its file and sha256 or its distribution, and the recipe the config hash leaves to the code
     and the machine."""
@@ -569,9 +579,10 @@ def _model_files(exp: Experiment, spec: RunSpec, processes: int) -> dict[str, An
     record["recipe"] = {
         "hyperparameters": json.loads(json.dumps(build_method(spec.method, exp.methods.get(spec.method)).hyperparameters(),
                                                  default=str)),
-        "precision": trained_precision(exp.train.amp, select_device(exp.train.device).type),
-        "processes": processes,
     }
+    if processes is not None:
+        record["recipe"].update(precision=trained_precision(exp.train.amp, select_device(exp.train.device).type),
+                                processes=processes)
     return record
 
 

@@ -600,6 +600,25 @@ def test_launcher_slurm_without_slurm_is_one_line_and_runs_nothing_here(tiny_wor
     assert not results.exists()
 
 
+def test_jobs_slurm_refuses_are_one_line_naming_its_reason(tiny_world, tmp_path, capsys, monkeypatch):
+    # A wrong partition was submitit's FailedJobError traceback.
+    pytest.importorskip("submitit")
+    from submitit.core.utils import FailedJobError
+
+    import benchmarks.launchers as launchers
+
+    class RefusingExecutor:
+        def batch(self):
+            raise FailedJobError("sbatch: error: invalid partition specified: gpux\nsbatch: error: Batch job submission failed")
+
+    monkeypatch.setattr(launchers, "_executor", lambda options, folder: RefusingExecutor())
+    code, _, err = _cli(["run", "--preset", "smoke", "--methods", "freeze", "--data-root", str(tiny_world),
+                         "--results-dir", str(tmp_path / "results"), "--launcher", "slurm", "--slurm-partition", "gpux"],
+                        capsys)
+    line = _error_line(err)
+    assert code == 2 and "invalid partition specified: gpux" in line and "--slurm-partition" in line, line
+
+
 def test_data_synth_on_a_full_disk_is_one_line_saying_the_pairs_written_are_kept(tmp_path, capsys, monkeypatch):
     import datasets.synthetic as synthetic
 

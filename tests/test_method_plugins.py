@@ -138,6 +138,13 @@ def test_method_file_runs_like_a_builtin_and_its_file_is_in_the_result(tiny_worl
     assert hashlib.sha256(before).hexdigest()[:12] in line
     assert hashlib.sha256(method_file.read_bytes()).hexdigest()[:12] in line
     assert only_result(results) == result
+    # the slurm launcher decides what to submit on its own: it skipped the result as finished and showed it
+    pytest.importorskip("submitit")
+    proc = cli(["run", *SMOKE, "--methods", "last_norm", "--method-file", str(method_file), "--data-root", str(tiny_world),
+                "--results-dir", str(results), "--launcher", "slurm", "--slurm-cluster", "local"], cwd=tmp_path)
+    line = error_line(proc.stderr)
+    assert proc.returncode == 2 and "method file" in line, line
+    assert only_result(results) == result and not (results / ".submitit").exists()
 
 
 def test_all_includes_methods_of_every_file_given(tmp_path, registry_before):
