@@ -476,7 +476,7 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
 
     Under torchrun rank 0 decides and every rank follows, so all ranks run or skip together.
     """
-    from benchmarks import distributed
+    from benchmarks import checkpoint, distributed
     from benchmarks.locking import RunLock
 
     world = distributed.current()
@@ -490,6 +490,11 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
             existing = None  # reported and set aside below, under the lock, once
         if existing and existing["status"] == "finished":
             decision = "finished"
+            if checkpoint.checkpoint_dir(path).exists() and lock.acquire():
+                # A run killed between writing its result and removing its checkpoint (1.2 GB for a fully
+                # fine-tuned ViT-L) left it, and its lock, behind: nothing will resume from them.
+                checkpoint.remove_checkpoint(path)
+                lock.release()
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             try:

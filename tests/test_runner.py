@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import runner
 from benchmarks.config import PROJECT_ROOT, apply_override
+from benchmarks.locking import RunLock
 from benchmarks.method import available_methods
 from benchmarks.results import SCHEMA_VERSION, iter_results
 from datasets.labels import CLASSES
@@ -95,6 +96,19 @@ def test_a_method_that_fails_to_attach_on_the_device_is_that_run_s_failure_not_t
     assert (failed["status"], failed["failure"]) == ("failed", "RuntimeError: SVD did not converge")
     assert finished["status"] == "finished" and finished["method"]["name"] == "lora"
     assert json.loads(open(result_path(smoke_experiment, "freeze")).read())["status"] == "failed"
+
+
+def test_a_finished_run_s_leftover_checkpoint_is_removed_when_it_is_skipped(smoke_experiment):
+    # Killed between writing its result and removing its checkpoint: the checkpoint stayed for ever.
+    from benchmarks import checkpoint
+
+    (first,) = runner.run_matrix(smoke_experiment, "freeze", progress=False)
+    leftover = checkpoint.checkpoint_dir(result_path(smoke_experiment, "freeze"))
+    leftover.mkdir()
+    (leftover / "last.pt").write_bytes(b"a checkpoint nothing will resume from")
+    (again,) = runner.run_matrix(smoke_experiment, "freeze", progress=False)
+    assert (again["run_id"], again["average_miou"]) == (first["run_id"], first["average_miou"]) and not leftover.exists()
+    assert not RunLock(result_path(smoke_experiment, "freeze")).path.exists()
 
 
 def test_same_seed_same_numbers(smoke_experiment, tmp_path):
