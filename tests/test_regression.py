@@ -346,6 +346,7 @@ def test_update_says_what_moved_and_all_methods_replace_the_whole_baseline(tmp_p
     assert _check(["--baseline", str(path), "--update-baseline", "--methods", "all"]) == 0
     out = capsys.readouterr().out
     assert "1 stored number(s) change" in out and "rein/proxy_vit/seed42: cityscapes mIoU rose" in out
+    assert "- gone/proxy_vit/seed42 (dropped: not re-run)" in out  # the update said nothing of what it dropped
     assert set(json.loads(path.read_text())["runs"]) == {"rein/proxy_vit/seed42", "freeze/proxy_vit/seed42"}
     assert _check(["--baseline", str(path), "--update-baseline"]) == 0
     assert "reproduce the previous baseline's stored values exactly" in capsys.readouterr().out
@@ -369,10 +370,13 @@ def test_an_update_keeps_the_baselines_tolerances_and_compares_numbers_across_a_
     capsys.readouterr()
     assert _check(["--baseline", str(path), "--update-baseline"]) == 0
     out = capsys.readouterr().out
-    assert "every stored number is the same" in out and "rein/proxy_vit/seed42: protocol" in out
+    assert "every stored number of the re-run runs is the same" in out and "rein/proxy_vit/seed42: protocol" in out
     assert "regenerate" not in out  # said during the very update that regenerates it
     stored = json.loads(path.read_text())
     assert (stored["tolerance_miou"], stored["tolerance_loss_relative"]) == (0.2, 1e-2)
+    # a new tolerance is a change the update names (it said "exactly")
+    assert _check(["--baseline", str(path), "--update-baseline", "--tolerance", "0.5"]) == 0
+    assert "tolerance_miou ±0.2 → ±0.5 IoU points" in capsys.readouterr().out
 
 
 def test_a_regressions_update_command_is_the_users_own_check(tmp_path, monkeypatch, fresh, capsys):

@@ -74,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
             (baseline or {}).get("tolerance_miou", DEFAULT_TOLERANCE_MIOU))
         tolerance_loss = float((baseline or {}).get("tolerance_loss_relative", DEFAULT_TOLERANCE_LOSS))
         fresh = make_baseline(results, preset=exp.preset, tolerance=tolerance, tolerance_loss=tolerance_loss)
-        if baseline is not None:
-            print(_moved_since(baseline, results))
         if args.methods and args.methods != "all" and baseline is not None:
             # a partial re-run refreshes its own entries and keeps the others (each entry names its code)
             fresh["runs"] = {**baseline.get("runs", {}), **fresh["runs"]}
+        if baseline is not None:
+            print(_moved_since(baseline, results, fresh))
         write_baseline(args.baseline, fresh)
         print(f"baseline {args.baseline} written: {len(fresh['runs'])} run(s), tolerance ±{tolerance:g} IoU points, "
               f"final loss ±{fresh['tolerance_loss_relative']:g} of itself")
@@ -117,13 +117,19 @@ def _update_command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _moved_since(baseline: dict, results: list[dict]) -> str:
-    """What an update changes in the stored values: the baseline's runs that were re-run, their numbers compared
-    exactly even where the protocol or the inputs changed (which the lines before them say)."""
+def _moved_since(baseline: dict, results: list[dict], fresh: dict) -> str:
+    """What an update changes in the stored values: runs added or dropped, the tolerances, and the baseline's
+    runs that were re-run, their numbers compared exactly even where the protocol or the inputs changed (which
+    the lines before them say)."""
     from benchmarks.regression import baseline_entry, compare, run_key
 
     rerun = {run_key(r): r for r in results}
-    lines = []
+    old_keys, new_keys = set(baseline.get("runs", {})), set(fresh["runs"])
+    lines = [f"  + {key} (new)" for key in sorted(new_keys - old_keys)]
+    lines += [f"  - {key} (dropped: not re-run)" for key in sorted(old_keys - new_keys)]
+    for field, unit in (("tolerance_miou", " IoU points"), ("tolerance_loss_relative", " of the final loss")):
+        if field in baseline and float(baseline[field]) != float(fresh[field]):
+            lines.append(f"  {field} ±{float(baseline[field]):g} → ±{float(fresh[field]):g}{unit}")
     previous_runs = {}
     for key, entry in baseline.get("runs", {}).items():
         if key not in rerun:
@@ -139,8 +145,8 @@ def _moved_since(baseline: dict, results: list[dict]) -> str:
     if len(changed) > 10:
         lines.append(f"  - ... and {len(changed) - 10} more")
     if not lines:
-        return "the re-run runs reproduce the previous baseline's stored values exactly"
-    numbers = f"{len(changed)} stored number(s) change" if changed else "every stored number is the same"
+        return "the re-run runs reproduce the previous baseline's stored values exactly, and it keeps its runs and tolerances"
+    numbers = f"{len(changed)} stored number(s) change" if changed else "every stored number of the re-run runs is the same"
     return f"against the previous baseline: {numbers}\n" + "\n".join(lines)
 
 
