@@ -63,6 +63,17 @@ def _pid_namespace() -> str | None:
         return None
 
 
+def _slurm_attempt() -> dict[str, Any]:
+    """This process's slurm job (with its array task) and restart count, when slurm started it: slurm never runs
+    two attempts of one job at once, so a lock of an earlier attempt of this job is stale whatever its age."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return {"slurm_job": f"{job}_{task}" if task else job, "slurm_restart": int(restarts) if restarts.isdigit() else 0}
+
+
 def _read_owner(path: Path) -> dict[str, Any] | None:
     try:
         owner = json.loads(path.read_text(encoding="utf-8"))
@@ -79,13 +90,17 @@ def _names_owner(owner: dict[str, Any]) -> bool:
 
 
 # The run locks this process holds now: a lock naming this process's pid that is not among them was left by
-# an earlier process that had the same pid (a restarted container's runner is often pid 1 again).
+# an earlier process that had the same pid (a runner restarted in the same pid namespace).
 _HELD_HERE: set[str] = set()
 
 
 def _why_stale(path: Path, owner: dict[str, Any]) -> str | None:
     """Why the lock at `path`, holding `owner`, belongs to no live runner; None while one may hold it."""
     if _names_owner(owner):
+        attempt = _slurm_attempt()
+        if attempt and owner.get("slurm_job") == attempt["slurm_job"] and \
+                isinstance(owner.get("slurm_restart"), int) and owner["slurm_restart"] < attempt["slurm_restart"]:
+            return f"of attempt {owner['slurm_restart']} of slurm job {attempt['slurm_job']}, requeued since"
         pid, host, namespace = owner["pid"], owner["host"], _pid_namespace()
         if host != socket.gethostname() or owner.get("pid_namespace", namespace) != namespace:  # absent: an older lock
             return _why_foreign_stale(path, owner)
@@ -149,7 +164,7 @@ class RunLock:
 
     def acquire(self) -> bool:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "pid_namespace": _pid_namespace(),
-              "since": time.time(), "heartbeat_s": HEARTBEAT_S}
+              "since": time.time(), "heartbeat_s": HEARTBEAT_S, **_slurm_attempt()}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -97,6 +97,24 @@ def test_a_foreign_lock_is_stale_once_its_owner_stopped_touching_it(tmp_path):
         lock.release()
 
 
+def test_a_requeued_slurm_job_takes_over_its_earlier_attempt_s_lock_at_once(tmp_path, monkeypatch):
+    # A job killed hard and requeued within 10 minutes found its own lock "live" on the lost node, skipped its
+    # run and ended COMPLETED with no result. Slurm never runs two attempts of one job at once.
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    result = tmp_path / "run.json"
+    _write_foreign_lock(result, 30, host="lost-node", slurm_job="4242", slurm_restart=0)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert not RunLock(result).acquire()  # the same attempt elsewhere (or another job): its owner may live
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lock = RunLock(result)
+    assert lock.acquire() and lock.owner["slurm_job"] == "4242" and lock.owner["slurm_restart"] == 1
+    lock.release()
+    _write_foreign_lock(result, 30, host="lost-node", slurm_job="777", slurm_restart=0)
+    assert not RunLock(result).acquire()  # another job's lock is no attempt of this one
+
+
 def test_a_held_lock_is_touched_while_held(tmp_path, monkeypatch):
     from benchmarks import locking
 
