@@ -3,7 +3,9 @@ its ghost) never execute the same run at once.
 
 A run's lock is `<result stem>.lock`, next to the result it guards, created with O_CREAT|O_EXCL and
 holding the owner's pid, host and pid namespace; while it holds the lock, the owner touches it every
-`HEARTBEAT_S`. A lock whose pid is dead on this host, in this pid namespace, is stale and taken over; so is
+`HEARTBEAT_S`. A lock whose pid is dead on this host, in this pid namespace, is stale and taken over (as is
+one whose pid lives but which has gone untouched, its pid reused, and one of an earlier attempt of this slurm
+job); so is
 a lock of another host or another pid namespace (a container sharing the host's name, whose pids we cannot
 check) once its owner has not touched it for `FOREIGN_STALE_AFTER_S` (it died without releasing it: a node
 lost, a job killed), and one that names no owner at all (empty, as a full disk leaves it, or unreadable) once
@@ -109,7 +111,10 @@ def _why_stale(path: Path, owner: dict[str, Any]) -> str | None:
                 return None
             return f"of an earlier process with this one's pid {pid} on {host}"
         if _pid_alive(pid):
-            return None
+            # Alive, but untouched as long as a foreign lock's limit: its runner died and the pid is another
+            # process's now (after a reboot, whose first pid namespace has the same id every time).
+            reused = _why_foreign_stale(path, owner)
+            return f"{reused}, its pid now another process's" if reused else None
         return f"of dead process {pid} on {host}"
     try:
         unchanged_s = time.time() - path.stat().st_mtime

@@ -97,6 +97,26 @@ def test_a_foreign_lock_is_stale_once_its_owner_stopped_touching_it(tmp_path):
         lock.release()
 
 
+def test_a_lock_whose_pid_lives_on_in_another_process_is_stale_once_untouched(tmp_path):
+    # After a reboot a dead runner's pid may be a live process's: the run was skipped on every invocation.
+    import subprocess
+
+    from benchmarks.locking import FOREIGN_STALE_AFTER_S
+
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        result = tmp_path / "run.json"
+        _write_foreign_lock(result, FOREIGN_STALE_AFTER_S / 2, pid=other.pid)
+        assert not RunLock(result).acquire()  # touched lately: its runner may live
+        _write_foreign_lock(result, FOREIGN_STALE_AFTER_S + 60, pid=other.pid)
+        lock = RunLock(result)
+        assert lock.acquire()
+        lock.release()
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_requeued_slurm_job_takes_over_its_earlier_attempt_s_lock_at_once(tmp_path, monkeypatch):
     # A job killed hard and requeued within 10 minutes found its own lock "live" on the lost node, skipped its
     # run and ended COMPLETED with no result. Slurm never runs two attempts of one job at once.
