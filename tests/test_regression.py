@@ -352,6 +352,27 @@ def test_update_says_what_moved_and_all_methods_replace_the_whole_baseline(tmp_p
     assert "reproduce the previous baseline's stored values exactly" in capsys.readouterr().out
 
 
+def test_an_update_merges_into_what_another_update_wrote_while_its_runs_ran(tmp_path, monkeypatch, fresh, capsys):
+    # `--update-baseline --methods freeze` and `--methods rein` started together: each merged into its copy of
+    # the file from before its runs and wrote it back, so one update was silently undone.
+    import benchmarks.runner
+
+    path = tmp_path / "smoke.json"
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", FakeRunner(fresh))
+    assert _check(["--baseline", str(path), "--update-baseline"]) == 0
+
+    class AnotherUpdateMeanwhile(FakeRunner):
+        def __call__(self, *args, **kwargs):
+            meanwhile = json.loads(path.read_text())
+            meanwhile["runs"]["freeze/proxy_vit/seed42"]["targets"]["cityscapes"] = 99.0
+            path.write_text(json.dumps(meanwhile))
+            return [r for r in super().__call__(*args, **kwargs) if r["method"]["name"] == "rein"]
+
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", AnotherUpdateMeanwhile(fresh))
+    assert _check(["--baseline", str(path), "--update-baseline", "--methods", "rein"]) == 0
+    assert json.loads(path.read_text())["runs"]["freeze/proxy_vit/seed42"]["targets"]["cityscapes"] == 99.0
+
+
 def test_an_update_keeps_the_baselines_tolerances_and_compares_numbers_across_a_protocol_change(tmp_path, monkeypatch,
                                                                                                 capsys):
     import benchmarks.runner

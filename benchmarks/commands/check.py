@@ -11,8 +11,12 @@ nothing regressed, 1 on a regression, 2 on a usage error (e.g. no baseline yet).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.commands.run import add_method_file_argument
@@ -70,16 +74,21 @@ def run(args: argparse.Namespace) -> int:
         results = run_matrix(exp, methods, results_dir=results_dir, progress=not args.no_progress)
 
     if args.update_baseline:
-        tolerance = args.tolerance if args.tolerance is not None else float(
-            (baseline or {}).get("tolerance_miou", DEFAULT_TOLERANCE_MIOU))
-        tolerance_loss = float((baseline or {}).get("tolerance_loss_relative", DEFAULT_TOLERANCE_LOSS))
-        fresh = make_baseline(results, preset=exp.preset, tolerance=tolerance, tolerance_loss=tolerance_loss)
-        if args.methods and args.methods != "all" and baseline is not None:
-            # a partial re-run refreshes its own entries and keeps the others (each entry names its code)
-            fresh["runs"] = {**baseline.get("runs", {}), **fresh["runs"]}
-        if baseline is not None:
-            print(_moved_since(baseline, results, fresh))
-        write_baseline(args.baseline, fresh)
+        # Read again under a lock of its folder: another update that ran meanwhile (`--methods` of others) is
+        # merged into, not undone by this one's copy from before the matrix ran.
+        args.baseline.parent.mkdir(parents=True, exist_ok=True)  # checked writable before the runs
+        with _folder_locked(args.baseline.parent):
+            baseline = _existing_baseline(args)
+            tolerance = args.tolerance if args.tolerance is not None else float(
+                (baseline or {}).get("tolerance_miou", DEFAULT_TOLERANCE_MIOU))
+            tolerance_loss = float((baseline or {}).get("tolerance_loss_relative", DEFAULT_TOLERANCE_LOSS))
+            fresh = make_baseline(results, preset=exp.preset, tolerance=tolerance, tolerance_loss=tolerance_loss)
+            if args.methods and args.methods != "all" and baseline is not None:
+                # a partial re-run refreshes its own entries and keeps the others (each entry names its code)
+                fresh["runs"] = {**baseline.get("runs", {}), **fresh["runs"]}
+            if baseline is not None:
+                print(_moved_since(baseline, results, fresh))
+            write_baseline(args.baseline, fresh)
         print(f"baseline {args.baseline} written: {len(fresh['runs'])} run(s), tolerance ±{tolerance:g} IoU points, "
               f"final loss ±{fresh['tolerance_loss_relative']:g} of itself")
         return 0
@@ -148,6 +157,18 @@ def _moved_since(baseline: dict, results: list[dict], fresh: dict) -> str:
         return "the re-run runs reproduce the previous baseline's stored values exactly, and it keeps its runs and tolerances"
     numbers = f"{len(changed)} stored number(s) change" if changed else "every stored number of the re-run runs is the same"
     return f"against the previous baseline: {numbers}\n" + "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a folder (flock on its descriptor: released by the kernel if the process dies,
+    and no lock file is left beside the baseline)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def _existing_baseline(args: argparse.Namespace) -> dict | None:
