@@ -85,7 +85,8 @@ class JointSource(Dataset):
 
     def __init__(self, parts: dict[str, Dataset]) -> None:
         self.parts = parts
-        self._ends = list(itertools.accumulate(len(part) for part in parts.values()))
+        self._datasets = list(parts.values())
+        self._ends = list(itertools.accumulate(len(part) for part in self._datasets))
 
     def __len__(self) -> int:
         return self._ends[-1]
@@ -94,11 +95,11 @@ class JointSource(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, item)
         part = bisect.bisect_right(self._ends, int(index))
         start = self._ends[part - 1] if part else 0
-        return list(self.parts.values())[part][(int(index) - start, seed)]
+        return self._datasets[part][(int(index) - start, seed)]
 
     @property
     def pairs(self) -> list:
-        return [pair for part in self.parts.values() for pair in part.pairs]
+        return [pair for part in self._datasets for pair in part.pairs]
 
 
 def training_splits(source: str, dataset: Dataset) -> dict[str, Dataset]:
