@@ -375,7 +375,8 @@ def test_two_profiles_started_together_take_different_names(tmp_path):
     from benchmarks.reports.profiles import output_stem
 
     day = dt.date(2026, 12, 6)
-    first, second = output_stem("smoke", "cpu", day, tmp_path), output_stem("smoke", "cpu", day, tmp_path)
+    out = tmp_path / "new" / "profiles"  # a folder the profile makes (the slow plugin test's --out)
+    first, second = output_stem("smoke", "cpu", day, out), output_stem("smoke", "cpu", day, out)
     assert (first, second) == ("smoke-cpu-2026-12-06", "smoke-cpu-2026-12-06-2")
 
 

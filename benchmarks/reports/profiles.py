@@ -123,6 +123,7 @@ def output_stem(preset: str, device_label: str, when: dt.date | None = None, out
     stem = f"{preset}-{_slug(device_label)}-{(when or dt.date.today()).isoformat()}"
     if out is None:
         return stem
+    Path(out).mkdir(parents=True, exist_ok=True)  # checked writable before; the reserved name is its first file
     taken = {p.stem for p in Path(out).glob(f"{stem}*.json")}
     candidate, number = stem, 1
     while True:
