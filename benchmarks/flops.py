@@ -192,14 +192,15 @@ def _surrogate_step_flops(model: torch.nn.Module, images: torch.Tensor, backbone
         model.zero_grad(set_to_none=True)
 
 
-def _in_main_phase(exp: Experiment, method_name: str, device: str) -> torch.nn.Module:
-    """The model of `method_name` as it computes in the method's main phase (the phase a profile times)."""
+def _in_main_phase(exp: Experiment, method_name: str, device: str) -> tuple[torch.nn.Module, int]:
+    """The model of `method_name` as it computes in the method's main phase (the phase a profile times), and
+    how many windows a batch of its evaluation holds."""
     from benchmarks.model import build_model
 
     method = build_method(method_name, exp.methods.get(method_name))
     model = build_model(exp, method, device=device)
     method.enter_main_phase(model)
-    return model
+    return model, method.evaluation_settings(exp.eval).batch_windows
 
 
 def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> dict[str, Any]:
@@ -217,10 +218,9 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
     batch = exp.train.batch_size
     height, width = eval_image_size(exp)
     windows = window_count(height, width, exp.eval.crop_size, exp.eval.stride)
-    per_batch = build_method(method_name, exp.methods.get(method_name)).evaluation_settings(exp.eval).batch_windows
     how = "fake tensors, surrogate loss"
     try:
-        model = _in_main_phase(exp, method_name, device="meta")
+        model, per_batch = _in_main_phase(exp, method_name, device="meta")
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
             forward, train = _count_model_flops(model, exp, batch, real_loss=False)
@@ -232,7 +232,7 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
         log.info("%s: FLOPs on fake tensors failed (%s: %s); counting on real CPU tensors", method_name,
                  type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         torch.manual_seed(0)
-        model = _in_main_phase(exp, method_name, device="cpu")
+        model, per_batch = _in_main_phase(exp, method_name, device="cpu")
         batch = 1
         how = "real CPU tensors, head loss, batch 1"
         forward, train = _count_model_flops(model, exp, batch, real_loss=True)

@@ -73,8 +73,6 @@ from datasets.synthetic import PRETRAINING_SEEDS_FROM
 
 log = logging.getLogger(__name__)
 
-# Seeds of pretraining scenes start here, above every seed a benchmark world may be generated with.
-PRETRAIN_SEED_BASE = PRETRAINING_SEEDS_FROM
 GROUND_TRAIN_IDS = (0, 1, 9)  # road, sidewalk, terrain: supporting surfaces
 SKY_TRAIN_ID = 10
 _NO_REGION = 65535  # region id of ignored pixels
@@ -292,7 +290,7 @@ class ScenePool(NamedTuple):
 
 
 def render_pool(cfg: PretrainConfig) -> ScenePool:
-    seeds = [PRETRAIN_SEED_BASE + cfg.seed * 10_000_000 + i for i in range(cfg.scenes)]
+    seeds = [PRETRAINING_SEEDS_FROM + cfg.seed * 10_000_000 + i for i in range(cfg.scenes)]
     chunks = [seeds[i : i + 100] for i in range(0, len(seeds), 100)]
     job = (cfg.views, cfg.scene_height, cfg.scene_width, cfg.zoom, cfg.contrasts_regions)
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:

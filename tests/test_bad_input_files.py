@@ -549,10 +549,10 @@ def test_data_synth_negative_seed_is_one_line_before_any_folder(tmp_path, capsys
 def test_data_synth_seed_of_the_pretraining_scenes_is_refused(tmp_path, capsys, no_generation):
     # numpy pads [seed, domain, split, index] and pretraining's [seed] alike: with --seed 1010000007 the
     # world's first GTAV, Cityscapes and BDD100K pairs drew pretraining stage 2's first scene's streams.
-    from benchmarks.pretrain import PRETRAIN_SEED_BASE
+    from datasets.synthetic import PRETRAINING_SEEDS_FROM
 
     code, _, err = _cli(["data", "synth", "--out", str(tmp_path / "world"), "--seed", "1010000007"], capsys)
-    assert code == 2 and f"must be below {PRETRAIN_SEED_BASE:,}" in _error_line(err)
+    assert code == 2 and f"must be below {PRETRAINING_SEEDS_FROM:,}" in _error_line(err)
     assert not (tmp_path / "world").exists()
 
 

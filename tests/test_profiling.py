@@ -140,10 +140,13 @@ def test_every_fused_attention_backward_is_counted_without_its_recomputation():
     formulas = flops._attention_formulas()
     query = (2, 4, 100, 16)
     forward = flop_counter.sdpa_flop_count(query, query, query)
+    checked = []
     for name in flops.SDPA_BACKWARD_KERNELS:
         op = getattr(torch.ops.aten, name, None)
         if op is not None:
             assert formulas[op](query, query, query, query) == 2 * forward, name
+            checked.append(name)
+    assert "_scaled_dot_product_flash_attention_backward" in checked  # the loop checked the CUDA kernels' too
 
 
 def test_training_flops_follow_what_trains():

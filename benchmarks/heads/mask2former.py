@@ -347,7 +347,11 @@ class Mask2FormerHead(nn.Module):
     def step(self, labels_of_micro_batches: Sequence[torch.Tensor]) -> Iterator[None]:
         """The micro-batches of one accumulated optimizer step: their mask and dice terms are divided by
         the step's mean count per micro-batch, so that accumulating B/k images k times weighs every mask
-        as one batch of B does (mmdet divides by the batch's count)."""
+        as one batch of B does (mmdet divides by the batch's count). A step of one batch is its own count, which
+        the loss takes as it builds its targets: nothing is counted twice on the default path."""
+        if len(labels_of_micro_batches) == 1:
+            yield
+            return
         counts = [sum(len(self._classes_present(lab)) for lab in labels) for labels in labels_of_micro_batches]
         self.criterion._masks_per_micro_batch = sum(counts) / len(counts)
         try:
