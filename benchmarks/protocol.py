@@ -598,8 +598,7 @@ def train(
     if ema is not None and ema.started:
         ema.apply()
         state.model_selection = "ema"
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    resources.synchronize(device)
     state.train_seconds += time.perf_counter() - started
     return state
 
@@ -665,8 +664,7 @@ def evaluate(
         scores = F.interpolate(scores, size=label.shape[-2:], mode="bilinear", align_corners=False)
         metric.update(scores.argmax(1)[0], label)
         count += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    resources.synchronize(device)
     seconds = time.perf_counter() - started
     confusion = metric.compute().cpu()
     iou = iou_from_confusion(confusion)

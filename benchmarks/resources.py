@@ -106,6 +106,25 @@ def device_name(device) -> str:
     return cpu_name() if kind == "cpu" else kind
 
 
+def synchronize(device) -> None:
+    """Wait until the device has done the work queued on it, so that a clock read next closes that work.
+
+    CUDA, XPU and MPS queue kernels and return at once (a step timed without waiting measures how fast
+    they were queued); a CPU's work is done when its call returns."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "synchronize"):
+        return
+    if device.type == "mps":  # one device, and its synchronize takes none
+        backend.synchronize()
+    else:
+        backend.synchronize(device)
+
+
 def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """Cores this process may run on: its affinity mask (taskset, a scheduler's cpuset), and no more than its
     cgroup's CPU quota allows (`docker --cpus 2` on a 16-core host leaves the mask at 16)."""

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from benchmarks.config import Experiment
+from benchmarks.resources import synchronize
 from benchmarks.synthetic_inputs import SyntheticSource, eval_image_size
 
 NUM_CLASSES = 19
@@ -29,11 +30,6 @@ def summarize(samples: list[float]) -> dict[str, Any]:
     else:
         q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return {"median": statistics.median(samples), "q1": q1, "q3": q3, "iqr": q3 - q1, "n": len(samples)}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _EnoughSteps(Exception):
@@ -59,7 +55,7 @@ def time_training_steps(model, method, exp: Experiment, device: torch.device, wa
     original = method.on_step
 
     def stamped_on_step(step: int, ctx: Any) -> None:
-        _synchronize(device)
+        synchronize(device)
         stamps.append(time.perf_counter())
         if each_step is not None:
             each_step()
@@ -92,11 +88,11 @@ def time_inference(model, exp: Experiment, device: torch.device, warmup: int, re
     seconds = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            _synchronize(device)
+            synchronize(device)
             started = time.perf_counter()
             with autocast(device, amp):
                 slide_logits(model, image, exp.eval, NUM_CLASSES)
-            _synchronize(device)
+            synchronize(device)
             if i >= warmup:
                 seconds.append(time.perf_counter() - started)
     return seconds

@@ -36,6 +36,7 @@ from torch import nn
 from benchmarks.config import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, Bound
 from benchmarks.errors import UserError
 from benchmarks.method import Method, TrainContext, no_decay_names, register_method, split_decay_groups
+from benchmarks.resources import synchronize
 
 if TYPE_CHECKING:
     from benchmarks.model import SegModel
@@ -481,7 +482,7 @@ class FisherTune(Method):
             p.requires_grad_(True)
         model.train(True)  # the model runs the backbone with autograd only when training
         losses = {"clean": ctx.loss, "perturbed": perturbed_loss}
-        _synchronize(ctx.device)
+        synchronize(ctx.device)
         started = time.perf_counter()
         agreement = None
         try:
@@ -515,7 +516,7 @@ class FisherTune(Method):
             self._order = rank_entries(scores, self.budget()).cpu()
             _require_same_across_processes(self._order, ctx.device)
             del scores
-            _synchronize(ctx.device)
+            synchronize(ctx.device)
             seconds = time.perf_counter() - started
         finally:
             for handle in handles:
@@ -683,11 +684,6 @@ def _require_same_across_processes(order: torch.Tensor, device: torch.device) ->
 def _process_count() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _synchronize(device: torch.device | None) -> None:
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _mass_shares(names: Sequence[str], sums: Sequence[dict[str, float]]) -> dict[str, Any]:

@@ -342,6 +342,13 @@ def test_peak_memory_sees_an_allocation_after_reset():
     assert after - before > 48
 
 
+def test_peak_memory_on_another_accelerator_says_its_allocator_is_not_measured():
+    # The process's resident set, on MPS or XPU, is not what their allocators hold: the kind says so.
+    assert memory.peak_memory("cpu")["memory_kind"] == "process peak RSS (VmHWM)"
+    kind = memory.peak_memory("mps")["memory_kind"]
+    assert kind.startswith("process peak RSS") and "mps allocator's own memory not measured" in kind
+
+
 def test_flops_only_command_writes_table_and_json(tmp_path, capsys):
     from benchmarks.cli import main
 

@@ -278,3 +278,19 @@ def test_both_entry_points_choose_the_wait_policy_before_a_training_command_runs
         calls.clear()
         monkeypatch.setattr(sys, "argv", ["dgss-bench", *argv])
         assert entry_point.entry() == 0 and calls == expected
+
+
+def test_synchronize_waits_for_each_asynchronous_device_kind_and_not_for_a_cpu(monkeypatch):
+    # A step timed on MPS or XPU without waiting measured how fast its kernels were queued: the timers
+    # and the evaluation's clock waited for CUDA alone.
+    import torch
+
+    from benchmarks.resources import synchronize
+
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    monkeypatch.setattr(torch.xpu, "synchronize", lambda device=None: calls.append(str(device)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(str(device)))
+    for device in ("cpu", "mps", "xpu:1", torch.device("cuda", 0)):
+        synchronize(device)
+    assert calls == ["mps", "xpu:1", "cuda:0"]
