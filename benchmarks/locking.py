@@ -16,6 +16,7 @@ a log line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -28,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: the rename below is then all that orders the runners
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +145,29 @@ def _why_foreign_stale(path: Path, owner: dict[str, Any]) -> str | None:
     return f"of process {owner['pid']} on {owner['host']}, untouched for {untouched_s:.0f} s"
 
 
+TAKEOVER_GUARD_NAME = ".run-lock-takeover"
+
+
+@contextlib.contextmanager
+def _takeover_guard(folder: Path):
+    """Held while a runner looks at a lock, judges it stale and removes it. Without it, a runner that looked
+    just before another took the lock over removed the new owner's lock, and a third runner created its own:
+    two holders. The guard file is never removed (a removed flock file no longer excludes anyone); where the
+    file system has no locks, the rename in `_take_over_if_stale` still orders two runners, not three."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(folder / TAKEOVER_GUARD_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            log.debug("no take-over guard in %s: %s", folder, err)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # and with it the flock
+
+
 class _Heartbeat(threading.Thread):
     """Touches a held lock every `every` seconds, telling other hosts and containers its owner still lives."""
 
@@ -197,6 +226,10 @@ class RunLock:
         return False
 
     def _take_over_if_stale(self) -> bool:
+        with _takeover_guard(self.path.parent):
+            return self._take_over_if_stale_guarded()
+
+    def _take_over_if_stale_guarded(self) -> bool:
         owner = _read_owner(self.path)
         if owner is None:
             return True  # released meanwhile: try again

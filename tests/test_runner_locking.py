@@ -242,6 +242,41 @@ def test_lock_creation_is_atomic_under_contention(tmp_path):
     assert sum(wins) == 1, wins
 
 
+
+def test_three_runners_meeting_one_stale_lock_leave_one_holder(tmp_path):
+    """C reads a stale lock and is descheduled; B takes the lock over meanwhile; C then moves B's live lock
+    aside, and D, arriving while it is aside, creates its own: C, giving B's back, found D's in its place and
+    dropped B's, so B and D both ran the run. Deciding and removing a stale lock is one runner's at a time."""
+    result = tmp_path / "run.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    lock_path(result).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "since": 0}))
+    start = time.time() + 3.0
+    common = (
+        "import os, sys, time; from pathlib import Path; from benchmarks import locking\n"
+        f"result = Path({str(result)!r})\n"
+    )
+    slow_c = (  # C: descheduled for a second after reading the lock, and again after moving it aside
+        "read, rename = locking._read_owner, os.rename\n"
+        "def slow_read(path, calls=[0]):\n"
+        "    owner = read(path); calls[0] += 1\n"
+        "    if calls[0] == 1: time.sleep(1.0)\n"
+        "    return owner\n"
+        "def slow_rename(src, dst, calls=[0]):\n"
+        "    rename(src, dst); calls[0] += 1\n"
+        "    if calls[0] == 1: time.sleep(1.0)\n"
+        "locking._read_owner, locking.os.rename = slow_read, slow_rename\n"
+    )
+    def runner(delay: float, patch: str = "") -> str:
+        return (common + patch + f"time.sleep(max(0.0, {start + delay!r} - time.time()))\n"
+                "lock = locking.RunLock(result); held = lock.acquire(); time.sleep(3.5 - " + repr(delay) + ")\n"
+                "print(int(held))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    scripts = [runner(0.0, slow_c), runner(0.3), runner(1.5)]  # C, then B, then D
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+             for script in scripts]
+    holders = [int(proc.communicate(timeout=60)[0].strip() or 0) for proc in procs]
+    assert sum(holders) == 1, holders
+
 @pytest.mark.slow
 def test_slurm_launcher_through_submitit_local_executor(world, tmp_path):
     """`--launcher slurm` with submitit's local executor: one job per unfinished run, same results path."""
