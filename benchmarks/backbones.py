@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,19 @@ def _dinov2(size: str, dim: int, depth: int, reg: bool, published: int | None = 
     )
 
 
+def _sam(size: str, letter: str, dim: int, depth: int, global_blocks: tuple[int, ...]) -> BackboneSpec:
+    return BackboneSpec(
+        timm_name=f"samvit_{size}_patch16", family="sam", native_patch=16, native_img_size=1024,
+        embed_dim=dim, depth=depth,
+        # segment-anything builds its encoder with LayerNorm(eps=1e-6); timm's SAM ViT, given no norm layer
+        # by its model functions, uses torch's default 1e-5.
+        timm_kwargs={"neck_chans": None, "norm_layer": partial(nn.LayerNorm, eps=1e-6)},
+        original_format=f"segment-anything release sam_vit_{letter}_*.pth (image_encoder.*, via timm's sam filter)",
+        note=f"windowed attention (14) with global blocks {'/'.join(map(str, global_blocks))}; the SAM neck is "
+             "not used",
+    )
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     "dinov2_vits14": _dinov2("small", 384, 12, False),
     "dinov2_vitb14": _dinov2("base", 768, 12, False),
@@ -98,12 +112,9 @@ BACKBONES: dict[str, BackboneSpec] = {
         note="OpenAI ViT-L/14 uses QuickGELU, and so does this model: OpenCLIP's LAION-trained ViT-L-14 uses GELU "
              "and would load with no error into the wrong activation; pre-norm before the blocks is kept",
     ),
-    "sam_vith16": BackboneSpec(
-        timm_name="samvit_huge_patch16", family="sam", native_patch=16, native_img_size=1024,
-        embed_dim=1280, depth=32, timm_kwargs={"neck_chans": None},
-        original_format="segment-anything release sam_vit_h_*.pth (image_encoder.*, via timm's sam filter)",
-        note="windowed attention (14) with global blocks 7/15/23/31; the SAM neck is not used",
-    ),
+    "sam_vitb16": _sam("base", "b", 768, 12, (2, 5, 8, 11)),
+    "sam_vitl16": _sam("large", "l", 1024, 24, (5, 11, 17, 23)),
+    "sam_vith16": _sam("huge", "h", 1280, 32, (7, 15, 23, 31)),
     "proxy_vit": BackboneSpec(
         timm_name="vit_tiny_patch16_224", family="vit", native_patch=8, native_img_size=128,
         embed_dim=192, depth=6,

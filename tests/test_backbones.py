@@ -289,6 +289,18 @@ def test_registry_names_and_unknown_name() -> None:
         build_backbone("vit_xxl", 224)
 
 
+
+@pytest.mark.parametrize(("name", "global_blocks"), [("sam_vitb16", [2, 5, 8, 11]), ("sam_vitl16", [5, 11, 17, 23]),
+                                                      ("sam_vith16", [7, 15, 23, 31])])
+def test_every_sam_release_builds_as_segment_anything_does(name, global_blocks) -> None:
+    # segment-anything's encoders normalise with eps 1e-6 (timm's SAM ViT alone would give torch's 1e-5), and
+    # each size has its own global-attention blocks; sam_vit_b and sam_vit_l releases had no name to load under.
+    with torch.device("meta"):
+        backbone = build_backbone(name, 512, weights="random")
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and {m.eps for m in norms} == {1e-6}
+    assert [i for i, block in enumerate(backbone.blocks) if block.window_size == 0] == global_blocks
+
 def test_paper_backbone_count_on_meta_device() -> None:
     info = describe_parameters("dinov2_vitl14", 512)
     # 24 blocks × 12,598,272 + patch 16 kernel (787,456) + 1+32² positions (1,049,600) + cls (1,024);
