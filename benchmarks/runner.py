@@ -192,6 +192,9 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
     exp = experiment_for(exp, spec)
     world = distributed.current()
     method = build_method(spec.method, exp.methods.get(spec.method))
+    if world.is_main and (split := split_batch_warning(method, exp.train.batch_size, world.world_size,
+                                                       exp.train.grad_accum)):
+        log.warning("%s: %s", spec.run_id(exp), split)
     run = RunContext(spec, exp, spec.path(exp, results_dir), world,
                      distributed.device_for(world, select_device(exp.train.device)), progress and world.is_main,
                      method.evaluation_settings(exp.eval))
@@ -225,6 +228,18 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         return result
     _record(run, method, model, amp, state, scores, source_score, eval_seconds, result)
     return result
+
+
+def split_batch_warning(method: Method, batch_size: int, world_size: int, grad_accum: int) -> str | None:
+    """What a step split over processes or micro-batches changes for a method whose images interact: each
+    forward pass holds `batch_size` images, so such a method computes something else than one process with
+    the whole step's batch (elsewhere only the loss's weighing differs, docs/scaling.md)."""
+    if not method.couples_batch or world_size * grad_accum == 1:
+        return None
+    return (f"{method.name} couples the images of one forward pass, and this step is split over {world_size} "
+            f"process(es) × grad_accum {grad_accum}: each forward holds {batch_size} image(s), not the step's "
+            f"{batch_size * world_size * grad_accum}, which changes what it computes (not only the loss's weighing); "
+            f"for the method as released, give the whole batch to one forward (train.batch_size, one process)")
 
 
 def _record_the_crash_of_one_process(run: RunContext, result: dict[str, Any]) -> None:

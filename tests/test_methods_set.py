@@ -154,3 +154,24 @@ def test_both_branches_and_the_queries_use_their_own_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     pos, _ = model.head._query_provider()
     assert pos.shape == (100, 32)  # queries from the phase tokens only (m of them)
+
+
+def test_a_run_splitting_the_step_warns_for_set_released_alone(smoke_experiment, tmp_path, caplog):
+    # The released SET's FFT runs over the images of one forward: a step split over micro-batches (or
+    # processes, docs/scaling.md's 4-GPU recipe) trains another computation, where for `set` it changes
+    # only the loss's weighing.
+    from benchmarks.config import apply_override
+    from benchmarks.method import build_method
+    from benchmarks.runner import RunSpec, execute_run, split_batch_warning
+
+    exp = apply_override(apply_override(smoke_experiment, "train.grad_accum=2"), "train.iters=1")
+    exp = apply_override(exp, "data.eval_limit=1")
+    with caplog.at_level("WARNING", logger="benchmarks.runner"):
+        result = execute_run(RunSpec("G->CBM", "proxy_vit", "set_released", 42), exp, tmp_path / "runs", progress=False)
+    assert result["status"] == "finished", result.get("failure")
+    assert any("set_released couples the images of one forward pass" in r.getMessage()
+               and "each forward holds 2 image(s), not the step's 4" in r.getMessage() for r in caplog.records)
+    released = build_method("set_released", None)
+    assert split_batch_warning(released, 4, 1, 1) is None  # the whole batch in one forward: as released
+    assert "4 process(es)" in split_batch_warning(released, 1, 4, 1)
+    assert split_batch_warning(build_method("set", None), 1, 4, 1) is None
