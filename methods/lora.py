@@ -223,7 +223,11 @@ class OFT(PeftMethod):
     def peft_config(self, target: str) -> Any:
         from peft import OFTConfig as PeftOFTConfig
 
-        return PeftOFTConfig(r=0, oft_block_size=self.config.block_size, target_modules=target)
+        # The paper's exact Cayley rotation R = (I + Q)(I - Q)⁻¹: a peft with `use_cayley_neumann` (0.21 here)
+        # approximates the inverse by a 5-term Neumann series by default (OFTv2), whose RᵀR departs from I by
+        # 0.07 at entries of Q of std 0.05; a peft without the option is left to build it its way.
+        exact = {"use_cayley_neumann": False} if "use_cayley_neumann" in PeftOFTConfig.__dataclass_fields__ else {}
+        return PeftOFTConfig(r=0, oft_block_size=self.config.block_size, target_modules=target, **exact)
 
     def attach(self, model: SegModel) -> None:
         # peft would change a block size that does not divide the layers' input width with a warning,
