@@ -797,3 +797,23 @@ def test_table_of_a_setting_no_run_has_is_refused_and_leaves_the_output_as_it_wa
     err = capsys.readouterr().err
     assert "--setting C->BM: none of the 1 results read is of that setting (they are of G->CBM)" in err, err
     assert (tmp_path / "table.md").read_text() == "the table of yesterday"
+
+
+def test_a_table_says_which_rows_ran_on_other_inputs_and_which_runs_a_later_one_replaced():
+    # The documented table read 4 folders: 2 methods scored on another world's Cityscapes and Mapillary,
+    # and 6 of their results replaced by later runs, without a word in the table.
+    def result(method, seed, cityscapes_sha, finished="2025-01-01T00:01:00"):
+        res = make_result(method, seed, cbm(40, 30, 20))
+        res["provenance"] = {"weights": {"sha256": "ab" * 32},
+                             "data": {"cityscapes": {"sha256": cityscapes_sha}, "bdd100k": {"sha256": "b"}}}
+        res["timings"]["finished"] = finished
+        return res
+
+    runs = [result("rein", 1, "c1"), result("lora", 1, "c1"), result("full", 1, "c1"),
+            result("vpt", 1, "c1", "2025-01-01T00:00:30"), result("vpt", 1, "c2", "2025-01-02T00:00:00")]
+    notes = " ".join(main_tables(runs)[0].notes)
+    assert ("The rows come from 2 sets of inputs (their results' `provenance`; differing: cityscapes): vpt apart "
+            "from the other 3 methods") in notes
+    assert "Replaced by a later run of the same method and seed, and not in the table: 1 result(s) (vpt seed 1)" in notes
+    one_input = " ".join(main_tables([result("rein", 1, "c1"), result("lora", 1, "c1")])[0].notes)
+    assert "sets of inputs" not in one_input and "Replaced" not in one_input

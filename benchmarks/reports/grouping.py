@@ -296,21 +296,37 @@ def split_runs(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     """(finished, unfinished) of one protocol, one result per (method, seed).
 
     A re-run replaces an earlier attempt: when a (method, seed) finished at least once, its failed
-    attempts are stale and not listed; among several finished ones the latest is kept.
+    attempts are stale and not listed; among several finished ones the latest is kept (`superseded_runs`
+    lists the others, for the table to say).
     """
+    finished, unfinished, _ = _latest_runs(results)
+    return finished, unfinished
+
+
+def superseded_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished results of one protocol that a later finished run of the same (method, seed) replaces."""
+    return _latest_runs(results)[2]
+
+
+def _latest_runs(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ...]:
     finished: dict[tuple[str, Any], dict[str, Any]] = {}
     unfinished: dict[tuple[str, Any], dict[str, Any]] = {}
+    superseded: list[dict[str, Any]] = []
     for res in results:
         key = (method_name(res), res.get("seed"))
         if res.get("status") == "finished":
             if key not in finished or _finish_time(res) >= _finish_time(finished[key]):
+                if key in finished:
+                    superseded.append(finished[key])
                 finished[key] = res
+            else:
+                superseded.append(res)
         elif key not in unfinished or _finish_time(res) >= _finish_time(unfinished[key]):
             unfinished[key] = res
     stale = [key for key in unfinished if key in finished]
     for key in stale:
         del unfinished[key]
-    return list(finished.values()), list(unfinished.values())
+    return list(finished.values()), list(unfinished.values()), superseded
 
 
 def _finish_time(result: dict[str, Any]) -> str:

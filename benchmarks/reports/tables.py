@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from benchmarks import provenance
 from benchmarks.errors import UserError
 from benchmarks.reports.frames import (
     comparison_frame,
@@ -45,6 +46,7 @@ from benchmarks.reports.grouping import (
     method_name,
     source_label,
     split_runs,
+    superseded_runs,
     target_label,
     targets_of,
 )
@@ -79,6 +81,37 @@ def _unfinished_notes(unfinished: list[dict[str, Any]]) -> list[str]:
     if notes:
         notes.insert(0, "Not in the table:")
     return notes
+
+
+def _inputs_note(finished: list[dict[str, Any]]) -> str | None:
+    """Which rows were measured on other weights or data than the rest (a method's own runs that differ are
+    marked ‡ on its row): one protocol, but a difference between those rows includes their inputs'."""
+    methods_by_inputs: dict[str, set[str]] = {}
+    for res in finished:
+        if key := provenance.identity(res.get("provenance")):
+            methods_by_inputs.setdefault(key, set()).add(method_name(res))
+    if len(methods_by_inputs) < 2:
+        return None
+    records = [res["provenance"] for res in finished if res.get("provenance")]
+    differing = ["weights"] if len({(r.get("weights") or {}).get("sha256") for r in records}) > 1 else []
+    splits = sorted({split for r in records for split in (r.get("data") or {})})
+    differing += [split for split in splits
+                  if len({((r.get("data") or {}).get(split) or {}).get("sha256") for r in records}) > 1]
+    groups = sorted(methods_by_inputs.values(), key=lambda methods: (-len(methods), sorted(methods)))
+    named = "; ".join(", ".join(sorted(methods)) for methods in groups[1:])
+    return (f"The rows come from {len(groups)} sets of inputs (their results' `provenance`; differing: "
+            f"{', '.join(differing) or 'the record'}): {named} apart from the other {len(groups[0])} method{'s' if len(groups[0]) != 1 else ''}; a "
+            "difference between those rows includes the inputs'.")
+
+
+def _superseded_note(superseded: list[dict[str, Any]]) -> str | None:
+    if not superseded:
+        return None
+    seeds: dict[str, list[str]] = {}
+    for res in superseded:
+        seeds.setdefault(method_name(res), []).append(str(res.get("seed")))
+    listed = "; ".join(f"{method} seed {', '.join(sorted(s))}" for method, s in sorted(seeds.items()))
+    return f"Replaced by a later run of the same method and seed, and not in the table: {len(superseded)} result(s) ({listed})."
 
 
 def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -> list[Table]:
@@ -127,6 +160,10 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
         if other_code:
             notes.append("† its runs record different method hyperparameters or trainable parameter counts (the "
                          "method's code changed between them): not one measurement; compare them apart.")
+        if inputs := _inputs_note(finished):
+            notes.append(inputs)
+        if superseded := _superseded_note(superseded_runs(members)):
+            notes.append(superseded)
         notes.extend(_unfinished_notes(unfinished))
         table = Table(title=f"{proto.title}: mIoU (%)", header=header, rows=rows, notes=notes)
         mark_best(table, range(2 + len(source), 2 + len(source) + len(targets) + 1))
