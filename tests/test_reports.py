@@ -359,6 +359,23 @@ def test_published_csv_keeps_sources_and_verification():
     assert published["source"].notna().all() and published["verified"].notna().all()
 
 
+
+def test_a_published_file_with_a_row_twice_or_words_in_a_number_is_refused_naming_the_line(tmp_path):
+    # A second rein row made rein count twice in ρ ("over the 11 methods"); "66.5 (secondary)" was a traceback.
+    lines = PUBLISHED_CSV.read_text().splitlines()
+    twice = tmp_path / "twice.csv"
+    twice.write_text("\n".join([*lines, lines[5]]) + "\n")
+    with pytest.raises(UserError, match=rf"line {len(lines) + 1}: .* is listed twice; keep one row per"):
+        load_published(twice)
+    header = lines[0].split(",")
+    row = lines[5].split(",")
+    row[header.index("average")] = "66.5 (secondary)"
+    words = tmp_path / "words.csv"
+    words.write_text("\n".join([lines[0], *lines[1:5], ",".join(row)]) + "\n")
+    with pytest.raises(UserError, match=r"line 6: average='66.5 \(secondary\)' is not a number; leave the cell empty"):
+        load_published(words)
+    assert load_published()["average"].dtype.kind == "f"
+
 def test_published_side_by_side_with_differences():
     runs = [make_result("rein", s, cbm(c, 60.4, 66.1), backbone="dinov2_vitl14", params=2_990_081, preset="paper",
                         head="mask2former") for s, c in ((1, 65.0), (2, 66.0))]

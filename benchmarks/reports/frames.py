@@ -153,6 +153,22 @@ def load_published(path: Path | str | None = None) -> pd.DataFrame:
     missing = required - set(frame.columns)
     if missing:
         raise UserError(f"{path} lacks the column(s) {', '.join(sorted(missing))}; see the header of results/published.csv")
+    # A row twice would count its method twice in ρ; a number with words in it would end in a traceback.
+    key = ["setting", "backbone", "method"]
+    repeated = frame[frame.duplicated(key, keep="first")]
+    if not repeated.empty:
+        line = int(repeated.index[0]) + 2  # the header is line 1
+        first = repeated.iloc[0]
+        raise UserError(f"{path} line {line}: {first['setting']} {first['backbone']} {first['method']} is listed "
+                        "twice; keep one row per (setting, backbone, method)")
+    for column in [c for c in frame.columns if c in ("trainable_params_m", "average", *TARGET_LABELS)]:
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame[column].notna() & numbers.isna()
+        if bad.any():
+            line = int(frame.index[bad][0]) + 2
+            raise UserError(f"{path} line {line}: {column}={frame[column][bad].iloc[0]!r} is not a number; "
+                            "leave the cell empty where the paper gives none")
+        frame[column] = numbers
     return frame
 
 
