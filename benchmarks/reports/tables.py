@@ -358,9 +358,22 @@ def inverted_u_note(group: pd.DataFrame) -> str:
     source_best = full["source"] >= group["source"].max()
     below = full["average"] < best["average"]
     verdict = "shows the inverted U" if source_best and below else "does not show the inverted U"
-    return (f"{full['method']}: source {full['source']:.1f} ({'best' if source_best else 'not the best'}), target "
+    return (f"{full['method']}: source {full['source']:.1f} ({_source_place(group, full, source_best)}), target "
             f"average {full['average']:.1f} vs {best['average']:.1f} for the best parameter-efficient method "
             f"({best['method']}): {verdict}.")
+
+
+def _source_place(group: pd.DataFrame, full: pd.Series, source_best: bool) -> str:
+    """"best", or by how much another method fits the source better, and whether that is inside the seed
+    noise (the verdict stays the strict one; the reader sees how near it was)."""
+    if source_best:
+        return "best"
+    top = group.loc[group["source"].idxmax()]
+    gap = top["source"] - full["source"]
+    stds = [float(row.get("source_std", math.nan)) for row in (full, top)]
+    noise = max((std for std in stds if not math.isnan(std)), default=0.0)
+    within = f", within the seed std {noise:.2f}" if gap < noise else ""
+    return f"not the best: {top['method']} {top['source']:.2f}, {gap:.2g} above{within}"
 
 
 def _nan_to_none(value: Any) -> float | None:
