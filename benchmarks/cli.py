@@ -26,8 +26,17 @@ from benchmarks.resources import WAIT_POLICY_CHOSEN, WAIT_RESTARTS, RestartForWa
 log = logging.getLogger(__name__)
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's refusal of a malformed command line as the harness's other errors are: one line on stderr,
+    naming the problem and where the options are, exit code 2 (argparse prints its usage block first).
+    Sub-commands' parsers are of this class too (`add_subparsers` makes them of the caller's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; `{self.prog} --help` lists its options\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="python -m benchmarks",
         description="DGSS-Bench: fine-tuning methods of vision foundation models for domain-generalized segmentation.",
     )
@@ -46,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits 2 with usage on malformed arguments
+    args = parser.parse_args(argv)  # a malformed command line exits 2 here, with one line (`OneLineErrors`)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

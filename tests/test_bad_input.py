@@ -291,6 +291,21 @@ def test_a_weights_file_the_backbone_cannot_take_is_refused_before_any_data_is_r
     assert printed == "" and sorted(p.name for p in tmp_path.iterdir()) == ["weights.pth"]
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    (["table", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+    (["run", "--methods"], "argument --methods: expected one argument"),
+    (["--bogus"], "the following arguments are required: COMMAND"),
+    (["data", "synth"], "the following arguments are required: --out"),
+])
+def test_a_malformed_command_line_is_one_line_naming_the_problem_and_where_the_options_are(argv, said, capsys):
+    # argparse printed its usage block (up to 20 lines for `run`) before the error.
+    with pytest.raises(SystemExit) as refused:
+        run_cli(argv, capsys)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.count("\n") == 1 and err.startswith("error: python -m benchmarks"), err
+    assert said in err and "--help` lists its options" in err
+
+
 @pytest.mark.parametrize("argv", [
     ["report", "--out", ""], ["profile", "--out", "", "--methods", "freeze"], ["table", "--runs", ""],
     ["table", "--output", ""], ["check", "--keep-runs", ""], ["data", "synth", "--out", ""],
@@ -298,10 +313,10 @@ def test_a_weights_file_the_backbone_cannot_take_is_refused_before_any_data_is_r
 def test_an_output_or_input_path_given_empty_is_refused_not_taken_for_the_current_folder(argv, tmp_path, capsys,
                                                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as refused:  # argparse's refusal: usage, then one `error:` line
+    with pytest.raises(SystemExit) as refused:  # argparse's refusal: one `error:` line
         run_cli(argv, capsys)
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if " error: " in line]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert refused.value.code == 2 and len(errors) == 1 and "given with no value" in errors[0], err
     assert list(tmp_path.iterdir()) == []
 
