@@ -200,6 +200,23 @@ def test_a_table_of_runs_that_depart_from_their_preset_says_how_even_alone():
     assert "· config " in published.title  # the fingerprint travels to every table of those runs
 
 
+
+def test_configurations_sharing_a_table_title_lead_with_where_each_departs_from_the_preset():
+    # Titles listed the differing keys alphabetically, three of them: the shipped preset's table and P27's
+    # (other weights) read the same, the key that told them apart in "+3 more".
+    from benchmarks.config import load_experiment
+
+    preset = json.loads(json.dumps(load_experiment("proxy").to_dict()))
+    longer, cropped = copy.deepcopy(preset), copy.deepcopy(preset)
+    longer["train"]["iters"] = 2000
+    cropped["data"]["crop_size"] = cropped["model"]["img_size"] = cropped["eval"]["crop_size"] = 96
+    titles = [t.title for t in main_tables([make_result("lora", 42, cbm(40, 30, 20), experiment=e)
+                                            for e in (preset, longer, cropped)])]
+    labels = {title.split(" · ")[4].split(" (config")[0] for title in titles}
+    assert "train.iters=2000, data.crop_size=128, eval.crop_size=128, +1 more" in labels
+    assert "data.crop_size=96, eval.crop_size=96, model.img_size=96, +1 more" in labels
+    assert "the preset's settings; data.crop_size=128, eval.crop_size=128, model.img_size=128, +1 more" in labels
+
 def test_a_table_of_runs_on_other_weights_than_their_preset_says_so_even_alone():
     """Weights count by content: the shipped checkpoint under any file name is the preset's, another file
     or random initialisation is a departure that a table of those runs alone names."""

@@ -146,7 +146,15 @@ def _variant_labels(results: dict[str, dict[str, Any]], most: int = 3) -> dict[s
             for fp, res in results.items()}
     keys = sorted({k for f in flat.values() for k in f})
     differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
-    return {fp: _settings_label(settings, differing, most) for fp, settings in flat.items()}
+    labels = {}
+    for fp, settings in flat.items():
+        # Where this configuration departs from its preset comes first: alphabetical order alone showed two
+        # configurations the same three keys and hid the one that told them apart in "+3 more".
+        departs = _departure_keys(results[fp])
+        own = [k for k in differing if k in departs] + [k for k in differing if k not in departs]
+        label = _settings_label(settings, own, most)
+        labels[fp] = label if any(k in departs for k in differing) else f"the preset's settings; {label}"
+    return labels
 
 
 def preset_departures(result: dict[str, Any], most: int = 3) -> str:
@@ -156,9 +164,19 @@ def preset_departures(result: dict[str, Any], most: int = 3) -> str:
     setting), one the preset does not name is (a method's hyperparameter set for the run). Weights count by
     content, where the run recorded what it loaded and the preset means a file on this machine
     (`_preset_checkpoint`)."""
+    ours, differing = _departures(result)
+    return _settings_label(ours, sorted(differing), most) if differing else ""
+
+
+def _departure_keys(result: dict[str, Any]) -> set[str]:
+    return set(_departures(result)[1])
+
+
+def _departures(result: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the run's flattened settings, the keys in which they depart from its preset): `preset_departures`."""
     experiment, preset = result.get("experiment"), result.get("preset")
     if not experiment or preset not in available_presets():
-        return ""
+        return {}, []
     loaded = _loaded_weights(result)
     ours = _flatten(protocol_settings(experiment, loaded))
     theirs = _preset_settings(str(preset))
@@ -175,7 +193,7 @@ def preset_departures(result: dict[str, Any], most: int = 3) -> str:
         expected = _preset_checkpoint(str(preset), str(loaded.get("backbone")))
         if expected is not None and expected != _content_name(loaded["sha256"]):
             differing.append("model.weights")
-    return _settings_label(ours, sorted(differing), most) if differing else ""
+    return ours, differing
 
 
 @functools.cache
