@@ -6,7 +6,10 @@
 
 Each is idempotent and safe to interrupt and re-run: outputs already present are skipped and every
 file is written atomically (temp file + os.replace), so a partial run never leaves a torn file.
-The adapters prefer converted files when they exist.
+The adapters prefer converted files when they exist. A label value outside its dataset's encoding
+becomes 255 (ignored), as the reference converters map it and as a run reads it, each file named in a
+warning and the pixels counted in the summary (`data check` refuses such files; it stopped a
+conversion half-way).
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ from datasets.synthia import SYNTHIA
 log = logging.getLogger(__name__)
 
 
+def _lenient(adapter):
+    """The adapter reading labels as a run does: values outside the encoding become 255, counted."""
+    adapter.strict_labels = False
+    return adapter
+
+
+def _with_ignored(stats: dict[str, int], adapters) -> dict[str, int]:
+    ignored = sum(adapter.stray_label_pixels for adapter in adapters)
+    return {**stats, "ignored_label_pixels": ignored} if ignored else stats
+
+
 def _convert_pairs(pairs: list[Pair], out_path: Callable[[Pair], Path], load: Callable[[Pair], np.ndarray]) -> dict[str, int]:
     written = skipped = 0
     for pair in pairs:
@@ -45,10 +59,11 @@ def _convert_pairs(pairs: list[Pair], out_path: Callable[[Pair], Path], load: Ca
 
 def gtav_to_train_ids(root: Path | str) -> dict[str, int]:
     """Write ``gta/labels/NNNNN_labelTrainIds.png`` next to every palette label (ids → train ids)."""
-    adapter = GTAV(root, "train")
+    adapter = _lenient(GTAV(root, "train"))
     pairs = [p for p in adapter.pairs() if p.encoding == "cityscapes_ids"]
     stats = _convert_pairs(pairs, lambda p: p.label.with_name(p.label.stem + GTAV_SUFFIX + ".png"), adapter.load_label)
     stats["already_converted"] = len(adapter.pairs()) - len(pairs)
+    stats = _with_ignored(stats, [adapter])
     log.info("gtav: %s", stats)
     return stats
 
@@ -56,13 +71,15 @@ def gtav_to_train_ids(root: Path | str) -> dict[str, int]:
 def cityscapes_to_train_ids(root: Path | str) -> dict[str, int]:
     """Write ``<stem>_gtFine_labelTrainIds.png`` beside every ``_gtFine_labelIds.png`` (all splits found)."""
     total = {"written": 0, "skipped": 0}
+    adapters = []
     base = Path(root) / "cityscapes" / "gtFine"
     if not base.is_dir():
         raise UserError(f"{base}: Cityscapes gtFine folder not found; extract gtFine_trainvaltest.zip into cityscapes/")
     for split in ("train", "val", "test"):
         if not (base / split).is_dir():
             continue
-        adapter = Cityscapes(root, split)
+        adapter = _lenient(Cityscapes(root, split))
+        adapters.append(adapter)
         # every _labelIds file, also where a train-id file already exists (then it is skipped)
         ids_files = sorted((base / split).rglob(f"*{IDS_SUFFIX}.png"))
         pairs = [Pair(name=f.stem, image=f, label=f, encoding="cityscapes_ids") for f in ids_files]
@@ -73,15 +90,17 @@ def cityscapes_to_train_ids(root: Path | str) -> dict[str, int]:
         )
         for k in total:
             total[k] += stats[k]
+    total = _with_ignored(total, adapters)
     log.info("cityscapes: %s", total)
     return total
 
 
 def synthia_to_train_ids(root: Path | str) -> dict[str, int]:
     """Write ``synthia/GT/LABELS/NNNNNNN_labelTrainIds.png`` (8-bit train ids) for every 16-bit label."""
-    adapter = SYNTHIA(root, "train")
+    adapter = _lenient(SYNTHIA(root, "train"))
     pairs = [p for p in adapter.pairs() if p.encoding == "synthia_ids"]
-    stats = _convert_pairs(pairs, lambda p: p.label.with_name(p.label.stem + SYNTHIA_SUFFIX + ".png"), adapter.load_label)
+    stats = _with_ignored(_convert_pairs(pairs, lambda p: p.label.with_name(p.label.stem + SYNTHIA_SUFFIX + ".png"),
+                                         adapter.load_label), [adapter])
     log.info("synthia: %s", stats)
     return stats
 
@@ -93,9 +112,11 @@ def mapillary_half_resolution(root: Path | str, splits: tuple[str, ...] = ("val"
     so the halving adds no JPEG loss.
     """
     total = {"written": 0, "skipped": 0}
+    adapters = []
     found = False
     for split in splits:
-        adapter = Mapillary(root, split, half_resolution=False)
+        adapter = _lenient(Mapillary(root, split, half_resolution=False))
+        adapters.append(adapter)
         if not (adapter.base / adapter.split_folder).is_dir():
             continue
         found = True
@@ -116,6 +137,7 @@ def mapillary_half_resolution(root: Path | str, splits: tuple[str, ...] = ("val"
         folders = " or ".join(f"{MAPILLARY_SPLIT_FOLDERS[split]}/" for split in splits)
         raise UserError(f"{Path(root) / 'mapillary'}: no Mapillary {folders} folder found; "
                         "extract the Vistas v1.2 archive into mapillary/")
+    total = _with_ignored(total, adapters)
     log.info("mapillary-half: %s", total)
     return total
 

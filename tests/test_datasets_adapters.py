@@ -338,6 +338,26 @@ def test_convert_gtav_and_cityscapes_idempotent(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+
+def test_convert_ignores_a_stray_label_value_as_the_reference_converters_and_a_run_do(tmp_path, caplog):
+    # A value outside the encoding stopped `data convert gtav` at that file (the files before it written), telling
+    # the user to run `data convert`; the reference converters and a run map it to 255 and go on.
+    from datasets.convert import gtav_to_train_ids
+
+    raw = build_gtav(tmp_path)
+    stray = raw.copy()
+    stray[:2, :3] = 200
+    write_palette(tmp_path / "gta/labels/00001.png", stray)
+    with caplog.at_level("WARNING"):
+        stats = gtav_to_train_ids(tmp_path)
+    assert stats["written"] == 2 and stats["ignored_label_pixels"] == 6
+    assert "00001.png" in caplog.text and "are ignored (255)" in caplog.text
+    out = np.asarray(Image.open(tmp_path / "gta/labels/00001_labelTrainIds.png"))
+    want = expected(raw, CS_EXPECTED)
+    want[:2, :3] = 255
+    np.testing.assert_array_equal(out, want)
+    assert "ignored_label_pixels" not in gtav_to_train_ids(tmp_path)  # nothing converted the second time
+
 def test_convert_synthia(tmp_path):
     from datasets.convert import synthia_to_train_ids
 
