@@ -101,6 +101,9 @@ class IA3Config:
 @dataclass
 class OFTConfig:
     block_size: int = 32  # peft's OFT default block size (r derived from it)
+    # The paper's exact Cayley rotation R = (I + Q)(I - Q)⁻¹; False: peft's Neumann-series approximation of the
+    # inverse (OFTv2, peft 0.21's default), whose RᵀR departs from I by 0.07 at entries of Q of std 0.05.
+    exact_cayley: bool = True
 
 
 class PeftMethod(Method):
@@ -223,11 +226,14 @@ class OFT(PeftMethod):
     def peft_config(self, target: str) -> Any:
         from peft import OFTConfig as PeftOFTConfig
 
-        # The paper's exact Cayley rotation R = (I + Q)(I - Q)⁻¹: a peft with `use_cayley_neumann` (0.21 here)
-        # approximates the inverse by a 5-term Neumann series by default (OFTv2), whose RᵀR departs from I by
-        # 0.07 at entries of Q of std 0.05; a peft without the option is left to build it its way.
-        exact = {"use_cayley_neumann": False} if "use_cayley_neumann" in PeftOFTConfig.__dataclass_fields__ else {}
-        return PeftOFTConfig(r=0, oft_block_size=self.config.block_size, target_modules=target, **exact)
+        if "use_cayley_neumann" in PeftOFTConfig.__dataclass_fields__:
+            rotation = {"use_cayley_neumann": not self.config.exact_cayley}
+        elif not self.config.exact_cayley:  # a peft before OFTv2 rotates exactly, with no other choice
+            raise UserError("oft: exact_cayley=false needs a peft with OFTv2's Neumann approximation "
+                            "(use_cayley_neumann); upgrade peft or leave methods.oft.exact_cayley at true")
+        else:
+            rotation = {}
+        return PeftOFTConfig(r=0, oft_block_size=self.config.block_size, target_modules=target, **rotation)
 
     def attach(self, model: SegModel) -> None:
         # peft would change a block size that does not divide the layers' input width with a warning,

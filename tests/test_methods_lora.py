@@ -73,9 +73,18 @@ def test_an_oft_block_size_that_does_not_divide_the_width_is_refused_naming_one_
 def test_oft_rotates_with_the_papers_exact_cayley_transform():
     # peft 0.21's default approximates (I - Q)⁻¹ by a Neumann series: RᵀR was 0.07 from I at entries of Q of
     # std 0.05 (a reviewer's measurement, 2026-12-06); OFT's paper rotates exactly.
-    rotation = next(m for m in tiny_model("oft", block_size=8).modules() if type(m).__name__ == "OFTRotationModule")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        rotation.weight.normal_(0.0, 0.05)
-    r = rotation.get_weight().detach()
-    torch.testing.assert_close(r.T @ r, torch.eye(r.shape[-1]), atol=1e-5, rtol=0)
+    def rotation(**options):
+        module = next(m for m in tiny_model("oft", block_size=8, **options).modules()
+                      if type(m).__name__ == "OFTRotationModule")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            module.weight.normal_(0.0, 0.05)
+        return module.get_weight().detach()
+
+    exact = rotation()
+    torch.testing.assert_close(exact.T @ exact, torch.eye(exact.shape[-1]), atol=1e-5, rtol=0)
+    approximate = rotation(exact_cayley=False)  # OFTv2, asked for by name, and recorded so in the result
+    assert (approximate.T @ approximate - torch.eye(exact.shape[-1])).abs().max() > 1e-3
+    from benchmarks.method import build_method
+
+    assert build_method("oft").hyperparameters() == {"block_size": 32, "exact_cayley": True}
