@@ -649,6 +649,18 @@ def test_figures_say_what_they_do_not_know_and_draw_names_literally():
     assert all(plot.png.startswith(b"\x89PNG") for plot in plots_module.make_plots(finished))  # renders
 
 
+
+def test_the_rein_figure_puts_the_labels_of_methods_at_one_point_on_separate_lines():
+    # lora and dora (786k and 860k trainable on DINOv2-L), set and set_released: their labels printed over
+    # each other.
+    runs = [make_result("lora", 1, cbm(30, 30, 30), params=786_432),
+            make_result("dora", 1, cbm(30, 30, 30.1), params=860_160),
+            make_result("vpt", 1, cbm(20, 20, 20), params=3_686_400)]
+    figure = plots_module.miou_vs_params(runs)
+    offsets = {text.get_text(): text.xyann for text in figure.axes[0].texts if text.get_text() in ("lora", "dora", "vpt")}
+    assert offsets["lora"] != offsets["dora"]
+    assert offsets["vpt"] == (6, 4)  # alone where it is: the usual place
+
 def _contents(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
