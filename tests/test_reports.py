@@ -415,7 +415,8 @@ def test_the_published_source_column_is_the_citation_even_when_the_runs_scored_a
     runs = [with_source(make_result("rein", 1, cbm(65.0, 60.4, 66.1), backbone="dinov2_vitl14", params=2_990_081,
                                     preset="paper", head="mask2former"), 70.0)]
     comparison = comparison_frame(summary_frame(runs), load_published()).set_index("method")
-    assert comparison.loc["rein", "source"] == "Rein (CVPR 2024) Table 3"
+    assert comparison.loc["rein", "citation"] == "Rein (CVPR 2024) Table 3"  # `source` is a score in the main CSV
+    assert "source" not in comparison.columns
     row = [c.plain() for c in published_tables(runs)[0].rows[0]]
     assert row[-2:] == ["Rein (CVPR 2024) Table 3", "reprinted by later papers"]
 

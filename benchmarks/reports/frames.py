@@ -34,7 +34,7 @@ PER_CLASS_COLUMNS = [*PROTOCOL_COLUMNS, "method", "target", "class", "class_inde
 COMPARISON_COLUMNS = [*PROTOCOL_COLUMNS, "method", "seeds",
                       *(f"{metric}_{side}" for metric in ("params_m", "average")
                         for side in ("published", "harness", "delta")),
-                      "source", "verified"]
+                      "citation", "verified"]
 
 
 def _average(result: dict[str, Any]) -> float | None:
@@ -176,7 +176,8 @@ def comparison_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataF
     """Harness rows joined with the published rows of the same (setting, backbone, method).
 
     Columns: the summary's group columns and method, then for params, each target and the average:
-    `<x>_published`, `<x>_harness`, `<x>_delta` (harness − published), then source and verified.
+    `<x>_published`, `<x>_harness`, `<x>_delta` (harness − published), then citation (published.csv's
+    `source`, renamed: the main frame's `source` is the held-out source score) and verified.
     """
     if summary.empty:
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
@@ -194,7 +195,7 @@ def comparison_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataF
             out[f"{name}_published"] = theirs
             out[f"{name}_harness"] = ours
             out[f"{name}_delta"] = ours - theirs if _is_number(ours) and _is_number(theirs) else math.nan
-        out["source"], out["verified"] = row["citation"], row["verified"]
+        out["citation"], out["verified"] = row["citation"], row["verified"]
         rows.append(out)
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=COMPARISON_COLUMNS)
 

@@ -265,7 +265,7 @@ def published_tables(results: Iterable[dict[str, Any]], published: pd.DataFrame 
                 cells += [Cell(_nan_to_none(row[f"{metric}_published"]), digits=digits),
                           Cell(_nan_to_none(row[f"{metric}_harness"]), digits=digits),
                           Cell(_nan_to_none(row[f"{metric}_delta"]), digits=digits, signed=True)]
-            cells += [text_cell(row["source"]), text_cell(row["verified"])]
+            cells += [text_cell(row["citation"]), text_cell(row["verified"])]
             rows.append(cells)
         tables.append(Table(
             title=f"{proto.title}: published vs harness", header=header, rows=rows,
