@@ -161,6 +161,7 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]],
     provenance: dict[str, Any] | None = None,
     with_optimizer_state: bool = True,
+    code: dict[str, Any] | None = None,
 ) -> Path:
     """`with_optimizer_state=False` after the last iteration: nothing is optimised again, and AdamW's two
     moments would double a fully fine-tuned model's checkpoint (3.6 GB rather than 1.2 for ViT-L)."""
@@ -175,6 +176,7 @@ def save_checkpoint(
         "method": method_state,
         "rng": rng_states,
         "provenance": provenance,  # the weights and data trained on: a resume onto other files is refused
+        "code": code,  # the code that trained it: a resume by other code is recorded (`runner`)
     }
     atomic_torch_save(payload, path)
     log.info("checkpoint at iteration %d: %s", train_state.step, path)

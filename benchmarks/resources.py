@@ -50,8 +50,11 @@ MAX_WAIT_RESTARTS = 4
 two would otherwise cost a restart each time. Arrivals are always watched, so the count ends in passive waiting."""
 
 
-RECORDED_PACKAGES = ("torch", "torchvision", "timm", "transformers", "peft", "torchmetrics", "numpy")
-"""The packages whose versions a result and a profile record: those that compute a number in them."""
+RECORDED_PACKAGES = ("torch", "torchvision", "timm", "transformers", "peft", "torchmetrics", "numpy", "pillow",
+                     "opencv-python-headless", "segmentation-models-pytorch", "safetensors")
+"""The packages whose versions a result and a profile record: those that compute a number in them (Pillow and
+OpenCV decode and resize the images, segmentation-models-pytorch is the UPerNet decoder, safetensors reads the
+weights)."""
 
 
 def package_versions(packages: tuple[str, ...] = RECORDED_PACKAGES) -> dict[str, str | None]:

@@ -36,6 +36,10 @@ Schema (version 1), the only thing reports and regression checks read:
                       "device_name": str,            # a GPU's name; a CPU's model, vector level, AMX
                       "git_commit": str,
                       "git_dirty": bool, "git_dirty_paths": [str, ...],  # what `git status` listed
+                      "git_dirty_sha256": str | null,  # digest of the uncommitted changes themselves
+                      "earlier_code": [{"git_commit", "git_dirty_sha256", "packages", "from_iter",
+                                        "until_iter"}, ...],  # only in a run resumed by other code,
+                      "code_since_iter": int,        # from where the code above trained it
                       "hostname": str},
       "timings": {"started": iso, "finished": iso, "train_s": float, "eval_s": float,
                   "data_wait_s": float}     # the part of train_s spent waiting for batches

@@ -150,6 +150,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "git_commit": commit,
         "git_dirty": None if dirty_paths is None else bool(dirty_paths),
         "git_dirty_paths": dirty_paths,
+        "git_dirty_sha256": provenance.working_tree_sha256(PROJECT_ROOT) if dirty_paths else None,
     }
 
 
@@ -351,7 +352,38 @@ def _build_and_resume(run: RunContext, method: Method, data: RunData, result: di
         )
     state, optimizer_state = checkpoint.restore(resumed, model, method, run.world.rank)
     result["resumed_from_iter"] = state.step
+    _follow_the_code_across_the_resume(result, resumed.get("code"), state.step, resumed["path"])
     return model, state, optimizer_state
+
+
+def _follow_the_code_across_the_resume(result: dict[str, Any], saved: dict[str, Any] | None, step: int,
+                                       path: Path) -> None:
+    """A checkpoint written by other code (another commit, other uncommitted edits, other package versions) is
+    resumed, as a fix pulled between two sessions should not cost a run, but said in a warning and recorded
+    under the result's `environment.earlier_code`, iterations included: the result named only the code that
+    finished it. A checkpoint from before the code was recorded says nothing."""
+    if not saved:
+        return
+    now = provenance.code_identity(result["environment"])
+    earlier = list(saved.get("earlier") or [])
+    since = int(saved.get("since_iter") or 0)
+    if saved.get("identity") != now:
+        earlier.append({**(saved.get("identity") or {}), "from_iter": since, "until_iter": step})
+        changed = [key for key in ("git_commit", "git_dirty_sha256", "packages")
+                   if (saved.get("identity") or {}).get(key) != now[key]]
+        log.warning("%s: resuming %s, written by other code (%s differ) at iterations %d-%d; the result records both",
+                    result["run_id"], path, ", ".join(changed), since, step)
+        since = step
+    if earlier:
+        result["environment"]["earlier_code"] = earlier
+        result["environment"]["code_since_iter"] = since
+
+
+def _code_record(result: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint keeps of the code that trained it (`_follow_the_code_across_the_resume`)."""
+    environment = result["environment"]
+    return {"identity": provenance.code_identity(environment), "since_iter": environment.get("code_since_iter", 0),
+            "earlier": environment.get("earlier_code", [])}
 
 
 def _train(run: RunContext, model: Any, method: Method, data: RunData, amp: Any, result: dict[str, Any],
@@ -374,6 +406,7 @@ def _train(run: RunContext, model: Any, method: Method, data: RunData, amp: Any,
                 run.path, model=model, optimizer=optimizer, train_state=train_state, method_state=method.state_dict(),
                 config_hash=exp.config_hash(), world_size=world.world_size, rng_states=rng_states,
                 provenance=result["provenance"], with_optimizer_state=train_state.step < exp.train.iters,
+                code=_code_record(result),
             )
         distributed.barrier()
 

@@ -174,6 +174,59 @@ def test_interrupted_run_resumes_to_the_same_result(world, tmp_path, monkeypatch
     assert not checkpoint.checkpoint_dir(path).exists()  # deleted once the run finished
 
 
+def test_a_run_resumed_by_other_code_says_so_and_records_which_code_trained_which_iterations(world, tmp_path,
+                                                                                           monkeypatch, caplog):
+    # Killed at iteration 2, resumed after a commit (or a package upgrade): the result named only the new code.
+    from benchmarks import provenance
+    from benchmarks.runner import RunSpec, execute_run
+
+    exp = _experiment(world, "train.device=cpu")
+    spec = RunSpec("G->CBM", "proxy_vit", "freeze", 42)
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(result_path, **kwargs):
+        real_save(result_path, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(provenance, "git_state", lambda root: ("a" * 40, []))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(spec, exp, tmp_path, progress=False)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    monkeypatch.setattr(provenance, "git_state", lambda root: ("b" * 40, ["benchmarks/protocol.py"]))
+    monkeypatch.setattr(provenance, "working_tree_sha256", lambda root: "d" * 64)
+    with caplog.at_level("WARNING", logger="benchmarks.runner"):
+        resumed = execute_run(spec, exp, tmp_path, progress=False)
+    assert resumed["status"] == "finished" and resumed["resumed_from_iter"] == 2
+    environment = resumed["environment"]
+    assert environment["git_commit"] == "b" * 40 and environment["git_dirty_sha256"] == "d" * 64
+    [earlier] = environment["earlier_code"]
+    assert earlier["git_commit"] == "a" * 40 and earlier["git_dirty_sha256"] is None
+    assert (earlier["from_iter"], earlier["until_iter"], environment["code_since_iter"]) == (0, 2, 2)
+    assert earlier["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert "written by other code (git_commit, git_dirty_sha256 differ) at iterations 0-2" in caplog.text
+
+
+def test_the_working_tree_digest_tells_two_edits_of_one_file_apart(tmp_path):
+    from benchmarks.provenance import working_tree_sha256
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "protocol.py").write_text("lr = 1.0\n")
+    git("add", "protocol.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    assert working_tree_sha256(tmp_path) is None  # clean
+    (tmp_path / "protocol.py").write_text("lr = 0.5\n")
+    halved = working_tree_sha256(tmp_path)
+    (tmp_path / "protocol.py").write_text("lr = 2.0\n")
+    doubled = working_tree_sha256(tmp_path)
+    assert halved and doubled and halved != doubled
+    (tmp_path / "protocol.py").write_text("lr = 1.0\n")
+    (tmp_path / "notes.txt").write_text("an untracked file")
+    assert working_tree_sha256(tmp_path) not in (None, halved, doubled)
+
 @pytest.mark.parametrize("passive", [True, False], ids=["work-arrived", "work-left"])
 def test_a_run_that_restarts_for_its_wait_policy_resumes_to_the_same_result(world, tmp_path, monkeypatch, passive):
     """Work arriving on the cores of a process whose OpenMP threads spin, or leaving those of a passive one: the
