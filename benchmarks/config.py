@@ -352,6 +352,9 @@ def validate(exp: Experiment) -> None:
         value = getattr(getattr(exp, section), name)
         if value not in choices:
             raise UserError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    for key, value in (("data.root", exp.data.root), ("run.results_dir", exp.run.results_dir)):
+        if not str(value).strip():  # an empty path is the current folder to the file system: never meant
+            raise UserError(f"{key} is empty; give it a folder (--set {key}=DIR), or leave it out for the preset's")
     if not DEVICE_PATTERN.fullmatch(exp.train.device):
         raise UserError(f"train.device={exp.train.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     if exp.train.eval_interval and not exp.data.source_holdout:

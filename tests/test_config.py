@@ -111,3 +111,12 @@ def test_a_preset_file_whose_name_is_not_a_string_is_one_line(tmp_path, line):
     (tmp_path / "mine.toml").write_text(line + "\n")
     with pytest.raises(UserError, match=r"mine\.toml: `preset` must be a name in quotes"):
         load_experiment(str(tmp_path / "mine.toml"))
+
+
+@pytest.mark.parametrize("key", ["run.results_dir", "data.root"])
+def test_an_empty_path_setting_is_refused_not_taken_for_the_current_folder(key):
+    # `--set run.results_dir=` wrote results into the folder the command ran from (`--results-dir ""` was refused).
+    from benchmarks.config import load_experiment
+
+    with pytest.raises(UserError, match=rf"{key} is empty; give it a folder"):
+        load_experiment("smoke", [f"{key}="])
