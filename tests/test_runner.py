@@ -242,3 +242,19 @@ def test_nothing_is_downloaded(smoke_experiment, monkeypatch, capsys):
     code, out, err = run_cli(["run", "--preset", "paper", "--methods", "rein", "--weights", "dinov2_vitl14=random",
                               "--dry-run"], capsys)
     assert code == 0 and "mask2former" in out, err
+
+
+def test_a_dry_run_names_each_run_by_the_config_hash_its_result_file_will_carry(capsys, tmp_path):
+    # It printed one hash of the whole matrix (every method's settings in it), a hash no result file carries.
+    from benchmarks.config import load_experiment
+    from benchmarks.runner import RunSpec, experiment_for
+
+    code, out, err = run_cli(["run", "--preset", "smoke", "--methods", "freeze,fishertune", "--dry-run"], capsys)
+    assert code == 0, err
+    exp = load_experiment("smoke")
+    for method in ("freeze", "fishertune"):
+        spec = RunSpec("G->CBM", "proxy_vit", method, 42)
+        name = spec.path(experiment_for(exp, spec), tmp_path).stem  # seed42-<hash>
+        row = next(line for line in out.splitlines() if f" {method} " in line)
+        assert row.endswith(name.split("-")[1]), (row, name)
+    assert "config hash" not in out

@@ -203,10 +203,13 @@ def describe(exp: Experiment, methods: str | None) -> str:
     from benchmarks.model import reported_parameter_counts
     from benchmarks.runner import experiment_for, plan_runs
 
-    lines = [f"# preset {exp.preset} (config hash {exp.config_hash()})", json.dumps(exp.to_dict(), indent=2), ""]
+    lines = [f"# preset {exp.preset}", json.dumps(exp.to_dict(), indent=2), ""]
     specs = plan_runs(exp, methods)
+    # Each run's own config hash, the one its result file is named by (the matrix's whole configuration, other
+    # methods' settings included, names no file).
     lines.append(f"# {len(specs)} run(s)")
-    header = f"{'setting':8} {'backbone':22} {'method':14} {'seed':>5} {'backbone':>12} {'trainable':>12} {'added':>11} {'head':>11}"
+    header = (f"{'setting':8} {'backbone':22} {'method':14} {'seed':>5} {'backbone':>12} {'trainable':>12} {'added':>11} "
+              f"{'head':>11}  config")
     lines.append(header)
     seen: dict[tuple[str, str], dict[str, int]] = {}
     for spec in specs:
@@ -216,6 +219,7 @@ def describe(exp: Experiment, methods: str | None) -> str:
         c = seen[key]
         lines.append(
             f"{spec.setting:8} {spec.backbone:22} {spec.method:14} {spec.seed:>5} {c['backbone_pretrained']:>12,} "
-            f"{c['backbone_trainable']:>12,} {c['backbone_added']:>11,} {c['head_total']:>11,}"
+            f"{c['backbone_trainable']:>12,} {c['backbone_added']:>11,} {c['head_total']:>11,}  "
+            f"{experiment_for(exp, spec).config_hash()}"
         )
     return "\n".join(lines)
