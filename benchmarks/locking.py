@@ -32,7 +32,7 @@ from benchmarks.errors import UserError
 
 try:
     import fcntl
-except ImportError:  # not on Windows: the rename below is then all that orders the runners
+except ImportError:  # Windows: the rename in `_take_over_if_stale` alone orders the runners there
     fcntl = None
 
 log = logging.getLogger(__name__)

@@ -52,16 +52,16 @@ def peak_memory(device: torch.device | str) -> dict[str, Any]:
         }
     # Another accelerator's (mps, xpu) allocator has no peak counter measured here: the process's is given,
     # and named as such, rather than none.
-    unmeasured = "" if device.type == "cpu" else f"; the {device.type} allocator's own memory not measured"
+    unmeasured = [] if device.type == "cpu" else [f"the {device.type} allocator's own memory not measured"]
     hwm = _proc_status_mb("VmHWM")
     if hwm is not None:
         return {"peak_memory_mb": hwm, "peak_memory_reserved_mb": None,
-                "memory_kind": f"process peak RSS (VmHWM{unmeasured})"}
+                "memory_kind": f"process peak RSS ({'; '.join(['VmHWM', *unmeasured])})"}
     # Without /proc the lifetime maximum is all there is (KiB on Linux, bytes on macOS).
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 2**20 if sys.platform == "darwin" else 2**10
     return {"peak_memory_mb": maxrss / scale, "peak_memory_reserved_mb": None,
-            "memory_kind": f"process lifetime max RSS{' (' + unmeasured[2:] + ')' if unmeasured else ''}"}
+            "memory_kind": " ".join(["process lifetime max RSS", *(f"({note})" for note in unmeasured)])}
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -99,9 +99,10 @@ def _inputs_note(finished: list[dict[str, Any]]) -> str | None:
                   if len({((r.get("data") or {}).get(split) or {}).get("sha256") for r in records}) > 1]
     groups = sorted(methods_by_inputs.values(), key=lambda methods: (-len(methods), sorted(methods)))
     named = "; ".join(", ".join(sorted(methods)) for methods in groups[1:])
+    others = f"the other {len(groups[0])} method" + ("s" if len(groups[0]) != 1 else "")
     return (f"The rows come from {len(groups)} sets of inputs (their results' `provenance`; differing: "
-            f"{', '.join(differing) or 'the record'}): {named} apart from the other {len(groups[0])} method{'s' if len(groups[0]) != 1 else ''}; a "
-            "difference between those rows includes the inputs'.")
+            f"{', '.join(differing) or 'the record'}): {named} apart from {others}; a difference between those "
+            "rows includes the inputs'.")
 
 
 def _superseded_note(superseded: list[dict[str, Any]]) -> str | None:
