@@ -95,14 +95,20 @@ def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | N
     colors = _colors(summary["method"])
     for index, (column, ylabel) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), index + 1)
-        offsets = _label_offsets(xs, summary[column].to_numpy(dtype=float))
+        box = ax.get_position()
+        size_pt = (box.width * fig.get_figwidth() * 72, box.height * fig.get_figheight() * 72)
+        offsets = _label_offsets(xs, summary[column].to_numpy(dtype=float), [_text(m) for m in summary["method"]],
+                                 size_pt)
         for x, offset, (_, row) in zip(xs, offsets, summary.iterrows(), strict=False):
             if math.isnan(row[column]):
                 continue
             std = row[f"{column}_std"] if not math.isnan(row[f"{column}_std"]) else None
             ax.errorbar([x], [row[column]], yerr=None if std is None else [[std], [std]], fmt="o",
                         color=colors[row["method"]], capsize=3, markersize=7)
-            ax.annotate(_text(row["method"]), (x, row[column]), textcoords="offset points", xytext=offset, fontsize=8)
+            # A label moved off its point by others keeps a thin leader line to it.
+            leader = dict(arrowstyle="-", linewidth=0.4, color="0.6", shrinkA=0, shrinkB=3) if offset[1] < 0 else None
+            ax.annotate(_text(row["method"]), (x, row[column]), textcoords="offset points", xytext=offset, fontsize=8,
+                        va="center" if leader else "baseline", arrowprops=leader)
         ax.set_xscale("log")
         ax.margins(x=0.15, y=0.12)
         if (params <= 0).any():
@@ -117,22 +123,33 @@ def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | N
     return fig
 
 
-def _label_offsets(xs: np.ndarray, ys: np.ndarray) -> list[tuple[int, int]]:
-    """Text offsets (points) for the methods' labels: a label whose point lies close to an earlier one's (a
-    tenth of a decade apart, 4 % of the panel's height) goes one line lower, so that methods of one
-    parameter count and score (lora and dora, set and set_released) do not print over each other."""
-    finite = ys[~np.isnan(ys)]
-    height = float(finite.max() - finite.min()) if finite.size else 0.0
-    placed: list[tuple[float, float, int]] = []
+def _label_offsets(xs: np.ndarray, ys: np.ndarray, labels: list[str], size_pt: tuple[float, float],
+                   fontsize: float = 8.0) -> list[tuple[int, int]]:
+    """Text offsets (points) for the methods' labels: a label whose box would overlap an earlier label's
+    goes a line lower, so that methods of one parameter count and score (lora and dora, set and
+    set_released, the parameter-efficient cluster of the target panel) do not print over each other.
+    The boxes are estimated in points from the panel's size (`size_pt`, width and height) and the data's
+    spread on its log x and linear y axes, with the margins `miou_vs_params` sets."""
+    finite = ~np.isnan(ys)
+    if not finite.any():
+        return [(6, 4)] * len(xs)
+    logs = np.log10(xs)
+    x_span = max(float(logs[finite].max() - logs[finite].min()), 0.5) * 1.3
+    y_span = max(float(ys[finite].max() - ys[finite].min()), 1.0) * 1.24
+    x_pt = (logs - logs[finite].min()) / x_span * size_pt[0]
+    y_pt = (ys - ys[finite].min()) / y_span * size_pt[1]
+    char_pt, line_pt = 0.6 * fontsize, fontsize + 1
+    placed: list[tuple[float, float, float]] = []  # left, bottom, right of each placed label (points)
     offsets = []
-    for x, y in zip(np.log10(xs), ys, strict=True):
+    for x, y, label in zip(x_pt, y_pt, labels, strict=True):
         line = 0
         if not math.isnan(y):
-            taken = {k for px, py, k in placed if abs(px - x) < 0.1 and abs(py - y) <= 0.04 * height}
-            while line in taken:
+            width = char_pt * len(label)
+            while any(left < x + 6 + width and x + 6 < right and abs(bottom - (y + 4 - line_pt * line)) < line_pt
+                      for left, bottom, right in placed):
                 line += 1
-            placed.append((x, y, line))
-        offsets.append((6, 4 - 9 * line))
+            placed.append((x + 6, y + 4 - line_pt * line, x + 6 + width))
+        offsets.append((6, int(4 - line_pt * line)))
     return offsets
 
 
