@@ -297,23 +297,11 @@ def _new_result(run: RunContext, method: Method, cpu_plan: Any) -> dict[str, Any
 def _read_data(run: RunContext) -> RunData:
     """The splits the run reads, checked before the first step (`data.preflight`)."""
     from benchmarks import distributed
-    from benchmarks.data import (
-        ensure_data_root,
-        preflight,
-        source_dataset,
-        source_heldout_dataset,
-        target_dataset,
-        training_splits,
-    )
+    from benchmarks.data import ensure_data_root, preflight
 
     exp, world = run.exp, run.world
-    source, targets = SETTINGS[run.spec.setting]
     root = ensure_data_root(exp)
-    source_set = source_dataset(exp, source, root)
-    target_sets = {name: target_dataset(exp, name, root) for name in targets}
-    heldout_set = source_heldout_dataset(exp, source, root)
-    read = {**training_splits(source, source_set), **target_sets,
-            **({f"{source_families(source)[0]} (held out)": heldout_set} if heldout_set is not None else {})}
+    source_set, target_sets, heldout_set, read = _splits_read(exp, run.spec.setting, root)
     preflight(exp, read)
     if world.is_distributed:  # each rank scores its own strided shard; the confusion matrix is summed
         from torch.utils.data import Subset
@@ -322,6 +310,32 @@ def _read_data(run: RunContext) -> RunData:
         if heldout_set is not None:
             heldout_set = Subset(heldout_set, distributed.shard_indices(len(heldout_set), world))
     return RunData(root, source_set, target_sets, heldout_set, read)
+
+
+def _splits_read(exp: Experiment, setting: str, root: Path) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+    """(source, targets, held-out source or None, every split by the role its provenance names it)."""
+    from benchmarks.data import source_dataset, source_heldout_dataset, target_dataset, training_splits
+
+    source, targets = SETTINGS[setting]
+    source_set = source_dataset(exp, source, root)
+    target_sets = {name: target_dataset(exp, name, root) for name in targets}
+    heldout_set = source_heldout_dataset(exp, source, root)
+    read = {**training_splits(source, source_set), **target_sets,
+            **({f"{source_families(source)[0]} (held out)": heldout_set} if heldout_set is not None else {})}
+    return source_set, target_sets, heldout_set, read
+
+
+def _data_now(exp: Experiment, spec: RunSpec) -> dict[str, Any] | None:
+    """The fingerprint of the data a run would read now (file names and sizes: no image is decoded), to hold a
+    finished result against; None where the data is not there to compare (nothing is generated for a skip)."""
+    root = exp.resolve_path(exp.data.root)
+    if not root.is_dir():
+        return None
+    try:
+        read = _splits_read(exp, spec.setting, root)[3]
+    except UserError:
+        return None
+    return {role: provenance.split_record(dataset.pairs, root) for role, dataset in read.items()}
 
 
 def _build_and_resume(run: RunContext, method: Method, data: RunData, result: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -559,7 +573,8 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
                     lock.release()
                     decision = "finished"
     if world.is_main and decision == "finished":
-        changed = _inputs_changed_since(read_result(path), experiment_for(exp, spec), spec, world.world_size)
+        changed = _inputs_changed_since(read_result(path), experiment_for(exp, spec), spec, world.world_size,
+                                        with_data=True)
         decision = f"changed:{changed}" if changed else decision
     decision = distributed.broadcast_object(decision)
     if decision.startswith("changed:"):
@@ -592,17 +607,21 @@ def _earlier_result_under_lock(path: Path) -> dict[str, Any] | None:
 
 
 def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec,
-                          processes: int | None) -> str | None:
+                          processes: int | None, with_data: bool = False) -> str | None:
     """How the backbone's weight file, or the file defining a `--method-file` method, differs from the one
-    a finished result was made with, if either does; `processes=None` (a submitting node, which knows
-    neither the job's device nor its processes) compares the files and hyperparameters alone.
+    a finished result was made with, if either does, and `with_data`, the data it read (file names and sizes);
+    `processes=None` (a submitting node, which knows neither the job's device nor its processes, nor sees the
+    job's data) compares the files and hyperparameters alone.
 
     The config hash names settings, not file contents: without this, a result trained from an older
-    checkpoint or an edited method would be skipped as "finished" and shown beside results of the new one.
+    checkpoint, an edited method or a world rewritten in place (or another one under the same relative root)
+    would be skipped as "finished" and shown beside results of the new one.
     """
-    # Only what both records hold is compared: the data (not read for a skipped run) is left out, and a
-    # result from before provenance was recorded differs in nothing.
-    changed = provenance.differences((result or {}).get("provenance"), _model_files(exp, spec, processes))
+    # Only what both records hold is compared: a result from before provenance was recorded differs in nothing.
+    current = _model_files(exp, spec, processes)
+    if with_data and (data := _data_now(exp, spec)) is not None:
+        current["data"] = data
+    changed = provenance.differences((result or {}).get("provenance"), current)
     return "; ".join(changed) or None
 
 

@@ -109,6 +109,22 @@ def test_a_finished_run_is_not_skipped_onto_other_weights(tiny_world, tmp_path, 
     assert len(list((tmp_path / "runs").rglob("*.json"))) == 1  # the earlier result is kept
 
 
+
+def test_a_finished_run_is_not_skipped_onto_other_data_at_its_root(tiny_world, tmp_path, weights_copy):
+    # A world rewritten in place (or another world under the same relative root) was skipped as finished and its
+    # earlier numbers shown as the new data's.
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    args = _run_args(world, tmp_path / "runs", weights_copy)
+    assert _main(*args)[0] == 0
+    assert _main(*args)[0] == 0  # the same data: skipped as finished
+    image = sorted((world / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))[0]
+    image.write_bytes(image.read_bytes() + b"\0")  # another file of another size
+    code, stderr = _main(*args)
+    assert code == 2 and "finished from other files or settings" in stderr, stderr[-2000:]
+    assert "cityscapes data" in stderr and "then," in stderr
+    assert len(list((tmp_path / "runs").rglob("*.json"))) == 1  # the earlier result is kept
+
 def _lora_resolving_alpha(monkeypatch, alpha: float) -> None:
     """The code's LoRA now resolves `alpha` to this (as an edited default would): the config hash does not move."""
     import dataclasses
