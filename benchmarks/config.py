@@ -80,6 +80,13 @@ class DataConfig:
             object.__setattr__(self, "root", os.path.normpath(self.root))
 
 
+def _normalised_weights_entry(entry: str) -> str:
+    name, sep, path = entry.partition("=")
+    if not sep or not path or path == "random":
+        return entry  # malformed entries are refused by name where they are read (`model.weights_for`)
+    return f"{name}={os.path.normpath(path)}"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "dinov2_vitl14"
@@ -94,6 +101,12 @@ class ModelConfig:
     """Local weight files as "BACKBONE=PATH"; a backbone not named uses its default (shipped or none)."""
     head_options: str = "{}"
     """JSON object of head keyword arguments (e.g. '{"hidden_dim": 64}') for shrunk presets."""
+
+    def __post_init__(self) -> None:
+        # One file written two ways ("./w.pth", "w.pth", "dir/../w.pth") is one setting: the config hash, which
+        # names a run's result file, took each spelling for another run and trained it again.
+        if isinstance(self.weights, tuple) and all(isinstance(entry, str) for entry in self.weights):
+            object.__setattr__(self, "weights", tuple(map(_normalised_weights_entry, self.weights)))
 
 
 @dataclass(frozen=True)

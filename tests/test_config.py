@@ -120,3 +120,12 @@ def test_an_empty_path_setting_is_refused_not_taken_for_the_current_folder(key):
 
     with pytest.raises(UserError, match=rf"{key} is empty; give it a folder"):
         load_experiment("smoke", [f"{key}="])
+
+
+def test_one_weight_file_written_two_ways_is_one_config():
+    # "./w.pth" and "w.pth" named two result files, and the second trained the run again.
+    hashes = {load_experiment("smoke", [f"model.weights={entry}"]).config_hash()
+              for entry in ("proxy_vit=ckpt/w.pth", "proxy_vit=./ckpt/w.pth", "proxy_vit=ckpt/x/../w.pth")}
+    assert len(hashes) == 1
+    assert load_experiment("smoke", ["model.weights=proxy_vit=ckpt/v.pth"]).config_hash() not in hashes
+    assert load_experiment("smoke", ["model.weights=proxy_vit=random"]).model.weights == ("proxy_vit=random",)
