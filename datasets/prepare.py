@@ -112,8 +112,11 @@ class Staging:
             if not (target.exists() or target.is_symlink()):
                 os.rename(aside, target)
 
-    def build(self, plan: DatasetPlan, overwrite: bool = False) -> Prepared:
-        """Extract, convert and count back one dataset in the staging folder, then rename it into place."""
+    def build(self, plan: DatasetPlan, overwrite: bool = False,
+              check: Callable[[Path, str], list[str]] | None = None) -> Prepared:
+        """Extract, convert and count back one dataset in the staging folder, then rename it into place.
+        `check(staging_root, dataset)` lists the problems a sample of its pairs has when decoded, before the
+        rename: a dataset whose files cannot be read is not put in place (it was, and said "ready")."""
         assert self.folder is not None, "use Staging as a context manager"
         name = plan.spec.dataset
         staged = self.folder / plan.spec.folder
@@ -125,6 +128,8 @@ class Staging:
                 stats = convert(self.folder)
                 conversion = f"{conversion}: {stats.get('written', 0):,} pairs written"
             _count_back(plan, self.folder)
+            if check is not None and (problems := check(self.folder, name)):
+                raise UserError(problems[0])
             replaced = self._move_into_place(staged, self.root / plan.spec.folder, overwrite)
         except UserError as exc:
             shutil.rmtree(staged, ignore_errors=True)

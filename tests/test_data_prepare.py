@@ -384,6 +384,21 @@ def test_a_member_the_dataset_cannot_read_is_named_by_its_archive(downloads, tmp
     assert not root.exists()
 
 
+
+def test_a_dataset_whose_files_cannot_be_decoded_is_not_put_in_place(downloads, tmp_path, capsys):
+    # GTAV has no conversion that decodes its images: a bad image member was put in place, the line said
+    # "gtav: ready", and only the check of the whole root after it failed, naming the extracted file.
+    archive = downloads / "01_images.zip"
+    with zipfile.ZipFile(archive) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(".png"))
+    _replace_member(archive, member, b"<html>not an image</html>")
+    root = tmp_path / "data"
+    code, out, err = _prepare(downloads, root, capsys, "--expect", "listing", "--datasets", "gtav")
+    line = _error_line(err)
+    assert code == 2 and line.startswith(f"error: {archive}: member {member}: "), line
+    assert "nothing of gtav was written" in line and "gtav: ready" not in out
+    assert not root.exists()
+
 def test_an_interrupt_between_the_renames_of_overwrite_puts_the_old_folder_back(downloads, tmp_path, capsys,
                                                                                  monkeypatch):
     import datasets.prepare as prepare

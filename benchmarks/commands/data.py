@@ -103,24 +103,38 @@ def run_check(root: Path, full: bool = False) -> tuple[list[tuple[str, str, str,
     rows: list[tuple[str, str, str, str]] = []
     problems: list[str] = []
     for name in find_datasets(root):
-        required, optional = CHECK_SPLITS[name]
-        for split in required + optional:
-            adapter = _adapter_for(name, root, split)
-            if split in optional and not _split_present(adapter):
-                continue
-            try:
-                n = len(adapter.pairs())
-                found = adapter.check(full=full)
-            except UserError as exc:
-                rows.append((name, split, "-", f"error: {exc}"))
-                problems.append(str(exc))
-                continue
-            if found:
-                rows.append((name, split, str(n), f"error: {found[0]}" + (f" (+{len(found) - 1} more)" if len(found) > 1 else "")))
-                problems += found
-            else:
-                rows.append((name, split, str(n), "ok"))
+        _check_dataset(root, name, full, rows, problems)
     return rows, problems
+
+
+def _check_dataset(root: Path, name: str, full: bool, rows: list[tuple[str, str, str, str]],
+                   problems: list[str]) -> None:
+    """`data check` of one dataset family under root: its rows and problems appended."""
+    required, optional = CHECK_SPLITS[name]
+    for split in required + optional:
+        adapter = _adapter_for(name, root, split)
+        if split in optional and not _split_present(adapter):
+            continue
+        try:
+            n = len(adapter.pairs())
+            found = adapter.check(full=full)
+        except UserError as exc:
+            rows.append((name, split, "-", f"error: {exc}"))
+            problems.append(str(exc))
+            continue
+        if found:
+            rows.append((name, split, str(n), f"error: {found[0]}" + (f" (+{len(found) - 1} more)" if len(found) > 1 else "")))
+            problems += found
+        else:
+            rows.append((name, split, str(n), "ok"))
+
+
+def _sampled_problems(root: Path, name: str) -> list[str]:
+    """What `data check` finds in a sample of one dataset's pairs (the check `prepare` runs before a dataset
+    goes into place)."""
+    problems: list[str] = []
+    _check_dataset(root, name, False, [], problems)
+    return problems
 
 
 def _print_check(rows: list[tuple[str, str, str, str]]) -> None:
@@ -338,7 +352,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         require_space(plans, root)
         with Staging(root) as staging:
             for plan in plans:
-                prepared = staging.build(plan, overwrite=args.overwrite)
+                prepared = staging.build(plan, overwrite=args.overwrite, check=_sampled_problems)
                 extra = f"; {prepared.conversion}" if prepared.conversion else ""
                 print(f"{prepared.dataset}: ready at {prepared.folder}{' (replaced)' if prepared.replaced else ''}"
                       f"{extra}")
