@@ -325,17 +325,33 @@ def _splits_read(exp: Experiment, setting: str, root: Path) -> tuple[Any, dict[s
     return source_set, target_sets, heldout_set, read
 
 
+# The data fingerprints of this matrix, by (root, setting, data settings): a matrix of finished runs lists and
+# stats a dataset once, not once per run (2 s a run for a GTAV of the real size). Cleared by `run_matrix`.
+_DATA_SEEN: dict[tuple[str, str, str], dict[str, Any] | None] = {}
+
+
 def _data_now(exp: Experiment, spec: RunSpec) -> dict[str, Any] | None:
     """The fingerprint of the data a run would read now (file names and sizes: no image is decoded), to hold a
     finished result against; None where the data is not there to compare (nothing is generated for a skip)."""
     root = exp.resolve_path(exp.data.root)
-    if not root.is_dir():
+    key = (str(root), spec.setting, json.dumps(dataclasses.asdict(exp.data), sort_keys=True, default=str))
+    if key not in _DATA_SEEN:
+        try:
+            read = _splits_read(exp, spec.setting, root)[3] if root.is_dir() else None
+        except UserError:
+            read = None
+        _DATA_SEEN[key] = None if read is None else {role: provenance.split_record(dataset.pairs, root)
+                                                     for role, dataset in read.items()}
+    return _DATA_SEEN[key]
+
+
+def _data_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec) -> str | None:
+    """How the data a finished result read differs from what a run would read now, if it does."""
+    data = _data_now(exp, spec)
+    recorded = (result or {}).get("provenance") or {}
+    if data is None or "data" not in recorded:
         return None
-    try:
-        read = _splits_read(exp, spec.setting, root)[3]
-    except UserError:
-        return None
-    return {role: provenance.split_record(dataset.pairs, root) for role, dataset in read.items()}
+    return "; ".join(provenance.differences({"data": recorded["data"]}, {"data": data})) or None
 
 
 def _build_and_resume(run: RunContext, method: Method, data: RunData, result: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -573,9 +589,15 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
                     lock.release()
                     decision = "finished"
     if world.is_main and decision == "finished":
-        changed = _inputs_changed_since(read_result(path), experiment_for(exp, spec), spec, world.world_size,
-                                        with_data=True)
+        earlier = read_result(path)
+        changed = _inputs_changed_since(earlier, experiment_for(exp, spec), spec, world.world_size)
         decision = f"changed:{changed}" if changed else decision
+        if not changed and (other_data := _data_changed_since(earlier, experiment_for(exp, spec), spec)):
+            # Warned, not refused: a Mapillary val halved once (`data convert mapillary-half`) after the run is
+            # other files holding the same pixels, and the user knows which it is.
+            log.warning("%s: finished earlier on other data files than a run would read now (%s); kept and shown "
+                        "as it is: move %s away to run on these", spec.run_id(experiment_for(exp, spec)),
+                        other_data, path)
     decision = distributed.broadcast_object(decision)
     if decision.startswith("changed:"):
         refuse_finished_result_of_other_inputs(path, decision.removeprefix("changed:"))
@@ -607,21 +629,17 @@ def _earlier_result_under_lock(path: Path) -> dict[str, Any] | None:
 
 
 def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec,
-                          processes: int | None, with_data: bool = False) -> str | None:
+                          processes: int | None) -> str | None:
     """How the backbone's weight file, or the file defining a `--method-file` method, differs from the one
-    a finished result was made with, if either does, and `with_data`, the data it read (file names and sizes);
-    `processes=None` (a submitting node, which knows neither the job's device nor its processes, nor sees the
-    job's data) compares the files and hyperparameters alone.
+    a finished result was made with, if either does; `processes=None` (a submitting node, which knows
+    neither the job's device nor its processes) compares the files and hyperparameters alone.
 
     The config hash names settings, not file contents: without this, a result trained from an older
-    checkpoint, an edited method or a world rewritten in place (or another one under the same relative root)
-    would be skipped as "finished" and shown beside results of the new one.
+    checkpoint or an edited method would be skipped as "finished" and shown beside results of the new one.
+    (The data is held against the result apart, `_data_changed_since`, and warned of.)
     """
     # Only what both records hold is compared: a result from before provenance was recorded differs in nothing.
-    current = _model_files(exp, spec, processes)
-    if with_data and (data := _data_now(exp, spec)) is not None:
-        current["data"] = data
-    changed = provenance.differences((result or {}).get("provenance"), current)
+    changed = provenance.differences((result or {}).get("provenance"), _model_files(exp, spec, processes))
     return "; ".join(changed) or None
 
 
@@ -681,6 +699,7 @@ def run_matrix(
     results_dir = results_dir or exp.resolve_path(exp.run.results_dir)
     specs = plan_runs(exp, methods)
     check_weights_given(exp, specs)
+    _DATA_SEEN.clear()  # fingerprints of this matrix's data, not of an earlier matrix's in the same process
     results = []
     skipped = []
     for number, spec in enumerate(specs, 1):
