@@ -223,8 +223,17 @@ def test_the_working_tree_digest_tells_two_edits_of_one_file_apart(tmp_path):
     (tmp_path / "protocol.py").write_text("lr = 2.0\n")
     doubled = working_tree_sha256(tmp_path)
     assert halved and doubled and halved != doubled
+    # No user's git configuration shapes it (a reviewer had four digests of one edit from four settings) ...
+    for setting in ("diff.noprefix=true", "color.diff=always", "diff.mnemonicPrefix=true", "diff.algorithm=patience"):
+        git("config", *setting.split("="))
+        assert working_tree_sha256(tmp_path) == doubled, setting
+    # ... and what a run writes into a results folder inside the checkout (results, locks) is not code.
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "seed42.json").write_text("{}")
+    (tmp_path / "runs" / "seed42.lock").write_text("pid")
+    assert working_tree_sha256(tmp_path) == doubled
     (tmp_path / "protocol.py").write_text("lr = 1.0\n")
-    (tmp_path / "notes.txt").write_text("an untracked file")
+    (tmp_path / "method.py").write_text("an untracked method file")
     assert working_tree_sha256(tmp_path) not in (None, halved, doubled)
 
 @pytest.mark.parametrize("passive", [True, False], ids=["work-arrived", "work-left"])
