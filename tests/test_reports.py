@@ -216,6 +216,12 @@ def test_configurations_sharing_a_table_title_lead_with_where_each_departs_from_
     assert "train.iters=2000, data.crop_size=128, eval.crop_size=128, +1 more" in labels
     assert "data.crop_size=96, eval.crop_size=96, model.img_size=96, +1 more" in labels
     assert "the preset's settings; data.crop_size=128, eval.crop_size=128, model.img_size=128, +1 more" in labels
+    # Two configurations that both depart from the preset (lr), one of them also in its batch: neither is the preset's.
+    slower, bigger = copy.deepcopy(preset), copy.deepcopy(preset)
+    slower["train"]["lr"] = bigger["train"]["lr"] = 5e-4
+    bigger["train"]["batch_size"] = 8
+    titles = [t.title for t in main_tables([make_result("lora", 42, cbm(40, 30, 20), experiment=e) for e in (slower, bigger)])]
+    assert not any("the preset's settings" in title for title in titles), titles
 
 def test_a_table_of_runs_on_other_weights_than_their_preset_says_so_even_alone():
     """Weights count by content: the shipped checkpoint under any file name is the preset's, another file
@@ -864,6 +870,10 @@ def test_a_table_says_which_rows_ran_on_other_inputs_and_which_runs_a_later_one_
     assert "Replaced by a later run of the same method and seed, and not in the table: 1 result(s) (vpt seed 1)" in notes
     one_input = " ".join(main_tables([result("rein", 1, "c1"), result("lora", 1, "c1")])[0].notes)
     assert "sets of inputs" not in one_input and "Replaced" not in one_input
+    # vpt's two seeds on two sets of inputs: its own row is marked ‡, and it is not one of "the other" methods
+    split = [result("rein", 1, "c1"), result("lora", 1, "c1"), result("vpt", 1, "c1"), result("vpt", 2, "c2")]
+    notes = " ".join(main_tables(split)[0].notes)
+    assert "some runs of vpt apart from the other 2 methods" in notes
 
 
 def test_an_inverted_u_missed_on_the_source_says_by_how_much_and_whether_inside_the_seed_noise():
@@ -881,3 +891,5 @@ def test_an_inverted_u_missed_on_the_source_says_by_how_much_and_whether_inside_
     assert note.endswith("does not show the inverted U.")
     far = inverted_u_note(summary_frame([rows[0], rows[2]]))  # one seed each: no noise to be within
     assert "(not the best: tuned 48.40, 0.4 above)" in far
+    farther = inverted_u_note(summary_frame([rows[0], run("tuned", "parameter-efficient", 1, 60.5, 33.0)]))
+    assert "(not the best: tuned 60.50, 12.5 above)" in farther

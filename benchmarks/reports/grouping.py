@@ -153,7 +153,7 @@ def _variant_labels(results: dict[str, dict[str, Any]], most: int = 3) -> dict[s
         departs = _departure_keys(results[fp])
         own = [k for k in differing if k in departs] + [k for k in differing if k not in departs]
         label = _settings_label(settings, own, most)
-        labels[fp] = label if any(k in departs for k in differing) else f"the preset's settings; {label}"
+        labels[fp] = f"the preset's settings; {label}" if not departs else label
     return labels
 
 

@@ -98,8 +98,13 @@ def _inputs_note(finished: list[dict[str, Any]]) -> str | None:
     differing += [split for split in splits
                   if len({((r.get("data") or {}).get(split) or {}).get("sha256") for r in records}) > 1]
     groups = sorted(methods_by_inputs.values(), key=lambda methods: (-len(methods), sorted(methods)))
-    named = "; ".join(", ".join(sorted(methods)) for methods in groups[1:])
-    others = f"the other {len(groups[0])} method" + ("s" if len(groups[0]) != 1 else "")
+    # A method whose runs span two sets of inputs (its row marked ‡) is named by "some runs of", and not counted
+    # among the others.
+    split = {m for m in groups[0] if any(m in group for group in groups[1:])}
+    named = "; ".join(", ".join(f"some runs of {m}" if m in split else m for m in sorted(methods))
+                      for methods in groups[1:])
+    rest = len(groups[0] - split)
+    others = f"the other {rest} method" + ("s" if rest != 1 else "")
     return (f"The rows come from {len(groups)} sets of inputs (their results' `provenance`; differing: "
             f"{', '.join(differing) or 'the record'}): {named} apart from {others}; a difference between those "
             "rows includes the inputs'.")
@@ -374,7 +379,8 @@ def _source_place(group: pd.DataFrame, full: pd.Series, source_best: bool) -> st
     stds = [float(row.get("source_std", math.nan)) for row in (full, top)]
     noise = max((std for std in stds if not math.isnan(std)), default=0.0)
     within = f", within the seed std {noise:.2f}" if gap < noise else ""
-    return f"not the best: {top['method']} {top['source']:.2f}, {gap:.2g} above{within}"
+    shown = f"{gap:.1f}" if gap >= 1 else f"{gap:.2g}"
+    return f"not the best: {top['method']} {top['source']:.2f}, {shown} above{within}"
 
 
 def _nan_to_none(value: Any) -> float | None:
