@@ -296,6 +296,9 @@ def test_a_weights_file_the_backbone_cannot_take_is_refused_before_any_data_is_r
     (["run", "--methods"], "argument --methods: expected one argument"),
     (["--bogus"], "the following arguments are required: COMMAND"),
     (["data", "synth"], "the following arguments are required: --out"),
+    # an option the command does not know: the line names that command's help, not the top level's
+    (["run", "--bogus"], "run: unrecognized arguments: --bogus; `python -m benchmarks run --help`"),
+    (["data", "check", "--root", ".", "--bogus"], "`python -m benchmarks data check --help` lists its options"),
 ])
 def test_a_malformed_command_line_is_one_line_naming_the_problem_and_where_the_options_are(argv, said, capsys):
     # argparse printed its usage block (up to 20 lines for `run`) before the error.
