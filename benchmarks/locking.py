@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from benchmarks.errors import UserError
 
 try:
     import fcntl
-except ImportError:  # Windows: the rename in `_take_over_if_stale` alone orders the runners there
+except ImportError:  # Windows: `exclusive` has no lock to take there
     fcntl = None
 
 log = logging.getLogger(__name__)
@@ -146,21 +147,31 @@ def _why_foreign_stale(path: Path, owner: dict[str, Any]) -> str | None:
 
 
 TAKEOVER_GUARD_NAME = ".run-lock-takeover"
+"""Held (`exclusive`) while a runner looks at a run lock, judges it stale and removes it. Without it, a runner
+that looked just before another took the lock over removed the new owner's lock, and a third runner created its
+own: two holders. Never removed (a removed flock file no longer excludes anyone); where the file system has no
+locks, the rename in `_take_over_if_stale` still orders two runners, not three."""
 
 
 @contextlib.contextmanager
-def _takeover_guard(folder: Path):
-    """Held while a runner looks at a lock, judges it stale and removes it. Without it, a runner that looked
-    just before another took the lock over removed the new owner's lock, and a third runner created its own:
-    two holders. The guard file is never removed (a removed flock file no longer excludes anyone); where the
-    file system has no locks, the rename in `_take_over_if_stale` still orders two runners, not three."""
+def exclusive(path: Path, required: bool = True) -> Iterator[None]:
+    """An exclusive `flock` on `path` (a folder, or a file made if missing) for the block, released by the kernel
+    if the process dies. Where there is none to take (Windows; a file system without locks), a `required` one
+    is a one-line error naming the path, another is done without."""
     fd = None
-    if fcntl is not None:
-        try:
-            fd = os.open(folder / TAKEOVER_GUARD_NAME, os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as err:
-            log.debug("no take-over guard in %s: %s", folder, err)
+    try:
+        if fcntl is None:
+            raise OSError(errno.ENOSYS, "no flock on this system")
+        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+        if fd is not None:
+            os.close(fd)
+            fd = None
+        if required:
+            raise UserError(f"{path}: cannot lock it ({err.strerror or err}); run on a file system with locks, "
+                            "one command at a time") from None
+        log.debug("no lock on %s: %s", path, err)
     try:
         yield
     finally:
@@ -226,7 +237,7 @@ class RunLock:
         return False
 
     def _take_over_if_stale(self) -> bool:
-        with _takeover_guard(self.path.parent):
+        with exclusive(self.path.parent / TAKEOVER_GUARD_NAME, required=False):
             return self._take_over_if_stale_guarded()
 
     def _take_over_if_stale_guarded(self) -> bool:

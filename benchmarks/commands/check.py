@@ -11,15 +11,12 @@ nothing regressed, 1 on a regression, 2 on a usage error (e.g. no baseline yet).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import logging
-import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.commands.run import add_method_file_argument
+from benchmarks.locking import exclusive
 from benchmarks.outputs import given_path, require_writable_file, require_writable_folder
 from benchmarks.regression import DEFAULT_BASELINE, DEFAULT_TOLERANCE_LOSS, DEFAULT_TOLERANCE_MIOU
 
@@ -77,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         # Read again under a lock of its folder: another update that ran meanwhile (`--methods` of others) is
         # merged into, not undone by this one's copy from before the matrix ran.
         args.baseline.parent.mkdir(parents=True, exist_ok=True)  # checked writable before the runs
-        with _folder_locked(args.baseline.parent):
+        with exclusive(args.baseline.parent):  # flock on the folder itself: no lock file beside the baseline
             baseline = _existing_baseline(args)
             tolerance = args.tolerance if args.tolerance is not None else float(
                 (baseline or {}).get("tolerance_miou", DEFAULT_TOLERANCE_MIOU))
@@ -157,18 +154,6 @@ def _moved_since(baseline: dict, results: list[dict], fresh: dict) -> str:
         return "the re-run runs reproduce the previous baseline's stored values exactly, and it keeps its runs and tolerances"
     numbers = f"{len(changed)} stored number(s) change" if changed else "every stored number of the re-run runs is the same"
     return f"against the previous baseline: {numbers}\n" + "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _folder_locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on a folder (flock on its descriptor: released by the kernel if the process dies,
-    and no lock file is left beside the baseline)."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)  # closing releases the lock
 
 
 def _existing_baseline(args: argparse.Namespace) -> dict | None:
