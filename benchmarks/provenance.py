@@ -224,6 +224,15 @@ def working_tree_sha256(root: Path) -> str | None:
     return digest.hexdigest()
 
 
+def code_state(root: Path) -> dict[str, Any]:
+    """What a result or a profile records of the checkout it ran from: the commit, whether and where the tree
+    was dirty, and the digest of the uncommitted code (`working_tree_sha256`)."""
+    commit, dirty_paths = git_state(root)
+    return {"git_commit": commit, "git_dirty": None if dirty_paths is None else bool(dirty_paths),
+            "git_dirty_paths": dirty_paths,
+            "git_dirty_sha256": working_tree_sha256(root) if dirty_paths else None}
+
+
 def code_identity(environment: dict[str, Any]) -> dict[str, Any]:
     """What a result's environment says of the code that computed it: the commit, the digest of uncommitted
     changes and the versions of the packages that compute numbers (`resources.RECORDED_PACKAGES`)."""

@@ -139,7 +139,6 @@ def experiment_for(exp: Experiment, spec: RunSpec) -> Experiment:
 
 # -- environment ------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
-    commit, dirty_paths = provenance.git_state(PROJECT_ROOT)
     return {
         "python": platform.python_version(),
         **resources.package_versions(),
@@ -147,10 +146,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device_name": resources.device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),
-        "git_commit": commit,
-        "git_dirty": None if dirty_paths is None else bool(dirty_paths),
-        "git_dirty_paths": dirty_paths,
-        "git_dirty_sha256": provenance.working_tree_sha256(PROJECT_ROOT) if dirty_paths else None,
+        **provenance.code_state(PROJECT_ROOT),
     }
 
 

@@ -139,12 +139,11 @@ def output_stem(preset: str, device_label: str, when: dt.date | None = None, out
 
 def environment_summary(device: torch.device | None) -> dict[str, Any]:
     from benchmarks.config import PROJECT_ROOT
-    from benchmarks.provenance import git_state
+    from benchmarks.provenance import code_state
 
-    commit, dirty_paths = git_state(PROJECT_ROOT)
     info: dict[str, Any] = {"python": platform.python_version(), **package_versions(), "machine": platform.machine(),
                             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "git_commit": commit, "git_dirty_paths": dirty_paths}
+                            **code_state(PROJECT_ROOT)}
     if device is not None:
         info["device"] = str(device)
         info["device_name"] = device_name(device)
