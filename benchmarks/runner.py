@@ -554,9 +554,11 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
     from benchmarks.locking import RunLock
 
     world = distributed.current()
-    path = spec.path(experiment_for(exp, spec), results_dir)
+    run_exp = experiment_for(exp, spec)
+    path, run_id = spec.path(run_exp, results_dir), spec.run_id(run_exp)
     lock = RunLock(path)
     decision = "run"
+    existing = None
     if world.is_main:
         try:
             existing = load_result(path)
@@ -584,24 +586,22 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
                 if existing and existing["status"] == "finished":
                     lock.release()
                     decision = "finished"
-    if world.is_main and decision == "finished":
-        earlier = read_result(path)
-        changed = _inputs_changed_since(earlier, experiment_for(exp, spec), spec, world.world_size)
+    if world.is_main and decision == "finished":  # `existing`: the finished result, as read above
+        changed = _inputs_changed_since(existing, run_exp, spec, world.world_size)
         decision = f"changed:{changed}" if changed else decision
-        if not changed and (other_data := _data_changed_since(earlier, experiment_for(exp, spec), spec)):
+        if not changed and (other_data := _data_changed_since(existing, run_exp, spec)):
             # Warned, not refused: a Mapillary val halved once (`data convert mapillary-half`) after the run is
             # other files holding the same pixels, and the user knows which it is.
             log.warning("%s: finished earlier on other data files than a run would read now (%s); kept and shown "
-                        "as it is: move %s away to run on these", spec.run_id(experiment_for(exp, spec)),
-                        other_data, path)
+                        "as it is: move %s away to run on these", run_id, other_data, path)
     decision = distributed.broadcast_object(decision)
     if decision.startswith("changed:"):
         refuse_finished_result_of_other_inputs(path, decision.removeprefix("changed:"))
     if decision == "finished":
-        log.info("%s: finished earlier, skipped (%s)", spec.run_id(experiment_for(exp, spec)), path)
-        return read_result(path)
+        log.info("%s: finished earlier, skipped (%s)", run_id, path)
+        return existing if world.is_main else read_result(path)
     if decision == "locked":
-        log.warning("%s: locked by %s (%s), skipped", spec.run_id(experiment_for(exp, spec)), lock.describe_owner(), lock.path)
+        log.warning("%s: locked by %s (%s), skipped", run_id, lock.describe_owner(), lock.path)
         return None
     try:
         return execute_run(spec, exp, results_dir, progress=progress)
