@@ -103,13 +103,16 @@ def run_check(root: Path, full: bool = False) -> tuple[list[tuple[str, str, str,
     rows: list[tuple[str, str, str, str]] = []
     problems: list[str] = []
     for name in find_datasets(root):
-        _check_dataset(root, name, full, rows, problems)
+        found_rows, found = _check_dataset(root, name, full)
+        rows += found_rows
+        problems += found
     return rows, problems
 
 
-def _check_dataset(root: Path, name: str, full: bool, rows: list[tuple[str, str, str, str]],
-                   problems: list[str]) -> None:
-    """`data check` of one dataset family under root: its rows and problems appended."""
+def _check_dataset(root: Path, name: str, full: bool) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """`data check` of one dataset family under root: its rows and its problems."""
+    rows: list[tuple[str, str, str, str]] = []
+    problems: list[str] = []
     required, optional = CHECK_SPLITS[name]
     for split in required + optional:
         adapter = _adapter_for(name, root, split)
@@ -127,14 +130,13 @@ def _check_dataset(root: Path, name: str, full: bool, rows: list[tuple[str, str,
             problems += found
         else:
             rows.append((name, split, str(n), "ok"))
+    return rows, problems
 
 
 def _sampled_problems(root: Path, name: str) -> list[str]:
     """What `data check` finds in a sample of one dataset's pairs (the check `prepare` runs before a dataset
     goes into place)."""
-    problems: list[str] = []
-    _check_dataset(root, name, False, [], problems)
-    return problems
+    return _check_dataset(root, name, full=False)[1]
 
 
 def _print_check(rows: list[tuple[str, str, str, str]]) -> None:
