@@ -150,7 +150,7 @@ def _variant_labels(results: dict[str, dict[str, Any]], most: int = 3) -> dict[s
     for fp, settings in flat.items():
         # Where this configuration departs from its preset comes first: alphabetical order alone showed two
         # configurations the same three keys and hid the one that told them apart in "+3 more".
-        departs = _departure_keys(results[fp])
+        departs = set(_departures(results[fp])[1])
         own = [k for k in differing if k in departs] + [k for k in differing if k not in departs]
         label = _settings_label(settings, own, most)
         labels[fp] = f"the preset's settings; {label}" if not departs else label
@@ -166,10 +166,6 @@ def preset_departures(result: dict[str, Any], most: int = 3) -> str:
     (`_preset_checkpoint`)."""
     ours, differing = _departures(result)
     return _settings_label(ours, sorted(differing), most) if differing else ""
-
-
-def _departure_keys(result: dict[str, Any]) -> set[str]:
-    return set(_departures(result)[1])
 
 
 def _departures(result: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -314,19 +310,16 @@ def split_runs(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     """(finished, unfinished) of one protocol, one result per (method, seed).
 
     A re-run replaces an earlier attempt: when a (method, seed) finished at least once, its failed
-    attempts are stale and not listed; among several finished ones the latest is kept (`superseded_runs`
-    lists the others, for the table to say).
+    attempts are stale and not listed; among several finished ones the latest is kept (`latest_runs` also
+    gives the others, for the table to say).
     """
-    finished, unfinished, _ = _latest_runs(results)
+    finished, unfinished, _ = latest_runs(results)
     return finished, unfinished
 
 
-def superseded_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The finished results of one protocol that a later finished run of the same (method, seed) replaces."""
-    return _latest_runs(results)[2]
-
-
-def _latest_runs(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ...]:
+def latest_runs(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ...]:
+    """`split_runs`'s (finished, unfinished), and the finished results a later finished run of the same
+    (method, seed) replaces."""
     finished: dict[tuple[str, Any], dict[str, Any]] = {}
     unfinished: dict[tuple[str, Any], dict[str, Any]] = {}
     superseded: list[dict[str, Any]] = []

@@ -43,10 +43,10 @@ from benchmarks.reports.grouping import (
     TARGET_LABELS,
     Protocol,
     group_results,
+    latest_runs,
     method_name,
     source_label,
     split_runs,
-    superseded_runs,
     target_label,
     targets_of,
 )
@@ -126,7 +126,7 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
     for proto, members in group_results(results).items():
         if setting is not None and proto.setting != setting:
             continue
-        finished, unfinished = split_runs(members)
+        finished, unfinished, superseded = latest_runs(members)
         summary = summary_frame(finished)
         targets = targets_of(proto.setting, finished)
         several_seeds = not summary.empty and bool((summary["seeds"] > 1).any())
@@ -168,8 +168,8 @@ def main_tables(results: Iterable[dict[str, Any]], setting: str | None = None) -
                          "method's code changed between them): not one measurement; compare them apart.")
         if inputs := _inputs_note(finished):
             notes.append(inputs)
-        if superseded := _superseded_note(superseded_runs(members)):
-            notes.append(superseded)
+        if replaced := _superseded_note(superseded):
+            notes.append(replaced)
         notes.extend(_unfinished_notes(unfinished))
         table = Table(title=f"{proto.title}: mIoU (%)", header=header, rows=rows, notes=notes)
         mark_best(table, range(2 + len(source), 2 + len(source) + len(targets) + 1))
