@@ -80,8 +80,10 @@ def cityscapes_to_train_ids(root: Path | str) -> dict[str, int]:
             continue
         adapter = _lenient(Cityscapes(root, split))
         adapters.append(adapter)
-        # every _labelIds file, also where a train-id file already exists (then it is skipped)
-        ids_files = sorted((base / split).rglob(f"*{IDS_SUFFIX}.png"))
+        # every _labelIds file, also where a train-id file already exists (then it is skipped); the adapter's
+        # scan, so that a linked city folder is converted as it is read
+        ids_files = sorted(f for f in adapter.scan(base / split, (".png",), recursive=True)
+                           if f.name.endswith(IDS_SUFFIX + ".png"))
         pairs = [Pair(name=f.stem, image=f, label=f, encoding="cityscapes_ids") for f in ids_files]
         stats = _convert_pairs(
             pairs,

@@ -379,6 +379,11 @@ def test_a_linked_city_folder_holds_pairs_too(tmp_path):
     (root / "cityscapes/gtFine/val/bonn/loop").symlink_to(root / "cityscapes/gtFine/val")  # read once, no loop
     names = [p.name for p in get_adapter("cityscapes")(root, "val").pairs()]
     assert names == ["aachen_000000_000019", "bonn_000001_000019"]
+    # `data convert cityscapes` reads the same folders (its own rglob found no label behind a link)
+    from datasets.convert import cityscapes_to_train_ids
+
+    assert cityscapes_to_train_ids(root) == {"written": 2, "skipped": 0}
+    assert all(p.encoding == "train_ids" for p in get_adapter("cityscapes")(root, "val").pairs())
 
 
 @pytest.mark.parametrize(("family", "build", "copy"), [
