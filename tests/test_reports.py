@@ -467,6 +467,14 @@ def test_the_proxy_beside_the_published_vfm_it_stands_in_for():
     assert "Spearman ρ = 0.40" in " ".join(table.notes) and "does not show the inverted U" in " ".join(table.notes)
     text = build_tables(proxy, published=True)
     assert "dinov2_vitl14" in text and "No published numbers" not in text
+    # the CSV form of the same table (it was a header only, with a warning, for a proxy backbone)
+    frame = pd.read_csv(pd.io.common.StringIO(build_tables(proxy, fmt="csv", published=True))).set_index("method")
+    assert list(frame.index) == ["rein", "lora", "full", "freeze"]
+    assert frame.loc["full", ["rank_published", "rank_harness"]].tolist() == [3, 1]
+    assert frame.loc["lora", "average_published"] == pytest.approx(62.7) and frame.loc["lora", "average_harness"] == 25
+    assert frame.loc["full", "source_harness"] == 60 and (frame["compared_with"] == "dinov2_vitl14").all()
+    assert frame["spearman_rho"].tolist() == pytest.approx([0.4] * 4)
+    assert frame.loc["rein", "citation"].startswith("Rein")
 
 
 def test_the_proxy_table_gives_rho_seed_by_seed_as_a_one_seed_run_would_see_it():

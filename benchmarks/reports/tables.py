@@ -13,7 +13,8 @@ protocols never share a table; seeds of one protocol are aggregated.
   the seed means, and of each seed alone): how far the proxy's ordering of the methods can be trusted.
 
 Every table renders as Markdown, LaTeX (booktabs) or HTML; CSV output is the tidy numeric frame
-behind the tables (full precision, mean and std in separate columns, one row per method).
+behind the tables (full precision, mean and std in separate columns, one row per method; with
+`--published`, the direct comparisons' rows and the proxy's rank rows in one file).
 
 Built on `grouping` (which runs share a table), `frames` (their numbers, the CSV output) and
 `render` (the table model and its formats).
@@ -288,43 +289,72 @@ def rank_agreement(ours: pd.Series, theirs: pd.Series) -> float:
     return float(ours.rank().corr(theirs.rank()))
 
 
-def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame, seeds: pd.DataFrame | None = None) -> list[Table]:
-    """For each protocol on a proxy backbone: the published averages of the VFM it stands in for,
-    the proxy's, both ranks (1 = best) and Spearman's ρ over the methods both have; with `seeds`
-    (`seed_frame`) and several seeds, ρ of each seed's runs alone too."""
-    tables = []
-    runs_of = {key: runs for key, runs in seeds.groupby(PROTOCOL_COLUMNS)} if seeds is not None else {}
+STAND_IN_COLUMNS = [*PROTOCOL_COLUMNS, "method", "seeds", "compared_with", "average_published", "rank_published",
+                    "average_harness", "average_harness_std", "rank_harness", "source_harness", "source_harness_std",
+                    "spearman_rho", "citation"]
+
+
+def stand_in_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
+    """For each protocol on a proxy backbone, one row per method that the VFM it stands in for has a
+    published average of: both averages, both ranks (1 = best, ties share the best rank) and the protocol's
+    Spearman ρ over those methods (the same on each of its rows), in the published order."""
+    frames = []
     for key, group in summary.groupby(PROTOCOL_COLUMNS, sort=True):
         reference = PROXY_STANDS_IN_FOR.get(key[2])
         if reference is None:
             continue
         papers = published[(published["setting"] == key[1]) & (published["backbone"] == reference)]
-        papers = papers[papers["average"].notna()][["method", "average"]]
-        both = group.merge(papers, on="method", suffixes=("", "_paper")).dropna(subset=["average"])
+        papers = papers[papers["average"].notna()][["method", "average", "source"]]
+        both = group.merge(papers.rename(columns={"source": "citation"}), on="method",
+                           suffixes=("", "_paper")).dropna(subset=["average"])
         if both.empty:
             continue
-        both = both.assign(rank_paper=both["average_paper"].rank(ascending=False, method="min"),
-                           rank_ours=both["average"].rank(ascending=False, method="min"))
-        both = both.sort_values("average_paper", ascending=False)
-        rho = rank_agreement(both["average"], both["average_paper"])
-        has_source = "source" in both.columns and both["source"].notna().any()
+        source = both["source"] if "source" in both.columns else math.nan
+        source_std = both["source_std"] if "source_std" in both.columns else math.nan
+        frames.append(pd.DataFrame({
+            **{column: both[column] for column in (*PROTOCOL_COLUMNS, "method", "seeds")},
+            "compared_with": reference,
+            "average_published": both["average_paper"],
+            "rank_published": both["average_paper"].rank(ascending=False, method="min").astype(int),
+            "average_harness": both["average"], "average_harness_std": both["average_std"],
+            "rank_harness": both["average"].rank(ascending=False, method="min").astype(int),
+            "source_harness": source, "source_harness_std": source_std,
+            "spearman_rho": rank_agreement(both["average"], both["average_paper"]),
+            "citation": both["citation"],
+        }).sort_values("average_published", ascending=False, kind="stable"))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STAND_IN_COLUMNS)
+
+
+def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame, seeds: pd.DataFrame | None = None) -> list[Table]:
+    """For each protocol on a proxy backbone: the published averages of the VFM it stands in for,
+    the proxy's, both ranks (1 = best) and Spearman's ρ over the methods both have (`stand_in_frame`);
+    with `seeds` (`seed_frame`) and several seeds, ρ of each seed's runs alone too."""
+    tables = []
+    runs_of = {key: runs for key, runs in seeds.groupby(PROTOCOL_COLUMNS)} if seeds is not None else {}
+    groups = {key: group for key, group in summary.groupby(PROTOCOL_COLUMNS, sort=True)}
+    for key, both in stand_in_frame(summary, published).groupby(PROTOCOL_COLUMNS, sort=True):
+        reference = both["compared_with"].iloc[0]
+        rho = float(both["spearman_rho"].iloc[0])
+        has_source = both["source_harness"].notna().any()
         header = ["Method", f"Avg. {reference} (paper)", "Rank (paper)", f"Avg. {key[2]} (ours)", "Rank (ours)"]
         if has_source:
             header.append("Source mIoU (ours)")
         rows = []
         for _, row in both.iterrows():
-            cells = [text_cell(row["method"]), Cell(float(row["average_paper"]), digits=2),
-                     Cell(float(row["rank_paper"]), digits=0), Cell(float(row["average"]), _nan_to_none(row["average_std"])),
-                     Cell(float(row["rank_ours"]), digits=0)]
+            cells = [text_cell(row["method"]), Cell(float(row["average_published"]), digits=2),
+                     Cell(float(row["rank_published"]), digits=0),
+                     Cell(float(row["average_harness"]), _nan_to_none(row["average_harness_std"])),
+                     Cell(float(row["rank_harness"]), digits=0)]
             if has_source:
-                cells.append(Cell(_nan_to_none(row["source"]), _nan_to_none(row.get("source_std"))))
+                cells.append(Cell(_nan_to_none(row["source_harness"]), _nan_to_none(row["source_harness_std"])))
             rows.append(cells)
         notes = [f"Spearman ρ = {rho:.2f} over the {len(both)} methods with a published {reference} average "
                  f"({key[1]}); 1 = the proxy orders them as the papers do." if not math.isnan(rho) else
                  f"Too few methods ({len(both)}) with a published {reference} average for a rank correlation."]
         if key in runs_of:
-            notes.append(per_seed_rank_note(runs_of[key], both[["method", "average_paper"]]))
-        notes.append(inverted_u_note(group))
+            papers = both[["method", "average_published"]].rename(columns={"average_published": "average_paper"})
+            notes.append(per_seed_rank_note(runs_of[key], papers))
+        notes.append(inverted_u_note(groups[key]))
         proto = Protocol(*key)
         tables.append(Table(title=f"{proto.title}: the proxy beside the published {reference}", header=header,
                             rows=rows, align="l" + "r" * (len(header) - 1), notes=[n for n in notes if n]))
@@ -417,10 +447,14 @@ def build_tables(results: Iterable[dict[str, Any]], *, fmt: str = "markdown", pe
             chosen = _of_setting(results, setting)
             summary = summary_frame(chosen)
             comparison = comparison_frame(summary, pub)
-            if comparison.empty and not summary.empty:
-                log.warning("no published numbers for the runs' (setting, backbone): the CSV has a header only "
-                            "(the markdown view ranks a proxy backbone's runs beside the papers')")
-            return _csv(comparison, chosen, setting)
+            stand_in = stand_in_frame(summary, pub)
+            if comparison.empty and stand_in.empty and not summary.empty:
+                log.warning("no published numbers for the runs' (setting, backbone): the CSV has a header only")
+            # one row per (protocol, method) with a published number: the paper's own backbone (`_delta`
+            # columns) and, for a proxy backbone, the VFM it stands in for (ranks and ρ); columns the other
+            # kind has stay empty
+            frames = [frame for frame in (comparison, stand_in) if not frame.empty] or [comparison]
+            return _csv(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], chosen, setting)
         tables = published_tables(results, pub, setting=setting)
         if not tables:
             failures = [n for _, members in group_results(_of_setting(results, setting)).items()
