@@ -289,8 +289,19 @@ class ScenePool(NamedTuple):
     """[N,H,W] uint16 class-agnostic region ids, rendered only for the region contrast."""
 
 
+SCENES_PER_SEED = 10_000_000
+"""Each `--seed` owns this many scene seeds, so that two seeds' scenes never coincide."""
+
+
+def scene_seed(seed: int, index: int) -> int:
+    """The seed of a pretraining round's `index`-th scene: from PRETRAINING_SEEDS_FROM on, where no world's
+    pair seeds are, and below 2**32, from where numpy would split it into two words that a world's seed list
+    ([seed, domain, split, index]) can equal (`pretrain --seed` and `--scenes` are bounded for that)."""
+    return PRETRAINING_SEEDS_FROM + seed * SCENES_PER_SEED + index
+
+
 def render_pool(cfg: PretrainConfig) -> ScenePool:
-    seeds = [PRETRAINING_SEEDS_FROM + cfg.seed * 10_000_000 + i for i in range(cfg.scenes)]
+    seeds = [scene_seed(cfg.seed, i) for i in range(cfg.scenes)]
     chunks = [seeds[i : i + 100] for i in range(0, len(seeds), 100)]
     job = (cfg.views, cfg.scene_height, cfg.scene_width, cfg.zoom, cfg.contrasts_regions)
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:

@@ -199,6 +199,30 @@ def test_the_pretrain_bound_on_target_layers_is_the_proxy_depth():
     assert PROXY_DEPTH == BACKBONES["proxy_vit"].depth
 
 
+def test_pretrain_seeds_stay_below_2_to_the_32_where_numpy_would_split_them_into_a_worlds_seed_list(
+        tmp_path, capsys, pretraining_calls):
+    # From `--seed 330` on, a scene's seed passed 2**32, and numpy's [lo, 1] stream equalled the world pair
+    # [lo, 1, 1, 0] of `data synth --seed lo` (a seed that command accepts).
+    import numpy as np
+
+    from benchmarks.commands.pretrain import MAX_SEED, SCENES_PER_SEED
+    from benchmarks.pretrain import SCENES_PER_SEED as STRIDE
+    from benchmarks.pretrain import scene_seed
+    from datasets.synthetic import PRETRAINING_SEEDS_FROM
+
+    assert SCENES_PER_SEED == STRIDE
+    assert PRETRAINING_SEEDS_FROM <= scene_seed(0, 0) and scene_seed(MAX_SEED, SCENES_PER_SEED - 1) < 2**32
+    assert scene_seed(MAX_SEED + 1, SCENES_PER_SEED - 1) >= 2**32  # the largest bound that keeps them apart
+    lo = scene_seed(330, 0) % 2**32
+    assert np.array_equal(np.random.default_rng([scene_seed(330, 0), 1]).random(2),
+                          np.random.default_rng([lo, 1, 1, 0]).random(2))  # what the bound prevents
+    for option, value in (("--seed", MAX_SEED + 1), ("--scenes", SCENES_PER_SEED + 1)):
+        code, _, err = _cli(["pretrain", option, str(value), "--out", str(tmp_path / "x.safetensors")], capsys)
+        line = _error_line(err)
+        assert code == 2 and option in line and "must be at most" in line, line
+    assert pretraining_calls == [] and not list(tmp_path.iterdir())
+
+
 def test_pretrain_init_named_like_a_stage_reference_is_the_file(tmp_path, capsys, monkeypatch, pretraining_calls):
     # "stage8" in the recipe names stage 8's output; a user's file of that name is a file
     monkeypatch.chdir(tmp_path)

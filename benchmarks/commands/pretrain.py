@@ -42,9 +42,13 @@ class Bounds:
         return None
 
 
+# `benchmarks.pretrain.scene_seed` keeps a scene's seed below 2**32 for these (a test holds them to it).
+SCENES_PER_SEED = 10_000_000
+MAX_SEED = 328
+
 # Every numeric field of PretrainConfig, so that a value the code cannot use never reaches rendering.
 OPTION_BOUNDS: dict[str, Bounds] = {
-    "scenes": Bounds(1),
+    "scenes": Bounds(1, high=SCENES_PER_SEED, note=" (one --seed's share of the scene seeds)"),
     "views": Bounds(1, note=" (1 turns the cross-style objectives off)"),
     "scene_height": Bounds(1),
     "scene_width": Bounds(1),
@@ -63,7 +67,7 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "region_contrast": Bounds(0),
     "regions_per_image": Bounds(1),
     "contrast_temperature": Bounds(0, low_allowed=False),
-    "seed": Bounds(0),
+    "seed": Bounds(0, high=MAX_SEED, note=" (the scenes' seeds stay below 2**32, apart from every world's)"),
     "workers": Bounds(1),
 }
 
