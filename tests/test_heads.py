@@ -235,6 +235,13 @@ def test_transformer_layers_start_as_mmdet_initialises_them() -> None:
         uniform_bound = math.sqrt(6 / (fan_in + fan_out))  # xavier_uniform's; a normal of its std passes it
         assert weight.abs().max() > uniform_bound
         assert weight.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.1)
+    # mmdet's self-attention is torch's MultiheadAttention: q, k and v one [3D, D] matrix, whose xavier std
+    # is √(2 / 4D), where transformers' three [D, D] layers drawn alone got √(2 / 2D), √2 larger
+    wide = Mask2FormerHead(16, 3, **dict(TINY_M2F, hidden_dim=128, num_heads=8))
+    attention = wide.transformer.decoder.layers[0].self_attn
+    qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+    assert qkv.std().item() == pytest.approx(math.sqrt(2 / (4 * 128)), rel=0.05)
+    assert attention.out_proj.weight.std().item() == pytest.approx(math.sqrt(2 / (2 * 128)), rel=0.05)
 
 
 # -- light head and the registry ---------------------------------------------------------------------------

@@ -231,19 +231,20 @@ class Mask2FormerHead(nn.Module):
             if isinstance(module, m2f.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
                 self._init_deformable(module)
         nn.init.normal_(pd.level_embed, std=1.0)
-        tm = self.transformer
-        for proj in tm.input_projections:
-            if isinstance(proj, nn.Conv2d):
-                nn.init.xavier_uniform_(proj.weight)
-                nn.init.zeros_(proj.bias)
+        tm = self.transformer  # its input projections are identities: the pixel decoder gives hidden_dim channels
         for layer in tm.decoder.layers:
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_normal_(p)
-            # mmdet's attentions are torch's MultiheadAttention, whose projection biases start at 0;
+            # mmdet's attentions are torch's MultiheadAttention: q, k and v one [3D, D] matrix (xavier's std
+            # √(2/4D), not the √(2/2D) of three [D, D] layers drawn alone) and projection biases at 0;
             # transformers' self-attention is four Linear layers with torch's uniform bias init.
             self_attn = layer.self_attn
-            for projection in (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.out_proj):
+            in_projections = (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj)
+            fused = nn.init.xavier_normal_(torch.empty(3 * self_attn.q_proj.out_features, self_attn.q_proj.in_features))
+            for projection, weight in zip(in_projections, fused.chunk(3), strict=True):
+                projection.weight.copy_(weight)
+            for projection in (*in_projections, self_attn.out_proj):
                 nn.init.zeros_(projection.bias)
             nn.init.zeros_(layer.cross_attn.in_proj_bias)
             nn.init.zeros_(layer.cross_attn.out_proj.bias)
@@ -281,10 +282,6 @@ class Mask2FormerHead(nn.Module):
         trainable = provider is None
         self.transformer.queries_embedder.requires_grad_(trainable)
         self.transformer.queries_features.requires_grad_(trainable)
-
-    @property
-    def num_queries(self) -> int:
-        return self.config.num_queries
 
     # -- compute --------------------------------------------------------------------------------------
     def _queries(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
