@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from benchmarks.config import Experiment
+from benchmarks.errors import UserError
 from benchmarks.method import build_method
 from benchmarks.resources import device_name
 from benchmarks.synthetic_inputs import eval_image_size, window_count, without_weight_files
@@ -225,6 +226,8 @@ def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> d
             model.to_empty(device="cpu")
             forward, train = _count_model_flops(model, exp, batch, real_loss=False)
             evaluation = _evaluation_flops(model, exp, windows, per_batch)
+    except UserError:  # a setting the user can mend, not code the counter cannot trace
+        raise
     except Exception as err:  # noqa: BLE001 - data-dependent code in a method or head
         if not allow_real:
             return {"flops_forward_per_image": None, "flops_train_step_per_image": None, "flops_eval_per_image": None,

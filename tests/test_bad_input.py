@@ -370,3 +370,15 @@ def test_profile_flops_only_and_no_flops_together_are_refused(capsys):
     with pytest.raises(SystemExit) as refused:
         run_cli(["profile", "--flops-only", "--no-flops"], capsys)
     assert refused.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ('model.head_options={"channels": 0}', "cannot be built"),  # a ZeroDivisionError traceback, exit 1
+    ("eval.crop_size=60", "eval.crop_size=60 is not a multiple"),  # exit 0, the reason dropped from the row
+])
+def test_profile_flops_only_refuses_a_setting_the_model_cannot_take_as_profiling_does(setting, said, tmp_path, capsys):
+    code, out, err = run_cli(["profile", "--preset", "smoke", "--methods", "freeze", "--flops-only",
+                              "--out", str(tmp_path), "--set", setting], capsys)
+    line = error_line(err)
+    assert code == 2 and said in line, line
+    assert out == "" and list(tmp_path.iterdir()) == []

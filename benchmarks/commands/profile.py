@@ -55,12 +55,14 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.profiling import ProfileSettings, profile_methods
     from benchmarks.protocol import select_device
     from benchmarks.reports.profiles import environment_summary, format_table, output_stem, write_profiles
+    from benchmarks.synthetic_inputs import without_weight_files
 
     exp = load_experiment(args.preset, args.overrides)
     names = resolve_methods(args.methods)
     check_method_overrides(exp.methods)
-    if not args.flops_only:  # the FLOPs table records a method it cannot count as a row of its own
-        check_buildable(exp, (exp.model.backbone,), names)
+    # counting FLOPs reads no weight file, so it needs none to exist; a setting the model cannot take is refused
+    # either way (a method the counter cannot trace is a row of the FLOPs table of its own)
+    check_buildable(without_weight_files(exp) if args.flops_only else exp, (exp.model.backbone,), names)
     if min(args.warmup, args.repeats, args.eval_repeats) < 0 or args.repeats == 0 or args.eval_repeats == 0:
         raise UserError("--repeats and --eval-repeats must be at least 1 and --warmup at least 0")
     out = Path(args.out)
