@@ -1,7 +1,7 @@
 """FLOPs per image and model FLOPs utilisation (MFU).
 
 FLOPs come from `torch.utils.flop_counter` (2 per multiply-add over matmuls, convolutions and
-attention): forward of one crop, a training step (forward + backward through what trains) and
+attention): forward of one evaluation window (`eval.crop_size`), a training step (forward + backward through what trains) and
 evaluation of one image (windows × forward). They are counted on fake tensors, the model built on
 the meta device and materialised as fake CPU tensors (shapes only, no memory, seconds even for
 DINOv2-L + Mask2Former), with a surrogate loss touching every output; where a method's code needs
@@ -155,7 +155,8 @@ def surrogate_loss(outputs: Any) -> torch.Tensor:
 
 
 def _count_model_flops(model: torch.nn.Module, exp: Experiment, batch_size: int, real_loss: bool) -> tuple[int, int]:
-    """(forward FLOPs of one crop, training-step FLOPs of `batch_size` crops) on the model's device."""
+    """(inference-forward FLOPs of one evaluation window, training-step FLOPs of `batch_size` training crops) on the
+    model's device."""
     device = next(model.parameters()).device
     crop = exp.data.crop_size
     model.eval()
@@ -205,7 +206,7 @@ def _in_main_phase(exp: Experiment, method_name: str, device: str) -> tuple[torc
 
 
 def count_flops(exp: Experiment, method_name: str, allow_real: bool = True) -> dict[str, Any]:
-    """FLOPs per image: forward of one crop, training step (in the method's main phase, as profiled),
+    """FLOPs per image: inference forward of one evaluation window (`eval.crop_size`), training step (in the method's main phase, as profiled),
     evaluation of one target image.
 
     Fake tensors first (the model built on the meta device, materialised as fake CPU tensors:
@@ -308,7 +309,8 @@ def flops_table(exp: Experiment, methods: Iterable[str]) -> list[dict[str, Any]]
     for name in methods:
         counts = reported_parameter_counts(exp, name)
         row: dict[str, Any] = {"method": name, "status": "ok", "backbone": exp.model.backbone, "head": exp.model.head,
-                               "crop_size": exp.data.crop_size, "batch_size": exp.train.batch_size, "params": counts,
+                               "crop_size": exp.data.crop_size, "eval_crop_size": exp.eval.crop_size,
+                               "batch_size": exp.train.batch_size, "params": counts,
                                "trainable_parameters": counts["backbone_trainable"], "added_parameters": counts["backbone_added"],
                                "eval_image_size": list(eval_image_size(exp)),
                                "windows_per_image": window_count(*eval_image_size(exp), exp.eval.crop_size, exp.eval.stride)}

@@ -103,6 +103,7 @@ def profile_method(exp: Experiment, method_name: str, device: torch.device | str
         "head": exp.model.head,
         "batch_size": images_per_step,
         "crop_size": exp.data.crop_size,
+        "eval_crop_size": exp.eval.crop_size,  # the window `flops_forward_per_image` is counted on
         "eval_image_size": list(eval_image_size(exp)),
         "windows_per_image": window_count(*eval_image_size(exp), exp.eval.crop_size, exp.eval.stride),
         "cpu_threads": torch.get_num_threads(),

@@ -368,6 +368,18 @@ def test_flops_only_command_writes_table_and_json(tmp_path, capsys):
     assert (tmp_path / json_path.name.replace(".json", ".md")).is_file()
 
 
+def test_the_forward_count_names_the_window_it_was_counted_on():
+    # the forward is an evaluation window's; the row's crop_size is the training crop's, which may differ
+    from benchmarks.config import load_experiment
+    from benchmarks.flops import flops_table
+
+    default, = flops_table(load_experiment("smoke", ["model.weights=[]"]), ["freeze"])
+    wider, = flops_table(load_experiment("smoke", ["model.weights=[]", "data.crop_size=128"]), ["freeze"])
+    assert (wider["crop_size"], wider["eval_crop_size"]) == (128, 64)
+    assert wider["flops_forward_per_image"] == default["flops_forward_per_image"]
+    assert wider["flops_train_step_per_image"] > default["flops_train_step_per_image"]
+
+
 def test_a_second_profile_of_the_day_never_replaces_the_first(tmp_path, capsys):
     from benchmarks.cli import main
 
