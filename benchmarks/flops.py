@@ -31,9 +31,10 @@ NUM_CLASSES = 19
 # against the lower-cased device name in order (the first pattern whose words all occur wins).
 PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("gh200",), 989.0),
+    (("h200", "nvl"), 835.5),  # the NVL cards: 1,671 with sparsity, as against the SXM parts' 1,979
     (("h200",), 989.0),
     (("h100", "pcie"), 756.0),
-    (("h100", "nvl"), 835.0),
+    (("h100", "nvl"), 835.5),
     (("h100",), 989.0),  # SXM ("H100 80GB HBM3")
     (("h800", "pcie"), 756.0),
     (("h800",), 989.0),

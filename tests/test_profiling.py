@@ -54,7 +54,8 @@ def batch(exp, size: int = 2, seed: int = 0):
 # -- device table, summaries, MFU --------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("name", "tflops"),
-    [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312),
+    [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835.5),
+     ("NVIDIA A100-SXM4-80GB", 312),
      ("NVIDIA L4", 121), ("NVIDIA L40S", 362), ("NVIDIA A10G", 70), ("NVIDIA GeForce GTX 1080", None)],
 )
 def test_peak_flops_table_matches_device_names(name, tflops):
