@@ -128,14 +128,14 @@ def synchronize(device) -> None:
         backend.synchronize(device)
 
 
-def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """Cores this process may run on: its affinity mask (taskset, a scheduler's cpuset), and no more than its
     cgroup's CPU quota allows (`docker --cpus 2` on a 16-core host leaves the mask at 16)."""
     try:
         cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         cores = max(1, os.cpu_count() or 1)
-    quota = cgroup_cpu_quota(cpu_max)
+    quota = cgroup_cpu_quota(cgroup_root)
     return min(cores, quota) if quota else cores
 
 
@@ -146,15 +146,26 @@ def _sees_whole_node() -> bool:
         return True
 
 
-def cgroup_cpu_quota(cpu_max: Path) -> int | None:
-    """Whole CPUs the cgroup v2 quota grants ("200000 100000" in cpu.max: 2), rounded up; None without one."""
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
-        return None
-    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
-        return None
-    return max(1, math.ceil(int(quota) / int(period)))
+def cgroup_cpu_quota(cgroup_root: Path) -> int | None:
+    """Whole CPUs the cgroup's quota grants, rounded up; None without one. cgroup v2 keeps it in `cpu.max`
+    ("200000 100000": 2), v1 in the cpu controller's `cpu.cfs_quota_us` over `cpu.cfs_period_us` (-1: none)."""
+    def read(*names: str) -> tuple[str, str] | None:
+        try:
+            texts = [(cgroup_root / name).read_text() for name in names]
+            values = texts[0].split()[:2] if len(names) == 1 else [text.strip() for text in texts]
+        except (OSError, ValueError):
+            return None
+        return (values[0], values[1]) if len(values) == 2 else None
+
+    for found in (read("cpu.max"), *(read(f"{v1}/cpu.cfs_quota_us", f"{v1}/cpu.cfs_period_us")
+                                     for v1 in ("cpu", "cpu,cpuacct"))):
+        if found is None:
+            continue
+        quota, period = found
+        if quota.isdigit() and period.isdigit() and int(period) > 0 and int(quota) > 0:
+            return max(1, math.ceil(int(quota) / int(period)))
+        return None  # "max" or -1: the cgroup sets no quota
+    return None
 
 
 def others_running(samples: int = 5, interval: float = 0.05, read=None) -> float:
@@ -346,14 +357,17 @@ def plan(num_workers: int, device_type: str, cpus: int | None = None, env: dict[
     cpus = max(1, machine // processes)
     share = f"{machine} cores, {cpus} for each of {processes} processes" if processes > 1 else f"{machine} cores"
     threads_given = env.get("OMP_NUM_THREADS", "").strip()
-    threads = int(threads_given) if threads_given.isdigit() and int(threads_given) > 0 else cpus
+    outermost = threads_given.split(",")[0].strip()  # OpenMP's list form counts threads per nesting level
+    if outermost.isdigit() and int(outermost) > 0:
+        threads, source = int(outermost), "OMP_NUM_THREADS"
+    else:
+        threads, source = cpus, f"cores; OMP_NUM_THREADS={threads_given!r} is no count" if threads_given else "cores"
     if num_workers >= 0:
         workers, why = num_workers, "data.num_workers"
     elif device_type == "cuda":
         workers, why = min(GPU_WORKERS_MAX, max(cpus - 1, 0)), f"auto: {share}, a GPU"
     else:
         workers, why = min(1, cpus - 1), f"auto: {share}, training on the CPU"
-    source = "OMP_NUM_THREADS" if threads_given else "cores"
     waiting = env.get("OMP_WAIT_POLICY") or "spinning (OpenMP default)"
     if env.get("OMP_WAIT_POLICY") and env.get(WAIT_POLICY_CHOSEN):
         waiting += " (chosen: other work was running)"

@@ -34,23 +34,36 @@ def test_the_processes_of_one_node_share_its_cores() -> None:
 
 
 def test_a_cgroup_cpu_quota_bounds_the_cores(tmp_path) -> None:
-    # `docker --cpus 2` on a 16-core host leaves the affinity mask at 16: only cpu.max says 2.
+    # `docker --cpus 2` on a 16-core host leaves the affinity mask at 16: only the cgroup's quota says 2.
     from benchmarks.resources import available_cpus, cgroup_cpu_quota
 
     cpu_max = tmp_path / "cpu.max"
     for text, cpus in (("200000 100000\n", 2), ("150000 100000\n", 2), ("max 100000\n", None), ("junk", None)):
         cpu_max.write_text(text)
-        assert cgroup_cpu_quota(cpu_max) == cpus
+        assert cgroup_cpu_quota(tmp_path) == cpus
     cpu_max.write_text("100000 100000\n")
-    assert available_cpus(cpu_max) == 1
+    assert available_cpus(tmp_path) == 1
     assert cgroup_cpu_quota(tmp_path / "absent") is None
+    # cgroup v1 (no cpu.max; the cpu controller's CFS files), which was never read
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    for quota, cpus in (("100000", 1), ("250000", 3), ("-1", None)):
+        (v1 / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+        assert cgroup_cpu_quota(v1) == cpus
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert available_cpus(v1) == 1
 
 
 def test_what_the_user_gives_wins() -> None:
     given = plan(3, "cpu", cpus=2, env={"OMP_NUM_THREADS": "1"})
     assert (given.threads, given.workers) == (1, 3)
     assert "OMP_NUM_THREADS" in given.reason and "data.num_workers" in given.reason
-    assert plan(-1, "cpu", cpus=4, env={"OMP_NUM_THREADS": "junk"}).threads == 4
+    junk = plan(-1, "cpu", cpus=4, env={"OMP_NUM_THREADS": "junk"})
+    assert junk.threads == 4 and "4 threads (cores; OMP_NUM_THREADS='junk' is no count)" in junk.reason
+    # OpenMP's list form gives the outermost level first (it was read as no count, then torch took the last)
+    nested = plan(-1, "cpu", cpus=4, env={"OMP_NUM_THREADS": "3,2"})
+    assert nested.threads == 3 and "3 threads (OMP_NUM_THREADS)" in nested.reason
 
 
 def test_the_plan_says_whose_wait_policy_it_is_and_after_how_many_restarts() -> None:
