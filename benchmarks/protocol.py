@@ -580,10 +580,12 @@ def train(
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{cfg.lr * factor:.2e}")
         bar.update(1)
         if hooks.evaluate and cfg.eval_interval and state.step % cfg.eval_interval == 0 and state.step < cfg.iters:
+            evaluation_started = time.perf_counter()
             with ema.swapped_in() if ema is not None else contextlib.nullcontext():
                 score = hooks.evaluate(state.step)
             state.evaluations.append({"iter": state.step, "source_heldout": score})
             model.train()
+            started += time.perf_counter() - evaluation_started  # training seconds (and images/s) exclude it
         if hooks.checkpoint and cadence.due(state.step, trained_here + time.perf_counter() - started):
             save_checkpoint()
         if hooks.checkpoint and hooks.interrupt and state.step < cfg.iters and (stop := hooks.interrupt()):

@@ -265,6 +265,27 @@ def test_no_target_is_scored_before_training_ends(tiny_world, tmp_path, monkeypa
     assert result["model_selection"] == "final"
 
 
+def test_evaluation_during_training_is_no_training_time(tiny_world, tmp_path, monkeypatch):
+    # A run's train images/s counted the held-out evaluations run between its steps as training time.
+    from benchmarks import protocol
+    from benchmarks.config import load_experiment
+    from benchmarks.runner import RunSpec, execute_run
+
+    real_clock, real_evaluate, hours = protocol.time.perf_counter, protocol.evaluate, [0.0]
+    monkeypatch.setattr(protocol.time, "perf_counter", lambda: real_clock() + hours[0] * 3600)
+
+    def evaluate(*args, **kwargs):
+        hours[0] += 1  # each evaluation takes an hour by this clock
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "evaluate", evaluate)
+    exp = load_experiment("smoke", [f"data.root={str(tiny_world)!r}", "train.iters=3", "train.eval_interval=1",
+                                    "data.source_holdout=1", "data.eval_limit=1"])
+    result = execute_run(RunSpec("G->CBM", "proxy_vit", "freeze", 42), exp, tmp_path, progress=False)
+    assert len(result["evaluations"]) == 2
+    assert result["profile"]["train_images_per_s"] > 3 * 2 / 3600  # 6 images in under an hour, not over two
+
+
 def test_evaluation_during_training_without_a_source_holdout_is_refused():
     from benchmarks.config import load_experiment
     from benchmarks.errors import UserError
