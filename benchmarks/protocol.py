@@ -374,8 +374,8 @@ class CheckpointCadence:
     `OVERHEAD_BUDGET`), so saving never costs more than 1 % of the training, and one more when training
     ends (if `FINAL_SECONDS` of training would otherwise be lost), so a run killed during evaluation
     resumes straight into it. Seconds become iteration numbers from the measured step time; under
-    torchrun rank 0's measurements are shared (`share`) at iterations every rank reaches, so all ranks
-    save together without a collective in every step.
+    torchrun rank 0's iteration numbers and save duration are shared (`share`) at iterations every rank
+    reaches, so all ranks save together without a collective in every step.
     """
 
     AUTO_SECONDS = 300.0
@@ -415,8 +415,10 @@ class CheckpointCadence:
         return bool(self.share(seconds - self.last_save_seconds >= worth))
 
     def _step_after(self, step: int, seconds: float, wait_seconds: float) -> int:
-        step_seconds = self.share(seconds / max(step - self.start_step, 1))
-        return step + max(1, math.ceil(max(wait_seconds, 0.0) / max(step_seconds, 1e-9)))
+        # rank 0's iteration, not its step time: each rank's clock started at its own arrival in training,
+        # so the seconds left to wait differ by rank, and so would the iteration each computed
+        step_seconds = seconds / max(step - self.start_step, 1)
+        return self.share(step + max(1, math.ceil(max(wait_seconds, 0.0) / max(step_seconds, 1e-9))))
 
 
 class RunningLoss:

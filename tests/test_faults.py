@@ -78,12 +78,26 @@ def test_cadence_fixed_interval_and_never():
 
 
 def test_cadence_follows_rank_zeros_measurements():
-    """Under torchrun every rank must save at the same iterations: they use rank 0's step time."""
-    rank0_step_seconds = 2.0
-    cadence = CheckpointCadence(-1, start_step=0, share=lambda value: rank0_step_seconds)
-    assert not any(cadence.due(step, step * 0.5) for step in range(1, 10))
-    cadence.due(10, 5.0)  # this rank is 4× faster, but saves when rank 0 has trained ~300 s
-    assert cadence.next_step == 10 + 148
+    """Under torchrun every rank must save at the same iterations: rank 0 decides them. The ranks' clocks
+    start apart (each at its own arrival in training); sharing only the step time left each rank its own
+    seconds to wait, and two ranks chose iterations 1000 and 999 (a collective mismatch in the save)."""
+    said: list = []  # what rank 0 broadcast, in order; rank 1 receives the same call's value
+
+    def rank0_share(value):
+        said.append(value)
+        return value
+
+    received = iter(said)
+    rank0 = CheckpointCadence(-1, start_step=0, share=rank0_share)
+    rank1 = CheckpointCadence(-1, start_step=0, share=lambda value: next(received))
+    step_seconds, late = 0.3, 0.5  # rank 1's clock started half a second after rank 0's
+    for step in range(1, 1100):
+        due0 = rank0.due(step, step * step_seconds)
+        assert rank1.due(step, step * step_seconds - late) == due0, step
+    assert rank0.next_step == rank1.next_step == 1000
+    rank0.saved(1000, 300.0, duration=1.0)
+    rank1.saved(1000, 299.5, duration=4.0)  # a slower save here: rank 0's duration and its next step count
+    assert rank1.save_duration == 1.0 and rank0.next_step == rank1.next_step
 
 
 @pytest.fixture
