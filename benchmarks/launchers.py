@@ -221,7 +221,7 @@ def _wait_for(jobs: list[Any], requests: list[JobRequest]) -> None:
 
     for job, request in zip(jobs, requests, strict=True):
         try:
-            job.result()
+            job.results()  # every task's: `result()` of a job of several tasks (data-parallel) is an error
         except (FailedJobError, UncompletedJobError) as err:
             lines = [line for line in str(err).strip().splitlines() if line.strip()]
             reason = next((line for line in reversed(lines) if line.startswith("error:") or "Error" in line),

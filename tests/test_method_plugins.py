@@ -313,3 +313,24 @@ def test_broken_installed_plugin_is_named_when_methods_are_discovered(case, tmp_
     # Commands that need no method are not held up by it.
     code, out, _ = run_cli(["list", "presets"], capsys)
     assert code == 0 and "smoke" in out
+
+
+def _one() -> int:
+    return 1
+
+
+@pytest.mark.slow
+def test_slurm_wait_waits_for_a_job_of_several_tasks(tmp_path):
+    # `--slurm-gpus-per-node 2` submits each run as a job of 2 tasks, whose `result()` is submitit's
+    # AssertionError ("use results()"): a traceback after the first job, the others not waited for.
+    submitit = pytest.importorskip("submitit")
+    from types import SimpleNamespace
+
+    from benchmarks.launchers import _wait_for
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="local")
+    executor.update_parameters(tasks_per_node=2, timeout_min=2)
+    job = executor.submit(_one)
+    assert job.num_tasks == 2
+    _wait_for([job], [SimpleNamespace(spec=SimpleNamespace(method="freeze", seed=42))])
+    assert job.done() and job.results() == [1, 1]
