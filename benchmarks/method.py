@@ -131,6 +131,10 @@ class Method:
     """True when the images of one batch change each other's outputs (the released SET's FFT runs over
     the batch axis). Evaluation then runs one window at a time, as the reference's sliding-window
     inference does, so a score never depends on `eval.batch_windows` (`evaluation_settings`)."""
+    depends_on_batch_layout: ClassVar[bool] = False
+    """True when, in training, an image's output depends on the batch's size and its place in it though not
+    on the other images (the released FADA's filters follow each token's flat place in [N, B, C]): a step
+    split over processes or micro-batches then computes something else, as for `couples_batch`."""
     # A method that wants the backbone frozen in eval mode with features computed without autograd
     # needs no flag: the model does that whenever no backbone parameter requires gradients.
 

@@ -228,12 +228,15 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
 
 
 def split_batch_warning(method: Method, batch_size: int, world_size: int, grad_accum: int) -> str | None:
-    """What a step split over processes or micro-batches changes for a method whose images interact: each
-    forward pass holds `batch_size` images, so such a method computes something else than one process with
-    the whole step's batch (elsewhere only the loss's weighing differs, docs/scaling.md)."""
-    if not method.couples_batch or world_size * grad_accum == 1:
+    """What a step split over processes or micro-batches changes for a method whose images interact, or whose
+    output depends on the batch's layout: each forward pass holds `batch_size` images, so such a method
+    computes something else than one process with the whole step's batch (elsewhere only the loss's
+    weighing differs, docs/scaling.md)."""
+    if not (method.couples_batch or method.depends_on_batch_layout) or world_size * grad_accum == 1:
         return None
-    return (f"{method.name} couples the images of one forward pass, and this step is split over {world_size} "
+    how = ("couples the images of one forward pass" if method.couples_batch else
+           "computes an image's output by the batch's size and the image's place in it")
+    return (f"{method.name} {how}, and this step is split over {world_size} "
             f"process(es) × grad_accum {grad_accum}: each forward holds {batch_size} image(s), not the step's "
             f"{batch_size * world_size * grad_accum}, which changes what it computes (not only the loss's weighing); "
             f"for the method as released, give the whole batch to one forward (train.batch_size, one process)")

@@ -301,3 +301,4 @@ class FADAReleased(_FrequencyTokens):
     name = "fada_released"
     paper = "Bi, Yi et al., FADA (NeurIPS 2024), as computed by the authors' released code (JingjunYi/FADA)"
     layout = "token_first"
+    depends_on_batch_layout = True  # once its filters train apart (evaluation runs image by image)

@@ -261,6 +261,14 @@ def test_released_filters_once_trained_make_a_token_depend_on_its_place_in_the_b
         adapter.wavelet.weight.add_(0.05 * torch.randn_like(adapter.wavelet.weight))
         in_batch, alone = adapter.feature_delta(0, f)[:1], adapter.feature_delta(0, f[:1])
     assert (in_batch - alone).abs().max() > 1e-3
+    # so a step split over processes or micro-batches computes something else: said as for set_released
+    from benchmarks.method import build_method
+    from benchmarks.runner import split_batch_warning
+
+    released = build_method("fada_released", None)
+    assert split_batch_warning(released, 4, 1, 1) is None
+    assert "by the batch's size and the image's place in it" in split_batch_warning(released, 2, 1, 2)
+    assert split_batch_warning(build_method("fada", None), 1, 4, 1) is None
 
 
 # -- grids -------------------------------------------------------------------------------------------
