@@ -206,7 +206,11 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         model, state, optimizer_state = _build_and_resume(run, method, data, result)
         state = _train(run, model, method, data, amp, result, state, optimizer_state, cpu_plan.workers)
         scores, source_score, eval_seconds = _score(run, model, data, amp)
-    except UserError:
+    except UserError as err:
+        if world.world_size > 1:  # its peers fail next, in a collective: the record must name this cause
+            result.update(status="failed", failure=str(err).splitlines()[0] if str(err) else "UserError")
+            result["timings"]["finished"] = _now()
+            _record_the_crash_of_one_process(run, result)
         raise
     except Exception as err:  # recorded as failed so the rest of the matrix runs and the table says why
         reason = str(err) if isinstance(err, TrainingDiverged) else f"{type(err).__name__}: {err}"

@@ -252,11 +252,12 @@ def test_fishertune_phases_under_ddp_train_like_one_process(world, tmp_path):
 CRASH_ON_RANK_1 = '''
 import os, sys
 from benchmarks import model
+from benchmarks.errors import UserError
 loss, calls = model.SegModel.loss, [0]
 def crashing_loss(self, images, labels):
     calls[0] += 1
     if os.environ.get("RANK") == "1" and calls[0] == 3:
-        raise RuntimeError("out of memory (injected on rank 1)")
+        raise {crash}
     return loss(self, images, labels)
 model.SegModel.loss = crashing_loss
 from benchmarks.cli import main
@@ -265,11 +266,19 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_a_crash_in_one_process_is_recorded_with_its_reason_and_ends_the_job(world, tmp_path):
-    """Under torchrun one rank's crash (out of memory on one GPU) leaves the others waiting in a collective:
-    the crash is recorded with its own reason (not the peer's broken connection) and the job ends at once."""
+@pytest.mark.parametrize(("crash", "recorded", "said"), [
+    ('RuntimeError("out of memory (injected on rank 1)")', "RuntimeError: out of memory (injected on rank 1)",
+     "crashed in process 1 of 2 (RuntimeError: out of memory (injected on rank 1))"),
+    # an input error (a source image only rank 1 reads cannot be decoded) was recorded as rank 0's broken connection
+    ('UserError("gta/images/00019.png: cannot be decoded (injected on rank 1)")',
+     "gta/images/00019.png: cannot be decoded (injected on rank 1)", "cannot be decoded (injected on rank 1)"),
+])
+def test_a_crash_in_one_process_is_recorded_with_its_reason_and_ends_the_job(world, tmp_path, crash, recorded, said):
+    """Under torchrun one rank's crash (out of memory on one GPU, a file it alone reads) leaves the others waiting
+    in a collective: the crash is recorded with its own reason (not the peer's broken connection) and the job
+    ends at once."""
     entry = tmp_path / "entry.py"
-    entry.write_text(CRASH_ON_RANK_1)
+    entry.write_text(CRASH_ON_RANK_1.replace("{crash}", crash))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     job = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
@@ -279,11 +288,10 @@ def test_a_crash_in_one_process_is_recorded_with_its_reason_and_ends_the_job(wor
     )
     log = job.stdout + job.stderr
     assert job.returncode != 0, log[-3000:]
-    assert any(line.startswith("error: ") and "crashed in process 1 of 2 (RuntimeError: out of memory (injected on "
-               "rank 1))" in line for line in log.splitlines()), log[-3000:]
+    assert any(line.startswith("error: ") and said in line for line in log.splitlines()), log[-3000:]
     assert "NameError" not in log
     (record,) = (tmp_path / "r").rglob("*.json")
     result = json.loads(record.read_text())
     assert "/freeze/" in str(record) and result["status"] == "failed"
-    assert result["failure"] == "RuntimeError: out of memory (injected on rank 1)" and result["failure_rank"] == 1
+    assert result["failure"] == recorded and result["failure_rank"] == 1
     assert not list((tmp_path / "r").rglob("full/*.json"))  # the job ended: the matrix did not go on out of step
