@@ -28,5 +28,6 @@ def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
 
 
 def miou_percent(iou: torch.Tensor) -> float:
-    """Mean over classes present in the target set (mmseg's nanmean), in percent."""
+    """Mean over the classes that the labels or the predictions hold (mmseg's nanmean: a class absent from both
+    is NaN and left out; one predicted but absent from the labels counts with IoU 0), in percent."""
     return float(torch.nanmean(iou).item() * 100.0)
