@@ -188,6 +188,8 @@ def baseline_problem(baseline: Any) -> str | None:
             return f'"{name}" is {_show(baseline[name])}, not a finite number ≥ 0'
     if not isinstance(baseline.get("preset", ""), str):
         return f'"preset" is {_show(baseline["preset"])}, not a string'
+    if not isinstance(baseline.get("environment") or {}, dict):
+        return f'"environment" is {_show(baseline["environment"])}, not an object'
     for key, entry in baseline["runs"].items():
         if not isinstance(entry, dict):
             return f'run "{key}" is {_show(entry)}, not an object'

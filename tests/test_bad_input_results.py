@@ -262,7 +262,7 @@ def test_partial_update_of_a_malformed_baseline_exits_2_and_keeps_the_file(tmp_p
     path.write_bytes(MALFORMED_BASELINES["bad_json"])
     assert check("--baseline", str(path), "--update-baseline", "--methods", "rein") == 2
     (line,) = error_lines(capsys.readouterr().err)
-    assert str(path) in line and "without --methods" in line
+    assert str(path) in line and "--methods all" in line
     assert path.read_bytes() == MALFORMED_BASELINES["bad_json"]
     assert runner.calls == []
 

@@ -271,6 +271,46 @@ def test_check_subset_of_methods_compares_and_updates_only_those(tmp_path, monke
     assert "freeze/proxy_vit/seed42" in stored  # untouched entries kept
 
 
+def test_the_methods_a_check_runs_are_those_it_compares_however_they_were_chosen(tmp_path, monkeypatch, fresh, capsys):
+    import benchmarks.runner
+
+    path = tmp_path / "smoke.json"
+    write_baseline(path, make_baseline(fresh))
+    runner = FakeRunner([fresh[0]])
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
+    # --set run.methods=rein ran rein alone and failed on the 17 others "removed"; the printed update kept rein alone
+    assert _check(["--baseline", str(path), "--set", "run.methods=rein"]) == 0
+    assert _check(["--baseline", str(path), "--set", "run.methods=rein", "--update-baseline"]) == 0
+    assert set(json.loads(path.read_text())["runs"]) == {"rein/proxy_vit/seed42", "freeze/proxy_vit/seed42"}
+    # " all" ran every method and compared none (exit 0 whatever ran)
+    runner.results = copy.deepcopy(fresh)
+    runner.results[0]["targets"]["cityscapes"]["miou"] -= 5
+    capsys.readouterr()
+    assert _check(["--baseline", str(path), "--methods", " all"]) == 1
+    assert "cityscapes mIoU dropped" in capsys.readouterr().out
+
+
+def test_an_update_with_another_preset_leaves_the_baseline_as_it_was(tmp_path, monkeypatch, fresh, capsys):
+    # it merged a proxy run into the smoke file and relabelled all its runs "proxy": every later check stopped
+    import benchmarks.runner
+
+    path = tmp_path / "smoke.json"
+    write_baseline(path, make_baseline(fresh, preset="smoke"))
+    before = path.read_bytes()
+    runner = FakeRunner([fresh[0]])
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
+    for extra in (["--methods", "rein"], []):
+        assert _check(["--baseline", str(path), "--update-baseline", "--preset", "proxy", *extra]) == 2
+        assert "would mix two presets" in capsys.readouterr().err
+    assert path.read_bytes() == before and runner.calls == []
+
+
+def test_a_baseline_whose_environment_is_no_object_is_refused_before_anything_runs(tmp_path, baseline):
+    write_baseline(tmp_path / "b.json", {**baseline, "environment": ["torch", "2.x"]})
+    with pytest.raises(UserError, match='"environment" is .*not an object'):
+        load_baseline(tmp_path / "b.json")
+
+
 @pytest.mark.slow
 def test_check_end_to_end_on_the_smoke_preset(tmp_path, capsys):
     """Real runs of two methods through the CLI: store a baseline, pass on a re-run, fail on a

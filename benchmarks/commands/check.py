@@ -44,16 +44,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from benchmarks.config import load_experiment
     from benchmarks.errors import UserError
+    from benchmarks.method import available_methods, resolve_methods
     from benchmarks.regression import compare, format_report, is_tolerance, make_baseline, write_baseline
     from benchmarks.results import iter_results
     from benchmarks.runner import run_matrix
 
     if args.tolerance is not None and not is_tolerance(args.tolerance):
         raise UserError(f"--tolerance must be a finite number of mIoU points ≥ 0, got {args.tolerance:g}")
-    baseline = _existing_baseline(args)
     exp = load_experiment(args.preset, args.overrides)
     methods = args.methods or exp.run.methods
-    if baseline is not None and not args.update_baseline and baseline.get("preset", exp.preset) != exp.preset:
+    # Some methods, by --methods or --set run.methods (spelt however resolve_methods reads it): the baseline's
+    # other runs are neither compared nor dropped by an update.
+    chosen = set(resolve_methods(methods))
+    partial = chosen != set(available_methods())
+    baseline = _existing_baseline(args, partial)
+    if baseline is not None and baseline.get("preset", exp.preset) != exp.preset:
+        if args.update_baseline:
+            raise UserError(f"baseline {args.baseline} holds preset {baseline.get('preset')!r} runs, this update runs "
+                            f"{exp.preset!r}: one file would mix two presets; pass another --baseline for {exp.preset!r}")
         raise UserError(f"baseline {args.baseline} was made with preset {baseline.get('preset')!r}, this check runs "
                         f"{exp.preset!r}; pass that preset's --baseline or create one with --update-baseline")
     if args.update_baseline:  # before the matrix runs: a baseline that cannot be written is lost with its runs
@@ -75,12 +83,12 @@ def run(args: argparse.Namespace) -> int:
         # merged into, not undone by this one's copy from before the matrix ran.
         args.baseline.parent.mkdir(parents=True, exist_ok=True)  # checked writable before the runs
         with exclusive(args.baseline.parent):  # flock on the folder itself: no lock file beside the baseline
-            baseline = _existing_baseline(args)
+            baseline = _existing_baseline(args, partial)
             tolerance = args.tolerance if args.tolerance is not None else float(
                 (baseline or {}).get("tolerance_miou", DEFAULT_TOLERANCE_MIOU))
             tolerance_loss = float((baseline or {}).get("tolerance_loss_relative", DEFAULT_TOLERANCE_LOSS))
             fresh = make_baseline(results, preset=exp.preset, tolerance=tolerance, tolerance_loss=tolerance_loss)
-            if args.methods and args.methods != "all" and baseline is not None:
+            if partial and baseline is not None:
                 # a partial re-run refreshes its own entries and keeps the others (each entry names its code)
                 fresh["runs"] = {**baseline.get("runs", {}), **fresh["runs"]}
             if baseline is not None:
@@ -91,10 +99,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     assert baseline is not None
-    if args.methods:
-        chosen = {name.strip() for name in args.methods.split(",")} if args.methods != "all" else None
-        if chosen is not None:
-            baseline = {**baseline, "runs": {k: v for k, v in baseline["runs"].items() if k.split("/")[0] in chosen}}
+    if partial:
+        baseline = {**baseline, "runs": {k: v for k, v in baseline["runs"].items() if k.split("/")[0] in chosen}}
     if args.tolerance is not None:
         baseline = {**baseline, "tolerance_miou": args.tolerance}
     diffs = compare(baseline, results)
@@ -156,8 +162,9 @@ def _moved_since(baseline: dict, results: list[dict], fresh: dict) -> str:
     return f"against the previous baseline: {numbers}\n" + "\n".join(lines)
 
 
-def _existing_baseline(args: argparse.Namespace) -> dict | None:
-    """The baseline, fully checked before anything runs; None when --update-baseline will write it anew."""
+def _existing_baseline(args: argparse.Namespace, partial: bool) -> dict | None:
+    """The baseline, fully checked before anything runs; None when --update-baseline will write it anew.
+    `partial`: the check runs some of the methods (an update keeps the others' entries)."""
     from benchmarks.errors import UserError
     from benchmarks.regression import BadBaseline, load_baseline
 
@@ -168,9 +175,9 @@ def _existing_baseline(args: argparse.Namespace) -> dict | None:
     try:
         return load_baseline(args.baseline)
     except BadBaseline as err:
-        if args.methods:
-            raise UserError(f"baseline {err.path}: {err.problem}; --update-baseline --methods would keep its other "
-                            "runs, so fix the file or run --update-baseline without --methods to replace it whole") from None
+        if partial:
+            raise UserError(f"baseline {err.path}: {err.problem}; an update of some methods would keep its other "
+                            "runs, so fix the file or update every method (--methods all) to replace it whole") from None
         # Replaced whole by this run's baseline (written atomically, only once the runs are done).
         log.warning("baseline %s: %s; --update-baseline replaces it", err.path, err.problem)
         return None
