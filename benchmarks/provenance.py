@@ -9,7 +9,9 @@ A result, a checkpoint and a regression baseline carry the same provenance recor
 "method" is there only for a method from outside the repository (`benchmarks.plugins.method_origin`:
 a `--method-file`'s content hash, or an installed plugin's entry point, distribution and version);
 a built-in method is traced by the git commit in the result's environment (`git_state`: the commit and
-the paths that differed from it).
+the paths that differed from it) and by "method_source", the content hash of the file that defines it
+(`methods/<family>.py`), which a finished run is held against (a warning, not a refusal: the method
+also runs the shared code the commit names, and an edit of a comment changes no number).
 
 Weights are fingerprinted by content (sha256). Hashing a 1.2 GB DINOv2-L file takes seconds, so the
 digest is cached by (path, size, modification time) in the user's cache folder: a file is hashed once
@@ -84,6 +86,22 @@ def weights_record(backbone: str, path: Path | str | None) -> dict[str, Any]:
         return {"backbone": backbone, "file": None, "sha256": None, "bytes": 0}
     path = Path(path).expanduser()
     return {"backbone": backbone, "file": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def source_record(cls: type, root: Path) -> dict[str, Any]:
+    """The fingerprint of the file that defines a class (a built-in method's `methods/<family>.py`)."""
+    import inspect
+
+    path = Path(inspect.getsourcefile(cls) or "")
+    return {"file": _relative(path, root), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def source_differences(recorded: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
+    """How the defining file of a built-in method differs between two provenance records, if both hold it."""
+    old, new = (recorded or {}).get("method_source") or {}, current.get("method_source") or {}
+    if not old.get("sha256") or not new.get("sha256") or old["sha256"] == new["sha256"]:
+        return None
+    return f"{new.get('file')} {short(old['sha256'])} then, {short(new['sha256'])} now"
 
 
 def split_record(pairs: Iterable[Any], root: Path) -> dict[str, Any]:

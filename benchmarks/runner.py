@@ -34,6 +34,7 @@ from benchmarks.config import (
 from benchmarks.errors import JobCannotGoOn, UserError
 from benchmarks.method import (
     Method,
+    available_methods,
     build_method,
     canonical_overrides,
     check_method_overrides,
@@ -594,13 +595,17 @@ def run_one(spec: RunSpec, exp: Experiment, results_dir: Path, progress: bool = 
                     lock.release()
                     decision = "finished"
     if world.is_main and decision == "finished":  # `existing`: the finished result, as read above
-        changed = _inputs_changed_since(existing, run_exp, spec, world.world_size)
+        now = _model_files(run_exp, spec, world.world_size)
+        changed = _inputs_changed_since(existing, now)
         decision = f"changed:{changed}" if changed else decision
         if not changed and (other_data := _data_changed_since(existing, run_exp, spec)):
             # Warned, not refused: a Mapillary val halved once (`data convert mapillary-half`) after the run is
             # other files holding the same pixels, and the user knows which it is.
             log.warning("%s: finished earlier on other data files than a run would read now (%s); kept and shown "
                         "as it is: move %s away to run on these", run_id, other_data, path)
+        if not changed and (other_code := provenance.source_differences(existing.get("provenance"), now)):
+            log.warning("%s: finished earlier by another version of the method's code (%s); kept and shown as it "
+                        "is: move %s away to run with this code", run_id, other_code, path)
     decision = distributed.broadcast_object(decision)
     if decision.startswith("changed:"):
         refuse_finished_result_of_other_inputs(path, decision.removeprefix("changed:"))
@@ -631,25 +636,25 @@ def _earlier_result_under_lock(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _inputs_changed_since(result: dict[str, Any] | None, exp: Experiment, spec: RunSpec,
-                          processes: int | None) -> str | None:
+def _inputs_changed_since(result: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
     """How the backbone's weight file, or the file defining a `--method-file` method, differs from the one
-    a finished result was made with, if either does; `processes=None` (a submitting node, which knows
-    neither the job's device nor its processes) compares the files and hyperparameters alone.
+    a finished result was made with, if either does (`now`: `_model_files` of the run; made with
+    `processes=None`, on a submitting node, which knows neither the job's device nor its processes, the
+    files and hyperparameters alone are compared).
 
     The config hash names settings, not file contents: without this, a result trained from an older
     checkpoint or an edited method would be skipped as "finished" and shown beside results of the new one.
     (The data is held against the result apart, `_data_changed_since`, and warned of.)
     """
     # Only what both records hold is compared: a result from before provenance was recorded differs in nothing.
-    changed = provenance.differences((result or {}).get("provenance"), _model_files(exp, spec, processes))
+    changed = provenance.differences((result or {}).get("provenance"), now)
     return "; ".join(changed) or None
 
 
 def finished_result_of_other_inputs(result: dict[str, Any], exp: Experiment, spec: RunSpec) -> str | None:
     """For a launcher that skips finished runs before any job runs: how the result's weights, method file or
     method hyperparameters differ from the ones a run would use now (None: they do not)."""
-    return _inputs_changed_since(result, exp, spec, processes=None)
+    return _inputs_changed_since(result, _model_files(exp, spec, processes=None))
 
 
 def refuse_finished_result_of_other_inputs(path: Path, changed: str) -> None:
@@ -666,6 +671,8 @@ def _model_files(exp: Experiment, spec: RunSpec, processes: int | None) -> dict[
     record: dict[str, Any] = {"weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone))}
     if origin := plugins.method_origin(spec.method):
         record["method"] = origin
+    else:  # a built-in method: its file, held against a finished run in a warning (`run_one`)
+        record["method_source"] = provenance.source_record(available_methods()[spec.method], PROJECT_ROOT)
     # What the config hash does not name but the numbers follow: the method's hyperparameters as its code
     # resolves them (a default changed in the code keeps the hash), the precision `train.amp` means on this
     # machine's device ("auto": bf16 on CUDA, fp32 on a CPU) and the processes, whose count multiplies the batch.

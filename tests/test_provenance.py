@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks import checkpoint, provenance
 from benchmarks.backbones import get_spec
+from benchmarks.config import PROJECT_ROOT as ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +131,29 @@ def test_a_finished_run_on_other_data_files_than_its_root_holds_now_is_named_in_
         assert _main(*args)[0] == 0
     assert "finished earlier on other data files than a run would read now (cityscapes data" in caplog.text
     assert len(list((tmp_path / "runs").rglob("*.json"))) == 1  # the earlier result is kept
+
+
+def test_a_finished_run_of_a_built_in_method_whose_file_changed_is_named_in_a_warning(tiny_world, tmp_path,
+                                                                                       weights_copy, caplog):
+    # README: a run made from other method code is not skipped silently; only a --method-file's was compared,
+    # and an edit of methods/freeze.py skipped the earlier run as finished without a word.
+    args = _run_args(tiny_world, tmp_path / "runs", weights_copy)
+    assert _main(*args)[0] == 0
+    (path,) = (tmp_path / "runs").rglob("*.json")
+    result = json.loads(path.read_text())
+    source = dict(result["provenance"]["method_source"])
+    assert source == {"file": "methods/freeze.py", "sha256": provenance.file_sha256(ROOT / "methods" / "freeze.py")}
+    with caplog.at_level("INFO", logger="benchmarks.runner"):
+        assert _main(*args)[0] == 0
+    assert "finished earlier, skipped" in caplog.text and "another version" not in caplog.text
+    caplog.clear()
+    result["provenance"]["method_source"]["sha256"] = "0" * 64  # as an earlier version of the file made it
+    path.write_text(json.dumps(result))
+    with caplog.at_level("INFO", logger="benchmarks.runner"):
+        assert _main(*args)[0] == 0
+    assert "finished earlier by another version of the method's code (methods/freeze.py 000000000000… then, " \
+           f"{source['sha256'][:12]}… now)" in caplog.text
+    assert json.loads(path.read_text()) == result  # kept as it was
 
 
 def _lora_resolving_alpha(monkeypatch, alpha: float) -> None:
