@@ -55,7 +55,9 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slurm-folder", default=defaults["slurm_folder"],
                        help="job scripts and logs (default <results dir>/.submitit)")
     group.add_argument("--slurm-cluster", default=defaults["slurm_cluster"], choices=("", "slurm", "local", "debug"),
-                       help=argparse.SUPPRESS)  # submitit's local executor, for tests
+                       metavar="{slurm,local,debug}",
+                       help="where the jobs go: slurm (the default where sbatch exists); local: as processes on this "
+                            "machine (submitit's local executor), on purpose, to try the launcher; debug: in this process")
     group.add_argument("--slurm-wait", action="store_true", help="wait for the jobs and print the leaderboard")
 
 
