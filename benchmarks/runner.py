@@ -31,7 +31,7 @@ from benchmarks.config import (
     source_families,
     trained_precision,
 )
-from benchmarks.errors import JobCannotGoOn, UserError
+from benchmarks.errors import JobCannotGoOn, UserError, user_line
 from benchmarks.method import (
     Method,
     available_methods,
@@ -209,7 +209,7 @@ def execute_run(spec: RunSpec, exp: Experiment, results_dir: Path, progress: boo
         scores, source_score, eval_seconds = _score(run, model, data, amp)
     except UserError as err:
         if world.world_size > 1:  # its peers fail next, in a collective: the record must name this cause
-            result.update(status="failed", failure=str(err).splitlines()[0] if str(err) else "UserError")
+            result.update(status="failed", failure=next(iter(user_line(err).splitlines()), "UserError"))
             result["timings"]["finished"] = _now()
             _record_the_crash_of_one_process(run, result)
         raise

@@ -269,10 +269,12 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.parametrize(("crash", "recorded", "said"), [
     ('RuntimeError("out of memory (injected on rank 1)")', "RuntimeError: out of memory (injected on rank 1)",
      "crashed in process 1 of 2 (RuntimeError: out of memory (injected on rank 1))"),
-    # an input error (a source image only rank 1 reads cannot be decoded) was recorded as rank 0's broken connection
-    ('UserError("gta/images/00019.png: cannot be decoded (injected on rank 1)")',
+    # an input error (a source image only rank 1 reads cannot be decoded) was recorded as rank 0's broken connection;
+    # raised in a loader worker, torch re-raises it wrapped in the worker's traceback
+    ('UserError("Caught UserError in DataLoader worker process 0.\\nOriginal Traceback (most recent call last):\\n'
+     '  File ...\\nbenchmarks.errors.UserError: gta/images/00019.png: cannot be decoded (injected on rank 1)\\n")',
      "gta/images/00019.png: cannot be decoded (injected on rank 1)", "cannot be decoded (injected on rank 1)"),
-])
+], ids=["out_of_memory", "input_error_in_a_loader_worker"])
 def test_a_crash_in_one_process_is_recorded_with_its_reason_and_ends_the_job(world, tmp_path, crash, recorded, said):
     """Under torchrun one rank's crash (out of memory on one GPU, a file it alone reads) leaves the others waiting
     in a collective: the crash is recorded with its own reason (not the peer's broken connection) and the job
