@@ -290,7 +290,8 @@ def test_the_methods_a_check_runs_are_those_it_compares_however_they_were_chosen
     assert "cityscapes mIoU dropped" in capsys.readouterr().out
 
 
-def test_an_update_with_another_preset_leaves_the_baseline_as_it_was(tmp_path, monkeypatch, fresh, capsys):
+def test_an_update_of_some_methods_with_another_preset_leaves_the_baseline_as_it_was(tmp_path, monkeypatch, fresh,
+                                                                                      capsys, caplog):
     # it merged a proxy run into the smoke file and relabelled all its runs "proxy": every later check stopped
     import benchmarks.runner
 
@@ -299,10 +300,15 @@ def test_an_update_with_another_preset_leaves_the_baseline_as_it_was(tmp_path, m
     before = path.read_bytes()
     runner = FakeRunner([fresh[0]])
     monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
-    for extra in (["--methods", "rein"], []):
-        assert _check(["--baseline", str(path), "--update-baseline", "--preset", "proxy", *extra]) == 2
-        assert "would mix two presets" in capsys.readouterr().err
+    assert _check(["--baseline", str(path), "--update-baseline", "--preset", "proxy", "--methods", "rein"]) == 2
+    assert "would mix two presets" in capsys.readouterr().err
     assert path.read_bytes() == before and runner.calls == []
+    # an update of every method replaces the file whole, as the plain check's refusal suggests, and says so
+    with caplog.at_level("WARNING"):
+        assert _check(["--baseline", str(path), "--update-baseline", "--preset", "proxy"]) == 0
+    assert "replaces them whole with preset 'proxy'" in caplog.text
+    stored = json.loads(path.read_text())
+    assert stored["preset"] == "proxy" and set(stored["runs"]) == {"rein/proxy_vit/seed42"}
 
 
 def test_a_baseline_whose_environment_is_no_object_is_refused_before_anything_runs(tmp_path, baseline):

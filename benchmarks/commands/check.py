@@ -58,12 +58,16 @@ def run(args: argparse.Namespace) -> int:
     chosen = set(resolve_methods(methods))
     partial = chosen != set(available_methods())
     baseline = _existing_baseline(args, partial)
-    if baseline is not None and baseline.get("preset", exp.preset) != exp.preset:
-        if args.update_baseline:
-            raise UserError(f"baseline {args.baseline} holds preset {baseline.get('preset')!r} runs, this update runs "
-                            f"{exp.preset!r}: one file would mix two presets; pass another --baseline for {exp.preset!r}")
-        raise UserError(f"baseline {args.baseline} was made with preset {baseline.get('preset')!r}, this check runs "
-                        f"{exp.preset!r}; pass that preset's --baseline or create one with --update-baseline")
+    if baseline is not None and (earlier := baseline.get("preset", exp.preset)) != exp.preset:
+        if not args.update_baseline:
+            raise UserError(f"baseline {args.baseline} was made with preset {earlier!r}, this check runs "
+                            f"{exp.preset!r}; pass that preset's --baseline or create one with --update-baseline")
+        if partial:
+            raise UserError(f"baseline {args.baseline} holds preset {earlier!r} runs, this update of some methods runs "
+                            f"{exp.preset!r}: the file would mix two presets; pass a new --baseline for "
+                            f"{exp.preset!r}, or update every method to replace it whole")
+        log.warning("baseline %s holds preset %r runs; this update replaces them whole with preset %r's",
+                    args.baseline, earlier, exp.preset)
     if args.update_baseline:  # before the matrix runs: a baseline that cannot be written is lost with its runs
         require_writable_file(args.baseline, "--baseline", "smoke.json")
     if args.keep_runs is not None and args.keep_runs.exists() and not args.keep_runs.is_dir():
