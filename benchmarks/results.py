@@ -64,7 +64,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.storage import is_out_of_space, out_of_space_error
+from benchmarks.storage import is_out_of_space, out_of_space_error, walk_following_links
 
 SCHEMA_VERSION = 1
 STATUSES = ("finished", "failed", "running")
@@ -240,7 +240,8 @@ def iter_results(roots: Iterable[Path]) -> list[dict[str, Any]]:
     seen: set[Path] = set()  # `--runs X --runs X/proxy` names some files twice: each is one run
     for root in roots:
         root = Path(root)
-        files = [root] if root.is_file() else sorted(root.rglob("*.json"))
+        files = [root] if root.is_file() else sorted(p for p in walk_following_links(root)
+                                                      if p.suffix == ".json" and p.is_file())
         for path in files:
             real = path.resolve()
             if real in seen:

@@ -1,4 +1,4 @@
-"""A full disk, said in one line: which device, how much the write needed, and what survived.
+"""The file system as runs meet it: a full disk said in one line, and walks into linked folders.
 
 A write that fails for lack of space surfaces as `OSError(ENOSPC)` from Python's own I/O but as a
 `RuntimeError` ("enforce fail at inline_container.cc") from `torch.save`'s zip writer; both become one
@@ -10,9 +10,24 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.errors import UserError
+
+
+def walk_following_links(folder: Path) -> Iterator[Path]:
+    """Every entry under `folder`, into linked folders too (`Path.rglob` skips them before Python 3.13), each
+    real folder once so that a link to a folder above cannot loop."""
+    seen: set[str] = set()
+    for current, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        for name in (*files, *folders):
+            yield Path(current) / name
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 

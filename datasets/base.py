@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from benchmarks.errors import UserError
+from benchmarks.storage import walk_following_links
 from datasets.labels import ENCODINGS
 
 log = logging.getLogger(__name__)
@@ -229,20 +230,6 @@ def _save_replacing(image: Image.Image, path: Path, **save_kwargs: Any) -> None:
         raise
 
 
-def _walk_following_links(folder: Path) -> Iterator[Path]:
-    """Every entry under `folder`, into linked folders too (`Path.rglob` skips them before Python 3.13), each
-    real folder once so that a link to a folder above cannot loop."""
-    seen: set[str] = set()
-    for current, folders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(current)
-        if real in seen:
-            folders[:] = []
-            continue
-        seen.add(real)
-        for name in (*files, *folders):
-            yield Path(current) / name
-
-
 def index_by_name(paths: Iterable[Path], kinds: Sequence[tuple[str, str]], prefix: str = "") -> dict[str, tuple[Path, str]]:
     """Pair name → (file, kind) for one side of a split. A file's kind is the first of `kinds` (stem suffix,
     kind) whose suffix its stem ends with ("" takes any stem); its name is `prefix` plus the stem without that
@@ -404,7 +391,7 @@ class Adapter:
         real folder once.
         """
         suffixes = tuple(s.lower() for s in suffixes)
-        it = _walk_following_links(folder) if recursive else folder.iterdir()
+        it = walk_following_links(folder) if recursive else folder.iterdir()
         found = []
         for p in it:
             if p.name.startswith("."):

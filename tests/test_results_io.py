@@ -49,6 +49,15 @@ def test_foreign_and_broken_files_are_ignored(tmp_path):
     assert [r["run_id"] for r in iter_results([tmp_path])] == ["ok"]
 
 
+def test_results_in_a_linked_folder_are_read_too(tmp_path):
+    # `table --runs DIR` left out a linked seed folder's results (rglob skips links before Python 3.13)
+    write_result(tmp_path / "elsewhere" / "seed43" / "r.json", {**RUNNING, "run_id": "linked"})
+    write_result(tmp_path / "runs" / "seed42" / "r.json", {**RUNNING, "run_id": "here"})
+    (tmp_path / "runs" / "seed43").symlink_to(tmp_path / "elsewhere" / "seed43")
+    (tmp_path / "runs" / "seed42" / "loop").symlink_to(tmp_path / "runs")  # read once, no loop
+    assert sorted(r["run_id"] for r in iter_results([tmp_path / "runs"])) == ["here", "linked"]
+
+
 def test_the_run_files_kept_in_the_repository_stay_readable():
     """docs/results.md cites the runs under results/proxy-runs; `table --runs` must keep reading them
     as the schema moves, each one finished and naming the weight file it ran by checksum."""
