@@ -138,10 +138,20 @@ def test_method_file_runs_like_a_builtin_and_its_file_is_in_the_result(tiny_worl
     assert hashlib.sha256(before).hexdigest()[:12] in line
     assert hashlib.sha256(method_file.read_bytes()).hexdigest()[:12] in line
     assert only_result(results) == result
-    # the slurm launcher decides what to submit on its own: it skipped the result as finished and showed it
+
+
+@pytest.mark.slow
+def test_the_slurm_launcher_refuses_a_finished_run_of_an_edited_method_file_as_run_does(tiny_world, tmp_path):
+    # the launcher decides what to submit on its own: it skipped the result as finished and showed it
     pytest.importorskip("submitit")
-    proc = cli(["run", *SMOKE, "--methods", "last_norm", "--method-file", str(method_file), "--data-root", str(tiny_world),
-                "--results-dir", str(results), "--launcher", "slurm", "--slurm-cluster", "local"], cwd=tmp_path)
+    method_file = write(tmp_path / "mine" / "last_norm.py", method_source())
+    results = tmp_path / "results"
+    command = ["run", *SMOKE, "--methods", "last_norm", "--method-file", str(method_file), "--data-root",
+               str(tiny_world), "--results-dir", str(results)]
+    assert cli(command, cwd=tmp_path).returncode == 0
+    result = only_result(results)
+    method_file.write_text(method_source().replace("norm2.requires_grad_(True)", "norm1.requires_grad_(True)"))
+    proc = cli([*command, "--launcher", "slurm", "--slurm-cluster", "local"], cwd=tmp_path)
     line = error_line(proc.stderr)
     assert proc.returncode == 2 and "method file" in line, line
     assert only_result(results) == result and not (results / ".submitit").exists()
