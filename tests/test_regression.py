@@ -220,6 +220,17 @@ def _check(argv: list[str]) -> int:
     return main(["check", "--no-progress", *argv])
 
 
+def _stored_and_running(tmp_path, monkeypatch, baseline: dict, results: list[dict]) -> tuple[Path, FakeRunner]:
+    """A baseline file of `baseline`, and the runner replaced by one that returns `results`."""
+    import benchmarks.runner
+
+    path = tmp_path / "smoke.json"
+    write_baseline(path, baseline)
+    runner = FakeRunner(results)
+    monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
+    return path, runner
+
+
 def test_check_command_update_pass_and_fail(tmp_path, monkeypatch, fresh, capsys):
     import benchmarks.runner
 
@@ -256,12 +267,7 @@ def test_check_command_update_pass_and_fail(tmp_path, monkeypatch, fresh, capsys
 
 
 def test_check_subset_of_methods_compares_and_updates_only_those(tmp_path, monkeypatch, fresh, capsys):
-    import benchmarks.runner
-
-    baseline_path = tmp_path / "smoke.json"
-    write_baseline(baseline_path, make_baseline(fresh))
-    runner = FakeRunner([fresh[0]])
-    monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
+    baseline_path, runner = _stored_and_running(tmp_path, monkeypatch, make_baseline(fresh), [fresh[0]])
     assert _check(["--baseline", str(baseline_path), "--methods", "rein"]) == 0
     assert runner.calls[-1][0] == "rein"
     runner.results[0]["targets"]["bdd100k"]["miou"] = 1.0
@@ -272,12 +278,7 @@ def test_check_subset_of_methods_compares_and_updates_only_those(tmp_path, monke
 
 
 def test_the_methods_a_check_runs_are_those_it_compares_however_they_were_chosen(tmp_path, monkeypatch, fresh, capsys):
-    import benchmarks.runner
-
-    path = tmp_path / "smoke.json"
-    write_baseline(path, make_baseline(fresh))
-    runner = FakeRunner([fresh[0]])
-    monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
+    path, runner = _stored_and_running(tmp_path, monkeypatch, make_baseline(fresh), [fresh[0]])
     # --set run.methods=rein ran rein alone and failed on the 17 others "removed"; the printed update kept rein alone
     assert _check(["--baseline", str(path), "--set", "run.methods=rein"]) == 0
     assert _check(["--baseline", str(path), "--set", "run.methods=rein", "--update-baseline"]) == 0
@@ -293,13 +294,8 @@ def test_the_methods_a_check_runs_are_those_it_compares_however_they_were_chosen
 def test_an_update_of_some_methods_with_another_preset_leaves_the_baseline_as_it_was(tmp_path, monkeypatch, fresh,
                                                                                       capsys, caplog):
     # it merged a proxy run into the smoke file and relabelled all its runs "proxy": every later check stopped
-    import benchmarks.runner
-
-    path = tmp_path / "smoke.json"
-    write_baseline(path, make_baseline(fresh, preset="smoke"))
+    path, runner = _stored_and_running(tmp_path, monkeypatch, make_baseline(fresh, preset="smoke"), [fresh[0]])
     before = path.read_bytes()
-    runner = FakeRunner([fresh[0]])
-    monkeypatch.setattr(benchmarks.runner, "run_matrix", runner)
     assert _check(["--baseline", str(path), "--update-baseline", "--preset", "proxy", "--methods", "rein"]) == 2
     assert "would mix two presets" in capsys.readouterr().err
     assert path.read_bytes() == before and runner.calls == []
