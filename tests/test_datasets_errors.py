@@ -1,5 +1,6 @@
 """Every bad-input case gives a one-line UserError naming the path, the expectation and the fix;
-`python -m benchmarks data check` turns them into exit code 2 (run as a subprocess)."""
+`python -m benchmarks data check` turns them into exit code 2 (once as a subprocess, through the real entry
+point; the other command-line cases in-process, as the user sees them: exit code, output, the one error line)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from PIL import Image
 
 from benchmarks.errors import UserError
 from datasets.registry import get_adapter
+from tests.cli_helpers import error_line
+from tests.cli_helpers import run_cli as in_process
 from tests.test_datasets_adapters import (
     build_bdd,
     build_cityscapes,
@@ -147,28 +150,27 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def test_cli_check_ok(tmp_path):
+def test_cli_check_ok(tmp_path, capsys):
     build_gtav(tmp_path)
     build_cityscapes(tmp_path, "train")
     build_cityscapes(tmp_path, "val")
     build_bdd(tmp_path)
     build_mapillary(tmp_path)
-    res = run_cli("data", "check", "--root", str(tmp_path))
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert any(ln.split()[:4] == ["gtav", "train", "2", "ok"] for ln in lines), res.stdout
-    assert any(ln.split()[:4] == ["mapillary", "val", "2", "ok"] for ln in lines), res.stdout
-    assert any(ln.split()[:4] == ["bdd100k", "val", "2", "ok"] for ln in lines), res.stdout
+    code, out, err = in_process(["data", "check", "--root", str(tmp_path)], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any(ln.split()[:4] == ["gtav", "train", "2", "ok"] for ln in lines), out
+    assert any(ln.split()[:4] == ["mapillary", "val", "2", "ok"] for ln in lines), out
+    assert any(ln.split()[:4] == ["bdd100k", "val", "2", "ok"] for ln in lines), out
 
 
-def test_cli_check_missing_root_exit_2(tmp_path):
-    res = run_cli("data", "check", "--root", str(tmp_path / "missing"))
-    assert res.returncode == 2
-    assert res.stderr.startswith("error: ") and str(tmp_path / "missing") in res.stderr
-    assert "Traceback" not in res.stderr
+def test_cli_check_missing_root_exit_2(tmp_path, capsys):
+    code, _, err = in_process(["data", "check", "--root", str(tmp_path / "missing")], capsys)
+    assert code == 2 and str(tmp_path / "missing") in error_line(err)
 
 
 def test_cli_check_reports_problem_exit_2(tmp_path):
+    """The one test of these through `python -m benchmarks` in a process of its own: the real entry point."""
     build_gtav(tmp_path)
     build_cityscapes(tmp_path, "val")  # train split missing
     (tmp_path / "gta/images/00002.png").write_bytes(b"garbage")
@@ -180,18 +182,18 @@ def test_cli_check_reports_problem_exit_2(tmp_path):
     assert res.stderr.startswith("error: 2 problem(s)")
 
 
-def test_cli_convert_then_check(tmp_path):
+def test_cli_convert_then_check(tmp_path, capsys):
     build_cityscapes(tmp_path, "val")
-    res = run_cli("data", "convert", "cityscapes", "--root", str(tmp_path))
-    assert res.returncode == 0, res.stderr
-    assert "written 2" in res.stdout
+    code, out, err = in_process(["data", "convert", "cityscapes", "--root", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "written 2" in out
     assert len(list(tmp_path.rglob("*_gtFine_labelTrainIds.png"))) == 2
 
 
 @pytest.mark.parametrize("what", ["gtav", "synthia", "mapillary-half"])
-def test_cli_convert_into_a_missing_root_names_its_own_option(tmp_path, what):
+def test_cli_convert_into_a_missing_root_names_its_own_option(tmp_path, what, capsys):
     """The adapters' message names `run`'s --data-root; `data convert` takes --root."""
-    res = run_cli("data", "convert", what, "--root", str(tmp_path / "nope"))
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.startswith(f"error: --root {tmp_path / 'nope'}: data root not found"), res.stderr
-    assert "--data-root" not in res.stderr and not (tmp_path / "nope").exists()
+    code, _, err = in_process(["data", "convert", what, "--root", str(tmp_path / "nope")], capsys)
+    line = error_line(err)
+    assert code == 2 and line.startswith(f"error: --root {tmp_path / 'nope'}: data root not found"), line
+    assert "--data-root" not in line and not (tmp_path / "nope").exists()
