@@ -131,6 +131,9 @@ def _executor(options: SlurmOptions, folder: Path):
         # submitit would fall back to running the jobs here: on a login node, the whole matrix would run there.
         raise UserError("--launcher slurm: no slurm on this machine (no sbatch on PATH); run from a slurm login "
                         "node, or pass --slurm-cluster local to run the jobs on this machine on purpose")
+    if cluster in ("local", "debug") and options.nodes > 1:  # submitit's ValueError otherwise, as a traceback
+        raise UserError(f"--slurm-nodes {options.nodes}: --slurm-cluster {cluster} runs each job on this one machine; "
+                        "pass --slurm-nodes 1")
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params: dict[str, Any] = {
         "timeout_min": options.time_minutes,

@@ -357,6 +357,8 @@ def test_check_refuses_a_place_it_cannot_write_before_running_the_matrix(option,
     (["--slurm-partition", "gpu"], "--slurm-partition is an option of --launcher slurm"),
     (["--launcher", "slurm", "--slurm-time", "-5"], "--slurm-time -5: must be at least 1"),  # a job that never ran
     (["--launcher", "slurm", "--slurm-nodes", "0"], "--slurm-nodes 0: must be at least 1"),
+    (["--launcher", "slurm", "--slurm-cluster", "local", "--slurm-nodes", "2"],  # submitit's ValueError traceback
+     "--slurm-nodes 2: --slurm-cluster local runs each job on this one machine; pass --slurm-nodes 1"),
 ])
 def test_launch_options_that_cannot_be_meant_are_refused_before_any_work(given, said, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
