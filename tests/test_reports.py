@@ -475,6 +475,13 @@ def test_the_proxy_beside_the_published_vfm_it_stands_in_for():
     assert frame.loc["full", "source_harness"] == 60 and (frame["compared_with"] == "dinov2_vitl14").all()
     assert frame["spearman_rho"].tolist() == pytest.approx([0.4] * 4)
     assert frame.loc["rein", "citation"].startswith("Rein")
+    # beside a run on the published backbone itself: one file, the ranks whole numbers, empty on the direct row
+    direct = make_result("rein", 1, cbm(64, 60, 66), backbone="dinov2_vitl14", preset="paper", head="mask2former")
+    text = build_tables([*proxy, direct], fmt="csv", published=True)
+    both = pd.read_csv(pd.io.common.StringIO(text))
+    assert len(both) == 5 and both["average_delta"].notna().sum() == 1 and both["rank_harness"].notna().sum() == 4
+    as_written = pd.read_csv(pd.io.common.StringIO(text), dtype=str).set_index(["backbone", "method"])
+    assert as_written.loc[("proxy_vit", "full"), ["rank_published", "rank_harness"]].tolist() == ["3", "1"]  # not 3.0
 
 
 def test_the_proxy_table_gives_rho_seed_by_seed_as_a_one_seed_run_would_see_it():

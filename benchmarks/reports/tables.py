@@ -454,7 +454,11 @@ def build_tables(results: Iterable[dict[str, Any]], *, fmt: str = "markdown", pe
             # columns) and, for a proxy backbone, the VFM it stands in for (ranks and ρ); columns the other
             # kind has stay empty
             frames = [frame for frame in (comparison, stand_in) if not frame.empty] or [comparison]
-            return _csv(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], chosen, setting)
+            if len(frames) == 1:
+                return _csv(frames[0], chosen, setting)
+            both = pd.concat(frames, ignore_index=True)
+            ranks = ["rank_published", "rank_harness"]
+            return _csv(both.astype(dict.fromkeys(ranks, "Int64")), chosen, setting)  # whole ranks, empty elsewhere
         tables = published_tables(results, pub, setting=setting)
         if not tables:
             failures = [n for _, members in group_results(_of_setting(results, setting)).items()
