@@ -89,10 +89,17 @@ def weights_record(backbone: str, path: Path | str | None) -> dict[str, Any]:
 
 
 def source_record(cls: type, root: Path) -> dict[str, Any]:
-    """The fingerprint of the file that defines a class (a built-in method's `methods/<family>.py`)."""
+    """The fingerprint of the file that defines a class (a built-in method's `methods/<family>.py`); none for a
+    class defined where no file holds it (an interactive session), which is then compared on nothing."""
     import inspect
 
-    path = Path(inspect.getsourcefile(cls) or "")
+    try:
+        found = inspect.getsourcefile(cls)
+    except TypeError:  # a built-in or C class
+        found = None
+    if not found or not Path(found).is_file():
+        return {"file": None, "sha256": None}
+    path = Path(found)
     return {"file": _relative(path, root), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 

@@ -392,3 +392,12 @@ def test_evaluation_during_training_leaves_the_training_unchanged(tiny_world, tm
         return [h["loss"] for h in result["history"]]
 
     assert losses("train.eval_interval=1") == losses()
+
+
+def test_a_method_class_no_file_holds_has_no_source_record():
+    # a class defined in an interactive session (here: exec) has no file: recorded as none, compared on nothing
+    namespace: dict = {}
+    exec("from benchmarks.method import Method\nclass Typed(Method):\n    name = 'typed_in'\n", namespace)
+    record = provenance.source_record(namespace["Typed"], ROOT)
+    assert record == {"file": None, "sha256": None}
+    assert provenance.source_differences({"method_source": record}, {"method_source": record}) is None
