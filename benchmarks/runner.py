@@ -34,7 +34,6 @@ from benchmarks.config import (
 from benchmarks.errors import JobCannotGoOn, UserError, user_line
 from benchmarks.method import (
     Method,
-    available_methods,
     build_method,
     canonical_overrides,
     check_method_overrides,
@@ -668,18 +667,16 @@ def _model_files(exp: Experiment, spec: RunSpec, processes: int | None) -> dict[
     and the machine."""
     from benchmarks.protocol import select_device
 
+    method = build_method(spec.method, exp.methods.get(spec.method))
     record: dict[str, Any] = {"weights": provenance.weights_record(spec.backbone, effective_weights(exp, spec.backbone))}
     if origin := plugins.method_origin(spec.method):
         record["method"] = origin
     else:  # a built-in method: its file, held against a finished run in a warning (`run_one`)
-        record["method_source"] = provenance.source_record(available_methods()[spec.method], PROJECT_ROOT)
+        record["method_source"] = provenance.source_record(type(method), PROJECT_ROOT)
     # What the config hash does not name but the numbers follow: the method's hyperparameters as its code
     # resolves them (a default changed in the code keeps the hash), the precision `train.amp` means on this
     # machine's device ("auto": bf16 on CUDA, fp32 on a CPU) and the processes, whose count multiplies the batch.
-    record["recipe"] = {
-        "hyperparameters": json.loads(json.dumps(build_method(spec.method, exp.methods.get(spec.method)).hyperparameters(),
-                                                 default=str)),
-    }
+    record["recipe"] = {"hyperparameters": json.loads(json.dumps(method.hyperparameters(), default=str))}
     if processes is not None:
         record["recipe"].update(precision=trained_precision(exp.train.amp, select_device(exp.train.device).type),
                                 processes=processes)
