@@ -352,8 +352,7 @@ def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame, seeds: pd.
                  f"({key[1]}); 1 = the proxy orders them as the papers do." if not math.isnan(rho) else
                  f"Too few methods ({len(both)}) with a published {reference} average for a rank correlation."]
         if key in runs_of:
-            papers = both[["method", "average_published"]].rename(columns={"average_published": "average_paper"})
-            notes.append(per_seed_rank_note(runs_of[key], papers))
+            notes.append(per_seed_rank_note(runs_of[key], both[["method", "average_published"]]))
         notes.append(inverted_u_note(groups[key]))
         proto = Protocol(*key)
         tables.append(Table(title=f"{proto.title}: the proxy beside the published {reference}", header=header,
@@ -362,15 +361,16 @@ def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame, seeds: pd.
 
 
 def per_seed_rank_note(runs: pd.DataFrame, papers: pd.DataFrame) -> str:
-    """Spearman's ρ of each seed's runs alone against the published averages: what a one-seed table
-    (the default `run`) would have shown, and so how much of the seed-mean ρ the seeds agree on."""
+    """Spearman's ρ of each seed's runs alone against the published averages (`papers`: method,
+    average_published): what a one-seed table (the default `run`) would have shown, and so how much of the
+    seed-mean ρ the seeds agree on."""
     runs = runs.dropna(subset=["average", "seed"]).merge(papers, on="method")
     if runs["seed"].nunique() < 2:
         return ""
     every = papers["method"].nunique()
     parts = []
     for seed, members in runs.groupby("seed", sort=True):
-        rho = rank_agreement(members["average"], members["average_paper"])
+        rho = rank_agreement(members["average"], members["average_published"])
         if math.isnan(rho):
             continue
         count = "" if len(members) == every else f", {len(members)} methods"
