@@ -149,19 +149,17 @@ def _sees_whole_node() -> bool:
 def cgroup_cpu_quota(cgroup_root: Path) -> int | None:
     """Whole CPUs the cgroup's quota grants, rounded up; None without one. cgroup v2 keeps it in `cpu.max`
     ("200000 100000": 2), v1 in the cpu controller's `cpu.cfs_quota_us` over `cpu.cfs_period_us` (-1: none)."""
-    def read(*names: str) -> tuple[str, str] | None:
+    def words(*names: str) -> list[str] | None:  # the files' words in order; None when one cannot be read
         try:
-            texts = [(cgroup_root / name).read_text() for name in names]
-            values = texts[0].split()[:2] if len(names) == 1 else [text.strip() for text in texts]
+            return [word for name in names for word in (cgroup_root / name).read_text().split()]
         except (OSError, ValueError):
             return None
-        return (values[0], values[1]) if len(values) == 2 else None
 
-    for found in (read("cpu.max"), *(read(f"{v1}/cpu.cfs_quota_us", f"{v1}/cpu.cfs_period_us")
-                                     for v1 in ("cpu", "cpu,cpuacct"))):
+    for found in (words("cpu.max"), *(words(f"{v1}/cpu.cfs_quota_us", f"{v1}/cpu.cfs_period_us")
+                                      for v1 in ("cpu", "cpu,cpuacct"))):
         if found is None:
             continue
-        quota, period = found
+        quota, period = (*found, "", "")[:2]
         if quota.isdigit() and period.isdigit() and int(period) > 0 and int(quota) > 0:
             return max(1, math.ceil(int(quota) / int(period)))
         return None  # "max" or -1: the cgroup sets no quota
