@@ -62,13 +62,18 @@ class DataConfig:
     """How images (bilinear) and labels (nearest) are resized in training and for inference: "cv2", mmcv's
     default backend and so the reference pipeline's (no antialiasing when shrinking), or "pillow"
     (antialiased; what the proxy and smoke presets were calibrated with)."""
+    hsv: str = "cv2"
+    """How the photometric distortion converts RGB to HSV and back: "cv2" (OpenCV's `cvtColor`, as mmcv's
+    `bgr2hsv` in the reference pipeline) or "numpy" (the harness's own conversion with OpenCV's ranges, a level
+    apart in a few per cent of values; what the proxy and smoke presets were calibrated with)."""
     num_workers: int = -1
     """Data-loader workers; -1 = sized to the machine (`benchmarks.resources`: 1 on a CPU, up to 8 with a GPU)."""
     preflight: str = "sample"
     """Before the first step, check every split the run reads: "sample" (every pair's files and header
     sizes, labels decoded for a few pairs per split), "full" (every label decoded) or "off"."""
     train_limit: int = 0
-    """Use only the first N source pairs (0 = all)."""
+    """Use only the first N pairs of each source dataset (0 = all): a joint source ("gtav+synthia") trains on
+    N of each, so both stay in the mix of a small run."""
     eval_limit: int = 0
     """Score only the first N pairs of each target (0 = all)."""
     source_holdout: int = 0
@@ -201,6 +206,7 @@ NOT_HASHED: tuple[tuple[str, str], ...] = (
 # fingerprint) as it was, so those results still count as finished runs of the same configuration.
 ADDED_SETTINGS: dict[tuple[str, str], Any] = {
     ("data", "resize"): "pillow",
+    ("data", "hsv"): "numpy",
 }
 
 
@@ -336,6 +342,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.patch_resample": ("bicubic", "timm"),
     "train.amp": ("auto", "none", "bf16", "fp16"),
     "data.resize": ("cv2", "pillow"),
+    "data.hsv": ("cv2", "numpy"),
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 #: The precision of a run's forward passes for each `train.amp` but "auto" (`trained_precision`).

@@ -132,6 +132,7 @@ def _one_source(exp: Experiment, source: str, root: Path, holds_out: bool = True
         cat_max_ratio=cfg.cat_max_ratio,
         photometric=cfg.photometric,
         resize=cfg.resize,
+        hsv=cfg.hsv,
     )
     return SegmentationDataset(_lenient(adapter), transform, limit=cfg.train_limit or None, pairs=train_pairs)
 

@@ -8,6 +8,7 @@ a pure function of (file, seed) and a resumed run sees the same crops.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,9 +26,24 @@ STD = (58.395, 57.12, 57.375)
 # --------------------------------------------------------------------------------------------------
 
 
-def _resize_cv2(array: np.ndarray, size_wh: tuple[int, int], labels: bool) -> np.ndarray:
+def _opencv():
+    """OpenCV, with its own thread pool off inside a data-loader worker: the thread plan gives a worker one core
+    (mmengine's `opencv_num_threads=0`, which the reference's runtime config sets), where OpenCV would start a
+    pool as wide as the machine in every worker."""
     import cv2
 
+    global _opencv_threads_set_in
+    if _opencv_threads_set_in != os.getpid() and torch.utils.data.get_worker_info() is not None:
+        cv2.setNumThreads(0)
+        _opencv_threads_set_in = os.getpid()
+    return cv2
+
+
+_opencv_threads_set_in: int | None = None
+
+
+def _resize_cv2(array: np.ndarray, size_wh: tuple[int, int], labels: bool) -> np.ndarray:
+    cv2 = _opencv()
     return cv2.resize(array, size_wh, interpolation=cv2.INTER_NEAREST if labels else cv2.INTER_LINEAR)
 
 
@@ -123,6 +139,23 @@ def hsv_u8_to_rgb(hsv: np.ndarray) -> np.ndarray:
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
+def _rgb_to_hsv_cv2(img: np.ndarray) -> np.ndarray:
+    return _opencv().cvtColor(img, _opencv().COLOR_RGB2HSV)
+
+
+def _hsv_to_rgb_cv2(hsv: np.ndarray) -> np.ndarray:
+    return _opencv().cvtColor(hsv, _opencv().COLOR_HSV2RGB)
+
+
+_HSV_CONVERSIONS = {"cv2": (_rgb_to_hsv_cv2, _hsv_to_rgb_cv2), "numpy": (rgb_to_hsv_u8, hsv_u8_to_rgb)}
+
+#: How the photometric distortion converts RGB to HSV and back: "cv2" is OpenCV's `cvtColor`, what mmcv's
+#: `bgr2hsv`/`hsv2bgr` call in the reference pipeline (on BGR images: the same HSV); "numpy" is this module's
+#: own conversion with OpenCV's 8-bit ranges (what the proxy and smoke presets were calibrated with), one level
+#: apart in a few per cent of values, which a saturation or hue step can widen to about ten grey levels.
+HSV_BACKENDS = tuple(_HSV_CONVERSIONS)
+
+
 def photometric_distortion(
     img: np.ndarray,
     rng: np.random.Generator,
@@ -130,21 +163,27 @@ def photometric_distortion(
     contrast_range: tuple[float, float] = (0.5, 1.5),
     saturation_range: tuple[float, float] = (0.5, 1.5),
     hue_delta: int = 18,
+    hsv: str = "cv2",
 ) -> np.ndarray:
-    """mmseg's PhotoMetricDistortion: brightness, then contrast first or last, saturation, hue (p=0.5 each)."""
+    """mmseg's PhotoMetricDistortion: brightness, then contrast first or last, saturation, hue (p=0.5 each),
+    converting to HSV and back with `hsv` (`HSV_BACKENDS`)."""
+    if hsv not in _HSV_CONVERSIONS:
+        raise ValueError(f"HSV backend {hsv!r} is not one of {', '.join(HSV_BACKENDS)}")
+    to_hsv, to_rgb = _HSV_CONVERSIONS[hsv]
     if rng.integers(2):
         img = _convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
     mode = rng.integers(2)
     if mode == 1 and rng.integers(2):
         img = _convert(img, alpha=rng.uniform(*contrast_range))
     if rng.integers(2):
-        hsv = rgb_to_hsv_u8(img)
-        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
-        img = hsv_u8_to_rgb(hsv)
+        channels = to_hsv(img)
+        channels[..., 1] = _convert(channels[..., 1], alpha=rng.uniform(*saturation_range))
+        img = to_rgb(channels)
     if rng.integers(2):
-        hsv = rgb_to_hsv_u8(img)
-        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(rng.integers(-hue_delta, hue_delta, endpoint=False))) % 180
-        img = hsv_u8_to_rgb(hsv)
+        channels = to_hsv(img)
+        shift = int(rng.integers(-hue_delta, hue_delta, endpoint=False))
+        channels[..., 0] = (channels[..., 0].astype(np.int64) + shift) % 180
+        img = to_rgb(channels)
     if mode == 0 and rng.integers(2):
         img = _convert(img, alpha=rng.uniform(*contrast_range))
     return img
@@ -185,9 +224,11 @@ class TrainTransform:
         mean: Sequence[float] = MEAN,
         std: Sequence[float] = STD,
         resize: str = "cv2",
+        hsv: str = "cv2",
     ) -> None:
         self.crop_size = int(crop_size)
         self.resize = resize
+        self.hsv = hsv
         self.scale_base = int(scale_base)
         self.scale_steps = tuple(scale_steps)
         self.short_edges = tuple(int(scale_base * x * 0.1) for x in self.scale_steps)
@@ -226,7 +267,7 @@ class TrainTransform:
             image = image[:, ::-1]
             label = label[:, ::-1]
         if self.photometric:
-            image = photometric_distortion(np.ascontiguousarray(image), rng)
+            image = photometric_distortion(np.ascontiguousarray(image), rng, hsv=self.hsv)
 
         image_t = to_tensor(image, self.mean, self.std)
         label_t = label_tensor(label)

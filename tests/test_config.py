@@ -76,20 +76,23 @@ def test_experiment_round_trips_through_its_dict():
     assert again == exp
 
 
-def test_a_setting_added_later_keeps_the_identity_of_runs_at_its_old_behaviour():
-    """Results written before `data.resize` existed resized with Pillow: at "pillow" a configuration hashes as
-    it did without the setting (so those results still count as finished), at "cv2" it is another one."""
+@pytest.mark.parametrize("name, old, new", [("resize", "pillow", "cv2"), ("hsv", "numpy", "cv2")])
+def test_a_setting_added_later_keeps_the_identity_of_runs_at_its_old_behaviour(name, old, new):
+    """Results written before `data.resize` (`data.hsv`) existed resized with Pillow (converted HSV in NumPy):
+    at that value a configuration hashes as it did without the setting (so those results still count as
+    finished), at "cv2" it is another one."""
     from benchmarks.config import ADDED_SETTINGS, without_added_settings_at_their_old_behaviour
 
-    assert ADDED_SETTINGS[("data", "resize")] == "pillow"
-    pillow = load_experiment("proxy", ["data.resize=pillow"])
-    cv2 = load_experiment("proxy", ["data.resize=cv2"])
-    before = json.loads(json.dumps(pillow.to_dict()))
-    del before["data"]["resize"]
-    assert without_added_settings_at_their_old_behaviour(pillow.to_dict()) == before
-    assert pillow.config_hash() == load_experiment("proxy").config_hash()  # the preset's own value
-    assert cv2.config_hash() != pillow.config_hash()
-    assert "resize" in without_added_settings_at_their_old_behaviour(cv2.to_dict())["data"]
+    assert ADDED_SETTINGS[("data", name)] == old
+    as_before = load_experiment("proxy", [f"data.{name}={old}"])
+    changed = load_experiment("proxy", [f"data.{name}={new}"])
+    before = json.loads(json.dumps(as_before.to_dict()))
+    for section, setting in ADDED_SETTINGS:
+        del before[section][setting]
+    assert without_added_settings_at_their_old_behaviour(as_before.to_dict()) == before
+    assert as_before.config_hash() == load_experiment("proxy").config_hash() == "35168abd"  # the stored runs'
+    assert changed.config_hash() != as_before.config_hash()
+    assert name in without_added_settings_at_their_old_behaviour(changed.to_dict())["data"]
 
 
 def test_a_run_at_an_added_settings_old_behaviour_departs_from_a_preset_that_reads_otherwise():

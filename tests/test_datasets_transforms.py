@@ -144,3 +144,81 @@ def test_the_resize_backends_are_the_settings_choices():
     from datasets.transforms import RESIZE_BACKENDS
 
     assert tuple(CHOICES["data.resize"]) == RESIZE_BACKENDS
+
+
+def test_the_hsv_backends_are_the_settings_choices():
+    from benchmarks.config import CHOICES
+    from datasets.transforms import HSV_BACKENDS
+
+    assert tuple(CHOICES["data.hsv"]) == HSV_BACKENDS
+
+
+class _ScriptedDraws:
+    """An rng whose draws are given in order: the photometric distortion's branches chosen by the test."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def integers(self, *args, **kwargs):
+        return self.draws.pop(0)
+
+    def uniform(self, *args, **kwargs):
+        return self.draws.pop(0)
+
+    def random(self):
+        return 1.0  # never below a flip probability
+
+
+def test_the_cv2_hsv_backend_is_opencvs_round_trip_as_in_the_reference():
+    """Saturation ×1.3 then hue +7 (brightness and contrast not drawn): with "cv2" each step goes through
+    `cv2.cvtColor`, as mmcv's bgr2hsv/hsv2bgr do; the harness's own conversion ("numpy") lands elsewhere."""
+    import cv2
+
+    img, _ = sample(48, 48, seed=5)
+    draws = (0, 0, 1, 1.3, 1, 7, 0)  # no brightness; mode 0; saturation 1.3; hue +7; no contrast last
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    hsv[..., 1] = np.clip(hsv[..., 1].astype(np.float32) * 1.3, 0, 255).astype(np.uint8)
+    expected = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    hsv = cv2.cvtColor(expected, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0].astype(np.int64) + 7) % 180
+    expected = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    np.testing.assert_array_equal(photometric_distortion(img, _ScriptedDraws(*draws), hsv="cv2"), expected)
+    assert not np.array_equal(photometric_distortion(img, _ScriptedDraws(*draws), hsv="numpy"), expected)
+
+
+def test_the_train_transform_and_the_preset_pass_the_hsv_backend_on():
+    from benchmarks.config import load_experiment
+
+    img, lab = sample(32, 32, seed=2)
+    outputs = {}
+    for backend in ("cv2", "numpy"):
+        transform = TrainTransform(crop_size=32, scale_base=32, scale_steps=(10,), max_long_edge=None,
+                                   cat_max_ratio=1.0, flip_prob=0.0, hsv=backend)
+        draws = [0, 0, 0, 0, 0, 1, 1.4, 0, 0]  # scale, crop y, crop x, then the photometric draws: saturation only
+        outputs[backend] = transform(img, lab, _ScriptedDraws(*draws))[0]
+    assert not torch.equal(outputs["cv2"], outputs["numpy"])
+    assert load_experiment("paper").data.hsv == "cv2"
+    assert load_experiment("proxy").data.hsv == load_experiment("smoke").data.hsv == "numpy"
+
+
+def test_opencv_runs_one_thread_in_a_loader_worker():
+    """The thread plan counts a loader worker as one core; OpenCV's own pool would be as wide as the machine
+    in every worker (the reference's runtime config turns it off: mmengine's opencv_num_threads=0)."""
+    import cv2
+
+    from datasets.transforms import resize_pair
+
+    class Resizing(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            resize_pair(np.zeros((8, 8, 3), np.uint8), None, (4, 4), "cv2")
+            return cv2.getNumThreads()
+
+    threads_here = cv2.getNumThreads()
+    loader = torch.utils.data.DataLoader(Resizing(), batch_size=None, num_workers=1)
+    assert [int(n) for n in loader] == [1, 1]
+    resize_pair(np.zeros((8, 8, 3), np.uint8), None, (4, 4), "cv2")
+    assert cv2.getNumThreads() == threads_here  # the main process's pool is left as it was
