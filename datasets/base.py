@@ -343,12 +343,12 @@ class Adapter:
             if not self.base.is_dir():
                 raise UserError(
                     f"{self.base}: {self.name} folder not found under the data root; expected the "
-                    f"layout in docs (protocol.md); link or extract the dataset there"
+                    f"layout in docs/datasets.md; link or extract the dataset there"
                 )
             pairs = sorted(self._find_pairs())
             if not pairs:
                 raise UserError(f"{self.base}: no {self.name} image/label pairs found for split {self.split!r}; "
-                                "check the layout against protocol.md")
+                                "check the layout against docs/datasets.md")
             self._pairs = pairs
             log.debug("%s/%s: %d pairs", self.name, self.split, len(pairs))
         return list(self._pairs)

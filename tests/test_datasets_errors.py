@@ -52,6 +52,22 @@ def test_missing_family_and_split_folder(tmp_path):
     assert str(tmp_path / "cityscapes/leftImg8bit/train") in msg and "leftImg8bit_trainvaltest.zip" in msg
 
 
+def test_an_empty_split_or_missing_family_points_to_the_page_with_the_layouts(tmp_path):
+    tmp_path.joinpath("x").mkdir()
+    with pytest.raises(UserError) as exc:
+        get_adapter("cityscapes")(tmp_path, "val").pairs()
+    assert "docs/datasets.md" in one_line(exc)
+    build_cityscapes(tmp_path, "val")
+    for png in (tmp_path / "cityscapes").rglob("*.png"):
+        png.unlink()
+    with pytest.raises(UserError) as exc:
+        get_adapter("cityscapes")(tmp_path, "val").pairs()
+    assert "no cityscapes image/label pairs found for split 'val'" in one_line(exc)
+    assert "docs/datasets.md" in one_line(exc)
+    layouts = (REPO / "docs/datasets.md").read_text()
+    assert "ROOT/cityscapes/{leftImg8bit,gtFine}/{train,val}" in layouts and "ROOT/gta/{images,labels}" in layouts
+
+
 def test_image_without_label(tmp_path):
     build_cityscapes(tmp_path)
     write_rgb(tmp_path / "cityscapes/leftImg8bit/val/bonn/bonn_000099_000019_leftImg8bit.png")
