@@ -175,9 +175,22 @@ def test_cli_check_ok(tmp_path, capsys):
     code, out, err = in_process(["data", "check", "--root", str(tmp_path)], capsys)
     assert code == 0, err
     lines = out.splitlines()
-    assert any(ln.split()[:4] == ["gtav", "train", "2", "ok"] for ln in lines), out
-    assert any(ln.split()[:4] == ["mapillary", "val", "2", "ok"] for ln in lines), out
-    assert any(ln.split()[:4] == ["bdd100k", "val", "2", "ok"] for ln in lines), out
+    # A root of real datasets (no synthetic world record) with fewer pairs than the releases: ok, and said.
+    assert any(ln.split()[:4] == ["gtav", "train", "2", "ok,"] and "2 of the official release's 24,966 pairs" in ln
+               for ln in lines), out
+    assert any(ln.split()[:4] == ["mapillary", "val", "2", "ok,"] and "of the official release's 2,000" in ln
+               for ln in lines), out
+    assert any(ln.split()[:4] == ["bdd100k", "val", "2", "ok,"] and "of the official release's 1,000" in ln
+               for ln in lines), out
+    assert any(ln.split()[:4] == ["cityscapes", "val", "2", "ok,"] and "of the official release's 500" in ln
+               for ln in lines), out
+    # The synthetic world is as large as it is meant to be.
+    from datasets.synthetic import WORLD_RECORD
+
+    (tmp_path / WORLD_RECORD).write_text("{}")
+    code, out, err = in_process(["data", "check", "--root", str(tmp_path)], capsys)
+    assert code == 0 and "partial" not in out, out
+    assert any(ln.split()[:4] == ["gtav", "train", "2", "ok"] for ln in out.splitlines()), out
 
 
 def test_cli_check_missing_root_exit_2(tmp_path, capsys):
