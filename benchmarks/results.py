@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -190,9 +191,34 @@ def result_problem(data: dict[str, Any]) -> str | None:
     # What the tables read from every result (a wrong type there stopped a whole table with a traceback).
     if not isinstance(data["seed"], int) or isinstance(data["seed"], bool):
         return f"seed {data['seed']!r} is not a whole number"
-    for name in ("experiment", "timings", "params", "environment", "provenance"):
+    for name in ("experiment", "timings", "params", "environment", "provenance", "profile"):
         if data.get(name) is not None and not isinstance(data[name], dict):
             return f'field "{name}" is not an object'
+    return _nested_problem(data)
+
+
+def _nested_problem(data: dict[str, Any]) -> str | None:
+    """What the tables and the report read inside a result's objects, of the wrong type (a parameter count
+    that is text, a provenance record that is no object, a history that is no list of records), or None."""
+    if not all(_is_score(count) for count in (data.get("params") or {}).values()):
+        return 'field "params" holds a count that is not a number'
+    provenance = data.get("provenance") or {}
+    if not isinstance(provenance.get("weights") or {}, dict):
+        return 'field "provenance.weights" is not an object'
+    fingerprints = provenance.get("data") or {}
+    if not isinstance(fingerprints, dict) or not all(isinstance(fp, dict) for fp in fingerprints.values()):
+        return 'field "provenance.data" is not an object of objects'
+    for name, scores in (("history", ("iter", "loss")), ("evaluations", ("iter", "source_heldout"))):
+        records = data.get(name)
+        if records is None:
+            continue
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+            return f'field "{name}" is not a list of objects'
+        for record in records:
+            targets = record.get("targets") or {}
+            if not all(_is_score(record.get(key)) for key in scores) or not isinstance(targets, dict) \
+                    or not all(_is_score(value) for value in targets.values()):
+                return f'field "{name}" holds a record whose {", ".join(scores)} or targets are not numbers'
     return None
 
 
@@ -207,8 +233,8 @@ def _score_problem(metrics: dict[str, Any]) -> str | None:
 
 
 def _is_score(value: Any) -> bool:
-    """A score as results hold one: a number, or null (not scored)."""
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    """A score as results hold one: a finite number (JSON's NaN and Infinity are none), or null (not scored)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
 
 
 def read_result(path: Path) -> dict[str, Any] | None:

@@ -288,6 +288,14 @@ def test_negative_or_non_finite_tolerance_exits_2_before_anything(baseline_path,
     ("targets.cityscapes.per_class_iou.road", "x", "cityscapes: per_class_iou is not an object of numbers"),
     ("source_heldout", "x", 'field "source_heldout" is not an object'),
     ("source_heldout", {"miou": "x"}, "source_heldout: miou is not a number"),
+    ("targets.cityscapes.miou", float("inf"), "cityscapes: miou is not a number"),  # was printed bold, the best
+    ("params.backbone_trainable", "102145", 'field "params" holds a count that is not a number'),
+    ("provenance", {"weights": "abc"}, 'field "provenance.weights" is not an object'),
+    ("provenance", {"data": ["x"]}, 'field "provenance.data" is not an object of objects'),
+    ("profile", ["x"], 'field "profile" is not an object'),
+    ("history", [{"iter": 1, "loss": "x"}], 'field "history" holds a record whose iter, loss or targets'),
+    ("evaluations", {"a": 1}, 'field "evaluations" is not a list of objects'),
+    ("evaluations", [{"iter": 2, "targets": {"cityscapes": "x"}}], 'field "evaluations" holds a record whose'),
 ])
 def test_a_result_with_a_field_of_the_wrong_type_is_skipped_and_the_table_still_printed(field, value, said, tmp_path,
                                                                                         capsys, caplog):
