@@ -605,3 +605,24 @@ def test_a_cpu_never_borrows_a_gpu_peak_by_its_model_name(monkeypatch):
     assert profile_module.environment_summary(torch.device("cpu"))["peak_bf16_tflops"] is None
     monkeypatch.setattr(profile_module, "device_name", lambda device: "NVIDIA H200")
     assert profile_module.environment_summary(torch.device("cuda"))["peak_bf16_tflops"] == 989.0
+
+
+def test_a_profile_interrupted_before_its_first_row_leaves_no_empty_table_behind(tmp_path, monkeypatch):
+    # The name reserved for it (an empty .md) pushed the next profile of the day to `-2`.
+    from benchmarks.cli import main
+
+    def interrupt(exp, name, device, settings, timeout_s=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(profiling, "profile_in_subprocess", interrupt)
+    assert main(["profile", "--preset", "smoke", "--methods", "full", "--out", str(tmp_path)]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pipe_in_a_profile_rows_error_stays_inside_its_markdown_cell():
+    from benchmarks.reports.profiles import format_table
+
+    table = format_table([{"method": "lora", "status": "failed", "error": "unsupported operand type(s) for |: dict"}])
+    header, _, row = table.splitlines()
+    unescaped = row.replace("\\|", "")
+    assert unescaped.count("|") == header.count("|"), table

@@ -72,38 +72,51 @@ def run(args: argparse.Namespace) -> int:
     if args.note:
         meta["note"] = args.note
 
-    if args.flops_only:
-        rows = flops_table(exp, names)
-        meta.update(environment_summary(None))
-        meta["counted"] = "FLOPs per image: 2 per multiply-add over matmuls, convolutions and attention"
-        stem = output_stem(exp.preset, "flops", today, out)
-    else:
-        device = select_device(args.device or exp.train.device, "--device" if args.device else "train.device")
-        settings = ProfileSettings(warmup=args.warmup, repeats=args.repeats, eval_repeats=args.eval_repeats,
-                                   count_flops=not args.no_flops, breakdown=args.breakdown)
-        meta.update(environment_summary(device))
-        meta["timing"] = (f"{settings.warmup} warm-up + {settings.repeats} timed training steps (protocol.train), "
-                          f"{settings.eval_warmup} + {settings.eval_repeats} sliding-window inferences; median ± IQR/2")
-        meta["isolation"] = "one process per method" if not args.in_process else "all methods in one process"
-        stem = output_stem(exp.preset, meta.get("device_name") if device.type == "cuda" else "cpu", today, out)
-        done: list[dict] = []
+    stem = None
+    try:
+        if args.flops_only:
+            rows = flops_table(exp, names)
+            meta.update(environment_summary(None))
+            meta["counted"] = "FLOPs per image: 2 per multiply-add over matmuls, convolutions and attention"
+            stem = output_stem(exp.preset, "flops", today, out)
+        else:
+            device = select_device(args.device or exp.train.device, "--device" if args.device else "train.device")
+            settings = ProfileSettings(warmup=args.warmup, repeats=args.repeats, eval_repeats=args.eval_repeats,
+                                       count_flops=not args.no_flops, breakdown=args.breakdown)
+            meta.update(environment_summary(device))
+            meta["timing"] = (f"{settings.warmup} warm-up + {settings.repeats} timed training steps (protocol.train), "
+                              f"{settings.eval_warmup} + {settings.eval_repeats} sliding-window inferences; median ± IQR/2")
+            meta["isolation"] = "one process per method" if not args.in_process else "all methods in one process"
+            stem = output_stem(exp.preset, meta.get("device_name") if device.type == "cuda" else "cpu", today, out)
+            done: list[dict] = []
 
-        def keep(row: dict) -> None:
-            """Each finished method is on disk at once: a run cut off (a time limit, Ctrl-C) keeps its rows."""
-            log.info("%s: %s", row["method"], _brief(row))
-            done.append(row)
-            write_profiles(done, exp, out, stem, {**meta, "finished": f"{len(done)} of {len(names)} methods"}, plots=False)
+            def keep(row: dict) -> None:
+                """Each finished method is on disk at once: a run cut off (a time limit, Ctrl-C) keeps its rows."""
+                log.info("%s: %s", row["method"], _brief(row))
+                done.append(row)
+                write_profiles(done, exp, out, stem, {**meta, "finished": f"{len(done)} of {len(names)} methods"}, plots=False)
 
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, a scheduler: stop, taking the child along
-        try:
-            rows = profile_methods(exp, names, str(device), settings, isolate=not args.in_process, on_result=keep)
-        finally:
-            signal.signal(signal.SIGTERM, previous)  # a caller in the same process (tests) keeps its own
+            previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, a scheduler: stop, taking the child along
+            try:
+                rows = profile_methods(exp, names, str(device), settings, isolate=not args.in_process, on_result=keep)
+            finally:
+                signal.signal(signal.SIGTERM, previous)  # a caller in the same process (tests) keeps its own
+    except BaseException:
+        _release_unwritten_name(out, stem)
+        raise
     print(format_table(rows))
     paths = write_profiles(rows, exp, out, stem, meta)
     for path in paths:
         log.info("wrote %s", path)
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+def _release_unwritten_name(out: Path, stem: str | None) -> None:
+    """A profile stopped before its first row leaves no empty `<stem>.md` (the name reserved for it), which would
+    push the next profile of the day to `-2`."""
+    reserved = out / f"{stem}.md" if stem else None
+    if reserved is not None and reserved.is_file() and reserved.stat().st_size == 0:
+        reserved.unlink()
 
 
 def _interrupt(signum: int, frame: object) -> None:

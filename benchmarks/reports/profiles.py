@@ -67,6 +67,8 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "github") -> str:
     if timed:
         headers += ["train img/s", "step ms (±IQR/2)", "eval img/s", "eval ms/img (±IQR/2)", "peak MiB", "MFU %"]
     headers += ["fwd GFLOP/img", "train GFLOP/img", "eval GFLOP/img", "trainable M", "added M", "status"]
+    if fmt == "github":  # a `|` in a cell (an error message's) would be read as one more column
+        table = [[cell.replace("|", "\\|") for cell in line] for line in table]
     return tabulate(table, headers=headers, tablefmt=fmt, disable_numparse=True)
 
 
