@@ -908,3 +908,23 @@ def test_an_inverted_u_missed_on_the_source_says_by_how_much_and_whether_inside_
     assert "(not the best: tuned 48.40, 0.4 above)" in far
     farther = inverted_u_note(summary_frame([rows[0], run("tuned", "parameter-efficient", 1, 60.5, 33.0)]))
     assert "(not the best: tuned 60.50, 12.5 above)" in farther
+
+
+def test_a_method_keeps_its_colour_from_the_rein_figure_to_the_curves_and_the_profile_bars():
+    # The Rein figure coloured methods by rank, the curves and the bars alphabetically: `full` was red in one
+    # figure of a report and olive in the next.
+    from matplotlib.colors import to_hex
+
+    finished = [make_result("zeta", 1, cbm(50, 50, 50), curves=True), make_result("alpha", 1, cbm(10, 10, 10), curves=True),
+                make_result("mid", 1, cbm(30, 30, 30), curves=True)]
+    rein = {}
+    for line in plots_module.miou_vs_params(finished).axes[-1].lines:
+        rein[float(line.get_ydata()[0])] = to_hex(line.get_color())
+    by_rein = {"zeta": rein[50.0], "alpha": rein[10.0], "mid": rein[30.0]}
+    curves = {line.get_label(): to_hex(line.get_color())
+              for line in plots_module.training_curves(finished).axes[0].lines if not line.get_label().startswith("_")}
+    bars_axis = plots_module.profile_chart(finished).axes[0]
+    methods = [tick.get_text() for tick in bars_axis.get_yticklabels()]
+    bars = {method: to_hex(patch.get_facecolor()) for method, patch in zip(methods, bars_axis.patches, strict=True)}
+    assert len(set(by_rein.values())) == 3
+    assert curves == by_rein and bars == by_rein

@@ -66,6 +66,13 @@ def _colors(names: Iterable[str]) -> dict[str, Any]:
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
+def method_colors(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One colour per method for every figure of a set of runs: in the tables' order (best target average
+    first), so a method keeps its colour from the Rein figure to the training curves and the profile bars."""
+    ranked = summary_frame(results)
+    return _colors([*(ranked["method"] if not ranked.empty else []), *sorted({method_name(r) for r in results})])
+
+
 # -- individual figures ------------------------------------------------------------------------------
 def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | None:
     """Rein's Fig. 5: mIoU (mean, std bars) against backbone-side trainable parameters on a log axis,
@@ -92,7 +99,7 @@ def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | N
     floor = (positive.min() / 10.0) if positive.size else 1e-3
     xs = np.where(params > 0, params, floor)
     fig = Figure(figsize=(6.4 * len(panels), 4.2))
-    colors = _colors(summary["method"])
+    colors = method_colors(results)
     for index, (column, ylabel) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), index + 1)
         box = ax.get_position()
@@ -200,7 +207,7 @@ def training_curves(results: list[dict[str, Any]], title: str = "") -> Figure | 
         return None
     fig = Figure(figsize=(3.6 * len(panels) + 0.8, 3.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    colors = _colors(sorted(method_name(r) for r in finished))
+    colors = method_colors(results)
     labelled: set[tuple[int, str]] = set()
     for res in sorted(finished, key=lambda r: (method_name(r), str(r.get("seed")))):
         method = method_name(res)
@@ -247,7 +254,7 @@ def profile_chart(results: list[dict[str, Any]], title: str = "") -> Figure | No
     methods = sorted({method_name(r) for r in finished})
     fig = Figure(figsize=(max(6.0, 3.0 * len(metrics)), 0.35 * len(methods) + 1.6))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    colors = _colors(methods)
+    colors = method_colors(results)
     for ax, (key, label) in zip(axes, metrics, strict=False):
         values = []
         for method in methods:
