@@ -475,6 +475,7 @@ def test_the_proxy_beside_the_published_vfm_it_stands_in_for():
     assert frame.loc["full", "source_harness"] == 60 and (frame["compared_with"] == "dinov2_vitl14").all()
     assert frame["spearman_rho"].tolist() == pytest.approx([0.4] * 4)
     assert frame.loc["rein", "citation"].startswith("Rein")
+    assert frame.loc["rein", "verified"] == "reprinted by later papers"  # where each published figure was read
     # beside a run on the published backbone itself: one file, the ranks whole numbers, empty on the direct row
     direct = make_result("rein", 1, cbm(64, 60, 66), backbone="dinov2_vitl14", preset="paper", head="mask2former")
     text = build_tables([*proxy, direct], fmt="csv", published=True)
@@ -928,3 +929,12 @@ def test_a_method_keeps_its_colour_from_the_rein_figure_to_the_curves_and_the_pr
     bars = {method: to_hex(patch.get_facecolor()) for method, patch in zip(methods, bars_axis.patches, strict=True)}
     assert len(set(by_rein.values())) == 3
     assert curves == by_rein and bars == by_rein
+
+
+def test_the_proxy_beside_the_papers_names_the_published_averages_read_second_hand():
+    # ρ rests on fishertune's 66.5 ("secondary summary of the paper") with nothing said beside the table.
+    proxy = [make_result(method, 1, cbm(value, value, value)) for method, value in
+             (("rein", 30), ("fishertune", 31), ("soma", 32), ("freeze", 20))]
+    (table,) = [t for t in published_tables(proxy) if "beside the published" in t.title]
+    note = next(n for n in table.notes if "second-hand" in n)
+    assert "fishertune" in note and "soma" not in note and "rein" not in note  # soma's average: the authors' README

@@ -291,7 +291,7 @@ def rank_agreement(ours: pd.Series, theirs: pd.Series) -> float:
 
 STAND_IN_COLUMNS = [*PROTOCOL_COLUMNS, "method", "seeds", "compared_with", "average_published", "rank_published",
                     "average_harness", "average_harness_std", "rank_harness", "source_harness", "source_harness_std",
-                    "spearman_rho", "citation"]
+                    "spearman_rho", "citation", "verified"]
 
 
 def stand_in_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
@@ -304,7 +304,7 @@ def stand_in_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFra
         if reference is None:
             continue
         papers = published[(published["setting"] == key[1]) & (published["backbone"] == reference)]
-        papers = papers[papers["average"].notna()][["method", "average", "source"]]
+        papers = papers[papers["average"].notna()][["method", "average", "source", "verified"]]
         both = group.merge(papers.rename(columns={"source": "citation"}), on="method",
                            suffixes=("", "_paper")).dropna(subset=["average"])
         if both.empty:
@@ -320,7 +320,7 @@ def stand_in_frame(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFra
             "rank_harness": both["average"].rank(ascending=False, method="min").astype(int),
             "source_harness": source, "source_harness_std": source_std,
             "spearman_rho": rank_agreement(both["average"], both["average_paper"]),
-            "citation": both["citation"],
+            "citation": both["citation"], "verified": both["verified"],
         }).sort_values("average_published", ascending=False, kind="stable"))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STAND_IN_COLUMNS)
 
@@ -354,10 +354,21 @@ def proxy_rank_tables(summary: pd.DataFrame, published: pd.DataFrame, seeds: pd.
         if key in runs_of:
             notes.append(per_seed_rank_note(runs_of[key], both[["method", "average_published"]]))
         notes.append(inverted_u_note(groups[key]))
+        notes.append(second_hand_note(both))
         proto = Protocol(*key)
         tables.append(Table(title=f"{proto.title}: the proxy beside the published {reference}", header=header,
                             rows=rows, align="l" + "r" * (len(header) - 1), notes=[n for n in notes if n]))
     return tables
+
+
+def second_hand_note(both: pd.DataFrame) -> str:
+    """The methods whose published average the project read second-hand (their `verified` in published.csv
+    begins "secondary"): ρ rests on them as on the others, so the table says which they are."""
+    second_hand = both.loc[both["verified"].fillna("").str.startswith("secondary"), "method"].tolist()
+    if not second_hand:
+        return ""
+    return (f"Published averages read second-hand, not in the paper itself: {', '.join(second_hand)} "
+            "(results/published.csv, its `verified` column; the CSV form of this table carries it).")
 
 
 def per_seed_rank_note(runs: pd.DataFrame, papers: pd.DataFrame) -> str:
