@@ -125,7 +125,7 @@ def _executor(options: SlurmOptions, folder: Path):
     try:
         import submitit
     except ImportError:
-        raise UserError("--launcher slurm needs submitit: pip install 'dgss-bench[slurm]' (or pip install submitit)") from None
+        raise UserError("--launcher slurm needs submitit: pip install -e '.[slurm]' in the checkout (or pip install submitit)") from None
     cluster = options.cluster or None
     if cluster is None and shutil.which("sbatch") is None:
         # submitit would fall back to running the jobs here: on a login node, the whole matrix would run there.
