@@ -370,11 +370,24 @@ def checkpoint_patch_and_grid(sd: Mapping[str, torch.Tensor]) -> tuple[int, int]
     return None
 
 
-def check_weights_file(backbone: Backbone, path: str | Path) -> None:
+def check_weights_file(backbone: Backbone, path: str | Path, resample: str = "bicubic") -> None:
     """What `load_weights` refuses in a file, found without loading it into `backbone` (which may be on the
-    meta device): unreadable, unsafe, of another layout or family. A run checks this before it reads or
+    meta device): unreadable, unsafe, of another layout, family or size. A run checks this before it reads or
     generates any data."""
-    _read_in_timm_names(backbone, Path(path))
+    _adapted_state_dict(backbone, Path(path), resample)
+
+
+def _adapted_state_dict(backbone: Backbone, path: Path, resample: str) -> weights_io.StateDict:
+    """The file's state dict as `backbone` takes it: timm's names, resized to its patch and grid, its dtype;
+    only the backbone's shapes are read (it may be on the meta device)."""
+    if resample not in RESAMPLE_MODES:
+        raise UserError(f"unknown resample mode {resample!r}; valid: {', '.join(RESAMPLE_MODES)}")
+    vit, spec = backbone.vit, backbone.spec
+    target = vit.state_dict()
+    sd = _read_in_timm_names(backbone, path)
+    num_prefix_in_pos = 0 if getattr(vit, "no_embed_class", False) or spec.family == "sam" else backbone.num_prefix_tokens
+    sd = weights_io.adapt_to_model(sd, target, num_prefix_in_pos=num_prefix_in_pos, resample=resample)
+    return weights_io.check_shapes_and_cast(sd, target, path)
 
 
 def _read_in_timm_names(backbone: Backbone, path: Path) -> weights_io.StateDict:
@@ -390,16 +403,9 @@ def _read_in_timm_names(backbone: Backbone, path: Path) -> weights_io.StateDict:
 
 def load_weights(backbone: Backbone, path: str | Path, resample: str = "bicubic") -> None:
     """Load `path` (timm or original layout) into `backbone`, converting as the protocol says."""
-    if resample not in RESAMPLE_MODES:
-        raise UserError(f"unknown resample mode {resample!r}; valid: {', '.join(RESAMPLE_MODES)}")
     path = Path(path)
-    vit, spec = backbone.vit, backbone.spec
-    target = vit.state_dict()
-    sd = _read_in_timm_names(backbone, path)
-    num_prefix_in_pos = 0 if getattr(vit, "no_embed_class", False) or spec.family == "sam" else backbone.num_prefix_tokens
-    sd = weights_io.adapt_to_model(sd, target, num_prefix_in_pos=num_prefix_in_pos, resample=resample)
-    sd = weights_io.check_shapes_and_cast(sd, target, path)
-    vit.load_state_dict(sd, strict=True)
+    vit = backbone.vit
+    vit.load_state_dict(_adapted_state_dict(backbone, path, resample), strict=True)
     log.info("loaded %s weights from %s (patch %d, grid %s, resample=%s)", backbone.name, path,
              backbone.patch_size, getattr(vit.patch_embed, "grid_size", None), resample)
 

@@ -169,7 +169,7 @@ def check_buildable(exp: Experiment, backbones: tuple[str, ...], method_names: l
                                 f"{err}); check model.head_options and methods.{name}") from None
         weights = effective_weights(matrix_exp, backbone)
         if weights is not None:
-            check_weights_file(build_model(matrix_exp, None, device="meta").backbone, weights)
+            check_weights_file(build_model(matrix_exp, None, device="meta").backbone, weights, exp.model.patch_resample)
         patch = model.backbone.patch_size
         for setting, size in (("data.crop_size", exp.data.crop_size), ("eval.crop_size", exp.eval.crop_size)):
             if size % patch:

@@ -271,6 +271,7 @@ def test_switching_the_proxy_to_mask2former_as_the_readme_writes_it(capsys):
 @pytest.mark.parametrize(("content", "said"), [
     (b"<html>404</html>", "is not a PyTorch checkpoint"),
     (None, "entries missing"),  # a truncated file
+    ("narrower", "the checkpoint is of another model size"),  # every name right, the width half: found after the data
 ])
 def test_a_weights_file_the_backbone_cannot_take_is_refused_before_any_data_is_read_or_generated(
         content, said, tmp_path, capsys, monkeypatch):
@@ -281,6 +282,15 @@ def test_a_weights_file_the_backbone_cannot_take_is_refused_before_any_data_is_r
     weights = tmp_path / "weights.pth"
     if content is None:
         torch.save({"blocks.0.ls1.gamma": torch.zeros(4), "cls_token": torch.zeros(1, 1, 4)}, weights)
+    elif content == "narrower":
+        from safetensors.torch import load_file
+
+        from benchmarks.backbones import get_spec
+
+        shipped = load_file(get_spec("proxy_vit").default_weights)
+        width = shipped["cls_token"].shape[-1]
+        torch.save({key: torch.zeros([n // 2 if n % width == 0 else n for n in value.shape])
+                    for key, value in shipped.items()}, weights)
     else:
         weights.write_bytes(content)
     code, printed, err = run_cli(["run", "--preset", "smoke", "--methods", "freeze", "--data-root",
