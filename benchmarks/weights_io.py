@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
-#: Containers some trainers wrap a state dict in (checked in this order, repeatedly).
-_WRAPPER_KEYS = ("model_ema", "model", "state_dict", "module", "teacher", "student")
+#: Containers some trainers wrap a state dict in (checked in this order, repeatedly). "model" before "model_ema":
+#: the reference's conversion of a release that holds both (Rein's EVA-02 script) reads "model".
+_WRAPPER_KEYS = ("model", "model_ema", "state_dict", "module", "teacher", "student")
 #: Key prefixes left by DDP / wrappers that never belong to the backbone's own names.
 _STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
@@ -100,10 +101,13 @@ def _is_torchscript(path: Path) -> bool:
 def _flatten(raw: object, path: Path) -> StateDict:
     """Unwrap trainer containers ({'model': ...}) and drop DDP prefixes; refuse non-tensor payloads."""
     while isinstance(raw, Mapping):
-        inner = next((raw[k] for k in _WRAPPER_KEYS if k in raw and isinstance(raw[k], Mapping)), None)
-        if inner is None:
+        wrappers = [k for k in _WRAPPER_KEYS if k in raw and isinstance(raw[k], Mapping)]
+        if not wrappers:
             break
-        raw = inner
+        if len(wrappers) > 1:
+            log.warning("weights file %s holds %s: reading %r (what the reference's conversion reads)",
+                        path, " and ".join(repr(k) for k in wrappers), wrappers[0])
+        raw = raw[wrappers[0]]
     if not isinstance(raw, Mapping):
         raise UserError(f"weights file {path} holds a {type(raw).__name__}, not a state dict; save model.state_dict()")
     out: StateDict = {}

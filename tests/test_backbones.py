@@ -165,6 +165,18 @@ def test_timm_layout_roundtrip_for_other_families(tmp_path: Path, spec: Backbone
                                             size // model.patch_size, size // model.patch_size // 2]
 
 
+def test_a_release_holding_model_and_model_ema_is_read_as_the_references_conversion_reads_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Rein's EVA-02 conversion reads checkpoint["model"]; the EMA copy was taken, silently.
+    weights = native(TINY_DINO).vit.state_dict()
+    ema = {key: value + 1.0 if value.is_floating_point() else value for key, value in weights.items()}
+    torch.save({"model_ema": ema, "model": weights, "epoch": 3}, tmp_path / "both.pth")
+    with caplog.at_level(logging.WARNING):
+        loaded = build_backbone(TINY_DINO, 64, weights=tmp_path / "both.pth")
+    torch.testing.assert_close(loaded.vit.state_dict()["cls_token"], weights["cls_token"])
+    assert any("'model' and 'model_ema': reading 'model'" in r.getMessage() for r in caplog.records)
+
+
 def test_wrong_size_checkpoint_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     wide = dataclasses.replace(TINY_DINO, timm_kwargs=dict(TINY, embed_dim=48))
     torch.save(native(wide).vit.state_dict(), tmp_path / "wide.pth")
