@@ -101,14 +101,15 @@ BACKBONES: dict[str, BackboneSpec] = {
     "eva02_large_patch14": BackboneSpec(
         timm_name="eva02_large_patch14_224", family="eva", native_patch=14, native_img_size=224,
         embed_dim=1024, depth=24, protocol_patch=PROTOCOL_PATCH,
-        original_format="BAAI EVA-02 release / OpenCLIP EVA (converted by timm's eva checkpoint_filter_fn)",
+        original_format="BAAI's EVA-02 MIM or fine-tuned release (converted by timm's eva checkpoint_filter_fn; "
+                        "not EVA-02-CLIP, whose attention has a norm this model lacks)",
     ),
     "clip_vitl14": BackboneSpec(
         timm_name="vit_large_patch14_clip_quickgelu_224", family="vit", native_patch=14, native_img_size=224,
         embed_dim=1024, depth=24, protocol_patch=PROTOCOL_PATCH,
-        original_format="OpenAI CLIP's ViT-L/14 image tower, as a state dict (OpenAI's own file is TorchScript: save "
-                        "torch.jit.load(f).state_dict()) or OpenCLIP's `openai` weights (converted by timm's "
-                        "vision_transformer checkpoint_filter_fn)",
+        original_format="OpenAI CLIP's ViT-L/14, as a state dict of the whole model or of its image tower "
+                        "(`model.visual`; OpenAI's own file is TorchScript: save torch.jit.load(f).state_dict()) or "
+                        "OpenCLIP's `openai` weights (converted by timm's vision_transformer checkpoint_filter_fn)",
         note="OpenAI ViT-L/14 uses QuickGELU, and so does this model: OpenCLIP's LAION-trained ViT-L-14 uses GELU "
              "and would load with no error into the wrong activation; pre-norm before the blocks is kept",
     ),
@@ -141,7 +142,10 @@ def tap_indices(depth: int) -> tuple[int, int, int, int]:
     """0-based blocks tapped for the pyramid: at 1/3, 1/2, 2/3 and 1 of the depth (7,11,15,23 at 24), as Rein's."""
     if depth < 4:
         raise ValueError(f"a backbone needs at least 4 blocks for 4 taps, got depth {depth}")
-    return (round(depth / 3) - 1, depth // 2 - 1, round(2 * depth / 3) - 1, depth - 1)
+    taps = (round(depth / 3) - 1, depth // 2 - 1, round(2 * depth / 3) - 1, depth - 1)
+    if len(set(taps)) < 4:  # depth 5 only: the rule taps block 1 twice (and the pyramid would lose a level)
+        taps = tuple(range(depth - 4, depth))
+    return taps
 
 
 # -- block containers -----------------------------------------------------------------------------------
@@ -312,12 +316,19 @@ def _is_target_layout(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch
 
 def _convert_original(sd: weights_io.StateDict, spec: BackboneSpec, vit: nn.Module, path: Path) -> weights_io.StateDict:
     """Original-release layouts → timm keys at the release's native shapes."""
-    if any(key.startswith("embeddings.") for key in sd) and any(key.startswith("encoder.layer") for key in sd):
+    # transformers' layout, bare (embeddings.*, encoder.layer.*) or under a model's prefix (vision_model.*, dinov2.*)
+    unprefixed = {key.split(".", 1)[1] if key.split(".", 1)[0] in ("vision_model", "dinov2") else key for key in sd}
+    if any(key.startswith("embeddings.") for key in unprefixed) and any(key.startswith("encoder.layer") for key in unprefixed):
         release = spec.original_format or "the authors' file"
         raise UserError(
             f"weights file {path} is in the Hugging Face transformers layout (embeddings.*, encoder.layer.*), which "
             f"is not read here; pass the original release ({release}) or a timm state dict of it"
         )
+    if spec.family == "eva" and any(".attn.norm." in key for key in sd):
+        raise UserError(f"weights file {path} is an EVA-02-CLIP image tower (its attention has an inner norm), not "
+                        f"{spec.timm_name}; pass {spec.original_format.split(' (')[0]}")
+    if "class_embedding" in sd and "conv1.weight" in sd:
+        sd = {f"visual.{key}": value for key, value in sd.items()}  # CLIP's image tower alone (`model.visual`)
     if spec.timm_name.endswith("dinov2") and weights_io.is_dinov2_original(sd):
         return weights_io.convert_dinov2_original(sd, model_has_reg_tokens=getattr(vit, "reg_token", None) is not None)
     if spec.timm_name.endswith("dinov2"):

@@ -235,6 +235,37 @@ def test_tap_indices_are_the_depth_quartiles(depth: int, taps: tuple[int, ...]) 
     assert tap_indices(depth) == taps
 
 
+def test_every_depth_taps_four_distinct_blocks_the_last_one_last() -> None:
+    # depth 5 tapped block 1 twice, and the model's forward failed on it
+    for depth in range(4, 41):
+        taps = tap_indices(depth)
+        assert len(set(taps)) == 4 and list(taps) == sorted(taps) and taps[-1] == depth - 1, (depth, taps)
+    five = dataclasses.replace(TINY_DINO, depth=5, timm_kwargs=dict(TINY, depth=5))
+    assert len(build_backbone(five, 64, weights="random")(torch.randn(1, 3, 64, 64))) == 4
+
+
+def test_clips_image_tower_alone_loads_as_the_whole_model_does(tmp_path: Path) -> None:
+    whole = openai_clip_visual(grid=4)
+    torch.save(whole, tmp_path / "whole.pt")
+    torch.save({key.removeprefix("visual."): value for key, value in whole.items() if key.startswith("visual.")},
+               tmp_path / "tower.pt")  # `model.visual.state_dict()`: refused as another family's file
+    a = build_backbone(TINY_CLIP, img_size=64, weights=tmp_path / "whole.pt").vit.state_dict()
+    b = build_backbone(TINY_CLIP, img_size=64, weights=tmp_path / "tower.pt").vit.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_transformers_layout_under_a_models_prefix_and_eva02_clip_are_named_as_what_they_are(tmp_path: Path) -> None:
+    torch.save({"vision_model.embeddings.patch_embedding.weight": torch.zeros(DIM, 3, 14, 14),
+                "vision_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(4, DIM)}, tmp_path / "hf.pt")
+    with pytest.raises(UserError, match="Hugging Face transformers layout"):
+        build_backbone(TINY_CLIP, img_size=64, weights=tmp_path / "hf.pt")
+    eva = native(TINY_EVA).vit.state_dict()
+    eva["blocks.0.attn.norm.weight"] = torch.ones(DIM)  # EVA-02-CLIP's inner attention norm
+    torch.save(eva, tmp_path / "eva_clip.pt")
+    with pytest.raises(UserError, match="is an EVA-02-CLIP image tower"):
+        build_backbone(TINY_EVA, img_size=64, weights=tmp_path / "eva_clip.pt")
+
+
 def test_pyramid_shapes_and_strides_for_non_square_input() -> None:
     model = build_backbone(TINY_DINO_REG, 64, weights="random").eval()
     feats = model(torch.randn(2, 3, 64, 96))  # other than the build size: pos grid interpolated
