@@ -40,6 +40,8 @@ _STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 def read_state_dict(path: str | Path) -> StateDict:
     """Read a checkpoint file into a flat {name: tensor} dict without executing any pickled code."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"weights file {path} is a folder; pass --weights NAME=PATH with the checkpoint file in it")
     if not path.is_file():
         raise UserError(f"weights file {path} not found; pass --weights NAME=PATH with an existing checkpoint file")
     if path.suffix == ".safetensors" or _has_safetensors_header(path):

@@ -222,6 +222,12 @@ def test_pickle_payload_is_refused_and_not_executed(tmp_path: Path) -> None:
     assert len(str(refused.value)) < 300
 
 
+def test_a_folder_given_as_the_weights_file_is_named_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "ckpt").mkdir()  # it was "not found", though it is there
+    with pytest.raises(UserError, match=r"ckpt is a folder; pass --weights NAME=PATH with the checkpoint file in it"):
+        build_backbone(TINY_DINO, 64, weights=tmp_path / "ckpt")
+
+
 def test_garbage_file_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(UserError, match="junk.safetensors"):
