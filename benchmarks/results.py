@@ -278,25 +278,3 @@ def iter_results(roots: Iterable[Path]) -> list[dict[str, Any]]:
                 found.append(result)
     return found
 
-
-def results_frame(results: list[dict[str, Any]]):
-    """One row per run and target: the long table every report is a view of."""
-    import pandas as pd
-
-    rows = []
-    for res in results:
-        base = {
-            "run_id": res["run_id"],
-            "status": res["status"],
-            "preset": res.get("preset"),
-            "setting": res.get("setting"),
-            "backbone": res.get("backbone"),
-            "head": res.get("head"),
-            "method": res["method"]["name"],
-            "seed": res.get("seed"),
-            "trainable_params": res.get("params", {}).get("backbone_trainable"),
-            "average_miou": res.get("average_miou"),
-        }
-        for target, metrics in (res.get("targets") or {}).items():
-            rows.append({**base, "target": target, "miou": metrics.get("miou")})
-    return pd.DataFrame(rows)
