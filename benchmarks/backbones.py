@@ -324,9 +324,11 @@ def _convert_original(sd: weights_io.StateDict, spec: BackboneSpec, vit: nn.Modu
             f"weights file {path} is in the Hugging Face transformers layout (embeddings.*, encoder.layer.*), which "
             f"is not read here; pass the original release ({release}) or a timm state dict of it"
         )
-    if spec.family == "eva" and any(".attn.norm." in key for key in sd):
+    # EVA-02-CLIP's inner attention norm: `attn.norm` in timm's and OpenCLIP's names, `inner_attn_ln` in BAAI's own
+    if spec.family == "eva" and any(".attn.norm." in key or ".inner_attn_ln." in key for key in sd):
+        release = (spec.original_format or "the authors' file").split(" (")[0]
         raise UserError(f"weights file {path} is an EVA-02-CLIP image tower (its attention has an inner norm), not "
-                        f"{spec.timm_name}; pass {spec.original_format.split(' (')[0]}")
+                        f"{spec.timm_name}; pass {release}")
     if "class_embedding" in sd and "conv1.weight" in sd:
         sd = {f"visual.{key}": value for key, value in sd.items()}  # CLIP's image tower alone (`model.visual`)
     if spec.timm_name.endswith("dinov2") and weights_io.is_dinov2_original(sd):

@@ -277,4 +277,3 @@ def iter_results(roots: Iterable[Path]) -> list[dict[str, Any]]:
             if result is not None:
                 found.append(result)
     return found
-

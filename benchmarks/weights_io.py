@@ -107,8 +107,9 @@ def _flatten(raw: object, path: Path) -> StateDict:
         if not wrappers:
             break
         if len(wrappers) > 1:
-            log.warning("weights file %s holds %s: reading %r (what the reference's conversion reads)",
-                        path, " and ".join(repr(k) for k in wrappers), wrappers[0])
+            why = " (what the reference's conversion reads)" if wrappers[:2] == ["model", "model_ema"] else ""
+            log.warning("weights file %s holds %s: reading %r%s", path, " and ".join(repr(k) for k in wrappers),
+                        wrappers[0], why)
         raw = raw[wrappers[0]]
     if not isinstance(raw, Mapping):
         raise UserError(f"weights file {path} holds a {type(raw).__name__}, not a state dict; save model.state_dict()")

@@ -266,10 +266,10 @@ def test_transformers_layout_under_a_models_prefix_and_eva02_clip_are_named_as_w
     with pytest.raises(UserError, match="Hugging Face transformers layout"):
         build_backbone(TINY_CLIP, img_size=64, weights=tmp_path / "hf.pt")
     eva = native(TINY_EVA).vit.state_dict()
-    eva["blocks.0.attn.norm.weight"] = torch.ones(DIM)  # EVA-02-CLIP's inner attention norm
-    torch.save(eva, tmp_path / "eva_clip.pt")
-    with pytest.raises(UserError, match="is an EVA-02-CLIP image tower"):
-        build_backbone(TINY_EVA, img_size=64, weights=tmp_path / "eva_clip.pt")
+    for inner_norm in ("blocks.0.attn.norm.weight", "visual.blocks.0.attn.inner_attn_ln.weight"):  # timm's; BAAI's
+        torch.save({**eva, inner_norm: torch.ones(DIM)}, tmp_path / "eva_clip.pt")
+        with pytest.raises(UserError, match="is an EVA-02-CLIP image tower.*; pass the authors' file"):
+            build_backbone(TINY_EVA, img_size=64, weights=tmp_path / "eva_clip.pt")
 
 
 def test_pyramid_shapes_and_strides_for_non_square_input() -> None:

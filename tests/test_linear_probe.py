@@ -121,16 +121,19 @@ def test_the_tool_refuses_bad_options_in_one_line(tiny_world, capsys, argv, name
     assert code == 2 and err.startswith("error: ") and named in err and len(err.strip().splitlines()) == 1
 
 
-def test_the_tool_takes_the_options_its_errors_advise(tiny_world, capsys) -> None:
+def test_the_tool_takes_the_options_its_errors_advise(tiny_world, tmp_path, monkeypatch, capsys) -> None:
     # The backbone's errors say "pass --weights NAME=PATH" and the data's "pass --data-root DIR": the tool refused both.
     from benchmarks.backbones import get_spec
 
     shipped = get_spec("proxy_vit").default_weights
-    code = _tool().main(["--preset", "smoke", "--data-root", str(tiny_world), "--set", "data.source_holdout=2",
+    dated = tmp_path / "2026-12-07"  # a folder named like a TOML date was refused as one
+    dated.symlink_to(tiny_world, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    code = _tool().main(["--preset", "smoke", "--data-root", dated.name, "--set", "data.source_holdout=2",
                          "--train-images", "2", "--no-pixels", "--weights", f"proxy_vit={shipped}"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| proxy_vit")]
     assert code == 0 and len(rows) == 1
-    code = _tool().main(["--preset", "smoke", "--data-root", str(tiny_world), "--set", "data.source_holdout=2",
+    code = _tool().main(["--preset", "smoke", "--data-root", dated.name, "--set", "data.source_holdout=2",
                          "--weights", "dinov2_vitl14=x.pth"])
     err = capsys.readouterr().err
     assert code == 2 and "not the preset's backbone proxy_vit" in err and len(err.strip().splitlines()) == 1

@@ -56,7 +56,7 @@ def _start(script: str, args: list[str], env: dict[str, str], cwd: Path) -> subp
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sighup"])
 def test_cpu_round_stopped_stops_its_round(stand_in, tmp_path, how):
     # Ctrl-C never reached the round (`timeout` puts it in a process group of its own) and a SIGTERM ended the
     # script alone: the round went on, and a second start would have run beside it on the same state.
@@ -65,10 +65,10 @@ def test_cpu_round_stopped_stops_its_round(stand_in, tmp_path, how):
     round_pid = _started(pids)
     if how == "ctrl-c":
         os.killpg(tool.pid, signal.SIGINT)  # what a terminal sends its foreground process group
-    else:
-        os.kill(tool.pid, signal.SIGTERM)  # the script alone, as `kill` or a scheduler does
+    else:  # the script alone: `kill` or a scheduler; a closing terminal or ssh session
+        os.kill(tool.pid, signal.SIGTERM if how == "sigterm" else signal.SIGHUP)
     tool.communicate(timeout=20)
-    assert tool.returncode in (130, 143) and _gone(round_pid)
+    assert tool.returncode in (129, 130, 143) and _gone(round_pid)
     assert (tmp_path / "round").is_dir() and not (REPO / "round").exists()  # DIR is the caller's, not the repo's
 
 
