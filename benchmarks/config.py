@@ -69,8 +69,8 @@ class DataConfig:
     num_workers: int = -1
     """Data-loader workers; -1 = sized to the machine (`benchmarks.resources`: 1 on a CPU, up to 8 with a GPU)."""
     preflight: str = "sample"
-    """Before the first step, check every split the run reads: "sample" (every pair's files and header
-    sizes, labels decoded for a few pairs per split), "full" (every label decoded) or "off"."""
+    """Before the first step, check every split the run reads: "sample" (every pair's headers and file ends,
+    labels decoded for a few pairs per split), "full" (every label decoded) or "off"."""
     train_limit: int = 0
     """Use only the first N pairs of each source dataset (0 = all): a joint source ("gtav+synthia") trains on
     N of each, so both stay in the mix of a small run."""

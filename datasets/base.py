@@ -31,6 +31,22 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CLASS_ID_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L")
 
 
+# A whole PNG ends with its IEND chunk; a whole JPEG has its end-of-image marker at its end, or shortly before
+# data some cameras append. A file cut short (an interrupted copy or download) has neither in its last bytes.
+_END_MARKERS = {".png": (b"IEND\xaeB`\x82", 1024), ".jpg": (b"\xff\xd9", 64 * 1024), ".jpeg": (b"\xff\xd9", 64 * 1024)}
+
+
+def ends_complete(path: Path) -> bool:
+    """Whether a PNG or JPEG file has its end marker among its last bytes (other formats are not judged): what
+    the header check reads besides the header, so a truncated file is found without decoding every file."""
+    marker, tail = _END_MARKERS.get(path.suffix.lower(), (b"", 0))
+    if not marker:
+        return True
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - tail))
+        return marker in handle.read()
+
 @dataclass(frozen=True, order=True)
 class Pair:
     """One image and its label file. ``encoding`` names the label's value space (see labels.ENCODINGS)."""
@@ -438,7 +454,8 @@ class Adapter:
     def check(self, full: bool = False, sample: int = 8, pairs: list[Pair] | None = None) -> list[str]:
         """Problems with this split (or with ``pairs`` of it), as messages (empty = fine), without training.
 
-        Every pair's header is read (size, mode); label values are decoded for ``sample`` evenly
+        Every pair's header is read (size, mode) and its files' ends (a PNG's or JPEG's end marker: a file cut
+        short by an interrupted copy is decoded to confirm it); label values are decoded for ``sample`` evenly
         spaced pairs, or all with ``full``.
         """
         problems: list[str] = []
@@ -461,6 +478,10 @@ class Adapter:
                                     f"{pair.label}: label size {b.size[0]}x{b.size[1]} differs from image size "
                                     f"{a.size[0]}x{a.size[1]}; replace or delete the pair"
                                 )
+                    for reading in (pair.image, pair.label):
+                        if not ends_complete(reading):  # decoded to be sure: a JPEG may carry data after its end
+                            with Image.open(reading) as whole:
+                                whole.load()
             except UserError as exc:
                 problems.append(str(exc))
             except (OSError, UnidentifiedImageError, SyntaxError) as exc:

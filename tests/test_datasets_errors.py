@@ -68,6 +68,28 @@ def test_an_empty_split_or_missing_family_points_to_the_page_with_the_layouts(tm
     assert "ROOT/cityscapes/{leftImg8bit,gtFine}/{train,val}" in layouts and "ROOT/gta/{images,labels}" in layouts
 
 
+@pytest.mark.parametrize("family", ["cityscapes", "bdd100k"])
+def test_a_file_cut_short_is_found_by_the_header_check(tmp_path, family):
+    # An interrupted copy: its header reads, so the default pre-flight passed it and the run failed in scoring,
+    # after the whole training (a review's repro, 2026-12-07).
+    (build_cityscapes if family == "cityscapes" else build_bdd)(tmp_path)
+    adapter = get_adapter(family)(tmp_path, "val")
+    assert adapter.check(sample=0) == []
+    cut = adapter.pairs()[1].image
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    (problem,) = get_adapter(family)(tmp_path, "val").check(sample=0)  # no pair decoded but the one cut short
+    assert problem.startswith(f"{cut}: cannot read") and "truncated" in problem.lower() and "re-download" in problem
+
+
+def test_a_jpeg_with_data_after_its_end_is_not_taken_for_a_truncated_one(tmp_path):
+    build_bdd(tmp_path)
+    adapter = get_adapter("bdd100k")(tmp_path, "val")
+    image = adapter.pairs()[0].image
+    image.write_bytes(image.read_bytes() + bytes(100_000))  # what some cameras append after the image
+    assert get_adapter("bdd100k")(tmp_path, "val").check(sample=0) == []
+
+
 def test_image_without_label(tmp_path):
     build_cityscapes(tmp_path)
     write_rgb(tmp_path / "cityscapes/leftImg8bit/val/bonn/bonn_000099_000019_leftImg8bit.png")
