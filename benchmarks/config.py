@@ -187,6 +187,8 @@ class Experiment:
         payload.pop("preset")
         for section, name in NOT_HASHED:
             payload[section].pop(name)
+        for (section, name), value in HASHED_AT.items():
+            payload[section][name] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     def resolve_path(self, value: str) -> Path:
@@ -200,6 +202,13 @@ class Experiment:
 NOT_HASHED: tuple[tuple[str, str], ...] = (
     ("data", "num_workers"), ("data", "preflight"), ("train", "log_interval"), ("train", "checkpoint_interval"),
 )
+
+# Settings that change how fast a run is scored, not its numbers (evaluation's windows a forward: batched
+# scores equal one-at-a-time ones), hashed at the value every stored result was written with rather than
+# left out, which would rename them all: lowering one to fit a GPU's memory keeps a finished run finished.
+HASHED_AT: dict[tuple[str, str], Any] = {
+    ("eval", "batch_windows"): 8,
+}
 
 # Settings added after results were first written, with the value that does what every result written
 # before them did: at that value a setting leaves a run's identity (its config hash, the table's
