@@ -140,11 +140,13 @@ def hsv_u8_to_rgb(hsv: np.ndarray) -> np.ndarray:
 
 
 def _rgb_to_hsv_cv2(img: np.ndarray) -> np.ndarray:
-    return _opencv().cvtColor(img, _opencv().COLOR_RGB2HSV)
+    cv2 = _opencv()
+    return cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
 
 
 def _hsv_to_rgb_cv2(hsv: np.ndarray) -> np.ndarray:
-    return _opencv().cvtColor(hsv, _opencv().COLOR_HSV2RGB)
+    cv2 = _opencv()
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
 _HSV_CONVERSIONS = {"cv2": (_rgb_to_hsv_cv2, _hsv_to_rgb_cv2), "numpy": (rgb_to_hsv_u8, hsv_u8_to_rgb)}
