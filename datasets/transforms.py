@@ -8,7 +8,6 @@ a pure function of (file, seed) and a resumed run sees the same crops.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,14 +31,9 @@ def _opencv():
     pool as wide as the machine in every worker."""
     import cv2
 
-    global _opencv_threads_set_in
-    if _opencv_threads_set_in != os.getpid() and torch.utils.data.get_worker_info() is not None:
-        cv2.setNumThreads(0)
-        _opencv_threads_set_in = os.getpid()
+    if cv2.getNumThreads() > 1 and torch.utils.data.get_worker_info() is not None:
+        cv2.setNumThreads(0)  # then getNumThreads() is 1: set once a worker
     return cv2
-
-
-_opencv_threads_set_in: int | None = None
 
 
 def _resize_cv2(array: np.ndarray, size_wh: tuple[int, int], labels: bool) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 from benchmarks.config import (
     ADDED_SETTINGS,
     CHOICES,
+    HASHED_AT,
     NOT_HASHED,
     SETTINGS,
     available_presets,
@@ -48,8 +49,8 @@ NON_PROTOCOL_KEYS: tuple[tuple[str, ...], ...] = (
     ("train", "eval_interval"),
     ("model", "backbone"),
     ("data", "root"),
-    ("eval", "batch_windows"),
     *NOT_HASHED,  # what leaves the run's own identity (workers, preflight, log and checkpoint cadence)
+    *HASHED_AT,  # what is hashed at one value, since it changes no number (evaluation's windows a forward)
 )
 
 
