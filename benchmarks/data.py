@@ -2,7 +2,8 @@
 
 The adapters in `datasets/` read each dataset's real layout; this module only chooses them by
 setting and applies the protocol's transforms with the preset's sizes. The embedded synthetic
-world is generated on first use when its own folder (the default data root) is missing.
+world is generated on first use when its own folder (`data/synthetic-v<N>`, as the presets name it) is
+missing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ from benchmarks.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def synthetic_world_version(root: str) -> int | None:
+    """The synthetic world version whose own folder the `data.root` setting names (`data/synthetic-v3`), or
+    None for any other folder."""
+    from datasets.synthetic import WORLD_VERSIONS
+
+    for version in WORLD_VERSIONS:
+        if os.path.normpath(root) == os.path.normpath(f"data/synthetic-v{version}"):
+            return version
+    return None
+
+
 def ensure_data_root(exp: Experiment) -> Path:
     """The data root; generates the synthetic world there if it is missing and the preset allows it.
 
@@ -37,20 +49,21 @@ def ensure_data_root(exp: Experiment) -> Path:
     link = broken_link(root)
     if link:  # generating the world there would fail after minutes of work, at the rename
         raise UserError(f"data root {link}")
-    # Only the world's own folder is generated on demand: any other missing root is a typo to report,
+    # Only a world's own folder is generated on demand: any other missing root is a typo to report,
     # not a place to train on a freshly generated world.
-    if not cfg.synthetic or cfg.root != DataConfig.root:
+    version = synthetic_world_version(cfg.root)
+    if not cfg.synthetic or version is None:
         raise UserError(
             f"data root {root} does not exist; pass --data-root DIR (the folder holding gta/, cityscapes/, "
             f"bdd100k/, mapillary/) or generate the synthetic world with `python -m benchmarks data synth --out {root}`"
         )
     from datasets.synthetic import generate_world
 
-    log.info("generating the synthetic world (%s) at %s — first run only", cfg.synthetic, root)
+    log.info("generating the synthetic world (%s, version %d) at %s — first run only", cfg.synthetic, version, root)
     partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        generate_world(partial, size=cfg.synthetic, workers=max(1, min(os.cpu_count() or 1, 4)))
+        generate_world(partial, size=cfg.synthetic, workers=max(1, min(os.cpu_count() or 1, 4)), version=version)
     except BaseException:  # Ctrl-C, a full disk: the next run starts afresh under its own pid, so none is kept
         shutil.rmtree(partial, ignore_errors=True)
         raise

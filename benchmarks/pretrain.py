@@ -228,6 +228,12 @@ def another_round(recipe: tuple[PretrainConfig, ...] = PROXY_RECIPE) -> Pretrain
     return dataclasses.replace(recipe[-1], seed=max(stage.seed for stage in recipe) + 1, init=f"stage{len(recipe)}")
 
 
+# The renderer the recipe's scenes were drawn with: world version 3 changed how an image is drawn (lights
+# behind what covers them, fence bars, float64 exponentials), and a stage continued from a stored one keeps
+# the scenes its recipe was measured on.
+PRETRAINING_WORLD_VERSION = 2
+
+
 def scene_views(seed: int, views: int, height: int, width: int, zoom: float = 1.0):
     """One layout in `views` appearances: images [V,H,W,3] uint8, world labels [H,W], depth [H,W].
 
@@ -240,7 +246,7 @@ def scene_views(seed: int, views: int, height: int, width: int, zoom: float = 1.
     if views == 1 and zoom == 1.0:
         # One generator for style and scene, as the first release drew them: stage 1 re-renders its scenes.
         rng = np.random.default_rng(seed)
-        image, label, depth = render_scene(rng, random_style(rng), height, width)
+        image, label, depth = render_scene(rng, random_style(rng), height, width, PRETRAINING_WORLD_VERSION)
         return image[None], label, depth
     layout = random_style(np.random.default_rng([seed, 0]))
     if zoom != 1.0:
@@ -251,7 +257,8 @@ def scene_views(seed: int, views: int, height: int, width: int, zoom: float = 1.
         if view:
             look = random_style(np.random.default_rng([seed, 1 + view]))
             style = dataclasses.replace(layout, **{name: getattr(look, name) for name in APPEARANCE_FIELDS})
-        image, view_label, view_depth = render_scene(np.random.default_rng([seed, 1]), style, height, width)
+        image, view_label, view_depth = render_scene(np.random.default_rng([seed, 1]), style, height, width,
+                                                     PRETRAINING_WORLD_VERSION)
         if label is None:
             label, depth = view_label, view_depth
         elif not np.array_equal(label, view_label):

@@ -31,6 +31,7 @@ import functools
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -228,7 +229,13 @@ def _domain_styles(zoom: float) -> dict[str, Style]:
 # length restores that ratio without more pixels (and so without more compute); the domains keep
 # their relative camera differences. Bump WORLD_VERSION with any change to what the world draws.
 WORLD_ZOOM = 2.0
-WORLD_VERSION = 2
+# Version 3 draws version 2's scenes (the same draws, so the same labels and depth) with three changes
+# to the image: the exponentials and the gamma curve are computed in float64 and rounded to float32, so
+# every CPU draws the same pixels (numpy's float32 kernels differ in the last bit between AVX2 and
+# AVX-512 and baseline SIMD); what stands in front of a light covers its glow; a fence's bars stay on
+# the fence. The generator still draws version 2, the world the stored proxy results were measured on.
+WORLD_VERSION = 3
+WORLD_VERSIONS = (2, 3)
 # The proxy backbone's pretraining scenes are seeded from here on (`benchmarks.pretrain`); a world's pairs
 # with [seed, domain, split, index]. numpy pads a seed list with zeros, so the two are kept apart by the
 # values alone: `data synth --seed` refuses seeds from here on.
@@ -293,8 +300,12 @@ TEXTURE_AMP = {  # relative texture amplitude per world class (x style.texture)
 class _Canvas:
     """Label (world classes), colour, depth and light-emission layers drawn together, with the camera."""
 
-    def __init__(self, h: int, w: int, f: float, horizon: float, cam_h: float, cam_x: float) -> None:
+    def __init__(self, h: int, w: int, f: float, horizon: float, cam_h: float, cam_x: float,
+                 version: int = WORLD_VERSION) -> None:
         self.h, self.w, self.f, self.yh, self.cam_h, self.cam_x = h, w, f, horizon, cam_h, cam_x
+        # from version 3 a shape covers the light drawn behind it (version 2 let windows and lamps shine
+        # through) and a fence's bars stay on the fence
+        self.version = version
         self.cx = w / 2.0
         self.label = Image.new("L", (w, h), WC["sky"])
         self.colour = Image.new("RGB", (w, h), (0, 0, 0))
@@ -319,6 +330,8 @@ class _Canvas:
         self.dl.polygon(pts, fill=WC[cls])
         self.dc.polygon(pts, fill=colour)
         self.dd.polygon(pts, fill=float(depth))
+        if self.version >= 3:
+            self.de.polygon(pts, fill=0)
 
     def ellipse(self, box: tuple[float, float, float, float], cls: str, colour: RGB, depth: float) -> None:
         x0, y0, x1, y1 = box
@@ -327,12 +340,30 @@ class _Canvas:
         self.dl.ellipse(box, fill=WC[cls])
         self.dc.ellipse(box, fill=colour)
         self.dd.ellipse(box, fill=float(depth))
+        if self.version >= 3:
+            self.de.ellipse(box, fill=0)
 
     def line(self, pts: list[tuple[float, float]], cls: str, colour: RGB, depth: float, width: float) -> None:
         wd = max(1, int(round(width)))
         self.dl.line(pts, fill=WC[cls], width=wd)
         self.dc.line(pts, fill=colour, width=wd)
         self.dd.line(pts, fill=float(depth), width=wd)
+        if self.version >= 3:
+            self.de.line(pts, fill=0, width=wd)
+
+    def detail_lines(self, lines: list[list[tuple[float, float]]], colour: RGB, cls: str) -> None:
+        """Lines drawn into the image alone, on the pixels labelled `cls` (a fence's bars): image detail
+        that stays inside its object's label, as windows, lamps and wheels do."""
+        if self.version < 3:  # version 2 drew them as they fell, a pixel past the fence at places
+            for pts in lines:
+                self.dc.line(pts, fill=colour, width=1)
+            return
+        mask = Image.new("L", (self.w, self.h), 0)
+        draw = ImageDraw.Draw(mask)
+        for pts in lines:
+            draw.line(pts, fill=255, width=1)
+        inside = (np.asarray(mask) > 0) & (np.asarray(self.label) == WC[cls])
+        self.colour.paste(colour, mask=Image.fromarray(inside.astype(np.uint8) * 255))
 
     def glow(self, box: tuple[float, float, float, float], value: int = 255) -> None:
         self.de.ellipse(box, fill=value)
@@ -573,9 +604,8 @@ class _StreetScene:
                     height = u(0.9, 2.0)
                     fence = self.colour("fence")
                     cv.side(x, 0, height, z, z + length, "fence", fence, slices=2)
-                    bars = _scale(fence, 0.6)
-                    for bar_z in np.arange(z, z + length, 0.6):
-                        cv.dc.line([cv.p(x, height, bar_z), cv.p(x, 0, bar_z)], fill=bars, width=1)
+                    cv.detail_lines([[cv.p(x, height, bar_z), cv.p(x, 0, bar_z)] for bar_z in np.arange(z, z + length, 0.6)],
+                                    _scale(fence, 0.6), "fence")
                 z += length + u(2, 15)
 
     # -- the street's objects: placed now, painted far to near ------------------------------------------
@@ -815,14 +845,32 @@ def _value_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.nd
     return np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC), dtype=np.float32)
 
 
-def _render_world(rng: np.random.Generator, style: Style, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _float32_kernels(version: int) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray, float], np.ndarray]]:
+    """`exp` and `power` as a world version draws them. numpy's float32 kernels round the last bit by the CPU's
+    SIMD level; computed in float64 and rounded to float32 (version 3 on), a last-bit difference of float64
+    changes the float32 result once in hundreds of millions of values, and then rarely a pixel."""
+    if version < 3:
+        return np.exp, lambda x, p: x ** p
+
+    def exp(x: np.ndarray) -> np.ndarray:
+        return np.exp(x.astype(np.float64)).astype(np.float32)
+
+    def power(x: np.ndarray, p: float) -> np.ndarray:
+        return np.power(x.astype(np.float64), p).astype(np.float32)
+
+    return exp, power
+
+
+def _render_world(rng: np.random.Generator, style: Style, height: int, width: int,
+                  version: int = WORLD_VERSION) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image uint8 HxWx3, world-class map uint8 HxW, depth float32 HxW) for one scene."""
     st = style
     h, w = height, width
+    exp, power = _float32_kernels(version)
     cam_h = rng.uniform(*st.cam_height)
     yh = h * rng.uniform(*st.horizon)
     f = w * rng.uniform(*st.focal)
-    cv = _Canvas(h, w, f, yh, cam_h, rng.uniform(*st.cam_offset))
+    cv = _Canvas(h, w, f, yh, cam_h, rng.uniform(*st.cam_offset), version)
     _layout(cv, rng, st)
 
     hood = rng.random() < st.ego_hood
@@ -865,7 +913,7 @@ def _render_world(rng: np.random.Generator, style: Style, height: int, width: in
     dusk = not night and tod < st.night_prob + st.dusk_prob
     haze = rng.uniform(*st.haze) / 100.0
     if haze > 0:
-        a = 1 - np.exp(-np.minimum(depth, 300.0) * haze)
+        a = 1 - exp(-np.minimum(depth, 300.0) * haze)
         a = np.where(sky, a * 0.3, a)[..., None]
         img = img * (1 - a) + np.asarray(st.haze_colour, np.float32) * a
     if dusk:
@@ -880,7 +928,7 @@ def _render_world(rng: np.random.Generator, style: Style, height: int, width: in
         # headlight pool on the road
         yy = np.arange(h, dtype=np.float32)[:, None]
         xx = np.arange(w, dtype=np.float32)[None, :]
-        pool = np.exp(-(((xx - w / 2) / (w * 0.25)) ** 2) - ((yy - h) / (h * 0.3)) ** 2)
+        pool = exp(-(((xx - w / 2) / (w * 0.25)) ** 2) - ((yy - h) / (h * 0.3)) ** 2)
         img += (pool * 70)[..., None]
 
     # colour grading
@@ -888,7 +936,7 @@ def _render_world(rng: np.random.Generator, style: Style, height: int, width: in
     grey = img.mean(axis=-1, keepdims=True)
     img = grey + (img - grey) * st.saturation
     img = (img - 128.0) * st.contrast + 128.0
-    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** st.gamma
+    img = 255.0 * power(np.clip(img, 0, 255) / 255.0, st.gamma)
     if st.vignette > 0:
         yy = (np.arange(h, dtype=np.float32)[:, None] - h / 2) / (h / 2)
         xx = (np.arange(w, dtype=np.float32)[None, :] - w / 2) / (w / 2)
@@ -911,13 +959,15 @@ def _render_world(rng: np.random.Generator, style: Style, height: int, width: in
     return np.ascontiguousarray(out), world, depth
 
 
-def render_scene(rng: np.random.Generator, style: Style, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render one random street scene.
+def render_scene(rng: np.random.Generator, style: Style, height: int, width: int,
+                 version: int = WORLD_VERSION) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one random street scene as world `version` draws it.
 
     Returns (image HxWx3 uint8 RGB, label HxW uint8 train ids with 255 = ignore, depth HxW float32 in
-    metres, 1000 for sky). Deterministic for the state of ``rng``.
+    metres, 1000 for sky). Deterministic for the state of ``rng`` (version 2: on one kind of CPU).
     """
-    image, world, depth = _render_world(rng, style, height, width)
+    _check_version(version)
+    image, world, depth = _render_world(rng, style, height, width, version)
     return image, WORLD_TO_TRAIN[world], depth
 
 
@@ -1046,7 +1096,8 @@ def _plan_sample(out: Path, domain: str, split: str, index: int, rng: np.random.
                        out / "mapillary" / folder / "v1.2/labels" / f"{stem}.png")
 
 
-def _write_sample(out: Path, domain: str, split: str, index: int, seed: int, size: str = "small") -> str:
+def _write_sample(out: Path, domain: str, split: str, index: int, seed: int, size: str = "small",
+                  version: int = WORLD_VERSION) -> str:
     """Render and write one pair in the domain's real layout; skips pairs already written."""
     rng = _task_rng(seed, domain, split, index)
     resolutions = SIZE_RESOLUTIONS[size]
@@ -1054,7 +1105,7 @@ def _write_sample(out: Path, domain: str, split: str, index: int, seed: int, siz
     if plan.image.exists() and plan.label.exists():
         return domain
     w, h = plan.size
-    image, world, _depth = _render_world(rng, resolutions.styles[domain], h, w)
+    image, world, _depth = _render_world(rng, resolutions.styles[domain], h, w, version)
     if domain == "gtav":
         lbl = _palette_png(WORLD_TO_CITYSCAPES[world], CS_PALETTE)
     elif domain == "cityscapes":
@@ -1072,9 +1123,9 @@ def _write_sample(out: Path, domain: str, split: str, index: int, seed: int, siz
     return domain
 
 
-def _write_task(args: tuple[str, str, str, int, int, str]) -> str:
-    out, domain, split, index, seed, size = args
-    return _write_sample(Path(out), domain, split, index, seed, size)
+def _write_task(args: tuple[str, str, str, int, int, str, int]) -> str:
+    out, domain, split, index, seed, size, version = args
+    return _write_sample(Path(out), domain, split, index, seed, size, version)
 
 
 def _check_size(size: str) -> None:
@@ -1082,6 +1133,18 @@ def _check_size(size: str) -> None:
 
     if size not in SIZES:
         raise UserError(f"unknown synthetic size {size!r}; expected one of: {', '.join(SIZES)}")
+
+
+def world_version_named_by(folder: Path | str) -> int | None:
+    """The world version a folder's name gives (`synthetic-v3`: 3), as the presets name their data roots."""
+    match = re.fullmatch(r"synthetic-v(\d+)", Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def _check_version(version: int) -> None:
+    if version not in WORLD_VERSIONS:
+        raise UserError(f"unknown synthetic world version {version!r}; this generator draws "
+                        f"{', '.join(map(str, WORLD_VERSIONS))}")
 
 
 def planned_sizes(size: str = "small", seed: int = 0) -> dict[str, list[tuple[int, int]]]:
@@ -1098,11 +1161,11 @@ def planned_sizes(size: str = "small", seed: int = 0) -> dict[str, list[tuple[in
 WORLD_RECORD = ".synthetic-world.json"
 
 
-def _claim_world_folder(out: Path, size: str, seed: int) -> None:
+def _claim_world_folder(out: Path, size: str, seed: int, version: int) -> None:
     """`out` for the world (size, seed): new or empty, or holding that world's own record (an interrupted
     generation, finished by skipping its existing pairs); anything else is refused, because generating into
     it would mix two worlds (or add the synthetic one to a real data root) with no error anywhere later."""
-    wanted = {"size": size, "seed": seed, "world_version": WORLD_VERSION}
+    wanted = {"size": size, "seed": seed, "world_version": version}
     record = out / WORLD_RECORD
     if record.is_file():
         try:
@@ -1112,8 +1175,8 @@ def _claim_world_folder(out: Path, size: str, seed: int) -> None:
         if held != wanted:
             raise UserError(
                 f"{out} holds another synthetic world ({held if isinstance(held, dict) else 'an unreadable record'}; "
-                f"asked for size {size}, seed {seed}, version {WORLD_VERSION}); pass a new or empty --out, or the "
-                "same --size and --seed to finish that one")
+                f"asked for size {size}, seed {seed}, version {version}); pass a new or empty --out, or the "
+                "same --size, --seed and --world-version to finish that one")
         return
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} is not empty and holds no synthetic world record ({WORLD_RECORD}); pass a new or "
@@ -1127,22 +1190,24 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers: int = 1) -> dict:
+def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers: int = 1,
+                   version: int = WORLD_VERSION) -> dict:
     """Write the four-domain synthetic world under ``out`` in the real datasets' layouts.
 
-    Deterministic for (size, seed), independent of ``workers``, on one kind of CPU with one Pillow
-    generation: numpy's float32 `exp` (haze, the night headlight pool) takes the CPU's SIMD kernels, so
-    an AVX2 box and an AVX-512 one draw a few pixels of some images a level or two apart (the labels
-    are the same; docs/datasets.md). Files are written atomically and existing pairs are skipped, so an
-    interrupted generation can simply be re-run.
+    Deterministic for (size, seed, version), independent of ``workers``, with one Pillow generation; from
+    version 3 on also the same on every CPU. Version 2 computed its exponentials and gamma curve with
+    numpy's float32 kernels, which round by the CPU's SIMD level, so an AVX2 box and an AVX-512 one drew a
+    few pixels of some images a level or two apart (the labels are the same; docs/datasets.md). Files are
+    written atomically and existing pairs are skipped, so an interrupted generation can simply be re-run.
     Returns stats: {"pairs": {"domain/split": n}, "seconds": t, "frequencies": {...}, "bytes": n}.
     """
     _check_size(size)
+    _check_version(version)
     out = Path(out)
-    _claim_world_folder(out, size, seed)
+    _claim_world_folder(out, size, seed, version)
     started_at = time.time()
     start = time.perf_counter()
-    tasks = [(str(out), d, s, i, seed, size) for (d, s), n in SIZES[size].items() for i in range(n)]
+    tasks = [(str(out), d, s, i, seed, size, version) for (d, s), n in SIZES[size].items() for i in range(n)]
     if workers > 1:
         import multiprocessing as mp
 
@@ -1170,8 +1235,10 @@ def generate_world(out: Path | str, size: str = "small", seed: int = 0, workers:
     pairs = {f"{d}/{s}": n for (d, s), n in SIZES[size].items()}
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     freqs = class_frequencies(out)
-    log.info("synthetic world %s (seed %d): %d pairs in %.1f s, %.1f MB", size, seed, len(tasks), seconds, nbytes / 1e6)
-    return {"pairs": pairs, "seconds": seconds, "bytes": nbytes, "frequencies": freqs, "size": size, "seed": seed}
+    log.info("synthetic world %s (seed %d, version %d): %d pairs in %.1f s, %.1f MB", size, seed, version, len(tasks),
+             seconds, nbytes / 1e6)
+    return {"pairs": pairs, "seconds": seconds, "bytes": nbytes, "frequencies": freqs, "size": size, "seed": seed,
+            "version": version}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1255,5 +1322,5 @@ def save_preview(root: Path | str, out_png: Path | str, per_domain: int = 3, til
 
 __all__ = [
     "STYLES", "Style", "WORLD_CLASSES", "class_frequencies", "format_frequencies", "generate_world",
-    "random_style", "render_scene", "save_preview",
+    "random_style", "render_scene", "save_preview", "world_version_named_by",
 ]

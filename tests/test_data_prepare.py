@@ -347,7 +347,7 @@ def test_the_v2_archive_gives_only_its_v12_labels(tiny_world, tmp_path):
 def test_data_synth_can_write_the_archives(tiny_world, tmp_path, capsys, monkeypatch):
     import datasets.synthetic as synthetic
 
-    def copy_world(out, size, seed, workers):
+    def copy_world(out, size, seed, workers, version):
         shutil.copytree(tiny_world, out, dirs_exist_ok=True)
         return {"pairs": {}, "frequencies": {}}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -125,13 +126,14 @@ def test_frequencies_and_preview(world, tmp_path):
     assert im.width > 200 and im.height >= 4 * 96
 
 
-def test_the_presets_generate_the_current_world_version_into_their_own_folder():
-    # A world drawn by an older generator must never be picked up as the current one.
-    from benchmarks.config import load_experiment
-    from datasets.synthetic import WORLD_VERSION
+def test_the_presets_name_a_world_version_the_generator_draws_in_their_folder():
+    # A world drawn by another version must never be picked up as the preset's: each version has its folder.
+    from benchmarks.config import DataConfig, load_experiment
+    from benchmarks.data import synthetic_world_version
+    from datasets.synthetic import WORLD_VERSIONS
 
-    for preset in ("proxy", "smoke"):
-        assert load_experiment(preset, []).data.root.endswith(f"synthetic-v{WORLD_VERSION}")
+    roots = [load_experiment(preset, []).data.root for preset in ("proxy", "smoke")] + [DataConfig.root]
+    assert {synthetic_world_version(root) for root in roots} <= set(WORLD_VERSIONS)
 
 
 def test_the_benchmark_cameras_are_zoomed_and_the_pretraining_ones_are_not():
@@ -241,3 +243,143 @@ def test_a_world_generation_interrupted_on_first_use_leaves_no_partial_folder(tm
         ensure_data_root(load_experiment("smoke", []))
     assert [p.name for p in (tmp_path / "data").iterdir()] == []
 
+
+
+# -- world versions ---------------------------------------------------------------------------------------------
+_RENDER_AT_THIS_SIMD_LEVEL = """
+import dataclasses, hashlib, json
+import numpy as np
+from datasets.synthetic import STYLES, render_scene
+
+def digest(array):
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+styles = dict(STYLES, night=dataclasses.replace(STYLES["bdd100k"], night_prob=1.0, haze=(0.3, 0.6)))
+images = {version: [digest(render_scene(np.random.default_rng([5, index]), style, 128, 256, version=version)[0])
+                    for style in styles.values() for index in range(4)] for version in (2, 3)}
+probe = digest(np.exp(-np.linspace(0, 30, 100_003, dtype=np.float32)))  # numpy's float32 kernel itself
+print(json.dumps({"images": images, "exp_float32": probe}))
+"""
+
+
+def _render_in_a_process(env_extra: dict[str, str]) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, **env_extra}
+    done = subprocess.run([sys.executable, "-c", _RENDER_AT_THIS_SIMD_LEVEL], env=env, capture_output=True, text=True,
+                          check=True, timeout=300)
+    return json.loads(done.stdout)
+
+
+def test_world_v3_draws_the_same_pixels_at_every_simd_level():
+    """What made the world CPU-dependent (numpy's float32 exp and power, whose last bit follows the SIMD level)
+    no longer reaches v3's pixels: the same scenes drawn with numpy's dispatched kernels and with its baseline
+    ones (and libjpeg-turbo's SIMD off) are the same bytes. (On the AVX2 box of 2026-12-07, 3 of these 20 v2
+    images differ.)"""
+    from numpy._core import _multiarray_umath as umath
+
+    above_baseline = [name for name in umath.__cpu_dispatch__ if umath.__cpu_features__.get(name)]
+    if not above_baseline:
+        pytest.skip("this CPU has no SIMD level above numpy's baseline to compare with")
+    here = _render_in_a_process({})
+    baseline = _render_in_a_process({"NPY_DISABLE_CPU_FEATURES": ",".join(above_baseline), "JSIMD_FORCENONE": "1"})
+    if here["exp_float32"] == baseline["exp_float32"]:
+        pytest.skip(f"numpy's float32 exp rounds alike with and without {above_baseline} here: nothing to compare")
+    assert here["images"]["3"] == baseline["images"]["3"]
+
+
+def _last_bits_up(kernel):
+    """`kernel` rounded worse than any CPU's: every result 64 units in the last place of its type higher."""
+    def rounded_otherwise(*args, **kwargs):
+        result = np.asarray(kernel(*args, **kwargs))
+        return result + 64 * np.spacing(result)
+    return rounded_otherwise
+
+
+def test_world_v3_pixels_do_not_follow_the_last_bits_of_exp_and_power(monkeypatch):
+    """The same property on any CPU: every exp and power result moved by 64 units in its last place (two
+    CPUs' kernels differ by one or two) leaves v3's images alone, where v2's follow it (the check reaches the
+    pixels)."""
+    hazy = {name: dataclasses.replace(STYLES[name], haze=(0.3, 0.6)) for name in ("gtav", "cityscapes")}
+    styles = [*hazy.values(), dataclasses.replace(STYLES["bdd100k"], night_prob=1.0)]
+
+    def images(version):
+        return [render_scene(np.random.default_rng(index), style, 64, 128, version=version)[0].tobytes()
+                for style in styles for index in range(2)]
+
+    before = {version: images(version) for version in (2, 3)}
+    monkeypatch.setattr(np, "exp", _last_bits_up(np.exp))
+    monkeypatch.setattr(np, "power", _last_bits_up(np.power))
+    assert images(3) == before[3]
+    assert images(2) != before[2]
+
+
+def test_world_v3_draws_v2s_scenes_with_another_image():
+    """Same draws, so same labels and depth: v3 changes how an image is drawn, not what is in it."""
+    night = dataclasses.replace(STYLES["bdd100k"], night_prob=1.0)
+    changed = 0
+    for index in range(6):
+        old = render_scene(np.random.default_rng(index), night, 64, 128, version=2)
+        new = render_scene(np.random.default_rng(index), night, 64, 128, version=3)
+        np.testing.assert_array_equal(old[1], new[1])
+        np.testing.assert_array_equal(old[2], new[2])
+        changed += not np.array_equal(old[0], new[0])
+    assert changed >= 3
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_what_stands_in_front_of_a_light_covers_its_glow_from_v3(version):
+    from datasets.synthetic import _Canvas
+
+    canvas = _Canvas(40, 40, 40.0, 20.0, 1.5, 0.0, version)
+    canvas.glow((10, 10, 20, 20))  # a lamp far off
+    canvas.poly([(5, 5), (25, 5), (25, 25), (5, 25)], "wall", (90, 90, 90), 5.0)  # a wall in front of it
+    lit_behind_the_wall = np.asarray(canvas.emit)[12:18, 12:18]
+    assert (lit_behind_the_wall == 0).all() if version >= 3 else (lit_behind_the_wall == 255).all()
+    canvas.glow((10, 10, 20, 20))  # a lamp on the wall, drawn after it, still shines
+    assert (np.asarray(canvas.emit)[12:18, 12:18] == 255).all()
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_fences_bars_stay_on_the_fence_from_v3(version):
+    from datasets.synthetic import WC, _Canvas
+
+    canvas = _Canvas(40, 40, 40.0, 20.0, 1.5, 0.0, version)
+    canvas.poly([(10, 10), (30, 10), (30, 30), (10, 30)], "fence", (120, 105, 85), 5.0)
+    canvas.detail_lines([[(x + 0.5, 4.0), (x + 0.5, 36.0)] for x in (12, 20, 28)], (1, 2, 3), "fence")
+    bar = (np.asarray(canvas.colour) == (1, 2, 3)).all(axis=-1)
+    fence = np.asarray(canvas.label) == WC["fence"]
+    assert (bar & fence).sum() >= 3 * 18  # the three bars across the fence's 20 rows
+    assert (bar & ~fence).any() == (version < 3)  # v2 drew them past the fence, here to rows 4-36
+
+
+def test_data_synth_writes_the_version_its_folder_is_named_for(tmp_path, capsys):
+    import json
+
+    from benchmarks.cli import main
+    from datasets.synthetic import WORLD_RECORD
+
+    assert main(["data", "synth", "--out", str(tmp_path / "synthetic-v2"), "--size", "paper_tiny"]) == 0
+    assert json.loads((tmp_path / "synthetic-v2" / WORLD_RECORD).read_text())["world_version"] == 2
+    assert "version 2" in capsys.readouterr().out
+
+
+def test_a_preset_world_folder_of_either_version_is_generated_on_first_use_as_that_version(tmp_path, monkeypatch):
+    import datasets.synthetic as synthetic
+    from benchmarks.config import load_experiment
+    from benchmarks.data import ensure_data_root, synthetic_world_version
+
+    asked = []
+
+    def record(out, **kwargs):
+        asked.append(kwargs["version"])
+        out.mkdir(parents=True)
+
+    monkeypatch.setattr(synthetic, "generate_world", record)
+    monkeypatch.chdir(tmp_path)
+    for version in (2, 3):
+        ensure_data_root(load_experiment("smoke", [f"data.root=data/synthetic-v{version}"]))
+    assert asked == [2, 3] and synthetic_world_version("./data/synthetic-v3/") == 3
+    assert synthetic_world_version("data/synthetic-v1") is None and synthetic_world_version("elsewhere/synthetic-v3") is None

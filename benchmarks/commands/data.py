@@ -1,7 +1,8 @@
 """`python -m benchmarks data ...`: check a data root, write the synthetic world, run conversions.
 
     data check --root DIR [--full]                 pairs per dataset found and any problem (exit 2 if any)
-    data synth --out DIR --size small|medium|paper[_tiny] [--seed N] [--workers N] [--preview PNG] [--archives DIR]
+    data synth --out DIR --size small|medium|paper[_tiny] [--seed N] [--world-version N] [--workers N] [--preview PNG]
+               [--archives DIR]
     data convert {gtav,cityscapes,synthia,mapillary-half} --root DIR
     data prepare --from DOWNLOADS --to ROOT [--datasets a,b] [--expect official|listing] [--crc] [--overwrite]
 """
@@ -44,6 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             "a few dozen pairs per domain at the real datasets' resolutions, for --preset paper "
                             "(paper_tiny: one or two per split, for tests and dry runs)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--world-version", type=int, default=None, metavar="N",
+                       help="the generator's version to draw (default: the one --out's name says, synthetic-v<N>, "
+                            "as the presets name their data root; else the newest; docs/datasets.md)")
     synth.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     synth.add_argument("--preview", type=given_path, default=None, help="also write a PNG preview grid here")
     synth.add_argument("--archives", type=given_path, default=None,
@@ -172,9 +176,12 @@ def run(args: argparse.Namespace) -> int:
         from benchmarks.storage import is_out_of_space
         from datasets.synthetic import (
             PRETRAINING_SEEDS_FROM,
+            WORLD_VERSION,
+            WORLD_VERSIONS,
             format_frequencies,
             generate_world,
             save_preview,
+            world_version_named_by,
         )
 
         if args.seed < 0:  # numpy's seed sequences refuse negative entropy, after --out was made
@@ -182,6 +189,14 @@ def run(args: argparse.Namespace) -> int:
         if args.seed >= PRETRAINING_SEEDS_FROM:  # a world's scenes could then be the proxy's pretraining scenes
             raise UserError(f"--seed {args.seed}: must be below {PRETRAINING_SEEDS_FROM:,}, where the proxy "
                             "backbone's pretraining scenes are seeded")
+        named = world_version_named_by(args.out)
+        version = args.world_version if args.world_version is not None else named or WORLD_VERSION
+        if version not in WORLD_VERSIONS:
+            raise UserError(f"--world-version {version}: this generator draws versions "
+                            f"{', '.join(map(str, WORLD_VERSIONS))}")
+        if named is not None and named != version:  # a run reading that folder would take it for version `named`
+            raise UserError(f"--out {args.out} is named for world version {named}, asked for version {version}; "
+                            f"pass --out .../synthetic-v{version} or --world-version {named}")
         require_writable_folder(args.out, "--out")
         if args.preview is not None:
             require_writable_file(args.preview, "--preview", "preview.png")
@@ -192,14 +207,15 @@ def run(args: argparse.Namespace) -> int:
             refuse_to_replace_archives(args.archives)  # before minutes of rendering
         start = time.perf_counter()
         try:
-            stats = generate_world(args.out, size=args.size, seed=args.seed, workers=args.workers)
+            stats = generate_world(args.out, size=args.size, seed=args.seed, workers=args.workers, version=version)
         except OSError as err:
             if not is_out_of_space(err, args.out, 0):
                 raise
             raise UserError(f"--out {args.out}: {err.strerror}; free space on that disk and run the same command "
                             "again (the pairs written are kept and skipped), or pass another --out") from None
         elapsed = time.perf_counter() - start
-        print(f"synthetic world ({args.size}, seed {args.seed}) written to {args.out} in {elapsed:.1f} s")
+        print(f"synthetic world ({args.size}, seed {args.seed}, version {version}) written to {args.out} in "
+              f"{elapsed:.1f} s")
         for key, value in stats.get("pairs", {}).items():
             print(f"  {key}: {value} pairs")
         print("\nclass frequencies (% of labelled pixels) per domain:")
