@@ -231,9 +231,9 @@ def _domain_styles(zoom: float) -> dict[str, Style]:
 WORLD_ZOOM = 2.0
 # Version 3 draws version 2's scenes (the same draws, so the same labels and depth) with three changes
 # to the image: the exponentials and the gamma curve are computed in float64 and rounded to float32, so
-# every CPU draws the same pixels (numpy's float32 kernels differ in the last bit between AVX2 and
-# AVX-512 and baseline SIMD); what stands in front of a light covers its glow; a fence's bars stay on
-# the fence. The generator still draws version 2, the world the stored proxy results were measured on.
+# every CPU draws the same pixels (numpy's float32 kernels differ in the last bit between SIMD levels:
+# AVX2, AVX-512, numpy's baseline); what stands in front of a light covers its glow; a fence's bars stay
+# on the fence. The generator still draws version 2, the world the stored proxy results were measured on.
 WORLD_VERSION = 3
 WORLD_VERSIONS = (2, 3)
 # The proxy backbone's pretraining scenes are seeded from here on (`benchmarks.pretrain`); a world's pairs
