@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -34,6 +35,27 @@ def synthetic_world_version(root: str) -> int | None:
     return None
 
 
+def _refuse_another_world_version(root: Path, named: int | None) -> None:
+    """A world folder named for one version and holding another (`data synth --out data/synthetic-v3` before
+    the generator drew version 3 wrote version 2 there) would be trained on as the version its name says."""
+    from datasets.synthetic import WORLD_RECORD
+
+    if named is None or not (root / WORLD_RECORD).is_file():
+        return
+    try:
+        held = json.loads((root / WORLD_RECORD).read_text(encoding="utf-8")).get("world_version")
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held == named:
+        return
+    aside = f"move it aside, and the next run generates version {named} there"
+    if not isinstance(held, int):
+        raise UserError(f"data root {root} is named for synthetic world version {named} but its {WORLD_RECORD} is "
+                        f"unreadable; {aside}")
+    raise UserError(f"data root {root} is named for synthetic world version {named} but holds version {held}; rename "
+                    f"it synthetic-v{held} and pass that as --data-root, or {aside}")
+
+
 def ensure_data_root(exp: Experiment) -> Path:
     """The data root; generates the synthetic world there if it is missing and the preset allows it.
 
@@ -43,6 +65,7 @@ def ensure_data_root(exp: Experiment) -> Path:
     cfg: DataConfig = exp.data
     root = exp.resolve_path(cfg.root)
     if root.is_dir():
+        _refuse_another_world_version(root, synthetic_world_version(cfg.root))
         return root
     from datasets.base import broken_link
 

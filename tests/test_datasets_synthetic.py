@@ -383,3 +383,24 @@ def test_a_preset_world_folder_of_either_version_is_generated_on_first_use_as_th
         ensure_data_root(load_experiment("smoke", [f"data.root=data/synthetic-v{version}"]))
     assert asked == [2, 3] and synthetic_world_version("./data/synthetic-v3/") == 3
     assert synthetic_world_version("data/synthetic-v1") is None and synthetic_world_version("elsewhere/synthetic-v3") is None
+
+
+@pytest.mark.parametrize(("record", "expected"), [
+    ('{"size": "small", "seed": 0, "world_version": 2}\n', "is named for synthetic world version 3 but holds version 2; "
+                                                           "rename it synthetic-v2"),
+    ("{not json", "is named for synthetic world version 3 but its .synthetic-world.json is unreadable"),
+])
+def test_a_world_folder_holding_another_version_than_its_name_is_refused(tmp_path, monkeypatch, record, expected):
+    # `data synth --out data/synthetic-v3` before the generator drew v3 wrote v2 there, with v2's record
+    from benchmarks.config import load_experiment
+    from benchmarks.data import ensure_data_root
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / "synthetic-v3"
+    folder.mkdir(parents=True)
+    (folder / ".synthetic-world.json").write_text(record)
+    with pytest.raises(UserError, match=expected):
+        ensure_data_root(load_experiment("smoke", ["data.root=data/synthetic-v3"]))
+    (folder / ".synthetic-world.json").write_text(record.replace('"world_version": 2', '"world_version": 3'))
+    if "world_version" in record:
+        assert ensure_data_root(load_experiment("smoke", ["data.root=data/synthetic-v3"])) == folder
