@@ -35,11 +35,12 @@ def synthetic_world_version(root: str) -> int | None:
     return None
 
 
-def _refuse_another_world_version(root: Path, named: int | None) -> None:
+def _refuse_another_world_version(root: Path) -> None:
     """A world folder named for one version and holding another (`data synth --out data/synthetic-v3` before
     the generator drew version 3 wrote version 2 there) would be trained on as the version its name says."""
-    from datasets.synthetic import WORLD_RECORD
+    from datasets.synthetic import WORLD_RECORD, world_version_named_by
 
+    named = world_version_named_by(root)
     if named is None or not (root / WORLD_RECORD).is_file():
         return
     try:
@@ -65,7 +66,7 @@ def ensure_data_root(exp: Experiment) -> Path:
     cfg: DataConfig = exp.data
     root = exp.resolve_path(cfg.root)
     if root.is_dir():
-        _refuse_another_world_version(root, synthetic_world_version(cfg.root))
+        _refuse_another_world_version(root)
         return root
     from datasets.base import broken_link
 

@@ -584,12 +584,14 @@ def test_data_synth_seed_of_the_pretraining_scenes_is_refused(tmp_path, capsys, 
     ("world", "1", "--world-version 1: this generator draws versions 2, 3"),
     ("synthetic-v2", "3", "--out {out} is named for world version 2, asked for version 3; pass --out "
                           ".../synthetic-v3 or --world-version 2"),
+    ("synthetic-v0", None, "--out {out} is named for world version 0, which this generator does not draw (it draws "
+                           "2, 3)"),
 ])
 def test_data_synth_world_version_is_checked_before_any_folder(tmp_path, capsys, no_generation, out, version, expected):
     # a folder named synthetic-v2 is read by the presets as version 2: another version written there would be
     # trained on as if it were
     out = tmp_path / out
-    code, _, err = _cli(["data", "synth", "--out", str(out), "--world-version", version], capsys)
+    code, _, err = _cli(["data", "synth", "--out", str(out)] + (["--world-version", version] if version else []), capsys)
     assert code == 2 and expected.format(out=out) in _error_line(err), err
     assert not out.exists()
 

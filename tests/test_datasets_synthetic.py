@@ -399,8 +399,22 @@ def test_a_world_folder_holding_another_version_than_its_name_is_refused(tmp_pat
     folder = tmp_path / "data" / "synthetic-v3"
     folder.mkdir(parents=True)
     (folder / ".synthetic-world.json").write_text(record)
-    with pytest.raises(UserError, match=expected):
-        ensure_data_root(load_experiment("smoke", ["data.root=data/synthetic-v3"]))
+    for root in ("data/synthetic-v3", str(folder)):  # as the presets name it, or wherever it lies
+        with pytest.raises(UserError, match=expected):
+            ensure_data_root(load_experiment("smoke", [f"data.root={root}"]))
     (folder / ".synthetic-world.json").write_text(record.replace('"world_version": 2', '"world_version": 3'))
     if "world_version" in record:
-        assert ensure_data_root(load_experiment("smoke", ["data.root=data/synthetic-v3"])) == folder
+        assert ensure_data_root(load_experiment("smoke", [f"data.root={folder}"])) == folder
+
+
+def test_a_facades_lit_windows_keep_their_light_in_v3():
+    """Far down the street a façade's windows are less than a pixel apart: v3's shapes clear the light behind
+    them, so its lit windows are drawn after the façade's own shapes (which stand beside them, not in front)."""
+    from datasets.synthetic import _Canvas, _StreetScene
+
+    light = {}
+    for version in (2, 3):
+        canvas = _Canvas(90, 160, 224.0, 40.0, 1.5, 0.0, version)
+        _StreetScene(canvas, np.random.default_rng(0), STYLES["bdd100k"]).building(-6.0, -1, 40.0, 140.0, 20.0)
+        light[version] = np.asarray(canvas.emit)
+    assert light[2].any() and np.array_equal(light[3], light[2])

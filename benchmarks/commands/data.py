@@ -190,10 +190,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--seed {args.seed}: must be below {PRETRAINING_SEEDS_FROM:,}, where the proxy "
                             "backbone's pretraining scenes are seeded")
         named = world_version_named_by(args.out)
-        version = args.world_version if args.world_version is not None else named or WORLD_VERSION
-        if version not in WORLD_VERSIONS:
-            raise UserError(f"--world-version {version}: this generator draws versions "
-                            f"{', '.join(map(str, WORLD_VERSIONS))}")
+        drawn = ", ".join(map(str, WORLD_VERSIONS))
+        if args.world_version is not None and args.world_version not in WORLD_VERSIONS:
+            raise UserError(f"--world-version {args.world_version}: this generator draws versions {drawn}")
+        if named is not None and named not in WORLD_VERSIONS:
+            raise UserError(f"--out {args.out} is named for world version {named}, which this generator does not "
+                            f"draw (it draws {drawn}); pass an --out named synthetic-v<N> for one of them, or "
+                            "another name")
+        version = args.world_version if args.world_version is not None else named if named is not None else WORLD_VERSION
         if named is not None and named != version:  # a run reading that folder would take it for version `named`
             raise UserError(f"--out {args.out} is named for world version {named}, asked for version {version}; "
                             f"pass --out .../synthetic-v{version} or --world-version {named}")
