@@ -861,8 +861,9 @@ def _value_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.nd
 
 def _float32_kernels(version: int) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray, float], np.ndarray]]:
     """`exp` and `power` as a world version draws them. numpy's float32 kernels round the last bit by the CPU's
-    SIMD level; computed in float64 and rounded to float32 (version 3 on), a last-bit difference of float64
-    changes the float32 result once in hundreds of millions of values, and then rarely a pixel."""
+    SIMD level; computed in float64 and rounded to float32 (version 3 on), a difference of a few units in
+    float64's last place changes the float32 result about once in a hundred million values, and then rarely a
+    pixel."""
     if version < 3:
         return np.exp, lambda x, p: x ** p
 
