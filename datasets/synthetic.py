@@ -358,6 +358,8 @@ class _Canvas:
             for pts in lines:
                 self.dc.line(pts, fill=colour, width=1)
             return
+        if not lines:
+            return
         xs = [x for pts in lines for x, _ in pts]
         ys = [y for pts in lines for _, y in pts]
         left, top = max(0, int(np.floor(min(xs))) - 1), max(0, int(np.floor(min(ys))) - 1)
