@@ -353,6 +353,9 @@ def test_a_fences_bars_stay_on_the_fence_from_v3(version):
     fence = np.asarray(canvas.label) == WC["fence"]
     assert (bar & fence).sum() >= 3 * 18  # the three bars across the fence's 20 rows
     assert (bar & ~fence).any() == (version < 3)  # v2 drew them past the fence, here to rows 4-36
+    before = np.asarray(canvas.colour).copy()
+    canvas.detail_lines([], (1, 2, 3), "fence")  # a fence too short for a bar
+    assert np.array_equal(np.asarray(canvas.colour), before)
 
 
 def test_data_synth_writes_the_version_its_folder_is_named_for(tmp_path, capsys):
