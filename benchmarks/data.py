@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -27,26 +26,22 @@ log = logging.getLogger(__name__)
 def synthetic_world_version(root: str) -> int | None:
     """The synthetic world version whose own folder the `data.root` setting names (`data/synthetic-v3`), or
     None for any other folder."""
-    from datasets.synthetic import WORLD_VERSIONS
+    from datasets.synthetic import WORLD_VERSIONS, world_version_named_by
 
-    for version in WORLD_VERSIONS:
-        if os.path.normpath(root) == os.path.normpath(f"data/synthetic-v{version}"):
-            return version
-    return None
+    version = world_version_named_by(root)
+    in_place = os.path.normpath(root) == os.path.join("data", f"synthetic-v{version}")
+    return version if version in WORLD_VERSIONS and in_place else None
 
 
 def _refuse_another_world_version(root: Path) -> None:
     """A world folder named for one version and holding another (`data synth --out data/synthetic-v3` before
     the generator drew version 3 wrote version 2 there) would be trained on as the version its name says."""
-    from datasets.synthetic import WORLD_RECORD, world_version_named_by
+    from datasets.synthetic import WORLD_RECORD, world_record, world_version_named_by
 
-    named = world_version_named_by(root)
-    if named is None or not (root / WORLD_RECORD).is_file():
+    named, record = world_version_named_by(root), world_record(root)
+    if named is None or record is None:
         return
-    try:
-        held = json.loads((root / WORLD_RECORD).read_text(encoding="utf-8")).get("world_version")
-    except (OSError, ValueError, AttributeError):
-        held = None
+    held = record.get("world_version")
     if held == named:
         return
     aside = f"move it aside, and the next run generates version {named} there"

@@ -594,13 +594,12 @@ class _StreetScene:
                     if lit:
                         a, b = cv.p(x, y0 + 1.6, za), cv.p(x, y0, za + 1.4)
                         lit_windows.append((min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1])))
-                        if cv.version < 3:
-                            cv.de.rectangle(lit_windows[-1], fill=90)
         cv.poly([cv.p(x, 0, z0), cv.p(x, height, z0), cv.p(x + sign * 8, height, z0), cv.p(x + sign * 8, 0, z0)],
                 "building", _scale(wall, 0.85), z0)
-        if cv.version >= 3:  # after the façade's own shapes, which would clear them: far off, windows overlap
-            for box in lit_windows:
-                cv.de.rectangle(box, fill=90)
+        # after the façade's own shapes, which clear the light from v3 on: far off, its windows overlap (v2 cleared
+        # nothing, so there the order changes no pixel)
+        for box in lit_windows:
+            cv.de.rectangle(box, fill=90)
 
     def barriers(self, street: _Street) -> None:
         """Walls and fences along the outer sidewalk edge, in front of the façades; guard rails on a highway."""
@@ -1178,27 +1177,36 @@ def planned_sizes(size: str = "small", seed: int = 0) -> dict[str, list[tuple[in
 WORLD_RECORD = ".synthetic-world.json"
 
 
+def world_record(folder: Path) -> dict | None:
+    """What the world record in `folder` says it holds (size, seed, world_version); None where there is none, and
+    an empty dict where it is there but unreadable."""
+    record = folder / WORLD_RECORD
+    if not record.is_file():
+        return None
+    try:
+        held = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
 def _claim_world_folder(out: Path, size: str, seed: int, version: int) -> None:
     """`out` for the world (size, seed): new or empty, or holding that world's own record (an interrupted
     generation, finished by skipping its existing pairs); anything else is refused, because generating into
     it would mix two worlds (or add the synthetic one to a real data root) with no error anywhere later."""
     wanted = {"size": size, "seed": seed, "world_version": version}
-    record = out / WORLD_RECORD
-    if record.is_file():
-        try:
-            held = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            held = None
+    held = world_record(out)
+    if held is not None:
         if held != wanted:
             raise UserError(
-                f"{out} holds another synthetic world ({held if isinstance(held, dict) else 'an unreadable record'}; "
+                f"{out} holds another synthetic world ({held or 'an unreadable record'}; "
                 f"asked for size {size}, seed {seed}, version {version}); pass a new or empty --out, or the "
                 "same --size, --seed and --world-version to finish that one")
         return
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} is not empty and holds no synthetic world record ({WORLD_RECORD}); pass a new or "
                         "empty --out (generating here would mix the world into what the folder holds)")
-    atomic_write_text(record, json.dumps(wanted) + "\n")
+    atomic_write_text(out / WORLD_RECORD, json.dumps(wanted) + "\n")
 
 
 def _ignore_interrupts() -> None:
@@ -1339,5 +1347,5 @@ def save_preview(root: Path | str, out_png: Path | str, per_domain: int = 3, til
 
 __all__ = [
     "STYLES", "Style", "WORLD_CLASSES", "class_frequencies", "format_frequencies", "generate_world",
-    "random_style", "render_scene", "save_preview", "world_version_named_by",
+    "random_style", "render_scene", "save_preview", "world_record", "world_version_named_by",
 ]

@@ -118,9 +118,9 @@ def _check_dataset(root: Path, name: str, full: bool) -> tuple[list[tuple[str, s
     (a root that is no synthetic world) with fewer pairs than the official release is ok, but said: a
     partly extracted download would otherwise be scored as if it were the protocol's split."""
     from datasets.archives import OFFICIAL_ARCHIVES
-    from datasets.synthetic import WORLD_RECORD
+    from datasets.synthetic import world_record
 
-    official = {} if (root / WORLD_RECORD).is_file() or name not in OFFICIAL_ARCHIVES else \
+    official = {} if world_record(root) is not None or name not in OFFICIAL_ARCHIVES else \
         OFFICIAL_ARCHIVES[name].official_pairs
     rows: list[tuple[str, str, str, str]] = []
     problems: list[str] = []
