@@ -208,23 +208,26 @@ def git_state(root: Path) -> tuple[str | None, list[str] | None]:
     return commit.stdout.strip(), paths
 
 
-# Untracked files that can change what runs: code and configuration (results, locks, checkpoints and notes cannot;
-# a results folder inside the checkout would otherwise change the digest as the run writes into it). Read up to
-# these bounds (a stray large file is named, not hashed whole).
-UNTRACKED_CODE_SUFFIXES = (".py", ".toml")
+# Files that can change what runs: code and configuration, tracked or not (results, logs, locks, checkpoints and
+# notes cannot; a results folder inside the checkout, or a tracked load log appended to beside a run, would
+# otherwise change the digest as the run goes, and a resumed run would name its own code as other code).
+# Untracked ones are read up to these bounds (a stray large file is named, not hashed whole).
+CODE_SUFFIXES = (".py", ".toml")
 MAX_UNTRACKED_FILES = 50
 MAX_UNTRACKED_BYTES = 1 << 22
 # The diff as no user's git configuration shapes it (prefixes, colour, rename detection, hunk heuristics, drivers).
 _PLAIN_DIFF = ["git", "-c", "core.quotepath=off", "diff", "HEAD", "--binary", "--no-color", "--no-ext-diff",
                "--no-textconv", "--no-renames", "--src-prefix=a/", "--dst-prefix=b/", "--diff-algorithm=myers",
-               "--no-indent-heuristic", "--unified=3", "--no-relative"]
+               "--no-indent-heuristic", "--unified=3", "--no-relative", "--",
+               *(f":(glob)**/*{suffix}" for suffix in CODE_SUFFIXES)]
 
 
 def working_tree_sha256(root: Path) -> str | None:
-    """A digest of the uncommitted changes to the code: `git diff HEAD` (as no git configuration shapes it) and
-    the untracked code files (their names and first 4 MiB). Two trees dirty in the same paths with other edits
-    get other digests, where the paths alone said the same (a reviewer's two edits of protocol.py, lr ×0.5 and
-    ×2: one record, mIoU 0.18 and 0.95). None for a tree without such changes, or outside a checkout."""
+    """A digest of the uncommitted changes to the code: `git diff HEAD` of the code files (as no git configuration
+    shapes it) and the untracked code files (their names and first 4 MiB). Two trees dirty in the same paths with
+    other edits get other digests, where the paths alone said the same (a reviewer's two edits of protocol.py,
+    lr ×0.5 and ×2: one record, mIoU 0.18 and 0.95). None for a tree without such changes (one whose only edits
+    are to docs, logs or results), or outside a checkout."""
     try:
         diff = subprocess.run(_PLAIN_DIFF, cwd=root, capture_output=True, timeout=30)
         untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=root,
@@ -234,7 +237,7 @@ def working_tree_sha256(root: Path) -> str | None:
     if diff.returncode != 0 or untracked.returncode != 0:
         return None
     names = sorted(name for name in untracked.stdout.decode(errors="replace").split("\0")
-                   if name.endswith(UNTRACKED_CODE_SUFFIXES))
+                   if name.endswith(CODE_SUFFIXES))
     if not diff.stdout and not names:
         return None
     digest = hashlib.sha256(diff.stdout)

@@ -36,7 +36,7 @@ Schema (version 1), the only thing reports and regression checks read:
                       "device_name": str,            # a GPU's name; a CPU's model, vector level, AMX
                       "git_commit": str,
                       "git_dirty": bool, "git_dirty_paths": [str, ...],  # what `git status` listed
-                      "git_dirty_sha256": str | null,  # digest of the uncommitted changes themselves
+                      "git_dirty_sha256": str | null,  # digest of the uncommitted code (.py, .toml) itself
                       "earlier_code": [{"git_commit", "git_dirty_sha256", "packages", "from_iter",
                                         "until_iter"}, ...],  # only in a run resumed by other code,
                       "code_since_iter": int,        # from where the code above trained it

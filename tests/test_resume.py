@@ -215,9 +215,13 @@ def test_the_working_tree_digest_tells_two_edits_of_one_file_apart(tmp_path):
 
     git("init", "-q")
     (tmp_path / "protocol.py").write_text("lr = 1.0\n")
-    git("add", "protocol.py")
+    (tmp_path / "load.log").write_text("07:39 0.86\n")
+    git("add", "protocol.py", "load.log")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
     assert working_tree_sha256(tmp_path) is None  # clean
+    # A tracked log appended to beside a run is not code (a resumed run named its own code as other code).
+    (tmp_path / "load.log").write_text("07:39 0.86\n07:40 2.10\n")
+    assert working_tree_sha256(tmp_path) is None
     (tmp_path / "protocol.py").write_text("lr = 0.5\n")
     halved = working_tree_sha256(tmp_path)
     (tmp_path / "protocol.py").write_text("lr = 2.0\n")
@@ -231,6 +235,8 @@ def test_the_working_tree_digest_tells_two_edits_of_one_file_apart(tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "seed42.json").write_text("{}")
     (tmp_path / "runs" / "seed42.lock").write_text("pid")
+    assert working_tree_sha256(tmp_path) == doubled
+    (tmp_path / "load.log").write_text("07:39 0.86\n07:40 2.10\n07:41 2.20\n")
     assert working_tree_sha256(tmp_path) == doubled
     (tmp_path / "protocol.py").write_text("lr = 1.0\n")
     (tmp_path / "method.py").write_text("an untracked method file")
