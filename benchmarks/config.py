@@ -47,7 +47,7 @@ def source_families(source: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "data/synthetic-v2"
+    root: str = "data/synthetic-v3"
     """Data root holding gta/, cityscapes/, bdd100k/, mapillary/ in their real layouts. Kept in its normal
     form (`./data/x/` is `data/x`), so that spellings of one folder name one run (the config hash holds it)."""
     synthetic: str = "small"
