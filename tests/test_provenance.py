@@ -366,16 +366,29 @@ def test_git_state_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
     assert git_state(tmp_path) == (None, None)
 
 
-def test_report_lists_the_dirty_paths_of_a_run():
+def test_report_names_the_uncommitted_code_of_a_run_and_not_the_files_beside_it():
+    # One invocation writing its results inside the checkout made each of its 18 runs a line of its own (the
+    # results before it untracked, a longer list each time): the report's first screen was that list.
     from benchmarks.reports.html import render_report
     from tests.test_reports import make_result
 
-    clean = make_result("lora", 42, {"cityscapes": 40.0})
-    dirty = make_result("lora", 43, {"cityscapes": 41.0})
-    dirty["environment"] = {**dirty["environment"], "git_dirty": True, "git_dirty_paths": ["docs/results.md"]}
-    page = render_report([clean, dirty])
-    assert "1 run(s): torch 2.x, device_name cpu, git_commit abc, git_dirty True (docs/results.md)" in page
-    assert "1 run(s): torch 2.x, device_name cpu, git_commit abc, git_dirty False<" in page
+    def run(seed: int, dirty_paths: list[str], code_digest: str | None) -> dict:
+        result = make_result("lora", seed, {"cityscapes": 40.0 + seed / 100})
+        result["environment"] = {**result["environment"], "git_dirty": bool(dirty_paths),
+                                 "git_dirty_paths": dirty_paths, "git_dirty_sha256": code_digest}
+        return result
+
+    results = [run(42, [], None),
+               run(43, ["results/r/load.log"], None), run(44, ["results/r/load.log", "results/r/lora/"], None),
+               run(45, ["benchmarks/protocol.py", "docs/results.md"], "ab" * 32)]
+    before_the_digest = run(46, ["benchmarks/protocol.py"], None)
+    del before_the_digest["environment"]["git_dirty_sha256"]
+    page = render_report(results + [before_the_digest])
+    assert "3 run(s): torch 2.x, device_name cpu, git_commit abc, uncommitted code none<" in page
+    assert ("1 run(s): torch 2.x, device_name cpu, git_commit abc, uncommitted changes sha256 abababababab "
+            "(benchmarks/protocol.py)<") in page
+    assert "1 run(s): torch 2.x, device_name cpu, git_commit abc, uncommitted files (benchmarks/protocol.py)<" in page
+    assert "load.log" not in page and "docs/results.md" not in page
 
 
 def test_evaluation_during_training_leaves_the_training_unchanged(tiny_world, tmp_path):

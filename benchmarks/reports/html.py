@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import UserError
+from benchmarks.provenance import CODE_SUFFIXES
 from benchmarks.reports.frames import load_published
 from benchmarks.reports.grouping import Protocol, group_results, split_runs
 from benchmarks.reports.plots import FIGURES, Plot, make_plots
@@ -54,16 +55,36 @@ def _figure(plot: Plot) -> str:
             f"<figcaption>{html.escape(plot.title)}</figcaption></figure>")
 
 
+def _uncommitted_code(env: dict[str, Any]) -> str:
+    """What a run's tree held beyond its commit, as far as it can change a number: the digest of the uncommitted
+    code and its paths. A results folder, load log or doc edited beside the run is left out, as the digest leaves
+    it out (`provenance.CODE_SUFFIXES`): listed, it made each run of one invocation its own line, the untracked
+    results of the runs before it growing the list. Results older than the digest list every dirty path; those
+    written before the digest was limited to code (6ed3e26) carry one of every tracked change, so this line names
+    it a digest of changes, not of code."""
+    if "git_dirty" not in env:
+        return ""
+    if not env["git_dirty"]:
+        return "uncommitted code none"
+    paths = env.get("git_dirty_paths") or []
+    if "git_dirty_sha256" not in env:
+        return f"uncommitted files ({', '.join(paths)})"
+    if not env["git_dirty_sha256"]:
+        return "uncommitted code none"
+    code_paths = [path for path in paths if path.endswith(CODE_SUFFIXES)]
+    return f"uncommitted changes sha256 {env['git_dirty_sha256'][:12]}" + (f" ({', '.join(code_paths)})"
+                                                                           if code_paths else "")
+
+
 def _environment_lines(results: list[dict[str, Any]]) -> list[str]:
-    """The distinct environments the runs came from (package versions, device, commit)."""
+    """The distinct environments the runs came from (package versions, device, commit, uncommitted code)."""
     seen: dict[str, int] = {}
     for res in results:
         env = res.get("environment") or {}
-        keys = ("torch", "device_name", "git_commit", "git_dirty")
-        text = ", ".join(f"{k} {env[k]}" for k in keys if k in env)
-        if env.get("git_dirty_paths"):
-            text += f" ({', '.join(env['git_dirty_paths'])})"
-        if text:
+        parts = [f"{k} {env[k]}" for k in ("torch", "device_name", "git_commit") if k in env]
+        parts += [text for text in [_uncommitted_code(env)] if text]
+        if parts:
+            text = ", ".join(parts)
             seen[text] = seen.get(text, 0) + 1
     return [f"{count} run(s): {text}" for text, count in seen.items()]
 
