@@ -383,11 +383,14 @@ def test_report_names_the_uncommitted_code_of_a_run_and_not_the_files_beside_it(
                run(45, ["benchmarks/protocol.py", "docs/results.md"], "ab" * 32)]
     before_the_digest = run(46, ["benchmarks/protocol.py"], None)
     del before_the_digest["environment"]["git_dirty_sha256"]
-    page = render_report(results + [before_the_digest])
+    outside_a_checkout = run(47, [], None)
+    outside_a_checkout["environment"].update(git_commit=None, git_dirty=None, git_dirty_paths=None)
+    page = render_report(results + [before_the_digest, outside_a_checkout])
     assert "3 run(s): torch 2.x, device_name cpu, git_commit abc, uncommitted code none<" in page
     assert ("1 run(s): torch 2.x, device_name cpu, git_commit abc, uncommitted changes sha256 abababababab "
             "(benchmarks/protocol.py)<") in page
     assert "1 run(s): torch 2.x, device_name cpu, git_commit abc, uncommitted files (benchmarks/protocol.py)<" in page
+    assert "1 run(s): torch 2.x, device_name cpu, git_commit None<" in page
     assert "load.log" not in page and "docs/results.md" not in page
 
 

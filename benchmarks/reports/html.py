@@ -62,7 +62,7 @@ def _uncommitted_code(env: dict[str, Any]) -> str:
     results of the runs before it growing the list. Results older than the digest list every dirty path; those
     written before the digest was limited to code (6ed3e26) carry one of every tracked change, so this line names
     it a digest of changes, not of code."""
-    if "git_dirty" not in env:
+    if env.get("git_dirty") is None:  # not recorded, or run outside a checkout
         return ""
     if not env["git_dirty"]:
         return "uncommitted code none"
