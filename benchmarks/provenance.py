@@ -184,9 +184,15 @@ def identity(record: dict[str, Any] | None) -> str:
 # executed is the commit's. Capped so a checkout full of untracked files cannot bloat every result file.
 MAX_DIRTY_PATHS = 20
 
+# Files that can change what runs: code and configuration, tracked or not (results, logs, locks, checkpoints and
+# notes cannot; a results folder inside the checkout, or a tracked load log appended to beside a run, would
+# otherwise change the digest as the run goes, and a resumed run would name its own code as other code).
+CODE_SUFFIXES = (".py", ".toml")
+
 
 def git_state(root: Path) -> tuple[str | None, list[str] | None]:
-    """(HEAD commit, the paths `git status` lists as changed or untracked), or (None, None) outside a checkout."""
+    """(HEAD commit, the paths `git status` lists as changed or untracked, code first where they are capped), or
+    (None, None) outside a checkout."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         status = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=normal"], cwd=root,
@@ -204,15 +210,13 @@ def git_state(root: Path) -> tuple[str | None, list[str] | None]:
         if {"R", "C"} & set(entry[:2]):  # a rename or copy: -z puts its source path in the next entry
             next(entries, None)
     if len(paths) > MAX_DIRTY_PATHS:
+        # the code paths first (stable sort), so that a results folder's many entries never push them out
+        paths.sort(key=lambda path: not path.endswith(CODE_SUFFIXES))
         paths = paths[:MAX_DIRTY_PATHS] + [f"... and {len(paths) - MAX_DIRTY_PATHS} more"]
     return commit.stdout.strip(), paths
 
 
-# Files that can change what runs: code and configuration, tracked or not (results, logs, locks, checkpoints and
-# notes cannot; a results folder inside the checkout, or a tracked load log appended to beside a run, would
-# otherwise change the digest as the run goes, and a resumed run would name its own code as other code).
-# Untracked ones are read up to these bounds (a stray large file is named, not hashed whole).
-CODE_SUFFIXES = (".py", ".toml")
+# Untracked code files are read up to these bounds (a stray large file is named, not hashed whole).
 MAX_UNTRACKED_FILES = 50
 MAX_UNTRACKED_BYTES = 1 << 22
 # The diff as no user's git configuration shapes it (prefixes, colour, rename detection, hunk heuristics, drivers).

@@ -357,6 +357,11 @@ def test_git_state_caps_the_list_and_says_how_many_more(tmp_path):
     _, paths = git_state(tmp_path)
     assert len(paths) == MAX_DIRTY_PATHS + 1 and paths[-1] == "... and 3 more"
 
+    # a results folder's entries sort before tools/ and tests/: the code path is kept, not capped away
+    (tmp_path / "zz_edited.py").write_text("a = 1\n")
+    _, paths = git_state(tmp_path)
+    assert paths[0] == "zz_edited.py" and paths[-1] == "... and 4 more"
+
 
 def test_git_state_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
     from benchmarks.provenance import git_state

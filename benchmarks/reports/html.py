@@ -64,12 +64,10 @@ def _uncommitted_code(env: dict[str, Any]) -> str:
     it a digest of changes, not of code."""
     if env.get("git_dirty") is None:  # not recorded, or run outside a checkout
         return ""
-    if not env["git_dirty"]:
-        return "uncommitted code none"
     paths = env.get("git_dirty_paths") or []
-    if "git_dirty_sha256" not in env:
+    if env["git_dirty"] and "git_dirty_sha256" not in env:
         return f"uncommitted files ({', '.join(paths)})"
-    if not env["git_dirty_sha256"]:
+    if not env["git_dirty"] or not env["git_dirty_sha256"]:
         return "uncommitted code none"
     code_paths = [path for path in paths if path.endswith(CODE_SUFFIXES)]
     return f"uncommitted changes sha256 {env['git_dirty_sha256'][:12]}" + (f" ({', '.join(code_paths)})"
@@ -82,7 +80,8 @@ def _environment_lines(results: list[dict[str, Any]]) -> list[str]:
     for res in results:
         env = res.get("environment") or {}
         parts = [f"{k} {env[k]}" for k in ("torch", "device_name", "git_commit") if k in env]
-        parts += [text for text in [_uncommitted_code(env)] if text]
+        if code := _uncommitted_code(env):
+            parts.append(code)
         if parts:
             text = ", ".join(parts)
             seen[text] = seen.get(text, 0) + 1
