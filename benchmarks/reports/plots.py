@@ -99,23 +99,18 @@ def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | N
     floor = (positive.min() / 10.0) if positive.size else 1e-3
     xs = np.where(params > 0, params, floor)
     fig = Figure(figsize=(6.4 * len(panels), 4.2))
+    FigureCanvasAgg(fig)  # label placement measures the texts with its renderer
     colors = method_colors(results)
     for index, (column, ylabel) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), index + 1)
-        box = ax.get_position()
-        size_pt = (box.width * fig.get_figwidth() * 72, box.height * fig.get_figheight() * 72)
-        offsets = _label_offsets(xs, summary[column].to_numpy(dtype=float), [_text(m) for m in summary["method"]],
-                                 size_pt)
-        for x, offset, (_, row) in zip(xs, offsets, summary.iterrows(), strict=False):
+        points = []
+        for x, (_, row) in zip(xs, summary.iterrows(), strict=True):
             if math.isnan(row[column]):
                 continue
             std = row[f"{column}_std"] if not math.isnan(row[f"{column}_std"]) else None
             ax.errorbar([x], [row[column]], yerr=None if std is None else [[std], [std]], fmt="o",
                         color=colors[row["method"]], capsize=3, markersize=7)
-            # A label moved off its point by others keeps a thin leader line to it.
-            leader = dict(arrowstyle="-", linewidth=0.4, color="0.6", shrinkA=0, shrinkB=3) if offset[1] < 0 else None
-            ax.annotate(_text(row["method"]), (x, row[column]), textcoords="offset points", xytext=offset, fontsize=8,
-                        va="center" if leader else "baseline", arrowprops=leader)
+            points.append(((x, row[column]), std or 0.0, _text(row["method"])))
         ax.set_xscale("log")
         ax.margins(x=0.15, y=0.12)
         if (params <= 0).any():
@@ -125,39 +120,111 @@ def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | N
         ax.set_xlabel("backbone-side trainable parameters (M, log scale)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
+        _place_labels(ax, points)
     missing = f" (not drawn, no parameter count recorded: {', '.join(uncounted)})" if uncounted else ""
     fig.suptitle(_text((title or "mIoU vs trainable parameters") + missing), fontsize=9)
     return fig
 
 
-def _label_offsets(xs: np.ndarray, ys: np.ndarray, labels: list[str], size_pt: tuple[float, float],
-                   fontsize: float = 8.0) -> list[tuple[int, int]]:
-    """Text offsets (points) for the methods' labels: a label whose box would overlap an earlier label's
-    goes a line lower, so that methods of one parameter count and score (lora and dora, set and
-    set_released, the parameter-efficient cluster of the target panel) do not print over each other.
-    The boxes are estimated in points from the panel's size (`size_pt`, width and height) and the data's
-    spread on its log x and linear y axes, with the margins `miou_vs_params` sets."""
-    finite = ~np.isnan(ys)
-    if not finite.any():
-        return [(6, 4)] * len(xs)
-    logs = np.log10(xs)
-    x_span = max(float(logs[finite].max() - logs[finite].min()), 0.5) * 1.3
-    y_span = max(float(ys[finite].max() - ys[finite].min()), 1.0) * 1.24
-    x_pt = (logs - logs[finite].min()) / x_span * size_pt[0]
-    y_pt = (ys - ys[finite].min()) / y_span * size_pt[1]
-    char_pt, line_pt = 0.6 * fontsize, fontsize + 1
-    placed: list[tuple[float, float, float]] = []  # left, bottom, right of each placed label (points)
-    offsets = []
-    for x, y, label in zip(x_pt, y_pt, labels, strict=True):
-        line = 0
-        if not math.isnan(y):
-            width = char_pt * len(label)
-            while any(left < x + 6 + width and x + 6 < right and abs(bottom - (y + 4 - line_pt * line)) < line_pt
-                      for left, bottom, right in placed):
-                line += 1
-            placed.append((x + 6, y + 4 - line_pt * line, x + 6 + width))
-        offsets.append((6, int(4 - line_pt * line)))
-    return offsets
+#: Where a label may go around its point, in points from it, with its alignment: the usual place first, then the
+#: other sides; beyond these, rings farther out with a leader line (`_label_candidates`).
+_NEAR_PLACES = (((6, 4), "left", "baseline"), ((6, 0), "left", "center"), ((-6, 0), "right", "center"),
+                ((0, 7), "center", "bottom"), ((0, -7), "center", "top"), ((6, -4), "left", "top"),
+                ((-6, 4), "right", "bottom"), ((-6, -4), "right", "top"))
+_LEADER_RADII = (16, 26, 38, 52)
+_MARKER_CLEARANCE_PT = 6.0  # a 7-pt marker and the air that keeps a label beside it from reading as its own
+# What a place costs: each px² of text, marker or error bar it covers (or of the axes it leaves), each of a leader
+# line's samples inside another marker (the line then reads as that method's), and each point of the leader's
+# length (a far label is harder to match to its point). Covering outweighs a leader's length.
+_COVERED_COST = 3.0
+_LEADER_CROSSING_COST = 10.0
+_LEADER_LENGTH_COST = 1.0
+
+
+def _label_candidates():
+    yield from ((offset, ha, va, False) for offset, ha, va in _NEAR_PLACES)
+    for radius in _LEADER_RADII:
+        for degrees in range(0, 360, 30):
+            dx, dy = radius * math.cos(math.radians(degrees)), radius * math.sin(math.radians(degrees))
+            ha = "left" if dx > 0.3 * radius else "right" if dx < -0.3 * radius else "center"
+            va = "bottom" if dy > 0.3 * radius else "top" if dy < -0.3 * radius else "center"
+            yield (round(dx), round(dy)), ha, va, True
+
+
+def _place_labels(ax, points: list[tuple[tuple[float, float], float, str]], fontsize: float = 8.0) -> None:
+    """Label each point (data position, std, text) where its text covers no other label, no marker and no
+    error bar, measured with the figure's renderer: the usual place to the right first, then the other sides,
+    then farther out with a thin leader line. Methods of one parameter count and score (lora and dora, set
+    and set_released, the parameter-efficient cluster of the target panel) printed over each other and
+    over each other's markers when labels only stepped down a line. Where no place is free, the cheapest
+    is taken (`_COVERED_COST` and the leader's costs). The most crowded points choose first."""
+    from matplotlib.transforms import Bbox
+
+    if not points:
+        return
+    renderer = ax.figure.canvas.get_renderer()
+    ax.autoscale_view()  # the limits the drawing will have (margins applied), so data → pixels holds
+    to_px = ax.transData.transform
+    px_per_pt = ax.figure.dpi / 72.0
+    radius = _MARKER_CLEARANCE_PT * px_per_pt
+    centres = [to_px(xy) for xy, _, _ in points]
+    # The markers first, one per point (index i is point i's own, which its label may touch), then the error bars.
+    obstacles = [Bbox.from_extents(cx - radius, cy - radius, cx + radius, cy + radius) for cx, cy in centres]
+    for (xy, std, _), (cx, _) in zip(points, centres, strict=True):
+        if std > 0:  # the error bar's line and caps
+            low, high = to_px((xy[0], xy[1] - std))[1], to_px((xy[0], xy[1] + std))[1]
+            obstacles.append(Bbox.from_extents(cx - 3 * px_per_pt, low, cx + 3 * px_per_pt, high))
+    inside = ax.get_window_extent(renderer)
+    crowding = [sum(math.dist(c, other) < 40 * px_per_pt for other in centres) for c in centres]
+    placed: list = []
+    for i in sorted(range(len(points)), key=lambda k: -crowding[k]):
+        xy, _, text = points[i]
+        probe = ax.annotate(text, xy, textcoords="offset points", xytext=(6, 4), fontsize=fontsize)
+        best = None
+        for offset, ha, va, leader in _label_candidates():
+            probe.set_position(offset)
+            probe.set_ha(ha)
+            probe.set_va(va)
+            box = probe.get_window_extent(renderer).padded(1.0)
+            covered = sum(_shared_area(box, other) for other in placed)
+            covered += sum(_shared_area(box, other) for k, other in enumerate(obstacles) if k != i)
+            covered += box.width * box.height - _shared_area(box, inside)  # the part outside the axes
+            cost = _COVERED_COST * covered
+            if leader:
+                crossings = sum(marker.contains(*point)
+                                for point in _along(centres[i], (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2)
+                                for k, marker in enumerate(obstacles[:len(points)]) if k != i)
+                cost += _LEADER_CROSSING_COST * crossings + _LEADER_LENGTH_COST * math.hypot(*offset)
+            if best is None or cost < best[0]:
+                best = (cost, offset, ha, va, leader)
+            if cost == 0:
+                break
+        probe.remove()
+        _, offset, ha, va, leader = best
+        label = ax.annotate(text, xy, textcoords="offset points", xytext=offset, fontsize=fontsize, ha=ha, va=va,
+                            arrowprops=dict(arrowstyle="-", linewidth=0.4, color="0.6", shrinkA=0, shrinkB=3)
+                            if leader else None)
+        placed.append(_text_extent(label, renderer))
+
+
+def _text_extent(annotation, renderer):
+    """The box of an annotation's text alone (its own `get_window_extent` adds the leader line's)."""
+    from matplotlib.text import Text
+
+    annotation.update_positions(renderer)
+    return Text.get_window_extent(annotation, renderer)
+
+
+def _along(start, x_end: float, y_end: float, samples: int = 12):
+    x0, y0 = start
+    return [(x0 + (x_end - x0) * s / samples, y0 + (y_end - y0) * s / samples) for s in range(1, samples)]
+
+
+def _shared_area(box, other) -> float:
+    """Area (px²) the two boxes share, 0 when apart."""
+    width = min(box.x1, other.x1) - max(box.x0, other.x0)
+    height = min(box.y1, other.y1) - max(box.y0, other.y0)
+    return max(width, 0.0) * max(height, 0.0)
 
 
 def per_class_heatmap(results: list[dict[str, Any]], title: str = "") -> Figure | None:
