@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 from benchmarks.reports.frames import per_class_frame, summary_frame
 from benchmarks.reports.grouping import (
@@ -158,8 +160,6 @@ def _place_labels(ax, points: list[tuple[tuple[float, float], float, str]], font
     and set_released, the parameter-efficient cluster of the target panel) printed over each other and
     over each other's markers when labels only stepped down a line. Where no place is free, the cheapest
     is taken (`_COVERED_COST` and the leader's costs). The most crowded points choose first."""
-    from matplotlib.transforms import Bbox
-
     if not points:
         return
     renderer = ax.figure.canvas.get_renderer()
@@ -209,13 +209,12 @@ def _place_labels(ax, points: list[tuple[tuple[float, float], float, str]], font
 
 def _text_extent(annotation, renderer):
     """The box of an annotation's text alone (its own `get_window_extent` adds the leader line's)."""
-    from matplotlib.text import Text
-
     annotation.update_positions(renderer)
     return Text.get_window_extent(annotation, renderer)
 
 
 def _along(start, x_end: float, y_end: float, samples: int = 12):
+    """Points (px) along the segment from `start` to the end, both ends left out."""
     x0, y0 = start
     return [(x0 + (x_end - x0) * s / samples, y0 + (y_end - y0) * s / samples) for s in range(1, samples)]
 
