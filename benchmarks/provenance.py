@@ -190,6 +190,11 @@ MAX_DIRTY_PATHS = 20
 CODE_SUFFIXES = (".py", ".toml")
 
 
+def is_code_path(path: str) -> bool:
+    """Whether a path of the checkout can change what runs (`CODE_SUFFIXES`)."""
+    return path.endswith(CODE_SUFFIXES)
+
+
 def git_state(root: Path) -> tuple[str | None, list[str] | None]:
     """(HEAD commit, the paths `git status` lists as changed or untracked, code first where they are capped), or
     (None, None) outside a checkout."""
@@ -211,7 +216,7 @@ def git_state(root: Path) -> tuple[str | None, list[str] | None]:
             next(entries, None)
     if len(paths) > MAX_DIRTY_PATHS:
         # the code paths first (stable sort), so that a results folder's many entries never push them out
-        paths.sort(key=lambda path: not path.endswith(CODE_SUFFIXES))
+        paths.sort(key=lambda path: not is_code_path(path))
         paths = paths[:MAX_DIRTY_PATHS] + [f"... and {len(paths) - MAX_DIRTY_PATHS} more"]
     return commit.stdout.strip(), paths
 
@@ -241,7 +246,7 @@ def working_tree_sha256(root: Path) -> str | None:
     if diff.returncode != 0 or untracked.returncode != 0:
         return None
     names = sorted(name for name in untracked.stdout.decode(errors="replace").split("\0")
-                   if name.endswith(CODE_SUFFIXES))
+                   if is_code_path(name))
     if not diff.stdout and not names:
         return None
     digest = hashlib.sha256(diff.stdout)

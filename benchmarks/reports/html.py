@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import UserError
-from benchmarks.provenance import CODE_SUFFIXES
+from benchmarks.provenance import is_code_path
 from benchmarks.reports.frames import load_published
 from benchmarks.reports.grouping import Protocol, group_results, split_runs
 from benchmarks.reports.plots import FIGURES, Plot, make_plots
@@ -58,7 +58,7 @@ def _figure(plot: Plot) -> str:
 def _uncommitted_code(env: dict[str, Any]) -> str:
     """What a run's tree held beyond its commit, as far as it can change a number: the digest of the uncommitted
     code and its paths. A results folder, load log or doc edited beside the run is left out, as the digest leaves
-    it out (`provenance.CODE_SUFFIXES`): listed, it made each run of one invocation its own line, the untracked
+    it out (`provenance.is_code_path`): listed, it made each run of one invocation its own line, the untracked
     results of the runs before it growing the list. Results older than the digest list every dirty path; those
     written before the digest was limited to code (6ed3e26) carry one of every tracked change, so this line names
     it a digest of changes, not of code."""
@@ -69,7 +69,7 @@ def _uncommitted_code(env: dict[str, Any]) -> str:
         return f"uncommitted files ({', '.join(paths)})"
     if not env["git_dirty"] or not env["git_dirty_sha256"]:
         return "uncommitted code none"
-    code_paths = [path for path in paths if path.endswith(CODE_SUFFIXES)]
+    code_paths = [path for path in paths if is_code_path(path)]
     return f"uncommitted changes sha256 {env['git_dirty_sha256'][:12]}" + (f" ({', '.join(code_paths)})"
                                                                            if code_paths else "")
 
