@@ -128,12 +128,23 @@ def miou_vs_params(results: list[dict[str, Any]], title: str = "") -> Figure | N
     return fig
 
 
-#: Where a label may go around its point, in points from it, with its alignment: the usual place first, then the
-#: other sides; beyond these, rings farther out with a leader line (`_label_candidates`).
-_NEAR_PLACES = (((6, 4), "left", "baseline"), ((6, 0), "left", "center"), ((-6, 0), "right", "center"),
-                ((0, 7), "center", "bottom"), ((0, -7), "center", "top"), ((6, -4), "left", "top"),
-                ((-6, 4), "right", "bottom"), ((-6, -4), "right", "top"))
-_LEADER_RADII = (16, 26, 38, 52)
+def _label_places() -> tuple[tuple[tuple[int, int], str, str, bool], ...]:
+    """Where a label may go around its point, in points from it, with its alignment and whether a leader line
+    joins it: the usual place first, then the other sides, then rings farther out every 30 degrees."""
+    near = (((6, 4), "left", "baseline"), ((6, 0), "left", "center"), ((-6, 0), "right", "center"),
+            ((0, 7), "center", "bottom"), ((0, -7), "center", "top"), ((6, -4), "left", "top"),
+            ((-6, 4), "right", "bottom"), ((-6, -4), "right", "top"))
+    places = [(offset, ha, va, False) for offset, ha, va in near]
+    for radius in (16, 26, 38, 52):
+        for degrees in range(0, 360, 30):
+            dx, dy = radius * math.cos(math.radians(degrees)), radius * math.sin(math.radians(degrees))
+            ha = "left" if dx > 0.3 * radius else "right" if dx < -0.3 * radius else "center"
+            va = "bottom" if dy > 0.3 * radius else "top" if dy < -0.3 * radius else "center"
+            places.append(((round(dx), round(dy)), ha, va, True))
+    return tuple(places)
+
+
+_LABEL_PLACES = _label_places()
 _MARKER_CLEARANCE_PT = 6.0  # a 7-pt marker and the air that keeps a label beside it from reading as its own
 # What a place costs: each px² of text, marker or error bar it covers (or of the axes it leaves), each of a leader
 # line's samples inside another marker (the line then reads as that method's), and each point of the leader's
@@ -141,16 +152,6 @@ _MARKER_CLEARANCE_PT = 6.0  # a 7-pt marker and the air that keeps a label besid
 _COVERED_COST = 3.0
 _LEADER_CROSSING_COST = 10.0
 _LEADER_LENGTH_COST = 1.0
-
-
-def _label_candidates():
-    yield from ((offset, ha, va, False) for offset, ha, va in _NEAR_PLACES)
-    for radius in _LEADER_RADII:
-        for degrees in range(0, 360, 30):
-            dx, dy = radius * math.cos(math.radians(degrees)), radius * math.sin(math.radians(degrees))
-            ha = "left" if dx > 0.3 * radius else "right" if dx < -0.3 * radius else "center"
-            va = "bottom" if dy > 0.3 * radius else "top" if dy < -0.3 * radius else "center"
-            yield (round(dx), round(dy)), ha, va, True
 
 
 def _place_labels(ax, points: list[tuple[tuple[float, float], float, str]], fontsize: float = 8.0) -> None:
@@ -168,32 +169,29 @@ def _place_labels(ax, points: list[tuple[tuple[float, float], float, str]], font
     px_per_pt = ax.figure.dpi / 72.0
     radius = _MARKER_CLEARANCE_PT * px_per_pt
     centres = [to_px(xy) for xy, _, _ in points]
-    # The markers first, one per point (index i is point i's own, which its label may touch), then the error bars.
-    obstacles = [Bbox.from_extents(cx - radius, cy - radius, cx + radius, cy + radius) for cx, cy in centres]
-    for (xy, std, _), (cx, _) in zip(points, centres, strict=True):
-        if std > 0:  # the error bar's line and caps
-            low, high = to_px((xy[0], xy[1] - std))[1], to_px((xy[0], xy[1] + std))[1]
-            obstacles.append(Bbox.from_extents(cx - 3 * px_per_pt, low, cx + 3 * px_per_pt, high))
+    markers = [Bbox.from_extents(cx - radius, cy - radius, cx + radius, cy + radius) for cx, cy in centres]
+    error_bars = [Bbox.from_extents(cx - 3 * px_per_pt, to_px((xy[0], xy[1] - std))[1],  # the line and its caps
+                                    cx + 3 * px_per_pt, to_px((xy[0], xy[1] + std))[1])
+                  for (xy, std, _), (cx, _) in zip(points, centres, strict=True) if std > 0]
     inside = ax.get_window_extent(renderer)
     crowding = [sum(math.dist(c, other) < 40 * px_per_pt for other in centres) for c in centres]
     placed: list = []
     for i in sorted(range(len(points)), key=lambda k: -crowding[k]):
         xy, _, text = points[i]
+        others = markers[:i] + markers[i + 1:]  # its own marker a label may touch
         probe = ax.annotate(text, xy, textcoords="offset points", xytext=(6, 4), fontsize=fontsize)
         best = None
-        for offset, ha, va, leader in _label_candidates():
+        for offset, ha, va, leader in _LABEL_PLACES:
             probe.set_position(offset)
             probe.set_ha(ha)
             probe.set_va(va)
             box = probe.get_window_extent(renderer).padded(1.0)
-            covered = sum(_shared_area(box, other) for other in placed)
-            covered += sum(_shared_area(box, other) for k, other in enumerate(obstacles) if k != i)
+            covered = sum(_shared_area(box, other) for other in (*placed, *others, *error_bars))
             covered += box.width * box.height - _shared_area(box, inside)  # the part outside the axes
             cost = _COVERED_COST * covered
             if leader:
-                crossings = sum(marker.contains(*point)
-                                for point in _along(centres[i], (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2)
-                                for k, marker in enumerate(obstacles[:len(points)]) if k != i)
+                crossings = sum(marker.contains(*point) for marker in others
+                                for point in _along(centres[i], (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2))
                 cost += _LEADER_CROSSING_COST * crossings + _LEADER_LENGTH_COST * math.hypot(*offset)
             if best is None or cost < best[0]:
                 best = (cost, offset, ha, va, leader)
