@@ -278,6 +278,8 @@ def _timm_kwargs(spec: BackboneSpec, img_size: int, patch_size: int) -> dict[str
     kwargs.update(img_size=img_size, patch_size=patch_size)
     if spec.family in ("vit", "eva"):
         kwargs["dynamic_img_size"] = True
+    if spec.family == "vit" and torch.get_default_device().type == "meta":
+        kwargs["weight_init"] = "skip"  # shapes only: drawing a meta tensor's init costs half of a meta build
     return kwargs
 
 
