@@ -52,8 +52,15 @@ def _gone(pid: int, timeout_s: float = 10.0) -> bool:
 
 
 def _start(script: str, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(REPO / "tools" / script), *args], cwd=cwd, env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Started as a terminal starts a foreground job, with SIGINT at its default. A suite launched in the background
+    # by a non-interactive shell ignores SIGINT, its children inherit that, and bash can trap no signal that was
+    # ignored when it started: the Ctrl-C tests then hung (a handler, unlike SIG_IGN, is reset by exec).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([str(REPO / "tools" / script), *args], cwd=cwd, env={**os.environ, **env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sighup"])
