@@ -223,6 +223,21 @@ def test_configurations_sharing_a_table_title_lead_with_where_each_departs_from_
     titles = [t.title for t in main_tables([make_result("lora", 42, cbm(40, 30, 20), experiment=e) for e in (slower, bigger)])]
     assert not any("the preset's settings" in title for title in titles), titles
 
+def test_a_method_variants_table_and_the_presets_name_the_hyperparameter_with_both_values():
+    # Read "methods.vpt.num_prompts=38, methods=unset" and "the preset's settings; methods={},
+    # methods.vpt.num_prompts=unset": the emptied section counted as a setting, the default as no value.
+    from benchmarks.config import load_experiment
+
+    preset = json.loads(json.dumps(load_experiment("proxy").to_dict()))
+    preset["methods"] = {}
+    fewer = copy.deepcopy(preset)
+    fewer["methods"] = {"vpt": {"num_prompts": 38}}
+    titles = sorted(t.title for t in main_tables([make_result("vpt", 42, cbm(40, 30, 20), experiment=e)
+                                                  for e in (preset, fewer)]))
+    labels = [title.split(" · ")[4].split(" (config")[0] for title in titles]
+    assert labels == ["methods.vpt.num_prompts=38", "the preset's settings; methods.vpt.num_prompts=150"], labels
+
+
 def test_a_table_of_runs_on_other_weights_than_their_preset_says_so_even_alone():
     """Weights count by content: the shipped checkpoint under any file name is the preset's, another file
     or random initialisation is a departure that a table of those runs alone names."""

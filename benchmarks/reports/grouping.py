@@ -133,7 +133,7 @@ def protocol_settings(experiment: dict[str, Any], loaded: dict[str, Any] | None 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in settings.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty section sets nothing: no key (titles read "methods={}" beside its keys)
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
@@ -177,7 +177,7 @@ def _departures(result: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     loaded = _loaded_weights(result)
     ours = _flatten(protocol_settings(experiment, loaded))
     theirs = _preset_settings(str(preset))
-    differing = [k for k in ours if k != "model.weights" and ours[k] != {}  # an emptied section names nothing
+    differing = [k for k in ours if k != "model.weights"
                  and json.dumps(ours[k], sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True)]
     for (section, name), old in ADDED_SETTINGS.items():
         # A run at an added setting's old behaviour records it by leaving it out: where the preset now reads
@@ -219,14 +219,33 @@ def _preset_checkpoint(preset: str, backbone: str) -> str | None:
 
 def _settings_label(settings: dict[str, Any], keys: list[str], most: int) -> str:
     def show(value: Any) -> str:
-        if value is None:
-            return "unset"
         if isinstance(value, list):
             return "[" + ", ".join(map(str, value)) + "]"
         return str(value)
 
-    parts = [f"{k}={show(settings.get(k))}" for k in keys[:most]]
+    def shown(key: str) -> str:
+        value = settings.get(key)
+        if value is not None:
+            return show(value)
+        default = _method_default(key)  # a table beside a method's variant: what the other configuration ran
+        return "unset" if default is None else show(default)
+
+    parts = [f"{k}={shown(k)}" for k in keys[:most]]
     return ", ".join(parts) + (f", +{len(keys) - most} more" if len(keys) > most else "")
+
+
+def _method_default(key: str) -> Any:
+    """The registered default of a method hyperparameter named as a flattened setting ("methods.vpt.num_prompts"
+    → 150); None for any other key, an unknown method or a name the method does not have."""
+    section, _, rest = key.partition(".")
+    name, _, hyperparameter = rest.partition(".")
+    if section != "methods":
+        return None
+    from benchmarks.method import available_methods, build_method
+
+    if name not in available_methods():
+        return None
+    return build_method(name).hyperparameters().get(hyperparameter)
 
 
 def _weights_identity(entry: str) -> str:
