@@ -223,6 +223,7 @@ def test_configurations_sharing_a_table_title_lead_with_where_each_departs_from_
     titles = [t.title for t in main_tables([make_result("lora", 42, cbm(40, 30, 20), experiment=e) for e in (slower, bigger)])]
     assert not any("the preset's settings" in title for title in titles), titles
 
+
 def test_a_method_variants_table_and_the_presets_name_the_hyperparameter_with_both_values():
     # Read "methods.vpt.num_prompts=38, methods=unset" and "the preset's settings; methods={},
     # methods.vpt.num_prompts=unset": the emptied section counted as a setting, the default as no value.
