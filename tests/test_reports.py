@@ -237,6 +237,11 @@ def test_a_method_variants_table_and_the_presets_name_the_hyperparameter_with_bo
                                                   for e in (preset, fewer)]))
     labels = [title.split(" · ")[4].split(" (config")[0] for title in titles]
     assert labels == ["methods.vpt.num_prompts=38", "the preset's settings; methods.vpt.num_prompts=150"], labels
+    # An emptied section beside none at all: two fingerprints, no setting between them, and no dangling "; ".
+    bare = copy.deepcopy(preset)
+    del bare["methods"]
+    titles = [t.title for t in main_tables([make_result("vpt", 42, cbm(40, 30, 20), experiment=e) for e in (preset, bare)])]
+    assert len(titles) == 2 and all(" · the preset's settings (config " in title for title in titles), titles
 
 
 def test_a_table_of_runs_on_other_weights_than_their_preset_says_so_even_alone():

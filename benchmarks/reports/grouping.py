@@ -154,7 +154,7 @@ def _variant_labels(results: dict[str, dict[str, Any]], most: int = 3) -> dict[s
         departs = set(_departures(results[fp])[1])
         own = [k for k in differing if k in departs] + [k for k in differing if k not in departs]
         label = _settings_label(settings, own, most)
-        labels[fp] = f"the preset's settings; {label}" if not departs else label
+        labels[fp] = label if departs else "; ".join(part for part in ("the preset's settings", label) if part)
     return labels
 
 
