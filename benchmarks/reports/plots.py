@@ -190,8 +190,8 @@ def _place_labels(ax, points: list[tuple[tuple[float, float], float, str]], font
             covered += box.width * box.height - _shared_area(box, inside)  # the part outside the axes
             cost = _COVERED_COST * covered
             if leader:
-                crossings = sum(marker.contains(*point) for marker in others
-                                for point in _along(centres[i], (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2))
+                leader_points = _along(centres[i], (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2)
+                crossings = sum(marker.contains(*point) for marker in others for point in leader_points)
                 cost += _LEADER_CROSSING_COST * crossings + _LEADER_LENGTH_COST * math.hypot(*offset)
             if best is None or cost < best[0]:
                 best = (cost, offset, ha, va, leader)
