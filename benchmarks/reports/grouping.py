@@ -218,19 +218,17 @@ def _preset_checkpoint(preset: str, backbone: str) -> str | None:
 
 
 def _settings_label(settings: dict[str, Any], keys: list[str], most: int) -> str:
-    def show(value: Any) -> str:
+    def show(key: str) -> str:
+        value = settings.get(key)
+        if value is None:  # beside a method's variant, a configuration that left it alone ran the default
+            value = _method_default(key)
+        if value is None:
+            return "unset"
         if isinstance(value, list):
             return "[" + ", ".join(map(str, value)) + "]"
         return str(value)
 
-    def shown(key: str) -> str:
-        value = settings.get(key)
-        if value is not None:
-            return show(value)
-        default = _method_default(key)  # a table beside a method's variant: what the other configuration ran
-        return "unset" if default is None else show(default)
-
-    parts = [f"{k}={shown(k)}" for k in keys[:most]]
+    parts = [f"{k}={show(k)}" for k in keys[:most]]
     return ", ".join(parts) + (f", +{len(keys) - most} more" if len(keys) > most else "")
 
 
